@@ -1,0 +1,382 @@
+//! blkctl: command-line client for the blkfs QMP control socket.
+
+mod client;
+mod format;
+mod keyval;
+mod table;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use client::{Client, QmpError};
+use format::{bool_cell, cell, size_cell};
+use serde_json::{json, Map, Value};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use table::{Align, Table};
+
+const DEFAULT_SOCKET: &str = "./blkfs.sock";
+const SOCKET_ENV: &str = "BLKFS_SOCKET";
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Parser)]
+#[command(name = "blkctl", version, about = "Command-line QMP client for the blkfs daemon")]
+struct Cli {
+    /// QMP control socket of the daemon [default: $BLKFS_SOCKET, else ./blkfs.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of tables and messages
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send a raw QMP command and print the whole reply
+    ///
+    /// Either a complete command object, e.g.
+    /// '{"execute": "query-block"}', or a command name followed by an
+    /// optional arguments object, e.g. block_resize '{"device": "disk0",
+    /// "size": 1073741824}'. An "id" is added when missing.
+    Qmp {
+        /// Command object, or command name
+        #[arg(value_parser = parse_qmp_target, value_name = "COMMAND")]
+        command: QmpTarget,
+        /// Arguments object (only with a command name)
+        #[arg(value_parser = parse_json_object, value_name = "ARGUMENTS")]
+        arguments: Option<Map<String, Value>>,
+    },
+    /// Add a block device (blockdev-add)
+    ///
+    /// SPEC is a JSON object or QEMU's dotted key=value form, e.g.
+    /// driver=raw,id=disk0,file.driver=file,file.filename=a.img
+    /// (a comma inside a value is written ",,").
+    Add {
+        #[arg(value_parser = parse_spec, value_name = "SPEC")]
+        spec: Map<String, Value>,
+    },
+    /// List block devices (query-block)
+    Block,
+    /// List named block driver nodes (query-named-block-nodes)
+    Nodes,
+    /// Show I/O statistics of block devices (query-blockstats)
+    Stats,
+    /// Print events as JSON lines until the daemon closes the connection
+    Events,
+    /// Show the daemon's version (query-version)
+    Version,
+    /// Ask the daemon to exit (quit)
+    Quit,
+}
+
+#[derive(Clone)]
+enum QmpTarget {
+    Object(Map<String, Value>),
+    Name(String),
+}
+
+fn parse_json_object(s: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(s) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
+}
+
+fn parse_qmp_target(s: &str) -> Result<QmpTarget, String> {
+    if s.trim_start().starts_with('{') {
+        parse_json_object(s).map(QmpTarget::Object)
+    } else if s.is_empty() {
+        Err("empty command name".into())
+    } else {
+        Ok(QmpTarget::Name(s.to_string()))
+    }
+}
+
+fn parse_spec(s: &str) -> Result<Map<String, Value>, String> {
+    if s.trim_start().starts_with('{') {
+        parse_json_object(s)
+    } else {
+        keyval::parse(s).map_err(|e| e.to_string())
+    }
+}
+
+/// Why a subcommand stopped early.
+enum Failure {
+    Qmp(QmpError),
+    /// Writing our own output failed.
+    Output(io::Error),
+}
+
+impl From<QmpError> for Failure {
+    fn from(e: QmpError) -> Self {
+        Failure::Qmp(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
+type Outcome = Result<ExitCode, Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(|| {
+        std::env::var_os(SOCKET_ENV)
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+    });
+    if let Command::Qmp {
+        command: QmpTarget::Object(_),
+        arguments: Some(_),
+    } = cli.command
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "ARGUMENTS can only follow a command name, not a command object",
+            )
+            .exit();
+    }
+
+    let timeout = match cli.command {
+        Command::Events => None,
+        _ => Some(REPLY_TIMEOUT),
+    };
+    let result = Client::connect(&socket, timeout)
+        .map_err(Failure::from)
+        .and_then(|mut client| run(&mut client, cli.command, cli.json));
+    match result {
+        Ok(code) => code,
+        Err(Failure::Qmp(e @ QmpError::Connect { .. })) => {
+            eprintln!("blkctl: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Qmp(e)) => {
+            eprintln!("blkctl: {e}");
+            ExitCode::from(1)
+        }
+        // The reader went away (`blkctl events | head`): nothing left to say.
+        Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Failure::Output(e)) => {
+            eprintln!("blkctl: cannot write output: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
+    match command {
+        Command::Qmp { command, arguments } => cmd_qmp(client, command, arguments, json),
+        Command::Add { spec } => cmd_add(client, spec, json),
+        Command::Block => cmd_block(client, json),
+        Command::Nodes => cmd_nodes(client, json),
+        Command::Stats => cmd_stats(client, json),
+        Command::Events => cmd_events(client),
+        Command::Version => cmd_version(client, json),
+        Command::Quit => cmd_quit(client),
+    }
+}
+
+/// Writes to stdout, reporting failures (a closed pipe) instead of panicking
+/// as `print!` would.
+fn emit(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+fn emit_json(value: &Value) -> Result<(), Failure> {
+    emit(&format!("{value}\n"))?;
+    Ok(())
+}
+
+fn cmd_qmp(
+    client: &mut Client,
+    target: QmpTarget,
+    arguments: Option<Map<String, Value>>,
+    json: bool,
+) -> Outcome {
+    let cmd = match target {
+        QmpTarget::Object(cmd) => cmd,
+        QmpTarget::Name(name) => {
+            let mut cmd = Map::new();
+            cmd.insert("execute".into(), Value::String(name));
+            if let Some(args) = arguments {
+                cmd.insert("arguments".into(), Value::Object(args));
+            }
+            cmd
+        }
+    };
+    let reply = client.transact(cmd)?;
+    let text = if json {
+        reply.to_string()
+    } else {
+        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+    };
+    emit(&format!("{text}\n"))?;
+    Ok(if reply.get("error").is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn cmd_add(client: &mut Client, spec: Map<String, Value>, json: bool) -> Outcome {
+    let name = spec
+        .get("id")
+        .or_else(|| spec.get("node-name"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let ret = client.execute("blockdev-add", Some(json!({ "options": spec })))?;
+    if json {
+        emit_json(&ret)?;
+    } else {
+        match name {
+            Some(name) => emit(&format!("added {name}\n"))?,
+            None => emit("added\n")?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a query returning a list and either prints it raw or hands each
+/// element to `row` to fill `table`.
+fn list_query(
+    client: &mut Client,
+    command: &str,
+    json: bool,
+    mut table: Table,
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Outcome {
+    let ret = client.execute(command, None)?;
+    if json {
+        emit_json(&ret)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(items) = ret.as_array() else {
+        return Err(QmpError::Protocol(format!("{command} did not return a list")).into());
+    };
+    for item in items {
+        table.row(row(item));
+    }
+    emit(&table.render())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_block(client: &mut Client, json: bool) -> Outcome {
+    let table = Table::new(&[
+        ("DEVICE", Align::Left),
+        ("DRIVER", Align::Left),
+        ("RO", Align::Left),
+        ("SIZE", Align::Right),
+        ("IO-STATUS", Align::Left),
+        ("FILE", Align::Left),
+    ]);
+    list_query(client, "query-block", json, table, |dev| {
+        let ins = dev.get("inserted");
+        let field = |k: &str| ins.and_then(|i| i.get(k));
+        vec![
+            cell(dev.get("device")),
+            cell(field("drv")),
+            bool_cell(field("ro")),
+            size_cell(field("image").and_then(|img| img.get("virtual-size"))),
+            cell(dev.get("io-status")),
+            cell(field("file")),
+        ]
+    })
+}
+
+fn cmd_nodes(client: &mut Client, json: bool) -> Outcome {
+    let table = Table::new(&[
+        ("NODE-NAME", Align::Left),
+        ("DRIVER", Align::Left),
+        ("RO", Align::Left),
+        ("SIZE", Align::Right),
+        ("FILE", Align::Left),
+    ]);
+    list_query(client, "query-named-block-nodes", json, table, |node| {
+        vec![
+            cell(node.get("node-name")),
+            cell(node.get("drv")),
+            bool_cell(node.get("ro")),
+            size_cell(node.get("image").and_then(|img| img.get("virtual-size"))),
+            cell(node.get("file")),
+        ]
+    })
+}
+
+fn cmd_stats(client: &mut Client, json: bool) -> Outcome {
+    const FIELDS: [(&str, &str); 8] = [
+        ("RD_BYTES", "rd_bytes"),
+        ("WR_BYTES", "wr_bytes"),
+        ("RD_OPS", "rd_operations"),
+        ("WR_OPS", "wr_operations"),
+        ("FLUSH_OPS", "flush_operations"),
+        ("RD_NS", "rd_total_time_ns"),
+        ("WR_NS", "wr_total_time_ns"),
+        ("WR_HIGHEST", "wr_highest_offset"),
+    ];
+    let mut columns = vec![("DEVICE", Align::Left)];
+    columns.extend(FIELDS.iter().map(|(h, _)| (*h, Align::Right)));
+    list_query(client, "query-blockstats", json, Table::new(&columns), |s| {
+        // Newer servers name nodes without a device; use that when present.
+        let name = s
+            .get("device")
+            .filter(|d| d.as_str().is_some_and(|d| !d.is_empty()))
+            .or_else(|| s.get("node-name"));
+        let stats = s.get("stats");
+        std::iter::once(cell(name))
+            .chain(
+                FIELDS
+                    .iter()
+                    .map(|(_, k)| cell(stats.and_then(|st| st.get(*k)))),
+            )
+            .collect()
+    })
+}
+
+fn cmd_events(client: &mut Client) -> Outcome {
+    while let Some(event) = client.next_event()? {
+        emit_json(&event)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_version(client: &mut Client, json: bool) -> Outcome {
+    let ret = client.execute("query-version", None)?;
+    if json {
+        emit_json(&ret)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let qemu = ret.get("qemu");
+    let part = |k: &str| cell(qemu.and_then(|q| q.get(k)));
+    let package = match ret.get("package").and_then(Value::as_str).map(str::trim) {
+        Some(p) if !p.is_empty() => p.to_string(),
+        _ => "unknown".to_string(),
+    };
+    emit(&format!(
+        "blkfs {package} (qemu-compatible {}.{}.{})\n",
+        part("major"),
+        part("minor"),
+        part("micro")
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_quit(client: &mut Client) -> Outcome {
+    match client.execute("quit", None) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        // The daemon may close the socket before its reply gets out; it is
+        // going away either way, which is what was asked.
+        Err(QmpError::Closed) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e.into()),
+    }
+}

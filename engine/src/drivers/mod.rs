@@ -1,0 +1,70 @@
+//! The driver trait and one module per driver.
+//!
+//! Data requests are completion based: a driver is handed a request and a
+//! [`Done`] callback and returns at once; the callback runs on whichever
+//! thread finishes the I/O. Drivers must never block inside a completion.
+
+pub mod file;
+pub mod raw;
+
+use crate::error::{Error, Result};
+use crate::graph::Node;
+use crate::io::Buf;
+use std::sync::Arc;
+
+pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
+
+/// What one layer knows about a range starting at the queried offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Bytes from the queried offset that share this status (> 0).
+    pub len: u64,
+    /// Reads return data stored in this layer (or below it, for filters).
+    pub data: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+    /// Where the data lives in the protocol file, when known.
+    pub offset: Option<u64>,
+    /// False when this layer defers to its backing file.
+    pub allocated: bool,
+}
+
+pub trait Driver: Send + Sync {
+    /// `drv` in QMP replies.
+    fn format_name(&self) -> &'static str;
+    /// The virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset`; the request lies within `size()`.
+    fn read(&self, offset: u64, buf: Buf, done: Done<Buf>);
+    /// Writes `buf` at `offset`; hands the buffer back for reuse.
+    fn write(&self, offset: u64, buf: Buf, done: Done<Buf>);
+    /// Makes the range read as zeroes, deallocating it when `unmap` allows.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>);
+    /// A hint that the range is no longer used; it may read back as anything.
+    fn discard(&self, offset: u64, len: u64, done: Done<()>);
+    fn flush(&self, done: Done<()>);
+    /// Allocation status of this layer at `offset` (at most `len` bytes).
+    fn block_status(&self, offset: u64, len: u64) -> Result<Status>;
+    /// Bytes the image occupies on the host, where that is known.
+    fn allocated_size(&self) -> Option<u64>;
+    /// The filename shown in `BlockDeviceInfo.file` / `ImageInfo.filename`.
+    fn filename(&self) -> String;
+    /// The protocol (or filtered) child, when the driver has one.
+    fn file_child(&self) -> Option<&Arc<Node>> {
+        None
+    }
+    fn backing_child(&self) -> Option<&Arc<Node>> {
+        None
+    }
+}
+
+/// Runs a completion-based call and waits for its result. For slow paths
+/// and control commands only, never from inside a completion.
+pub fn wait<T: Send + 'static>(f: impl FnOnce(Done<T>)) -> Result<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    f(Box::new(move |r| {
+        let _ = tx.send(r);
+    }));
+    rx.recv()
+        .unwrap_or_else(|_| Err(Error::io(libc::EIO, "request was dropped without completion")))
+}

@@ -1,0 +1,63 @@
+//! The `raw` format: guest offsets are file offsets.
+
+use super::{Done, Driver, Status};
+use crate::error::Result;
+use crate::graph::Node;
+use crate::io::Buf;
+use std::sync::Arc;
+
+pub struct RawDriver {
+    file: Arc<Node>,
+}
+
+impl RawDriver {
+    pub fn new(file: Arc<Node>) -> RawDriver {
+        RawDriver { file }
+    }
+}
+
+impl Driver for RawDriver {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.file.read(offset, buf, done)
+    }
+
+    fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.file.write(offset, buf, done)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
+        self.file.write_zeroes(offset, len, unmap, done)
+    }
+
+    fn discard(&self, offset: u64, len: u64, done: Done<()>) {
+        self.file.discard(offset, len, done)
+    }
+
+    fn flush(&self, done: Done<()>) {
+        self.file.flush(done)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
+        self.file.block_status(offset, len)
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.driver.allocated_size()
+    }
+
+    fn filename(&self) -> String {
+        self.file.driver.filename()
+    }
+
+    fn file_child(&self) -> Option<&Arc<Node>> {
+        Some(&self.file)
+    }
+}

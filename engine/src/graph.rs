@@ -1,0 +1,454 @@
+//! Nodes, devices and the registry that names them.
+//!
+//! A node is one driver instance; a device is a named entry point (the `id`
+//! of a top-level blockdev) with the device-level policies. Every request
+//! through a node is accounted in that node's statistics.
+
+use crate::drivers::{self, Done, Driver, Status};
+use crate::error::{Error, Result};
+use crate::io::Buf;
+use crate::options::{Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError};
+use crate::stats::{Op, Stats};
+use parking_lot::RwLock;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Options of a node after inheritance from its parent and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeOptions {
+    pub read_only: bool,
+    pub writeback: bool,
+    pub direct: bool,
+    pub no_flush: bool,
+    pub aio: Aio,
+    pub discard: Discard,
+    pub detect_zeroes: DetectZeroes,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            read_only: false,
+            writeback: true,
+            direct: false,
+            no_flush: false,
+            aio: Aio::Threads,
+            discard: Discard::Ignore,
+            detect_zeroes: DetectZeroes::Off,
+        }
+    }
+}
+
+impl NodeOptions {
+    fn resolve(o: &BlockdevOptions, parent: &NodeOptions) -> NodeOptions {
+        NodeOptions {
+            read_only: o.read_only.unwrap_or(parent.read_only),
+            writeback: o.cache.writeback.unwrap_or(parent.writeback),
+            direct: o.cache.direct.unwrap_or(parent.direct),
+            no_flush: o.cache.no_flush.unwrap_or(parent.no_flush),
+            aio: o.aio.unwrap_or(parent.aio),
+            discard: o.discard.unwrap_or(parent.discard),
+            detect_zeroes: o.detect_zeroes.unwrap_or(parent.detect_zeroes),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub opts: NodeOptions,
+    pub driver: Box<dyn Driver>,
+    pub stats: Arc<Stats>,
+}
+
+impl Node {
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    pub fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let (stats, start, len) = (self.stats.clone(), Instant::now(), buf.len() as u64);
+        self.driver.read(
+            offset,
+            buf,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Read, offset, len, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        if self.opts.read_only {
+            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+        }
+        let (stats, start, len) = (self.stats.clone(), Instant::now(), buf.len() as u64);
+        self.driver.write(
+            offset,
+            buf,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Write, offset, len, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
+        if self.opts.read_only {
+            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+        }
+        let unmap = unmap && self.opts.discard == Discard::Unmap;
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        self.driver.write_zeroes(
+            offset,
+            len,
+            unmap,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Write, offset, len, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    /// Passed down only when the node's `discard` option is `unmap`.
+    pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
+        if self.opts.read_only {
+            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+        }
+        if self.opts.discard != Discard::Unmap {
+            return done(Ok(()));
+        }
+        self.driver.discard(offset, len, done);
+    }
+
+    pub fn flush(&self, done: Done<()>) {
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        self.driver.flush(Box::new(move |r| {
+            if r.is_ok() {
+                stats.account(Op::Flush, 0, 0, start);
+            }
+            done(r)
+        }));
+    }
+
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
+        self.driver.block_status(offset, len)
+    }
+
+    /// Number of backing files below this node.
+    pub fn backing_depth(&self) -> usize {
+        let mut depth = 0;
+        let mut cur = self.driver.backing_child().cloned();
+        while let Some(n) = cur {
+            depth += 1;
+            cur = n.driver.backing_child().cloned();
+        }
+        depth
+    }
+}
+
+/// A device: the file a user sees in the mount, and the target of device commands.
+pub struct Device {
+    pub id: String,
+    root: RwLock<Arc<Node>>,
+    pub stats: Arc<Stats>,
+    pub rerror: OnError,
+    pub werror: OnError,
+}
+
+impl Device {
+    pub fn root(&self) -> Arc<Node> {
+        self.root.read().clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.root.read().size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.root.read().opts.read_only
+    }
+
+    /// Reads up to `len` bytes; a read that crosses the end is cut short.
+    pub fn read(&self, offset: u64, len: usize, done: Done<Buf>) {
+        let root = self.root();
+        let len = root.size().saturating_sub(offset).min(len as u64) as usize;
+        if len == 0 {
+            return done(Ok(Buf::zeroed(0)));
+        }
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        root.read(
+            offset,
+            Buf::zeroed(len),
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Read, offset, len as u64, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let root = self.root();
+        let len = buf.len() as u64;
+        if let Err(e) = check_range(&root, offset, len) {
+            return done(Err(e));
+        }
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        root.write(
+            offset,
+            buf,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Write, offset, len, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
+        let root = self.root();
+        if let Err(e) = check_range(&root, offset, len) {
+            return done(Err(e));
+        }
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        root.write_zeroes(
+            offset,
+            len,
+            unmap,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    stats.account(Op::Write, offset, len, start);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
+        let root = self.root();
+        if let Err(e) = check_range(&root, offset, len) {
+            return done(Err(e));
+        }
+        root.discard(offset, len, done);
+    }
+
+    pub fn flush(&self, done: Done<()>) {
+        let (stats, start) = (self.stats.clone(), Instant::now());
+        self.root().flush(Box::new(move |r| {
+            if r.is_ok() {
+                stats.account(Op::Flush, 0, 0, start);
+            }
+            done(r)
+        }));
+    }
+}
+
+fn check_range(root: &Node, offset: u64, len: u64) -> Result<()> {
+    if root.opts.read_only {
+        return Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", root.name)));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= root.size() => Ok(()),
+        _ => Err(Error::io(
+            libc::ENOSPC,
+            format!("Request at {offset}+{len} is beyond the end of the device"),
+        )),
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    nodes: Vec<Arc<Node>>,
+    devices: Vec<Arc<Device>>,
+    next_auto: u64,
+}
+
+impl Registry {
+    fn node(&self, name: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    fn device(&self, id: &str) -> Option<&Arc<Device>> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+}
+
+/// All nodes and devices of the daemon.
+#[derive(Default)]
+pub struct Graph {
+    reg: RwLock<Registry>,
+}
+
+/// The result of `blockdev-add`.
+pub struct Added {
+    pub node: Arc<Node>,
+    pub device: Option<Arc<Device>>,
+}
+
+impl Graph {
+    pub fn device(&self, id: &str) -> Result<Arc<Device>> {
+        self.reg.read().device(id).cloned().ok_or_else(|| Error::device_not_found(id))
+    }
+
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.reg.read().devices.clone()
+    }
+
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.reg.read().node(name).cloned()
+    }
+
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.reg.read().nodes.clone()
+    }
+
+    /// Opens a node tree (and a device when it has an `id`). Nothing is
+    /// registered unless the whole tree opens.
+    pub fn add(&self, opts: &BlockdevOptions) -> Result<Added> {
+        let mut reg = self.reg.write();
+        let mut opener = Opener { reg: &reg, new_nodes: Vec::new(), next_auto: reg.next_auto };
+        if let Some(id) = &opts.id {
+            check_name(id, "id")?;
+            if reg.device(id).is_some() || reg.node(id).is_some() {
+                return Err(Error::generic(format!("Duplicate ID '{id}' for drive")));
+            }
+            if opts.node_name.as_deref() == Some(id.as_str()) {
+                return Err(Error::generic(format!("Device name '{id}' conflicts with its node name")));
+            }
+        }
+        let rerror = opts.rerror.unwrap_or(OnError::Report);
+        let werror = opts.werror.unwrap_or(OnError::Enospc);
+        if rerror == OnError::Enospc {
+            return Err(Error::generic("rerror=enospc is not a valid read error policy"));
+        }
+        let node = opener.open(opts, &NodeOptions::default(), "", true)?;
+        let (new_nodes, next_auto) = (opener.new_nodes, opener.next_auto);
+        reg.nodes.extend(new_nodes);
+        reg.next_auto = next_auto;
+        let device = opts.id.as_ref().map(|id| {
+            let d = Arc::new(Device {
+                id: id.clone(),
+                root: RwLock::new(node.clone()),
+                stats: Arc::default(),
+                rerror,
+                werror,
+            });
+            reg.devices.push(d.clone());
+            d
+        });
+        Ok(Added { node, device })
+    }
+
+    /// Flushes every device; used at shutdown. Returns the failures.
+    pub fn flush_all(&self) -> Vec<Error> {
+        self.devices()
+            .iter()
+            .filter_map(|d| drivers::wait(|done| d.flush(done)).err().map(|e| e.context(&d.id)))
+            .collect()
+    }
+}
+
+fn check_name(name: &str, what: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if !well_formed {
+        return Err(Error::generic(format!(
+            "Invalid {what} '{name}': it must start with a letter and contain only letters, digits, '-', '.' and '_'"
+        )));
+    }
+    if what == "node-name" && name.len() > 31 {
+        return Err(Error::generic(format!("Node name too long: '{name}'")));
+    }
+    Ok(())
+}
+
+struct Opener<'r> {
+    reg: &'r Registry,
+    new_nodes: Vec<Arc<Node>>,
+    next_auto: u64,
+}
+
+impl Opener<'_> {
+    fn name_taken(&self, name: &str) -> bool {
+        self.reg.node(name).is_some()
+            || self.reg.device(name).is_some()
+            || self.new_nodes.iter().any(|n| n.name == name)
+    }
+
+    fn open(&mut self, o: &BlockdevOptions, parent: &NodeOptions, path: &str, top: bool) -> Result<Arc<Node>> {
+        if !top && o.id.is_some() {
+            return Err(Error::generic(format!("Parameter '{path}.id' is unexpected: only a top-level node can be a device")));
+        }
+        let name = match &o.node_name {
+            Some(n) => {
+                check_name(n, "node-name")?;
+                if self.name_taken(n) {
+                    return Err(Error::generic(format!("Duplicate node name '{n}'")));
+                }
+                n.clone()
+            }
+            None => {
+                self.next_auto += 1;
+                format!("#block{:03}", self.next_auto)
+            }
+        };
+        let opts = NodeOptions::resolve(o, parent);
+        if !top && parent.read_only != opts.read_only && !parent.read_only {
+            return Err(Error::generic(format!("'{path}' is read-only but its parent needs write access")));
+        }
+        let driver: Box<dyn Driver> = match (&o.specific, o.driver) {
+            (DriverOptions::File { filename }, DriverName::File | DriverName::HostDevice) => {
+                Box::new(drivers::file::FileDriver::open(filename, &opts)?)
+            }
+            (DriverOptions::Format { file, .. }, DriverName::Raw) => {
+                let child = self.child(file, &opts, &join(path, "file"))?;
+                Box::new(drivers::raw::RawDriver::new(child))
+            }
+            (_, d) => {
+                return Err(Error::generic(format!(
+                    "Driver '{}' is not supported by blkfs yet",
+                    d.as_str()
+                )))
+            }
+        };
+        let node = Arc::new(Node { name, opts, driver, stats: Arc::default() });
+        self.new_nodes.push(node.clone());
+        Ok(node)
+    }
+
+    fn child(&mut self, r: &BlockdevRef, parent: &NodeOptions, path: &str) -> Result<Arc<Node>> {
+        match r {
+            BlockdevRef::Definition(o) => self.open(o, parent, path, false),
+            BlockdevRef::Reference(name) => {
+                let node = self
+                    .reg
+                    .node(name)
+                    .cloned()
+                    .ok_or_else(|| Error::generic(format!("Cannot find device={name} nor node_name={name}")))?;
+                if node.opts.read_only && !parent.read_only {
+                    return Err(Error::generic(format!(
+                        "Node '{name}' is read-only and cannot be used as a writable '{path}'"
+                    )));
+                }
+                Ok(node)
+            }
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}

@@ -1,0 +1,103 @@
+//! I/O backends: `aio=native` (io_uring, [`uring`]) and `aio=threads` (a
+//! thread pool, [`pool`]). Both take an [`IoReq`] and call its completion
+//! from their own thread; a request always completes in full or fails.
+
+pub mod buf;
+pub mod pool;
+pub mod uring;
+
+pub use buf::Buf;
+
+use crate::options::Aio;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, OnceLock};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zero.
+    Read,
+    /// Writes all of `buf` at `offset`.
+    Write,
+    Fsync,
+    Fdatasync,
+    /// `fallocate(mode, offset, len)`.
+    Fallocate(i32),
+}
+
+pub struct IoReq {
+    pub fd: Arc<OwnedFd>,
+    pub kind: OpKind,
+    pub offset: u64,
+    /// Length for fallocate; data ops use `buf.len()`.
+    pub len: u64,
+    pub buf: Buf,
+    /// Bytes already transferred (a short read or write is continued).
+    pub done: usize,
+}
+
+impl IoReq {
+    pub fn data(fd: Arc<OwnedFd>, kind: OpKind, offset: u64, buf: Buf) -> IoReq {
+        IoReq { fd, kind, offset, len: buf.len() as u64, buf, done: 0 }
+    }
+
+    pub fn control(fd: Arc<OwnedFd>, kind: OpKind, offset: u64, len: u64) -> IoReq {
+        IoReq { fd, kind, offset, len, buf: Buf::zeroed(0), done: 0 }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Accounts a transfer of `n` bytes; true when the request is complete.
+    /// A read that hits end of file (`n == 0`) is complete: the rest of the
+    /// zeroed buffer stands for the bytes past the end.
+    fn advance(&mut self, n: usize) -> io::Result<bool> {
+        match self.kind {
+            OpKind::Read | OpKind::Write => {
+                if n == 0 {
+                    return if self.kind == OpKind::Read {
+                        Ok(true)
+                    } else {
+                        Err(io::Error::from_raw_os_error(libc::EIO))
+                    };
+                }
+                self.done += n;
+                Ok(self.done >= self.buf.len())
+            }
+            _ => Ok(true),
+        }
+    }
+}
+
+pub type IoDone = Box<dyn FnOnce(IoReq, io::Result<()>) + Send>;
+
+pub trait Backend: Send + Sync {
+    fn submit(&self, req: IoReq, done: IoDone);
+    fn name(&self) -> &'static str;
+}
+
+static POOL: OnceLock<Arc<pool::Pool>> = OnceLock::new();
+static URING: OnceLock<Option<Arc<uring::Ring>>> = OnceLock::new();
+
+/// The process-wide backend for an aio mode. `native` falls back to the
+/// thread pool, with a warning, when the kernel refuses an io_uring.
+pub fn backend(aio: Aio) -> Arc<dyn Backend> {
+    let pool = || -> Arc<dyn Backend> { POOL.get_or_init(|| Arc::new(pool::Pool::new(pool::DEFAULT_THREADS))).clone() };
+    match aio {
+        Aio::Threads => pool(),
+        Aio::Native => {
+            let ring = URING.get_or_init(|| match uring::Ring::new(uring::DEFAULT_DEPTH) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    log::warn!("io_uring unavailable ({e}); aio=native falls back to the thread pool");
+                    None
+                }
+            });
+            match ring {
+                Some(r) => r.clone(),
+                None => pool(),
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! blkfs engine: the block layer, independent of FUSE and sockets.
+//!
+//! - [`options`]: `BlockdevOptions` parsed strictly from JSON or key=value ([`args`]).
+//! - [`graph`]: nodes, devices and their registry; every request is accounted ([`stats`]).
+//! - [`drivers`]: the completion-based driver trait, one module per driver.
+//! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
+//! - [`qmp`]: framing, sessions, the command table and the event bus.
+//! - [`error`]: one error type, mapped to QMP error classes and errnos.
+
+pub mod args;
+pub mod drivers;
+pub mod error;
+pub mod graph;
+pub mod io;
+pub mod options;
+pub mod qmp;
+pub mod stats;
+
+pub use error::{Error, ErrorKind, Result};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::Value;
+use std::sync::Arc;
+
+pub struct Engine {
+    pub graph: graph::Graph,
+    pub events: qmp::EventBus,
+    quit_tx: Sender<()>,
+    quit_rx: Receiver<()>,
+}
+
+impl Engine {
+    pub fn new() -> Arc<Engine> {
+        let (quit_tx, quit_rx) = crossbeam_channel::unbounded();
+        Arc::new(Engine {
+            graph: graph::Graph::default(),
+            events: qmp::EventBus::default(),
+            quit_tx,
+            quit_rx,
+        })
+    }
+
+    /// Runs one QMP command (after capabilities negotiation).
+    pub fn execute(&self, name: &str, args: Value) -> Result<Value> {
+        qmp::commands::execute(self, name, args)
+    }
+
+    /// Asks the daemon to shut down (the `quit` command).
+    pub fn request_quit(&self) {
+        let _ = self.quit_tx.send(());
+    }
+
+    /// Receives once per quit request.
+    pub fn quit_requests(&self) -> Receiver<()> {
+        self.quit_rx.clone()
+    }
+}

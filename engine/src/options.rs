@@ -1,0 +1,404 @@
+//! `BlockdevOptions` of block-core.json as typed Rust values.
+//!
+//! Parsing is complete for every driver of the schema, so a bad option is
+//! rejected with a precise message whether or not the driver is implemented;
+//! opening decides what is supported.
+
+use crate::args::Args;
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident = $s:literal),* $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),* }
+        impl $name {
+            pub const ALL: &'static [(&'static str, $name)] = &[$(($s, $name::$variant)),*];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),* }
+            }
+        }
+    };
+}
+
+string_enum!(DriverName {
+    File = "file", HostDevice = "host_device", HostCdrom = "host_cdrom",
+    HostFloppy = "host_floppy", Http = "http", Https = "https", Ftp = "ftp",
+    Ftps = "ftps", Tftp = "tftp", Vvfat = "vvfat", Blkdebug = "blkdebug",
+    Blkverify = "blkverify", Bochs = "bochs", Cloop = "cloop", Cow = "cow",
+    Dmg = "dmg", Parallels = "parallels", Qcow = "qcow", Qcow2 = "qcow2",
+    Qed = "qed", Raw = "raw", Vdi = "vdi", Vhdx = "vhdx", Vmdk = "vmdk",
+    Vpc = "vpc", Quorum = "quorum",
+});
+string_enum!(Discard { Ignore = "ignore", Unmap = "unmap" });
+string_enum!(DetectZeroes { Off = "off", On = "on", Unmap = "unmap" });
+string_enum!(Aio { Threads = "threads", Native = "native" });
+string_enum!(OnError { Report = "report", Ignore = "ignore", Enospc = "enospc", Stop = "stop" });
+
+/// `BlockdevCacheOptions`; absent members are inherited from the parent node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    pub writeback: Option<bool>,
+    pub direct: Option<bool>,
+    pub no_flush: Option<bool>,
+}
+
+/// `BlockdevRef`: an inline definition or the name of an existing node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevRef {
+    Definition(Box<BlockdevOptions>),
+    Reference(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectError {
+    pub event: String,
+    pub state: Option<i64>,
+    pub errno: Option<i64>,
+    pub sector: Option<i64>,
+    pub once: Option<bool>,
+    pub immediately: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetState {
+    pub event: String,
+    pub state: Option<i64>,
+    pub new_state: i64,
+}
+
+/// The driver-specific branch of the union.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverOptions {
+    /// `BlockdevOptionsFile` (file, host_* and the network protocols).
+    File { filename: String },
+    Vvfat {
+        dir: String,
+        fat_type: Option<i64>,
+        floppy: Option<bool>,
+        rw: Option<bool>,
+    },
+    /// `BlockdevOptionsGenericFormat` and its COW and qcow2 extensions;
+    /// `backing` is `Some(None)` when given as "" (no backing file).
+    Format {
+        file: BlockdevRef,
+        backing: Option<Option<BlockdevRef>>,
+        qcow2: Qcow2Options,
+    },
+    Blkdebug {
+        image: BlockdevRef,
+        config: Option<String>,
+        align: Option<i64>,
+        inject_error: Vec<InjectError>,
+        set_state: Vec<SetState>,
+    },
+    Blkverify { test: BlockdevRef, raw: BlockdevRef },
+    Quorum {
+        blkverify: Option<bool>,
+        children: Vec<BlockdevRef>,
+        vote_threshold: i64,
+        rewrite_corrupted: Option<bool>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Qcow2Options {
+    pub lazy_refcounts: Option<bool>,
+    pub pass_discard_request: Option<bool>,
+    pub pass_discard_snapshot: Option<bool>,
+    pub pass_discard_other: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptions {
+    pub driver: DriverName,
+    pub id: Option<String>,
+    pub node_name: Option<String>,
+    pub discard: Option<Discard>,
+    pub cache: CacheOptions,
+    pub aio: Option<Aio>,
+    pub rerror: Option<OnError>,
+    pub werror: Option<OnError>,
+    pub read_only: Option<bool>,
+    pub detect_zeroes: Option<DetectZeroes>,
+    pub specific: DriverOptions,
+}
+
+impl BlockdevOptions {
+    /// Parses a JSON object (strict types).
+    pub fn from_json(v: Value) -> Result<Self> {
+        Self::parse(Args::new(v, "", false)?)
+    }
+
+    /// Parses QEMU's dotted key=value form.
+    pub fn from_keyval(s: &str) -> Result<Self> {
+        Self::parse(Args::new(crate::args::parse_keyval(s)?, "", true)?)
+    }
+
+    /// Parses either form: JSON when it starts with '{'.
+    pub fn from_cli(s: &str) -> Result<Self> {
+        if s.trim_start().starts_with('{') {
+            let v: Value = serde_json::from_str(s)
+                .map_err(|e| Error::generic(format!("Invalid JSON in blockdev options: {e}")))?;
+            Self::from_json(v)
+        } else {
+            Self::from_keyval(s)
+        }
+    }
+
+    pub fn parse(mut a: Args) -> Result<Self> {
+        let driver = a
+            .enumeration("driver", DriverName::ALL)?
+            .ok_or_else(|| a.missing("driver"))?;
+        let cache = match a.object("cache")? {
+            None => CacheOptions::default(),
+            Some(mut c) => {
+                let opts = CacheOptions {
+                    writeback: c.bool("writeback")?,
+                    direct: c.bool("direct")?,
+                    no_flush: c.bool("no-flush")?,
+                };
+                c.finish()?;
+                opts
+            }
+        };
+        let opts = BlockdevOptions {
+            driver,
+            id: a.str("id")?,
+            node_name: a.str("node-name")?,
+            discard: a.enumeration("discard", Discard::ALL)?,
+            cache,
+            aio: a.enumeration("aio", Aio::ALL)?,
+            rerror: a.enumeration("rerror", OnError::ALL)?,
+            werror: a.enumeration("werror", OnError::ALL)?,
+            read_only: a.bool("read-only")?,
+            detect_zeroes: a.enumeration("detect-zeroes", DetectZeroes::ALL)?,
+            specific: parse_specific(driver, &mut a)?,
+        };
+        a.finish()?;
+        Ok(opts)
+    }
+}
+
+fn parse_ref(a: &mut Args, key: &str) -> Result<Option<BlockdevRef>> {
+    let path = a.path(key);
+    a.take(key).map(|v| ref_from_value(v, &path, a.is_lenient())).transpose()
+}
+
+fn ref_from_value(v: Value, path: &str, lenient: bool) -> Result<BlockdevRef> {
+    match v {
+        Value::String(s) => Ok(BlockdevRef::Reference(s)),
+        v @ Value::Object(_) => Ok(BlockdevRef::Definition(Box::new(BlockdevOptions::parse(
+            Args::new(v, path, lenient)?,
+        )?))),
+        _ => Err(Error::generic(format!(
+            "Invalid parameter type for '{path}', expected: object or string"
+        ))),
+    }
+}
+
+fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
+    use DriverName::*;
+    Ok(match driver {
+        File | HostDevice | HostCdrom | HostFloppy | Http | Https | Ftp | Ftps | Tftp => {
+            DriverOptions::File {
+                filename: a.req("filename", Args::str)?,
+            }
+        }
+        Vvfat => DriverOptions::Vvfat {
+            dir: a.req("dir", Args::str)?,
+            fat_type: a.int("fat-type")?,
+            floppy: a.bool("floppy")?,
+            rw: a.bool("rw")?,
+        },
+        Blkdebug => DriverOptions::Blkdebug {
+            image: parse_ref(a, "image")?.ok_or_else(|| a.missing("image"))?,
+            config: a.str("config")?,
+            align: a.int("align")?,
+            inject_error: parse_list(a, "inject-error", parse_inject_error)?,
+            set_state: parse_list(a, "set-state", parse_set_state)?,
+        },
+        Blkverify => DriverOptions::Blkverify {
+            test: parse_ref(a, "test")?.ok_or_else(|| a.missing("test"))?,
+            raw: parse_ref(a, "raw")?.ok_or_else(|| a.missing("raw"))?,
+        },
+        Quorum => {
+            let path = a.path("children");
+            let lenient = a.is_lenient();
+            let children = a
+                .take("children")
+                .map(|v| children_list(v, &path, lenient))
+                .transpose()?
+                .ok_or_else(|| a.missing("children"))?;
+            DriverOptions::Quorum {
+                blkverify: a.bool("blkverify")?,
+                children,
+                vote_threshold: a.req("vote-threshold", Args::int)?,
+                rewrite_corrupted: a.bool("rewrite-corrupted")?,
+            }
+        }
+        Bochs | Cloop | Dmg | Parallels | Raw | Vdi | Vhdx | Vpc | Cow | Qcow | Qcow2 | Qed
+        | Vmdk => {
+            let file = parse_ref(a, "file")?.ok_or_else(|| a.missing("file"))?;
+            let cow = matches!(driver, Cow | Qcow | Qcow2 | Qed | Vmdk);
+            let backing = if cow {
+                match a.take("backing") {
+                    None => None,
+                    Some(Value::String(s)) if s.is_empty() => Some(None),
+                    Some(v) => Some(Some(ref_from_value(v, &a.path("backing"), a.is_lenient())?)),
+                }
+            } else {
+                None
+            };
+            let qcow2 = if driver == Qcow2 {
+                Qcow2Options {
+                    lazy_refcounts: a.bool("lazy-refcounts")?,
+                    pass_discard_request: a.bool("pass-discard-request")?,
+                    pass_discard_snapshot: a.bool("pass-discard-snapshot")?,
+                    pass_discard_other: a.bool("pass-discard-other")?,
+                }
+            } else {
+                Qcow2Options::default()
+            };
+            DriverOptions::Format {
+                file,
+                backing,
+                qcow2,
+            }
+        }
+    })
+}
+
+/// Keyval has no arrays: `children.0.driver=...` arrives as an object with
+/// numeric keys, which is accepted in lenient mode.
+fn list_items(v: Value, path: &str, lenient: bool) -> Result<Vec<(String, Value)>> {
+    match v {
+        Value::Array(items) => Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{path}[{i}]"), v))
+            .collect()),
+        Value::Object(m) if lenient => {
+            let mut items: Vec<(usize, Value)> = Vec::new();
+            for (k, v) in m {
+                let i = k.parse::<usize>().map_err(|_| {
+                    Error::generic(format!("Parameter '{path}.{k}' is unexpected"))
+                })?;
+                items.push((i, v));
+            }
+            items.sort_by_key(|(i, _)| *i);
+            Ok(items
+                .into_iter()
+                .map(|(i, v)| (format!("{path}.{i}"), v))
+                .collect())
+        }
+        _ => Err(Error::generic(format!(
+            "Invalid parameter type for '{path}', expected: array"
+        ))),
+    }
+}
+
+fn children_list(v: Value, path: &str, lenient: bool) -> Result<Vec<BlockdevRef>> {
+    list_items(v, path, lenient)?
+        .into_iter()
+        .map(|(p, v)| ref_from_value(v, &p, lenient))
+        .collect()
+}
+
+fn parse_list<T>(a: &mut Args, key: &str, f: fn(Args) -> Result<T>) -> Result<Vec<T>> {
+    let path = a.path(key);
+    let lenient = a.is_lenient();
+    match a.take(key) {
+        None => Ok(Vec::new()),
+        Some(v) => list_items(v, &path, lenient)?
+            .into_iter()
+            .map(|(p, v)| f(Args::new(v, &p, lenient)?))
+            .collect(),
+    }
+}
+
+fn parse_inject_error(mut a: Args) -> Result<InjectError> {
+    let e = InjectError {
+        event: a.req("event", Args::str)?,
+        state: a.int("state")?,
+        errno: a.int("errno")?,
+        sector: a.int("sector")?,
+        once: a.bool("once")?,
+        immediately: a.bool("immediately")?,
+    };
+    a.finish()?;
+    Ok(e)
+}
+
+fn parse_set_state(mut a: Args) -> Result<SetState> {
+    let s = SetState {
+        event: a.req("event", Args::str)?,
+        state: a.int("state")?,
+        new_state: a.req("new_state", Args::int)?,
+    };
+    a.finish()?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_and_keyval_agree() {
+        let j = BlockdevOptions::from_json(json!({
+            "driver": "raw", "id": "d0", "read-only": true, "cache": {"direct": true},
+            "file": {"driver": "file", "filename": "a.img", "aio": "native"}
+        }))
+        .unwrap();
+        let k = BlockdevOptions::from_keyval(
+            "driver=raw,id=d0,read-only=on,cache.direct=on,file.driver=file,file.filename=a.img,file.aio=native",
+        )
+        .unwrap();
+        assert_eq!(j, k);
+        assert_eq!(j.read_only, Some(true));
+        assert_eq!(j.cache.direct, Some(true));
+        let DriverOptions::Format { file: BlockdevRef::Definition(f), .. } = &j.specific else {
+            panic!("raw must parse as a format");
+        };
+        assert_eq!(f.aio, Some(Aio::Native));
+    }
+
+    #[test]
+    fn precise_errors() {
+        let e = |v| BlockdevOptions::from_json(v).unwrap_err().msg;
+        assert_eq!(e(json!({})), "Parameter 'driver' is missing");
+        assert_eq!(e(json!({"driver": "nope"})), "Parameter 'driver' does not accept value 'nope'");
+        assert_eq!(e(json!({"driver": "raw"})), "Parameter 'file' is missing");
+        assert_eq!(
+            e(json!({"driver": "raw", "file": {"driver": "file"}})),
+            "Parameter 'file.filename' is missing"
+        );
+        assert_eq!(
+            e(json!({"driver": "file", "filename": "x", "bogus": 1})),
+            "Parameter 'bogus' is unexpected"
+        );
+        assert_eq!(
+            e(json!({"driver": "raw", "file": 5})),
+            "Invalid parameter type for 'file', expected: object or string"
+        );
+        assert_eq!(
+            e(json!({"driver": "raw", "file": "f", "backing": "b"})),
+            "Parameter 'backing' is unexpected"
+        );
+    }
+
+    #[test]
+    fn cow_backing_and_blkdebug_lists() {
+        let o = BlockdevOptions::from_json(json!({"driver": "qcow2", "file": "f", "backing": ""})).unwrap();
+        let DriverOptions::Format { backing, .. } = o.specific else { panic!() };
+        assert_eq!(backing, Some(None));
+        let o = BlockdevOptions::from_keyval(
+            "driver=blkdebug,image=img,inject-error.0.event=read_aio,inject-error.0.errno=5",
+        )
+        .unwrap();
+        let DriverOptions::Blkdebug { inject_error, .. } = o.specific else { panic!() };
+        assert_eq!(inject_error[0].errno, Some(5));
+    }
+}

@@ -1,0 +1,159 @@
+//! The command table: name -> handler. Handlers read their arguments
+//! strictly (unknown, missing and mistyped members are errors).
+
+use super::info;
+use crate::args::Args;
+use crate::error::{Error, ErrorKind, Result};
+use crate::options::BlockdevOptions;
+use crate::Engine;
+use serde_json::{json, Map, Value};
+
+type Handler = fn(&Engine, Args) -> Result<Value>;
+
+const COMMANDS: &[(&str, Handler)] = &[
+    ("query-version", query_version),
+    ("query-commands", query_commands),
+    ("quit", quit),
+    ("blockdev-add", blockdev_add),
+    ("query-block", query_block),
+    ("query-named-block-nodes", query_named_block_nodes),
+    ("query-blockstats", query_blockstats),
+];
+
+/// Commands of block-core.json whose implementation has not landed yet.
+const PENDING: &[&str] = &[
+    "query-block-jobs",
+    "block_passwd",
+    "block_resize",
+    "blockdev-snapshot-sync",
+    "change-backing-file",
+    "block-commit",
+    "drive-backup",
+    "drive-mirror",
+    "block_set_io_throttle",
+    "block-stream",
+    "block-job-set-speed",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-complete",
+];
+
+pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
+    if let Some((_, h)) = COMMANDS.iter().find(|(n, _)| *n == name) {
+        return h(engine, Args::new(args, "", false)?);
+    }
+    if PENDING.contains(&name) {
+        return Err(Error::generic(format!("The command {name} is not implemented in blkfs yet")));
+    }
+    Err(Error::new(ErrorKind::CommandNotFound, format!("The command {name} has not been found")))
+}
+
+/// The QEMU version whose block schema this daemon speaks.
+pub fn version() -> Value {
+    json!({
+        "qemu": {"major": 2, "minor": 1, "micro": 0},
+        "package": concat!("blkfs ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+fn no_args(a: Args) -> Result<()> {
+    a.finish()
+}
+
+fn query_version(_: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    Ok(version())
+}
+
+fn query_commands(_: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    let names = std::iter::once("qmp_capabilities").chain(COMMANDS.iter().map(|(n, _)| *n));
+    Ok(Value::Array(names.map(|n| json!({ "name": n })).collect()))
+}
+
+fn quit(e: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    e.request_quit();
+    Ok(json!({}))
+}
+
+/// Accepts the seed form `{"options": {...}}` and, as later QEMU does, the
+/// options flat as the arguments.
+fn blockdev_add(e: &Engine, mut a: Args) -> Result<Value> {
+    let options = match a.take("options") {
+        Some(v) => {
+            a.finish()?;
+            BlockdevOptions::parse(Args::new(v, "options", false)?)?
+        }
+        None => BlockdevOptions::parse(a)?,
+    };
+    e.graph.add(&options)?;
+    Ok(json!({}))
+}
+
+fn query_block(e: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    Ok(Value::Array(e.graph.devices().iter().map(|d| info::block_info(d)).collect()))
+}
+
+fn query_named_block_nodes(e: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    Ok(Value::Array(e.graph.nodes().iter().map(|n| info::block_device_info(n)).collect()))
+}
+
+fn query_blockstats(e: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    Ok(Value::Array(e.graph.devices().iter().map(|d| info::device_stats(d)).collect()))
+}
+
+/// An empty argument object, for callers without arguments.
+pub fn empty() -> Value {
+    Value::Object(Map::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_pending_and_bad_arguments() {
+        let e = Engine::new();
+        let err = execute(&e, "frobnicate", empty()).unwrap_err();
+        assert_eq!(err.class(), "CommandNotFound");
+        let err = execute(&e, "block-stream", empty()).unwrap_err();
+        assert_eq!(err.class(), "GenericError");
+        assert!(err.msg.contains("not implemented"));
+        let err = execute(&e, "query-block", json!({"x": 1})).unwrap_err();
+        assert_eq!(err.msg, "Parameter 'x' is unexpected");
+        let cmds = execute(&e, "query-commands", empty()).unwrap();
+        assert!(cmds.as_array().unwrap().iter().any(|c| c["name"] == "blockdev-add"));
+    }
+
+    #[test]
+    fn blockdev_add_both_forms_and_duplicates() {
+        let dir = std::env::temp_dir().join(format!("blkfs-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let f = img.to_str().unwrap();
+        let e = Engine::new();
+        let seed = json!({"options": {"driver": "raw", "id": "d0", "file": {"driver": "file", "filename": f}}});
+        execute(&e, "blockdev-add", seed.clone()).unwrap();
+        let err = execute(&e, "blockdev-add", seed).unwrap_err();
+        assert_eq!(err.msg, "Duplicate ID 'd0' for drive");
+        let flat = json!({"driver": "raw", "id": "d1", "node-name": "n1", "file": {"driver": "file", "filename": f}});
+        execute(&e, "blockdev-add", flat).unwrap();
+        let blocks = execute(&e, "query-block", empty()).unwrap();
+        assert_eq!(blocks[1]["device"], "d1");
+        assert_eq!(blocks[1]["inserted"]["node-name"], "n1");
+        assert_eq!(blocks[1]["inserted"]["image"]["virtual-size"], 1 << 20);
+        let err = execute(&e, "blockdev-add", json!({"driver": "raw", "id": "d2", "node-name": "n1", "file": "n1"})).unwrap_err();
+        assert_eq!(err.msg, "Duplicate node name 'n1'");
+        let err = execute(&e, "blockdev-add", json!({"driver": "raw", "id": "d2", "file": "nope"})).unwrap_err();
+        assert_eq!(err.msg, "Cannot find device=nope nor node_name=nope");
+        // A failed add registers nothing.
+        assert_eq!(e.graph.nodes().len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,71 @@
+//! Builders of the query replies (`BlockInfo`, `BlockDeviceInfo`,
+//! `ImageInfo`, `BlockStats`) from live nodes and devices.
+
+use crate::graph::{Device, Node};
+use serde_json::{json, Value};
+
+pub fn block_info(d: &Device) -> Value {
+    json!({
+        "device": d.id,
+        "type": "unknown",
+        "removable": false,
+        "locked": false,
+        "inserted": block_device_info(&d.root()),
+        "io-status": "ok",
+    })
+}
+
+pub fn block_device_info(n: &Node) -> Value {
+    let mut v = json!({
+        "file": n.driver.filename(),
+        "node-name": n.name,
+        "ro": n.opts.read_only,
+        "drv": n.driver.format_name(),
+        "backing_file_depth": n.backing_depth(),
+        "encrypted": false,
+        "encryption_key_missing": false,
+        "detect_zeroes": n.opts.detect_zeroes.as_str(),
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(n),
+    });
+    if let Some(b) = n.driver.backing_child() {
+        v["backing_file"] = json!(b.driver.filename());
+    }
+    v
+}
+
+pub fn image_info(n: &Node) -> Value {
+    let mut v = json!({
+        "filename": n.driver.filename(),
+        "format": n.driver.format_name(),
+        "virtual-size": n.size(),
+    });
+    if let Some(a) = n.driver.allocated_size() {
+        v["actual-size"] = json!(a);
+    }
+    if let Some(b) = n.driver.backing_child() {
+        v["backing-filename"] = json!(b.driver.filename());
+        v["backing-image"] = image_info(b);
+    }
+    v
+}
+
+/// `BlockStats` of a device: its own counters, with the node tree below.
+pub fn device_stats(d: &Device) -> Value {
+    let mut v = node_stats(&d.root());
+    v["device"] = json!(d.id);
+    v["stats"] = d.stats.to_json();
+    v
+}
+
+fn node_stats(n: &Node) -> Value {
+    let mut v = json!({ "stats": n.stats.to_json() });
+    if let Some(f) = n.driver.file_child() {
+        v["parent"] = node_stats(f);
+    }
+    if let Some(b) = n.driver.backing_child() {
+        v["backing"] = node_stats(b);
+    }
+    v
+}

@@ -1,0 +1,11 @@
+//! The QMP control plane: framing, per-connection protocol state, the
+//! command table, and the event bus. Transport (the socket) lives in `fs/`.
+
+pub mod commands;
+pub mod events;
+pub mod framing;
+pub mod info;
+pub mod session;
+
+pub use events::EventBus;
+pub use session::Session;

@@ -16,6 +16,8 @@ pub struct Outcome {
     pub reply: Value,
     /// Capabilities were just negotiated: start sending events.
     pub negotiated_now: bool,
+    /// `quit` succeeded: send the reply, then shut the daemon down.
+    pub quit: bool,
 }
 
 impl Session {
@@ -30,12 +32,17 @@ impl Session {
     /// Handles one framed message (raw JSON text).
     pub fn handle(&mut self, msg: &[u8]) -> Outcome {
         let parsed: Result<Value, _> = serde_json::from_slice(msg);
+        let mut quit = false;
         let (id, result) = match parsed {
             Err(e) => (None, Err(Error::generic(format!("JSON parse error, {e}")))),
-            Ok(Value::Object(m)) => self.execute(m),
+            Ok(Value::Object(m)) => {
+                quit = self.negotiated && m.get("execute").and_then(Value::as_str) == Some("quit");
+                self.execute(m)
+            }
             Ok(_) => (None, Err(Error::generic("QMP input must be a JSON object"))),
         };
         let negotiated_now = matches!(&result, Ok(Step::Negotiated));
+        let quit = quit && result.is_ok();
         let mut reply = match result {
             Ok(Step::Negotiated) => json!({"return": {}}),
             Ok(Step::Return(v)) => json!({ "return": v }),
@@ -44,7 +51,7 @@ impl Session {
         if let Some(id) = id {
             reply["id"] = id;
         }
-        Outcome { reply, negotiated_now }
+        Outcome { reply, negotiated_now, quit }
     }
 
     fn execute(&mut self, mut m: Map<String, Value>) -> (Option<Value>, Result<Step, Error>) {

@@ -11,9 +11,15 @@ use std::time::Duration;
 #[derive(Debug)]
 pub enum QmpError {
     /// The socket could not be reached or did not complete the handshake.
-    Connect { socket: PathBuf, reason: String },
+    Connect {
+        socket: PathBuf,
+        reason: String,
+    },
     /// The server answered with an error reply.
-    Command { class: String, desc: String },
+    Command {
+        class: String,
+        desc: String,
+    },
     /// The server closed the connection.
     Closed,
     Timeout(Duration),
@@ -197,7 +203,9 @@ impl Client {
             Some(Ok(v)) => Ok(Some(v)),
             Some(Err(e)) if e.is_eof() => Err(QmpError::Closed),
             Some(Err(e)) if e.is_io() => Err(io_error(io::Error::from(e), self.timeout)),
-            Some(Err(e)) => Err(QmpError::Protocol(format!("invalid JSON from the server: {e}"))),
+            Some(Err(e)) => Err(QmpError::Protocol(format!(
+                "invalid JSON from the server: {e}"
+            ))),
         }
     }
 }

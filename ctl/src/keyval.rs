@@ -176,7 +176,8 @@ fn listify(map: &mut Map<String, Value>, prefix: &str) -> Result<(), KeyvalError
 }
 
 fn as_list(map: &mut Map<String, Value>, path: &str) -> Result<Option<Vec<Value>>, KeyvalError> {
-    let is_index = |k: &str| k == "0" || (!k.starts_with('0') && k.bytes().all(|b| b.is_ascii_digit()));
+    let is_index =
+        |k: &str| k == "0" || (!k.starts_with('0') && k.bytes().all(|b| b.is_ascii_digit()));
     let indices = map.keys().filter(|k| is_index(k)).count();
     if indices == 0 {
         return Ok(None);
@@ -229,7 +230,10 @@ mod tests {
 
     #[test]
     fn escaped_commas() {
-        assert_eq!(ok("file.filename=a,,b.img"), json!({"file": {"filename": "a,b.img"}}));
+        assert_eq!(
+            ok("file.filename=a,,b.img"),
+            json!({"file": {"filename": "a,b.img"}})
+        );
         assert_eq!(ok("a=x,,,b=y"), json!({"a": "x,", "b": "y"}));
         assert_eq!(ok("a=,,,,"), json!({"a": ",,"}));
     }
@@ -316,6 +320,9 @@ mod tests {
         assert_eq!(fails("a=1,a.b=2"), "parameter 'a' used inconsistently");
         assert_eq!(fails("a.b=2,a=1"), "parameter 'a' used inconsistently");
         assert_eq!(fails("l.0=a,l.2=c"), "parameter 'l.1' missing");
-        assert_eq!(fails("l.0=a,l.x=c"), "parameter 'l' mixes list indices and names");
+        assert_eq!(
+            fails("l.0=a,l.x=c"),
+            "parameter 'l' mixes list indices and names"
+        );
     }
 }

@@ -20,7 +20,11 @@ const SOCKET_ENV: &str = "BLKFS_SOCKET";
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Parser)]
-#[command(name = "blkctl", version, about = "Command-line QMP client for the blkfs daemon")]
+#[command(
+    name = "blkctl",
+    version,
+    about = "Command-line QMP client for the blkfs daemon"
+)]
 struct Cli {
     /// QMP control socket of the daemon [default: $BLKFS_SOCKET, else ./blkfs.sock]
     #[arg(long, global = true, value_name = "PATH")]
@@ -326,21 +330,27 @@ fn cmd_stats(client: &mut Client, json: bool) -> Outcome {
     ];
     let mut columns = vec![("DEVICE", Align::Left)];
     columns.extend(FIELDS.iter().map(|(h, _)| (*h, Align::Right)));
-    list_query(client, "query-blockstats", json, Table::new(&columns), |s| {
-        // Newer servers name nodes without a device; use that when present.
-        let name = s
-            .get("device")
-            .filter(|d| d.as_str().is_some_and(|d| !d.is_empty()))
-            .or_else(|| s.get("node-name"));
-        let stats = s.get("stats");
-        std::iter::once(cell(name))
-            .chain(
-                FIELDS
-                    .iter()
-                    .map(|(_, k)| cell(stats.and_then(|st| st.get(*k)))),
-            )
-            .collect()
-    })
+    list_query(
+        client,
+        "query-blockstats",
+        json,
+        Table::new(&columns),
+        |s| {
+            // Newer servers name nodes without a device; use that when present.
+            let name = s
+                .get("device")
+                .filter(|d| d.as_str().is_some_and(|d| !d.is_empty()))
+                .or_else(|| s.get("node-name"));
+            let stats = s.get("stats");
+            std::iter::once(cell(name))
+                .chain(
+                    FIELDS
+                        .iter()
+                        .map(|(_, k)| cell(stats.and_then(|st| st.get(*k)))),
+                )
+                .collect()
+        },
+    )
 }
 
 fn cmd_events(client: &mut Client) -> Outcome {

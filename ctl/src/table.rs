@@ -90,7 +90,11 @@ mod tests {
 
     #[test]
     fn aligns_columns() {
-        let mut t = Table::new(&[("NAME", Align::Left), ("SIZE", Align::Right), ("FILE", Align::Left)]);
+        let mut t = Table::new(&[
+            ("NAME", Align::Left),
+            ("SIZE", Align::Right),
+            ("FILE", Align::Left),
+        ]);
         t.row(cells(&["disk0", "1.0G", "/a.img"]));
         t.row(cells(&["d", "512B", "/long/path/b.img"]));
         assert_eq!(

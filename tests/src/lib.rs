@@ -1,1 +1,340 @@
-//! Test harness.
+//! Harness for the integration tests: each test owns a temporary directory,
+//! a daemon, its mount and its socket. Dropping a [`Daemon`] kills it and
+//! lazily unmounts, even when the test panics, so a dead mount never hangs.
+
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Directory holding the blkfs and blkctl binaries (built by scripts/test.sh).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BLKFS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join(profile)
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: build the workspace first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// A fresh directory on a real disk filesystem (O_DIRECT works there),
+/// removed on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+
+    pub fn file(&self, p: &str) -> String {
+        self.join(p).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        lazy_umount(&self.path.join("mnt"));
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub fn lazy_umount(p: &Path) {
+    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+        // SAFETY: plain syscall on a valid C string; failure (not mounted) is fine.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub mnt: PathBuf,
+    pub sock: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `blkfs` on `dir/mnt` and `dir/qmp.sock`, waiting until ready.
+    pub fn start(dir: &TestDir, blockdevs: &[String]) -> Daemon {
+        Self::start_with(dir, blockdevs, &[]).unwrap_or_else(|e| panic!("daemon failed to start: {e}"))
+    }
+
+    pub fn start_with(dir: &TestDir, blockdevs: &[String], extra: &[&str]) -> Result<Daemon, String> {
+        let mnt = dir.join("mnt");
+        let sock = dir.join("qmp.sock");
+        let stderr_path = dir.join("blkfs.stderr");
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(bin("blkfs"));
+        cmd.arg("--mount").arg(&mnt).arg("--qmp").arg(&sock).args(extra);
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().map_err(|e| e.to_string())?;
+        let mut d = Daemon { child: Some(child), mnt, sock, stderr_path };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(format!("exited with {status}: {}", d.stderr()));
+            }
+            if UnixStream::connect(&d.sock).is_ok() {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not ready after 20 s: {}", d.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn dev(&self, id: &str) -> PathBuf {
+        self.mnt.join(id)
+    }
+
+    pub fn qmp(&self) -> Qmp {
+        let mut q = Qmp::connect(&self.sock);
+        q.ok("qmp_capabilities", json!({}));
+        q
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (at most 20 s).
+    pub fn terminate(mut self) -> ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// Waits for the daemon to exit on its own (e.g. after `quit`).
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("daemon already reaped");
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return s;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        lazy_umount(&self.mnt);
+    }
+}
+
+/// A QMP client that keeps events aside while waiting for replies.
+pub struct Qmp {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    pub events: VecDeque<Value>,
+    pub greeting: Value,
+}
+
+impl Qmp {
+    /// Connects and reads the greeting (no negotiation).
+    pub fn connect(sock: &Path) -> Qmp {
+        let s = UnixStream::connect(sock).expect("connect to QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("set timeout");
+        let mut q = Qmp {
+            writer: s.try_clone().expect("clone stream"),
+            reader: BufReader::new(s),
+            events: VecDeque::new(),
+            greeting: Value::Null,
+        };
+        q.greeting = q.read_msg().expect("greeting");
+        q
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write to QMP socket");
+    }
+
+    /// Reads the next message of any kind; None at end of stream.
+    pub fn read_msg(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON from server ({e}): {line}"))),
+            Err(e) => panic!("reading QMP socket: {e}"),
+        }
+    }
+
+    /// Reads until a reply (not an event) arrives.
+    pub fn reply(&mut self) -> Value {
+        loop {
+            let m = self.read_msg().expect("connection closed while waiting for a reply");
+            if m.get("event").is_some() {
+                self.events.push_back(m);
+            } else {
+                return m;
+            }
+        }
+    }
+
+    pub fn execute(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.send_raw(format!("{msg}\n").as_bytes());
+        self.reply()
+    }
+
+    /// Runs a command that must succeed; returns its `return` value.
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.execute(name, args);
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{name} failed: {r}"),
+        }
+    }
+
+    /// Runs a command that must fail; returns (class, desc).
+    pub fn err(&mut self, name: &str, args: Value) -> (String, String) {
+        let r = self.execute(name, args);
+        let e = r.get("error").unwrap_or_else(|| panic!("{name} unexpectedly succeeded: {r}"));
+        (e["class"].as_str().unwrap_or_default().to_string(), e["desc"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits for an event by name (events seen earlier count too).
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i).unwrap_or_default();
+        }
+        self.reader.get_ref().set_read_timeout(Some(timeout)).expect("set timeout");
+        loop {
+            let m = self.read_msg().unwrap_or_else(|| panic!("connection closed waiting for {name}"));
+            if m["event"] == name {
+                return m;
+            }
+            if m.get("event").is_some() {
+                self.events.push_back(m);
+            }
+        }
+    }
+}
+
+/// Runs a command that must succeed and returns its stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    run("qemu-img", args)
+}
+
+/// Runs qemu-io commands on a file; fails the test on any I/O or pattern error.
+pub fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) -> String {
+    let mut args = vec!["-f".to_string(), fmt.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    args.push(file.to_string_lossy().into_owned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-io", &refs);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io {cmds:?} on {}: {out}",
+        file.display()
+    );
+    out
+}
+
+/// `qemu-img compare` of two images; true when identical.
+pub fn images_identical(a: &Path, fmt_a: &str, b: &Path, fmt_b: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-f", fmt_a, "-F", fmt_b])
+        .arg(a)
+        .arg(b)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A raw image of `size` bytes made by qemu-img.
+pub fn raw_image(dir: &TestDir, name: &str, size: &str) -> String {
+    let f = dir.file(name);
+    qemu_img(&["create", "-q", "-f", "raw", &f, size]);
+    f
+}
+
+/// `--blockdev` JSON for a raw device over a file.
+pub fn raw_spec(id: &str, file: &str, extra_file_opts: Value) -> String {
+    let mut file_opts = json!({"driver": "file", "filename": file});
+    if let (Some(f), Some(extra)) = (file_opts.as_object_mut(), extra_file_opts.as_object()) {
+        for (k, v) in extra {
+            f.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"driver": "raw", "id": id, "file": file_opts}).to_string()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs blkctl with arguments; returns (exit code, stdout, stderr).
+pub fn blkctl(sock: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("blkctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run blkctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

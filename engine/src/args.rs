@@ -32,7 +32,11 @@ impl Args {
             }),
             _ => Err(Error::generic(format!(
                 "Invalid parameter type for '{}', expected: object",
-                if prefix.is_empty() { "arguments" } else { prefix }
+                if prefix.is_empty() {
+                    "arguments"
+                } else {
+                    prefix
+                }
             ))),
         }
     }
@@ -102,10 +106,7 @@ impl Args {
                 .map(Some)
                 .ok_or_else(|| self.type_error(key, "integer")),
             Some(Value::String(s)) if self.lenient => s.parse::<i64>().map(Some).map_err(|_| {
-                Error::generic(format!(
-                    "Parameter '{}' expects an integer",
-                    self.path(key)
-                ))
+                Error::generic(format!("Parameter '{}' expects an integer", self.path(key)))
             }),
             Some(_) => Err(self.type_error(key, "integer")),
         }
@@ -213,12 +214,16 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>> {
                 break;
             }
             if c == ',' {
-                return Err(Error::generic(format!("Expected '=' after parameter '{key}'")));
+                return Err(Error::generic(format!(
+                    "Expected '=' after parameter '{key}'"
+                )));
             }
             key.push(c);
         }
         if !has_value {
-            return Err(Error::generic(format!("Expected '=' after parameter '{key}'")));
+            return Err(Error::generic(format!(
+                "Expected '=' after parameter '{key}'"
+            )));
         }
         let mut val = String::new();
         while let Some(c) = chars.next() {
@@ -285,7 +290,13 @@ mod tests {
     fn enums_and_missing() {
         let mut a = Args::new(json!({"e": "zz"}), "p", false).unwrap();
         let r = a.enumeration("e", &[("a", 1), ("b", 2)]);
-        assert_eq!(r.unwrap_err().msg, "Parameter 'p.e' does not accept value 'zz'");
-        assert_eq!(a.req("f", Args::str).unwrap_err().msg, "Parameter 'p.f' is missing");
+        assert_eq!(
+            r.unwrap_err().msg,
+            "Parameter 'p.e' does not accept value 'zz'"
+        );
+        assert_eq!(
+            a.req("f", Args::str).unwrap_err().msg,
+            "Parameter 'p.f' is missing"
+        );
     }
 }

@@ -7,7 +7,9 @@
 use crate::drivers::{self, Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::io::Buf;
-use crate::options::{Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError};
+use crate::options::{
+    Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError,
+};
 use crate::stats::{Op, Stats};
 use parking_lot::RwLock;
 use std::sync::Arc;
@@ -81,7 +83,10 @@ impl Node {
 
     pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
         if self.opts.read_only {
-            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+            return done(Err(Error::io(
+                libc::EROFS,
+                format!("Node '{}' is read-only", self.name),
+            )));
         }
         let (stats, start, len) = (self.stats.clone(), Instant::now(), buf.len() as u64);
         self.driver.write(
@@ -98,7 +103,10 @@ impl Node {
 
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
         if self.opts.read_only {
-            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+            return done(Err(Error::io(
+                libc::EROFS,
+                format!("Node '{}' is read-only", self.name),
+            )));
         }
         let unmap = unmap && self.opts.discard == Discard::Unmap;
         let (stats, start) = (self.stats.clone(), Instant::now());
@@ -118,7 +126,10 @@ impl Node {
     /// Passed down only when the node's `discard` option is `unmap`.
     pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
         if self.opts.read_only {
-            return done(Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", self.name))));
+            return done(Err(Error::io(
+                libc::EROFS,
+                format!("Node '{}' is read-only", self.name),
+            )));
         }
         if self.opts.discard != Discard::Unmap {
             return done(Ok(()));
@@ -253,7 +264,10 @@ impl Device {
 
 fn check_range(root: &Node, offset: u64, len: u64) -> Result<()> {
     if root.opts.read_only {
-        return Err(Error::io(libc::EROFS, format!("Node '{}' is read-only", root.name)));
+        return Err(Error::io(
+            libc::EROFS,
+            format!("Node '{}' is read-only", root.name),
+        ));
     }
     match offset.checked_add(len) {
         Some(end) if end <= root.size() => Ok(()),
@@ -295,7 +309,11 @@ pub struct Added {
 
 impl Graph {
     pub fn device(&self, id: &str) -> Result<Arc<Device>> {
-        self.reg.read().device(id).cloned().ok_or_else(|| Error::device_not_found(id))
+        self.reg
+            .read()
+            .device(id)
+            .cloned()
+            .ok_or_else(|| Error::device_not_found(id))
     }
 
     pub fn devices(&self) -> Vec<Arc<Device>> {
@@ -314,20 +332,28 @@ impl Graph {
     /// registered unless the whole tree opens.
     pub fn add(&self, opts: &BlockdevOptions) -> Result<Added> {
         let mut reg = self.reg.write();
-        let mut opener = Opener { reg: &reg, new_nodes: Vec::new(), next_auto: reg.next_auto };
+        let mut opener = Opener {
+            reg: &reg,
+            new_nodes: Vec::new(),
+            next_auto: reg.next_auto,
+        };
         if let Some(id) = &opts.id {
             check_name(id, "id")?;
             if reg.device(id).is_some() || reg.node(id).is_some() {
                 return Err(Error::generic(format!("Duplicate ID '{id}' for drive")));
             }
             if opts.node_name.as_deref() == Some(id.as_str()) {
-                return Err(Error::generic(format!("Device name '{id}' conflicts with its node name")));
+                return Err(Error::generic(format!(
+                    "Device name '{id}' conflicts with its node name"
+                )));
             }
         }
         let rerror = opts.rerror.unwrap_or(OnError::Report);
         let werror = opts.werror.unwrap_or(OnError::Enospc);
         if rerror == OnError::Enospc {
-            return Err(Error::generic("rerror=enospc is not a valid read error policy"));
+            return Err(Error::generic(
+                "rerror=enospc is not a valid read error policy",
+            ));
         }
         let node = opener.open(opts, &NodeOptions::default(), "", true)?;
         let (new_nodes, next_auto) = (opener.new_nodes, opener.next_auto);
@@ -351,7 +377,11 @@ impl Graph {
     pub fn flush_all(&self) -> Vec<Error> {
         self.devices()
             .iter()
-            .filter_map(|d| drivers::wait(|done| d.flush(done)).err().map(|e| e.context(&d.id)))
+            .filter_map(|d| {
+                drivers::wait(|done| d.flush(done))
+                    .err()
+                    .map(|e| e.context(&d.id))
+            })
             .collect()
     }
 }
@@ -384,9 +414,17 @@ impl Opener<'_> {
             || self.new_nodes.iter().any(|n| n.name == name)
     }
 
-    fn open(&mut self, o: &BlockdevOptions, parent: &NodeOptions, path: &str, top: bool) -> Result<Arc<Node>> {
+    fn open(
+        &mut self,
+        o: &BlockdevOptions,
+        parent: &NodeOptions,
+        path: &str,
+        top: bool,
+    ) -> Result<Arc<Node>> {
         if !top && o.id.is_some() {
-            return Err(Error::generic(format!("Parameter '{path}.id' is unexpected: only a top-level node can be a device")));
+            return Err(Error::generic(format!(
+                "Parameter '{path}.id' is unexpected: only a top-level node can be a device"
+            )));
         }
         let name = match &o.node_name {
             Some(n) => {
@@ -403,7 +441,9 @@ impl Opener<'_> {
         };
         let opts = NodeOptions::resolve(o, parent);
         if !top && parent.read_only != opts.read_only && !parent.read_only {
-            return Err(Error::generic(format!("'{path}' is read-only but its parent needs write access")));
+            return Err(Error::generic(format!(
+                "'{path}' is read-only but its parent needs write access"
+            )));
         }
         let driver: Box<dyn Driver> = match (&o.specific, o.driver) {
             (DriverOptions::File { filename }, DriverName::File | DriverName::HostDevice) => {
@@ -420,7 +460,12 @@ impl Opener<'_> {
                 )))
             }
         };
-        let node = Arc::new(Node { name, opts, driver, stats: Arc::default() });
+        let node = Arc::new(Node {
+            name,
+            opts,
+            driver,
+            stats: Arc::default(),
+        });
         self.new_nodes.push(node.clone());
         Ok(node)
     }
@@ -429,11 +474,9 @@ impl Opener<'_> {
         match r {
             BlockdevRef::Definition(o) => self.open(o, parent, path, false),
             BlockdevRef::Reference(name) => {
-                let node = self
-                    .reg
-                    .node(name)
-                    .cloned()
-                    .ok_or_else(|| Error::generic(format!("Cannot find device={name} nor node_name={name}")))?;
+                let node = self.reg.node(name).cloned().ok_or_else(|| {
+                    Error::generic(format!("Cannot find device={name} nor node_name={name}"))
+                })?;
                 if node.opts.read_only && !parent.read_only {
                     return Err(Error::generic(format!(
                         "Node '{name}' is read-only and cannot be used as a writable '{path}'"

@@ -71,7 +71,9 @@ pub struct SetState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DriverOptions {
     /// `BlockdevOptionsFile` (file, host_* and the network protocols).
-    File { filename: String },
+    File {
+        filename: String,
+    },
     Vvfat {
         dir: String,
         fat_type: Option<i64>,
@@ -92,7 +94,10 @@ pub enum DriverOptions {
         inject_error: Vec<InjectError>,
         set_state: Vec<SetState>,
     },
-    Blkverify { test: BlockdevRef, raw: BlockdevRef },
+    Blkverify {
+        test: BlockdevRef,
+        raw: BlockdevRef,
+    },
     Quorum {
         blkverify: Option<bool>,
         children: Vec<BlockdevRef>,
@@ -182,7 +187,9 @@ impl BlockdevOptions {
 
 fn parse_ref(a: &mut Args, key: &str) -> Result<Option<BlockdevRef>> {
     let path = a.path(key);
-    a.take(key).map(|v| ref_from_value(v, &path, a.is_lenient())).transpose()
+    a.take(key)
+        .map(|v| ref_from_value(v, &path, a.is_lenient()))
+        .transpose()
 }
 
 fn ref_from_value(v: Value, path: &str, lenient: bool) -> Result<BlockdevRef> {
@@ -281,9 +288,9 @@ fn list_items(v: Value, path: &str, lenient: bool) -> Result<Vec<(String, Value)
         Value::Object(m) if lenient => {
             let mut items: Vec<(usize, Value)> = Vec::new();
             for (k, v) in m {
-                let i = k.parse::<usize>().map_err(|_| {
-                    Error::generic(format!("Parameter '{path}.{k}' is unexpected"))
-                })?;
+                let i = k
+                    .parse::<usize>()
+                    .map_err(|_| Error::generic(format!("Parameter '{path}.{k}' is unexpected")))?;
                 items.push((i, v));
             }
             items.sort_by_key(|(i, _)| *i);
@@ -359,7 +366,11 @@ mod tests {
         assert_eq!(j, k);
         assert_eq!(j.read_only, Some(true));
         assert_eq!(j.cache.direct, Some(true));
-        let DriverOptions::Format { file: BlockdevRef::Definition(f), .. } = &j.specific else {
+        let DriverOptions::Format {
+            file: BlockdevRef::Definition(f),
+            ..
+        } = &j.specific
+        else {
             panic!("raw must parse as a format");
         };
         assert_eq!(f.aio, Some(Aio::Native));
@@ -369,7 +380,10 @@ mod tests {
     fn precise_errors() {
         let e = |v| BlockdevOptions::from_json(v).unwrap_err().msg;
         assert_eq!(e(json!({})), "Parameter 'driver' is missing");
-        assert_eq!(e(json!({"driver": "nope"})), "Parameter 'driver' does not accept value 'nope'");
+        assert_eq!(
+            e(json!({"driver": "nope"})),
+            "Parameter 'driver' does not accept value 'nope'"
+        );
         assert_eq!(e(json!({"driver": "raw"})), "Parameter 'file' is missing");
         assert_eq!(
             e(json!({"driver": "raw", "file": {"driver": "file"}})),
@@ -391,14 +405,19 @@ mod tests {
 
     #[test]
     fn cow_backing_and_blkdebug_lists() {
-        let o = BlockdevOptions::from_json(json!({"driver": "qcow2", "file": "f", "backing": ""})).unwrap();
-        let DriverOptions::Format { backing, .. } = o.specific else { panic!() };
+        let o = BlockdevOptions::from_json(json!({"driver": "qcow2", "file": "f", "backing": ""}))
+            .unwrap();
+        let DriverOptions::Format { backing, .. } = o.specific else {
+            panic!()
+        };
         assert_eq!(backing, Some(None));
         let o = BlockdevOptions::from_keyval(
             "driver=blkdebug,image=img,inject-error.0.event=read_aio,inject-error.0.errno=5",
         )
         .unwrap();
-        let DriverOptions::Blkdebug { inject_error, .. } = o.specific else { panic!() };
+        let DriverOptions::Blkdebug { inject_error, .. } = o.specific else {
+            panic!()
+        };
         assert_eq!(inject_error[0].errno, Some(5));
     }
 }

@@ -12,11 +12,14 @@ pub struct Demo {
 const SIZE: u64 = 64 << 20;
 
 pub fn prepare() -> Result<Demo, String> {
-    let dir = std::env::current_dir().map_err(|e| e.to_string())?.join("blkfs-demo");
+    let dir = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join("blkfs-demo");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let image = dir.join("sample.img");
     if !image.exists() {
-        let mut f = std::fs::File::create(&image).map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+        let mut f = std::fs::File::create(&image)
+            .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
         f.write_all(b"Hello from blkfs! This 64 MiB raw image is exported as a plain file.\n")
             .and_then(|()| f.set_len(SIZE))
             .map_err(|e| format!("cannot write {}: {e}", image.display()))?;
@@ -25,7 +28,11 @@ pub fn prepare() -> Result<Demo, String> {
         "driver": "raw", "id": "sample",
         "file": {"driver": "file", "filename": image.to_string_lossy(), "aio": "native"},
     });
-    Ok(Demo { mount: dir.join("mnt"), socket: dir.join("blkfs.sock"), blockdev: spec.to_string() })
+    Ok(Demo {
+        mount: dir.join("mnt"),
+        socket: dir.join("blkfs.sock"),
+        blockdev: spec.to_string(),
+    })
 }
 
 pub fn print_usage(mount: &Path, socket: &Path) {

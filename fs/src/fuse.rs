@@ -6,9 +6,9 @@ use blkfs_engine::graph::Device;
 use blkfs_engine::io::Buf;
 use blkfs_engine::{Engine, Error};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -42,7 +42,13 @@ impl BlkFs {
     pub fn new(engine: Arc<Engine>) -> BlkFs {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        BlkFs { engine, inodes: RwLock::default(), started: SystemTime::now(), uid, gid }
+        BlkFs {
+            engine,
+            inodes: RwLock::default(),
+            started: SystemTime::now(),
+            uid,
+            gid,
+        }
     }
 
     /// The inode of a device, assigned on first sight and stable afterwards.
@@ -58,7 +64,12 @@ impl BlkFs {
     }
 
     fn device(&self, ino: INodeNo) -> Result<Arc<Device>, Errno> {
-        self.inodes.read().by_ino.get(&ino).cloned().ok_or(Errno::ENOENT)
+        self.inodes
+            .read()
+            .by_ino
+            .get(&ino)
+            .cloned()
+            .ok_or(Errno::ENOENT)
     }
 
     fn attr(&self, ino: INodeNo, dev: Option<&Device>) -> FileAttr {
@@ -68,7 +79,13 @@ impl BlkFs {
                 let root = d.root();
                 let perm = if root.opts.read_only { 0o400 } else { 0o600 };
                 let alloc = root.driver.allocated_size().unwrap_or(0);
-                (FileType::RegularFile, perm, root.size(), alloc.div_ceil(512), 1)
+                (
+                    FileType::RegularFile,
+                    perm,
+                    root.size(),
+                    alloc.div_ceil(512),
+                    1,
+                )
             }
         };
         FileAttr {
@@ -105,7 +122,11 @@ impl BlkFs {
             pos += st.len.max(1);
         }
         // The end of the device counts as a hole; there is no data past it.
-        if want_data { Err(Errno::ENXIO) } else { Ok(size) }
+        if want_data {
+            Err(Errno::ENXIO)
+        } else {
+            Ok(size)
+        }
     }
 }
 
@@ -164,7 +185,8 @@ impl Filesystem for BlkFs {
         };
         // A device's size changes only through block_resize; ownership and
         // mode follow the device, not the caller.
-        if size.is_some_and(|s| s != dev.size()) || mode.is_some() || uid.is_some() || gid.is_some() {
+        if size.is_some_and(|s| s != dev.size()) || mode.is_some() || uid.is_some() || gid.is_some()
+        {
             return reply.error(Errno::EPERM);
         }
         reply.attr(&TTL, &self.attr(ino, Some(&dev)));
@@ -178,7 +200,10 @@ impl Filesystem for BlkFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && dev.read_only() {
             return reply.error(Errno::EROFS);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(
@@ -233,11 +258,25 @@ impl Filesystem for BlkFs {
         );
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.fsync(_req, ino, _fh, false, reply)
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let dev = match self.device(ino) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
@@ -248,7 +287,14 @@ impl Filesystem for BlkFs {
         }));
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -285,12 +331,16 @@ impl Filesystem for BlkFs {
             Err(e) => reply.error(errno(&e)),
         });
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let in_range = offset.checked_add(length).is_some_and(|end| end <= dev.size());
+        let in_range = offset
+            .checked_add(length)
+            .is_some_and(|end| end <= dev.size());
         match mode {
             // The range must read back as zeroes; it is deallocated only
             // when the device's discard option is unmap.
             PUNCH => dev.write_zeroes(offset, length, true, done),
-            m if m == libc::FALLOC_FL_ZERO_RANGE || m == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE => {
+            m if m == libc::FALLOC_FL_ZERO_RANGE
+                || m == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE =>
+            {
                 dev.write_zeroes(offset, length, false, done)
             }
             // Plain preallocation inside the device: the space already exists.
@@ -299,19 +349,41 @@ impl Filesystem for BlkFs {
                 libc::EOPNOTSUPP,
                 "devices are resized with block_resize, not fallocate",
             ))),
-            _ => done(Err(Error::io(libc::EOPNOTSUPP, "unsupported fallocate mode"))),
+            _ => done(Err(Error::io(
+                libc::EOPNOTSUPP,
+                "unsupported fallocate mode",
+            ))),
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         reply.error(Errno::ENODATA);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let dev = match self.device(ino) {
             Ok(d) => d,
             Err(e) => return reply.error(e),

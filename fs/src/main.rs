@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser, Debug)]
-#[command(name = "blkfs", version, about = "Export disk images as plain files in a FUSE mount, steered over QMP")]
+#[command(
+    name = "blkfs",
+    version,
+    about = "Export disk images as plain files in a FUSE mount, steered over QMP"
+)]
 struct Cli {
     /// Directory to mount the export on (created when missing).
     #[arg(long, required_unless_present = "demo")]
@@ -59,10 +63,15 @@ fn run(mut cli: Cli) -> Result<(), String> {
     let signals = block_signals();
     let engine = Engine::new();
     for spec in &cli.blockdevs {
-        let opts = BlockdevOptions::from_cli(spec).map_err(|e| format!("--blockdev '{spec}': {e}"))?;
-        engine.graph.add(&opts).map_err(|e| format!("--blockdev '{spec}': {e}"))?;
+        let opts =
+            BlockdevOptions::from_cli(spec).map_err(|e| format!("--blockdev '{spec}': {e}"))?;
+        engine
+            .graph
+            .add(&opts)
+            .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
     }
-    std::fs::create_dir_all(&mount).map_err(|e| format!("cannot create {}: {e}", mount.display()))?;
+    std::fs::create_dir_all(&mount)
+        .map_err(|e| format!("cannot create {}: {e}", mount.display()))?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("blkfs".into()),
@@ -73,7 +82,9 @@ fn run(mut cli: Cli) -> Result<(), String> {
     config.clone_fd = true;
     let session = fuser::Session::new(fuse::BlkFs::new(engine.clone()), &mount, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.display()))?;
-    let background = session.spawn().map_err(|e| format!("cannot start the FUSE session: {e}"))?;
+    let background = session
+        .spawn()
+        .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
     // Dropping `background` unmounts, so every error path below leaves no mount.
     let listener = qmp_server::bind(&socket)?;
     qmp_server::serve(listener, engine.clone());
@@ -81,16 +92,37 @@ fn run(mut cli: Cli) -> Result<(), String> {
     if cli.demo {
         demo::print_usage(&mount, &socket);
     }
-    log::info!("ready: {} devices under {}, QMP on {}", engine.graph.devices().len(), mount.display(), socket.display());
+    log::info!(
+        "ready: {} devices under {}, QMP on {}",
+        engine.graph.devices().len(),
+        mount.display(),
+        socket.display()
+    );
 
     let _ = engine.quit_requests().recv();
     for e in engine.graph.flush_all() {
         eprintln!("blkfs: flush failed: {e}");
     }
     if let Err(e) = background.umount_and_join() {
-        eprintln!("blkfs: unmount: {e}");
+        // Busy (a file is still open): detach lazily so no dead mount stays behind.
+        log::info!("unmount: {e}; detaching lazily");
+        lazy_umount(&mount).map_err(|e| format!("cannot unmount {}: {e}", mount.display()))?;
     }
     let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn lazy_umount(path: &std::path::Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: plain syscall on a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
+        let e = std::io::Error::last_os_error();
+        // Already gone is fine.
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -108,14 +140,16 @@ fn block_signals() -> libc::sigset_t {
 }
 
 fn spawn_signal_thread(set: libc::sigset_t, engine: Arc<Engine>) {
-    let r = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: waits on a signal set that is blocked in every thread.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            log::info!("signal {sig}: shutting down");
-            engine.request_quit();
-        }
-    });
+    let r = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on a signal set that is blocked in every thread.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                log::info!("signal {sig}: shutting down");
+                engine.request_quit();
+            }
+        });
     if let Err(e) = r {
         log::error!("cannot start the signal thread: {e}");
     }

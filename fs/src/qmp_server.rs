@@ -20,28 +20,35 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
         if UnixStream::connect(path).is_ok() {
             return Err(format!("{} is in use by a running server", path.display()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
     Ok(listener)
 }
 
 pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
-    let spawned = std::thread::Builder::new().name("qmp-accept".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(s) => {
-                    let engine = engine.clone();
-                    if let Err(e) = std::thread::Builder::new().name("qmp-client".into()).spawn(move || client(s, engine)) {
-                        log::error!("cannot start a QMP client thread: {e}");
+    let spawned = std::thread::Builder::new()
+        .name("qmp-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        let engine = engine.clone();
+                        if let Err(e) = std::thread::Builder::new()
+                            .name("qmp-client".into())
+                            .spawn(move || client(s, engine))
+                        {
+                            log::error!("cannot start a QMP client thread: {e}");
+                        }
                     }
+                    Err(e) => log::warn!("QMP accept failed: {e}"),
                 }
-                Err(e) => log::warn!("QMP accept failed: {e}"),
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         log::error!("cannot start the QMP accept thread: {e}");
     }
@@ -52,15 +59,17 @@ fn client(stream: UnixStream, engine: Arc<Engine>) {
         return;
     };
     let (tx, rx) = unbounded::<String>();
-    let writer = std::thread::Builder::new().name("qmp-writer".into()).spawn(move || {
-        for mut line in rx.iter() {
-            line.push('\n');
-            if write_half.write_all(line.as_bytes()).is_err() {
-                break;
+    let writer = std::thread::Builder::new()
+        .name("qmp-writer".into())
+        .spawn(move || {
+            for mut line in rx.iter() {
+                line.push('\n');
+                if write_half.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
             }
-        }
-        let _ = write_half.shutdown(std::net::Shutdown::Write);
-    });
+            let _ = write_half.shutdown(std::net::Shutdown::Write);
+        });
     let Ok(writer) = writer else {
         return;
     };
@@ -82,8 +91,16 @@ struct LoopEnd {
     quit: bool,
 }
 
-fn read_loop(mut stream: UnixStream, session: &mut Session, engine: &Engine, tx: &Sender<String>) -> LoopEnd {
-    let mut end = LoopEnd { id: None, quit: false };
+fn read_loop(
+    mut stream: UnixStream,
+    session: &mut Session,
+    engine: &Engine,
+    tx: &Sender<String>,
+) -> LoopEnd {
+    let mut end = LoopEnd {
+        id: None,
+        quit: false,
+    };
     if tx.send(session.greeting().to_string()).is_err() {
         return end;
     }

@@ -16,13 +16,24 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("BLKFS_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join(profile)
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join(profile)
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: build the workspace first (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -35,11 +46,13 @@ pub struct TestDir {
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp").join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/tmp")
+            .join(format!(
+                "{name}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create test dir");
         TestDir { path }
@@ -78,21 +91,40 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `blkfs` on `dir/mnt` and `dir/qmp.sock`, waiting until ready.
     pub fn start(dir: &TestDir, blockdevs: &[String]) -> Daemon {
-        Self::start_with(dir, blockdevs, &[]).unwrap_or_else(|e| panic!("daemon failed to start: {e}"))
+        Self::start_with(dir, blockdevs, &[])
+            .unwrap_or_else(|e| panic!("daemon failed to start: {e}"))
     }
 
-    pub fn start_with(dir: &TestDir, blockdevs: &[String], extra: &[&str]) -> Result<Daemon, String> {
+    pub fn start_with(
+        dir: &TestDir,
+        blockdevs: &[String],
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
         let mnt = dir.join("mnt");
         let sock = dir.join("qmp.sock");
         let stderr_path = dir.join("blkfs.stderr");
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(bin("blkfs"));
-        cmd.arg("--mount").arg(&mnt).arg("--qmp").arg(&sock).args(extra);
+        cmd.arg("--mount")
+            .arg(&mnt)
+            .arg("--qmp")
+            .arg(&sock)
+            .args(extra);
         for b in blockdevs {
             cmd.arg("--blockdev").arg(b);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().map_err(|e| e.to_string())?;
-        let mut d = Daemon { child: Some(child), mnt, sock, stderr_path };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut d = Daemon {
+            child: Some(child),
+            mnt,
+            sock,
+            stderr_path,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -142,7 +174,10 @@ impl Daemon {
                 self.child = None;
                 return s;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -170,7 +205,8 @@ impl Qmp {
     /// Connects and reads the greeting (no negotiation).
     pub fn connect(sock: &Path) -> Qmp {
         let s = UnixStream::connect(sock).expect("connect to QMP socket");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("set timeout");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("set timeout");
         let mut q = Qmp {
             writer: s.try_clone().expect("clone stream"),
             reader: BufReader::new(s),
@@ -190,7 +226,10 @@ impl Qmp {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON from server ({e}): {line}"))),
+            Ok(_) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad JSON from server ({e}): {line}")),
+            ),
             Err(e) => panic!("reading QMP socket: {e}"),
         }
     }
@@ -198,7 +237,9 @@ impl Qmp {
     /// Reads until a reply (not an event) arrives.
     pub fn reply(&mut self) -> Value {
         loop {
-            let m = self.read_msg().expect("connection closed while waiting for a reply");
+            let m = self
+                .read_msg()
+                .expect("connection closed while waiting for a reply");
             if m.get("event").is_some() {
                 self.events.push_back(m);
             } else {
@@ -225,8 +266,13 @@ impl Qmp {
     /// Runs a command that must fail; returns (class, desc).
     pub fn err(&mut self, name: &str, args: Value) -> (String, String) {
         let r = self.execute(name, args);
-        let e = r.get("error").unwrap_or_else(|| panic!("{name} unexpectedly succeeded: {r}"));
-        (e["class"].as_str().unwrap_or_default().to_string(), e["desc"].as_str().unwrap_or_default().to_string())
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{name} unexpectedly succeeded: {r}"));
+        (
+            e["class"].as_str().unwrap_or_default().to_string(),
+            e["desc"].as_str().unwrap_or_default().to_string(),
+        )
     }
 
     /// Waits for an event by name (events seen earlier count too).
@@ -234,9 +280,14 @@ impl Qmp {
         if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
             return self.events.remove(i).unwrap_or_default();
         }
-        self.reader.get_ref().set_read_timeout(Some(timeout)).expect("set timeout");
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .expect("set timeout");
         loop {
-            let m = self.read_msg().unwrap_or_else(|| panic!("connection closed waiting for {name}"));
+            let m = self
+                .read_msg()
+                .unwrap_or_else(|| panic!("connection closed waiting for {name}"));
             if m["event"] == name {
                 return m;
             }
@@ -249,7 +300,10 @@ impl Qmp {
 
 /// Runs a command that must succeed and returns its stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed ({}):\n{}\n{}",
@@ -337,4 +391,184 @@ pub fn blkctl(sock: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// True when `path` is a mount point listed in /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    info.lines().any(|l| {
+        // Field 5 is the mount point, with spaces and the like escaped as \ooo.
+        l.split(' ')
+            .nth(4)
+            .map(unescape_mountinfo)
+            .is_some_and(|m| Path::new(&m) == want || Path::new(&m) == path)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs `blkfs` with `args` to completion (it is expected to fail or exit on
+/// its own); kills it and panics after `timeout`. Returns (exit code, stderr).
+pub fn run_blkfs(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(bin("blkfs"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn blkfs");
+    let mut stderr = child.stderr.take().expect("stderr pipe");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for blkfs") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("blkfs {args:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), reader.join().unwrap_or_default())
+}
+
+/// Runs `f` on its own thread and panics if it has not finished within
+/// `timeout` (a hung FUSE request must fail the test, not hang the suite;
+/// the test's Daemon guard then kills the daemon, which releases the thread).
+pub fn with_timeout<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(v) => {
+            let _ = h.join();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("worker ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("operation did not finish within {timeout:?}")
+        }
+    }
+}
+
+/// `qemu-img map --output=json -f raw` of a file: the list of extents.
+pub fn qemu_img_map(file: &Path) -> Vec<Value> {
+    let out = qemu_img(&["map", "--output=json", "-f", "raw", &file.to_string_lossy()]);
+    match serde_json::from_str(&out) {
+        Ok(Value::Array(v)) => v,
+        other => panic!("qemu-img map output is not a JSON list ({other:?}): {out}"),
+    }
+}
+
+/// `qemu-img info --output=json -f raw` of a file.
+pub fn qemu_img_info(file: &Path) -> Value {
+    let out = qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        "raw",
+        &file.to_string_lossy(),
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img info output ({e}): {out}"))
+}
+
+/// lseek(2) on an open file; Err(errno) on failure.
+pub fn lseek(f: &std::fs::File, offset: i64, whence: i32) -> Result<i64, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as i64)
+    }
+}
+
+/// fallocate(2) on an open file; Err(errno) on failure.
+pub fn fallocate(f: &std::fs::File, mode: i32, offset: u64, len: u64) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(())
+    }
+}
+
+/// Names in a directory, sorted.
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A JSON object's members, as a map (panics when `v` is not an object).
+pub fn obj(v: &Value) -> &serde_json::Map<String, Value> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("expected a JSON object, got {v}"))
+}
+
+/// Like [`qemu_io`], but opens the file read-only (`qemu-io -r`).
+pub fn qemu_io_ro(fmt: &str, file: &Path, cmds: &[&str]) -> String {
+    let mut args = vec!["-r".to_string(), "-f".to_string(), fmt.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    args.push(file.to_string_lossy().into_owned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-io", &refs);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io -r {cmds:?} on {}: {out}",
+        file.display()
+    );
+    out
 }

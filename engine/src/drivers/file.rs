@@ -14,14 +14,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Alignment required of O_DIRECT requests; 4 KiB satisfies every common device.
-const DIRECT_ALIGN: u64 = 4096;
+/// O_DIRECT alignment when the kernel does not report one; 4 KiB satisfies
+/// every common device.
+const FALLBACK_ALIGN: u64 = 4096;
 
 pub struct FileDriver {
     fd: Arc<OwnedFd>,
     filename: Arc<str>,
     backend: Arc<dyn Backend>,
     direct: bool,
+    /// Offset and length alignment of O_DIRECT requests.
+    align: u64,
     no_flush: bool,
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
@@ -33,7 +36,11 @@ impl FileDriver {
         let cpath = CString::new(filename)
             .map_err(|_| Error::generic(format!("Invalid filename '{filename}'")))?;
         let mut flags = libc::O_CLOEXEC;
-        flags |= if opts.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        flags |= if opts.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
@@ -48,12 +55,15 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let size = fd_size(&fd).map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
+        let size = fd_size(&fd)
+            .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
+        let align = if opts.direct { dio_align(&fd) } else { 1 };
         Ok(FileDriver {
             fd,
             filename: filename.into(),
             backend: io::backend(opts.aio),
             direct: opts.direct,
+            align,
             no_flush: opts.no_flush,
             size: AtomicU64::new(size),
             rmw: Arc::new(RwLock::new(())),
@@ -61,7 +71,7 @@ impl FileDriver {
     }
 
     fn aligned(&self, offset: u64, len: u64) -> bool {
-        !self.direct || (offset % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0)
+        offset.is_multiple_of(self.align) && len.is_multiple_of(self.align)
     }
 
     fn submit_data(&self, kind: OpKind, offset: u64, buf: Buf, done: Done<Buf>) {
@@ -69,44 +79,48 @@ impl FileDriver {
         let req = IoReq::data(self.fd.clone(), kind, offset, buf);
         self.backend.submit(
             req,
-            Box::new(move |req, r| done(r.map(|()| req.buf).map_err(|e| Error::from_io(&e, &name)))),
+            Box::new(move |req, r| {
+                done(r.map(|()| req.buf).map_err(|e| Error::from_io(&e, &name)))
+            }),
         );
     }
 
     fn submit_control(&self, kind: OpKind, offset: u64, len: u64, done: Done<()>) {
         let name = self.filename.clone();
         let req = IoReq::control(self.fd.clone(), kind, offset, len);
-        self.backend
-            .submit(req, Box::new(move |_, r| done(r.map_err(|e| Error::from_io(&e, &name)))));
+        self.backend.submit(
+            req,
+            Box::new(move |_, r| done(r.map_err(|e| Error::from_io(&e, &name)))),
+        );
     }
 
     /// The aligned range covering `offset..offset+len`.
-    fn widen(offset: u64, len: u64) -> (u64, u64) {
-        let start = offset - offset % DIRECT_ALIGN;
-        let end = (offset + len).next_multiple_of(DIRECT_ALIGN);
+    fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
+        let start = offset - offset % self.align;
+        let end = (offset + len).next_multiple_of(self.align);
         (start, end - start)
     }
 
     /// Synchronous read-modify-write of an unaligned O_DIRECT write.
     fn write_unaligned(&self, offset: u64, buf: &Buf) -> Result<()> {
         let _excl = self.rmw.write();
-        let (start, len) = Self::widen(offset, buf.len() as u64);
-        let mut bounce = super::wait(|d| self.submit_data(OpKind::Read, start, Buf::zeroed(len as usize), d))?;
+        let (start, len) = self.widen(offset, buf.len() as u64);
+        let mut bounce =
+            super::wait(|d| self.submit_data(OpKind::Read, start, Buf::zeroed(len as usize), d))?;
         let at = (offset - start) as usize;
         bounce[at..at + buf.len()].copy_from_slice(buf);
-        // Never grow the file past what the caller wrote.
-        let end = (offset + buf.len() as u64).max(self.size.load(Ordering::Relaxed));
-        let keep = (end.min(start + len) - start) as usize;
-        if keep % DIRECT_ALIGN as usize != 0 {
-            drop(_excl);
-            return Err(Error::io(
-                libc::EINVAL,
-                format!("{}: unaligned O_DIRECT write at the end of the file", self.filename),
-            ));
-        }
-        bounce.truncate(keep);
         super::wait(|d| self.submit_data(OpKind::Write, start, bounce, d))?;
-        self.size.fetch_max(offset + buf.len() as u64, Ordering::Relaxed);
+        // The padded block may run past the end: cut the file back to what
+        // the caller wrote, never below its old size.
+        let end = (offset + buf.len() as u64).max(self.size.load(Ordering::Relaxed));
+        if start + len > end {
+            // SAFETY: plain syscall on a descriptor we own.
+            if unsafe { libc::ftruncate(self.fd.as_raw_fd(), end as libc::off_t) } < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(Error::from_io(&e, &self.filename));
+            }
+        }
+        self.size.fetch_max(end, Ordering::Relaxed);
         Ok(())
     }
 
@@ -129,7 +143,7 @@ impl Driver for FileDriver {
         if self.aligned(offset, len) {
             return self.submit_data(OpKind::Read, offset, buf, done);
         }
-        let (start, wide) = Self::widen(offset, len);
+        let (start, wide) = self.widen(offset, len);
         let mut out = buf;
         self.submit_data(
             OpKind::Read,
@@ -177,7 +191,11 @@ impl Driver for FileDriver {
         };
         let end = offset + len;
         // Punching keeps the size, so a range past the end is zeroed instead.
-        let mode = if unmap && end > self.size() { libc::FALLOC_FL_ZERO_RANGE } else { mode };
+        let mode = if unmap && end > self.size() {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            mode
+        };
         // Waits here (the caller's thread, never a completion) so the
         // fallback can issue plain writes.
         let r = super::wait(|d| self.fallocate(mode, offset, len, d));
@@ -217,13 +235,20 @@ impl Driver for FileDriver {
         let size = self.size();
         let len = len.min(size.saturating_sub(offset));
         if len == 0 {
-            return Err(Error::io(libc::ENXIO, "block status past the end of the file"));
+            return Err(Error::io(
+                libc::ENXIO,
+                "block status past the end of the file",
+            ));
         }
         let fd = self.fd.as_raw_fd();
         let seek = |whence| {
             // SAFETY: plain syscall on a descriptor we own.
             let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-            if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r as u64) }
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
         };
         let data_at = match seek(libc::SEEK_DATA) {
             Ok(d) => d,
@@ -233,10 +258,22 @@ impl Driver for FileDriver {
             Err(_) => offset,
         };
         if data_at > offset {
-            return Ok(Status { len: (data_at - offset).min(len), data: false, zero: true, offset: Some(offset), allocated: true });
+            return Ok(Status {
+                len: (data_at - offset).min(len),
+                data: false,
+                zero: true,
+                offset: Some(offset),
+                allocated: true,
+            });
         }
         let hole_at = seek(libc::SEEK_HOLE).unwrap_or(size).max(offset + 1);
-        Ok(Status { len: (hole_at - offset).min(len), data: true, zero: false, offset: Some(offset), allocated: true })
+        Ok(Status {
+            len: (hole_at - offset).min(len),
+            data: true,
+            zero: false,
+            offset: Some(offset),
+            allocated: true,
+        })
     }
 
     fn allocated_size(&self) -> Option<u64> {
@@ -262,6 +299,32 @@ fn write_zero_buffers(f: &FileDriver, offset: u64, len: u64) -> Result<()> {
         pos += n;
     }
     Ok(())
+}
+
+/// The O_DIRECT offset alignment the kernel reports (statx STATX_DIOALIGN).
+fn dio_align(fd: &OwnedFd) -> u64 {
+    // SAFETY: statx fills a zeroed struct; the empty path with AT_EMPTY_PATH names the descriptor.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let align = stx.stx_dio_offset_align as u64;
+    if r == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && align.is_power_of_two()
+        && align <= FALLBACK_ALIGN
+    {
+        align
+    } else {
+        FALLBACK_ALIGN
+    }
 }
 
 fn fd_size(fd: &OwnedFd) -> std::io::Result<u64> {

@@ -65,6 +65,10 @@ pub fn wait<T: Send + 'static>(f: impl FnOnce(Done<T>)) -> Result<T> {
     f(Box::new(move |r| {
         let _ = tx.send(r);
     }));
-    rx.recv()
-        .unwrap_or_else(|_| Err(Error::io(libc::EIO, "request was dropped without completion")))
+    rx.recv().unwrap_or_else(|_| {
+        Err(Error::io(
+            libc::EIO,
+            "request was dropped without completion",
+        ))
+    })
 }

@@ -38,11 +38,25 @@ pub struct IoReq {
 
 impl IoReq {
     pub fn data(fd: Arc<OwnedFd>, kind: OpKind, offset: u64, buf: Buf) -> IoReq {
-        IoReq { fd, kind, offset, len: buf.len() as u64, buf, done: 0 }
+        IoReq {
+            fd,
+            kind,
+            offset,
+            len: buf.len() as u64,
+            buf,
+            done: 0,
+        }
     }
 
     pub fn control(fd: Arc<OwnedFd>, kind: OpKind, offset: u64, len: u64) -> IoReq {
-        IoReq { fd, kind, offset, len, buf: Buf::zeroed(0), done: 0 }
+        IoReq {
+            fd,
+            kind,
+            offset,
+            len,
+            buf: Buf::zeroed(0),
+            done: 0,
+        }
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -78,20 +92,27 @@ pub trait Backend: Send + Sync {
 }
 
 static POOL: OnceLock<Arc<pool::Pool>> = OnceLock::new();
-static URING: OnceLock<Option<Arc<uring::Ring>>> = OnceLock::new();
+static URING: OnceLock<Option<Arc<uring::Rings>>> = OnceLock::new();
 
 /// The process-wide backend for an aio mode. `native` falls back to the
 /// thread pool, with a warning, when the kernel refuses an io_uring.
 pub fn backend(aio: Aio) -> Arc<dyn Backend> {
-    let pool = || -> Arc<dyn Backend> { POOL.get_or_init(|| Arc::new(pool::Pool::new(pool::DEFAULT_THREADS))).clone() };
+    let pool = || -> Arc<dyn Backend> {
+        POOL.get_or_init(|| Arc::new(pool::Pool::new(pool::DEFAULT_THREADS)))
+            .clone()
+    };
     match aio {
         Aio::Threads => pool(),
         Aio::Native => {
-            let ring = URING.get_or_init(|| match uring::Ring::new(uring::DEFAULT_DEPTH) {
-                Ok(r) => Some(Arc::new(r)),
-                Err(e) => {
-                    log::warn!("io_uring unavailable ({e}); aio=native falls back to the thread pool");
-                    None
+            let ring = URING.get_or_init(|| {
+                match uring::Rings::new(ring_count(), uring::DEFAULT_DEPTH) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        log::warn!(
+                            "io_uring unavailable ({e}); aio=native falls back to the thread pool"
+                        );
+                        None
+                    }
                 }
             });
             match ring {
@@ -100,4 +121,13 @@ pub fn backend(aio: Aio) -> Arc<dyn Backend> {
             }
         }
     }
+}
+
+/// Number of io_uring threads: BLKFS_RINGS, else 2.
+fn ring_count() -> usize {
+    std::env::var("BLKFS_RINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(2)
 }

@@ -54,12 +54,17 @@ pub fn run(req: &mut IoReq) -> io::Result<()> {
         // SAFETY: fd is kept open by req.fd; the pointer and length stay inside req.buf.
         let r = unsafe {
             match req.kind {
-                OpKind::Read => libc::pread(fd, req.buf.as_mut_ptr().add(req.done).cast(), rest, off) as i64,
-                OpKind::Write => libc::pwrite(fd, req.buf.as_ptr().add(req.done).cast(), rest, off) as i64,
+                OpKind::Read => {
+                    libc::pread(fd, req.buf.as_mut_ptr().add(req.done).cast(), rest, off) as i64
+                }
+                OpKind::Write => {
+                    libc::pwrite(fd, req.buf.as_ptr().add(req.done).cast(), rest, off) as i64
+                }
                 OpKind::Fsync => libc::fsync(fd) as i64,
                 OpKind::Fdatasync => libc::fdatasync(fd) as i64,
                 OpKind::Fallocate(mode) => {
-                    libc::fallocate(fd, mode, req.offset as libc::off_t, req.len as libc::off_t) as i64
+                    libc::fallocate(fd, mode, req.offset as libc::off_t, req.len as libc::off_t)
+                        as i64
                 }
             }
         };

@@ -18,6 +18,35 @@ pub const DEFAULT_DEPTH: u32 = 256;
 /// user_data of the eventfd read; request slots use their index.
 const WAKE_TOKEN: u64 = u64::MAX;
 
+/// Several rings, each with its thread; requests are spread round-robin.
+pub struct Rings {
+    rings: Vec<Ring>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Rings {
+    pub fn new(count: usize, depth: u32) -> io::Result<Rings> {
+        let rings = (0..count.max(1))
+            .map(|_| Ring::new(depth))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Rings {
+            rings,
+            next: Default::default(),
+        })
+    }
+}
+
+impl Backend for Rings {
+    fn submit(&self, req: IoReq, done: IoDone) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.rings.len();
+        self.rings[i].submit(req, done)
+    }
+
+    fn name(&self) -> &'static str {
+        "native"
+    }
+}
+
 pub struct Ring {
     tx: Sender<(IoReq, IoDone)>,
     shared: Arc<Shared>,
@@ -38,7 +67,10 @@ impl Ring {
         }
         // SAFETY: efd is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let shared = Arc::new(Shared { eventfd, sleeping: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            eventfd,
+            sleeping: AtomicBool::new(false),
+        });
         let (tx, rx) = unbounded();
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -60,7 +92,11 @@ impl Backend for Ring {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
             let _ = unsafe {
-                libc::write(self.shared.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8)
+                libc::write(
+                    self.shared.eventfd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    8,
+                )
             };
         }
     }
@@ -82,7 +118,12 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn new(ring: IoUring, rx: Receiver<(IoReq, IoDone)>, shared: Arc<Shared>, depth: usize) -> Self {
+    fn new(
+        ring: IoUring,
+        rx: Receiver<(IoReq, IoDone)>,
+        shared: Arc<Shared>,
+        depth: usize,
+    ) -> Self {
         RingThread {
             ring,
             rx,
@@ -176,7 +217,11 @@ impl RingThread {
     }
 
     fn reap(&mut self) {
-        let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
         for (token, res) in done {
             if token == WAKE_TOKEN {
                 self.wake_armed = false;
@@ -227,7 +272,9 @@ fn sqe_for(req: &mut IoReq) -> squeue::Entry {
             .offset(off)
             .build(),
         OpKind::Fsync => opcode::Fsync::new(fd).build(),
-        OpKind::Fdatasync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        OpKind::Fdatasync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         OpKind::Fallocate(mode) => opcode::Fallocate::new(fd, req.len)
             .offset(req.offset)
             .mode(mode)

@@ -44,9 +44,14 @@ pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
         return h(engine, Args::new(args, "", false)?);
     }
     if PENDING.contains(&name) {
-        return Err(Error::generic(format!("The command {name} is not implemented in blkfs yet")));
+        return Err(Error::generic(format!(
+            "The command {name} is not implemented in blkfs yet"
+        )));
     }
-    Err(Error::new(ErrorKind::CommandNotFound, format!("The command {name} has not been found")))
+    Err(Error::new(
+        ErrorKind::CommandNotFound,
+        format!("The command {name} has not been found"),
+    ))
 }
 
 /// The QEMU version whose block schema this daemon speaks.
@@ -94,17 +99,35 @@ fn blockdev_add(e: &Engine, mut a: Args) -> Result<Value> {
 
 fn query_block(e: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
-    Ok(Value::Array(e.graph.devices().iter().map(|d| info::block_info(d)).collect()))
+    Ok(Value::Array(
+        e.graph
+            .devices()
+            .iter()
+            .map(|d| info::block_info(d))
+            .collect(),
+    ))
 }
 
 fn query_named_block_nodes(e: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
-    Ok(Value::Array(e.graph.nodes().iter().map(|n| info::block_device_info(n)).collect()))
+    Ok(Value::Array(
+        e.graph
+            .nodes()
+            .iter()
+            .map(|n| info::block_device_info(n))
+            .collect(),
+    ))
 }
 
 fn query_blockstats(e: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
-    Ok(Value::Array(e.graph.devices().iter().map(|d| info::device_stats(d)).collect()))
+    Ok(Value::Array(
+        e.graph
+            .devices()
+            .iter()
+            .map(|d| info::device_stats(d))
+            .collect(),
+    ))
 }
 
 /// An empty argument object, for callers without arguments.
@@ -127,7 +150,11 @@ mod tests {
         let err = execute(&e, "query-block", json!({"x": 1})).unwrap_err();
         assert_eq!(err.msg, "Parameter 'x' is unexpected");
         let cmds = execute(&e, "query-commands", empty()).unwrap();
-        assert!(cmds.as_array().unwrap().iter().any(|c| c["name"] == "blockdev-add"));
+        assert!(cmds
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "blockdev-add"));
     }
 
     #[test]
@@ -148,9 +175,19 @@ mod tests {
         assert_eq!(blocks[1]["device"], "d1");
         assert_eq!(blocks[1]["inserted"]["node-name"], "n1");
         assert_eq!(blocks[1]["inserted"]["image"]["virtual-size"], 1 << 20);
-        let err = execute(&e, "blockdev-add", json!({"driver": "raw", "id": "d2", "node-name": "n1", "file": "n1"})).unwrap_err();
+        let err = execute(
+            &e,
+            "blockdev-add",
+            json!({"driver": "raw", "id": "d2", "node-name": "n1", "file": "n1"}),
+        )
+        .unwrap_err();
         assert_eq!(err.msg, "Duplicate node name 'n1'");
-        let err = execute(&e, "blockdev-add", json!({"driver": "raw", "id": "d2", "file": "nope"})).unwrap_err();
+        let err = execute(
+            &e,
+            "blockdev-add",
+            json!({"driver": "raw", "id": "d2", "file": "nope"}),
+        )
+        .unwrap_err();
         assert_eq!(err.msg, "Cannot find device=nope nor node_name=nope");
         // A failed add registers nothing.
         assert_eq!(e.graph.nodes().len(), 4);

@@ -31,12 +31,16 @@ impl EventBus {
     /// Sends an event to everyone; never blocks on a slow client.
     pub fn emit(&self, name: &str, data: Value) {
         let line = event_json(name, data).to_string();
-        self.subscribers.lock().retain(|(_, tx)| tx.send(line.clone()).is_ok());
+        self.subscribers
+            .lock()
+            .retain(|(_, tx)| tx.send(line.clone()).is_ok());
     }
 }
 
 pub fn event_json(name: &str, data: Value) -> Value {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     json!({
         "event": name,
         "data": data,

@@ -81,7 +81,9 @@ impl Splitter {
     fn emit(&mut self, out: &mut Vec<Frame>) {
         if self.oversize {
             self.oversize = false;
-            out.push(Err(format!("JSON message exceeds the limit of {MAX_MESSAGE} bytes")));
+            out.push(Err(format!(
+                "JSON message exceeds the limit of {MAX_MESSAGE} bytes"
+            )));
         } else if !self.buf.is_empty() {
             out.push(Ok(std::mem::take(&mut self.buf)));
         }

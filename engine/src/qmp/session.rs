@@ -22,7 +22,10 @@ pub struct Outcome {
 
 impl Session {
     pub fn new(engine: Arc<Engine>) -> Session {
-        Session { engine, negotiated: false }
+        Session {
+            engine,
+            negotiated: false,
+        }
     }
 
     pub fn greeting(&self) -> Value {
@@ -51,7 +54,11 @@ impl Session {
         if let Some(id) = id {
             reply["id"] = id;
         }
-        Outcome { reply, negotiated_now, quit }
+        Outcome {
+            reply,
+            negotiated_now,
+            quit,
+        }
     }
 
     fn execute(&mut self, mut m: Map<String, Value>) -> (Option<Value>, Result<Step, Error>) {
@@ -62,16 +69,26 @@ impl Session {
     fn execute_inner(&mut self, mut m: Map<String, Value>) -> Result<Step, Error> {
         let name = match m.remove("execute") {
             Some(Value::String(s)) => s,
-            Some(_) => return Err(Error::generic("QMP input member 'execute' must be a string")),
+            Some(_) => {
+                return Err(Error::generic(
+                    "QMP input member 'execute' must be a string",
+                ))
+            }
             None => return Err(Error::generic("QMP input lacks member 'execute'")),
         };
         let args = match m.remove("arguments") {
             None => Value::Object(Map::new()),
             Some(v @ Value::Object(_)) => v,
-            Some(_) => return Err(Error::generic("QMP input member 'arguments' must be an object")),
+            Some(_) => {
+                return Err(Error::generic(
+                    "QMP input member 'arguments' must be an object",
+                ))
+            }
         };
         if let Some(k) = m.keys().next() {
-            return Err(Error::generic(format!("QMP input member '{k}' is unexpected")));
+            return Err(Error::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
         }
         if name == "qmp_capabilities" {
             if self.negotiated {
@@ -103,7 +120,10 @@ fn check_capabilities(args: Value) -> Result<(), Error> {
     let mut a = crate::args::Args::new(args, "", false)?;
     if let Some(caps) = a.list("enable")? {
         if let Some(c) = caps.first() {
-            return Err(Error::generic(format!("Capability '{}' is not supported", c.as_str().unwrap_or("?"))));
+            return Err(Error::generic(format!(
+                "Capability '{}' is not supported",
+                c.as_str().unwrap_or("?")
+            )));
         }
     }
     a.finish()
@@ -129,7 +149,10 @@ mod tests {
         assert_eq!(out.reply, json!({"return": {}, "id": {"x": [1]}}));
         let r = reply(&mut s, r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(r["error"]["class"], "CommandNotFound");
-        assert_eq!(reply(&mut s, r#"{"execute":"query-block"}"#), json!({"return": []}));
+        assert_eq!(
+            reply(&mut s, r#"{"execute":"query-block"}"#),
+            json!({"return": []})
+        );
     }
 
     #[test]
@@ -138,17 +161,29 @@ mod tests {
         reply(&mut s, r#"{"execute":"qmp_capabilities"}"#);
         for (msg, desc) in [
             ("[1]", "QMP input must be a JSON object"),
-            (r#"{"execute": 1}"#, "QMP input member 'execute' must be a string"),
+            (
+                r#"{"execute": 1}"#,
+                "QMP input member 'execute' must be a string",
+            ),
             (r#"{"arguments": {}}"#, "QMP input lacks member 'execute'"),
-            (r#"{"execute":"quit","arguments":[]}"#, "QMP input member 'arguments' must be an object"),
-            (r#"{"execute":"quit","foo":1}"#, "QMP input member 'foo' is unexpected"),
+            (
+                r#"{"execute":"quit","arguments":[]}"#,
+                "QMP input member 'arguments' must be an object",
+            ),
+            (
+                r#"{"execute":"quit","foo":1}"#,
+                "QMP input member 'foo' is unexpected",
+            ),
         ] {
             let r = reply(&mut s, msg);
             assert_eq!(r["error"]["class"], "GenericError", "{msg}");
             assert_eq!(r["error"]["desc"], desc, "{msg}");
         }
         let r = reply(&mut s, "{\"execute\":");
-        assert!(r["error"]["desc"].as_str().unwrap().starts_with("JSON parse error"));
+        assert!(r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error"));
         let r = reply(&mut s, r#"{"execute":"no-such"}"#);
         assert_eq!(r["error"]["class"], "CommandNotFound");
     }

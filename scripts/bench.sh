@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Side-by-side fio benchmark: the native image file, qemu-storage-daemon's
+# FUSE export and blkfs, on the same 1 GiB raw image, in one run.
+#
+#   scripts/bench.sh [--runtime SECONDS] [--cache direct|cached] [--aio native|threads] [--threads N]
+#
+# Prints IOPS / MiB/s per workload and the ratios blkfs/qsd and blkfs/native.
+# fio: libaio, direct=1, 4k randread/randwrite QD32, 1M read/write QD8.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runtime=10
+cache=direct
+aio=native
+threads=4
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runtime) runtime=$2; shift 2 ;;
+        --cache) cache=$2; shift 2 ;;
+        --aio) aio=$2; shift 2 ;;
+        --threads) threads=$2; shift 2 ;;
+        *) echo "usage: $0 [--runtime S] [--cache direct|cached] [--aio native|threads] [--threads N]" >&2; exit 2 ;;
+    esac
+done
+direct=$([ "$cache" = direct ] && echo on || echo off)
+qsd_aio=$([ "$aio" = native ] && echo io_uring || echo threads)
+
+for tool in fio qemu-img qemu-storage-daemon python3; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 1; }
+done
+cargo build --release -q -p blkfs
+
+work=$(mktemp -d "$PWD/target/bench.XXXXXX")
+img="$work/disk.raw"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    umount -l "$work/qsd.export" 2>/dev/null || true
+    umount -l "$work/mnt" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# A fully allocated image, so reads measure data, not holes.
+fio --name=fill --filename="$img" --size=1G --rw=write --bs=1M --direct=1 \
+    --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
+
+wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
+
+# qemu-storage-daemon exporting the same image through its FUSE export.
+touch "$work/qsd.export"
+qemu-storage-daemon \
+    --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=$direct,aio=$qsd_aio" \
+    --blockdev driver=raw,node-name=r0,file=f0 \
+    --export "type=fuse,id=e0,node-name=r0,mountpoint=$work/qsd.export,writable=on" \
+    --chardev "socket,path=$work/qsd.sock,server=on,wait=off,id=m0" --monitor chardev=m0 &
+pids+=($!)
+wait_for "$work/qsd.sock"
+
+target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" \
+    --blockdev "driver=raw,id=d0,cache.direct=$direct,file.driver=file,file.filename=$img,file.aio=$aio" &
+pids+=($!)
+wait_for "$work/blkfs.sock"
+sleep 0.5
+
+run_fio() { # file rw bs depth -> "iops mibps"
+    fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio --direct=1 \
+        --size=1G --runtime="$runtime" --time_based --ramp_time=1 --norandommap --randrepeat=0 \
+        --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %.1f" % (d["iops"], d["bw"]/1024))'
+}
+
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s, cache=$cache, aio=$aio, blkfs threads=$threads"
+printf '%-14s %12s %12s %12s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
+for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
+    set -- $w
+    n=$(run_fio "$img" "$1" "$2" "$3")
+    q=$(run_fio "$work/qsd.export" "$1" "$2" "$3")
+    b=$(run_fio "$work/mnt/d0" "$1" "$2" "$3")
+    unit=$([ "$2" = 4k ] && echo iops || echo MiB/s)
+    python3 - "$1-$2-qd$3" "$unit" "$n" "$q" "$b" <<'PY'
+import sys
+name, unit, n, q, b = sys.argv[1], sys.argv[2], *[s.split() for s in sys.argv[3:]]
+i = 0 if unit == "iops" else 1
+n, q, b = float(n[i]), float(q[i]), float(b[i])
+print(f"{name:<14} {n:>12.0f} {q:>12.0f} {b:>12.0f} {b/q:>10.2f} {b/n:>10.2f}   ({unit})")
+PY
+done

@@ -2,14 +2,19 @@
 # Side-by-side fio benchmark: the native image file, qemu-storage-daemon's
 # FUSE export and blkfs, on the same 1 GiB raw image, in one run.
 #
-#   scripts/bench.sh [--runtime SECONDS] [--cache direct|cached] [--aio native|threads] [--threads N]
+#   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
+#                    [--aio native|threads] [--threads N] [--only 4k|1M]
 #
-# Prints IOPS / MiB/s per workload and the ratios blkfs/qsd and blkfs/native.
+# Each workload runs on the three targets in turn, --rounds times; the
+# median of each is printed with the ratios blkfs/qsd and blkfs/native
+# (the machine is noisy: only ratios from one run mean anything).
 # fio: libaio, direct=1, 4k randread/randwrite QD32, 1M read/write QD8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runtime=10
+rounds=3
+only=
 cache=direct
 aio=native
 threads=4
@@ -19,7 +24,9 @@ while [ $# -gt 0 ]; do
         --cache) cache=$2; shift 2 ;;
         --aio) aio=$2; shift 2 ;;
         --threads) threads=$2; shift 2 ;;
-        *) echo "usage: $0 [--runtime S] [--cache direct|cached] [--aio native|threads] [--threads N]" >&2; exit 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M]" >&2; exit 2 ;;
     esac
 done
 direct=$([ "$cache" = direct ] && echo on || echo off)
@@ -71,19 +78,21 @@ run_fio() { # file rw bs depth -> "iops mibps"
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %.1f" % (d["iops"], d["bw"]/1024))'
 }
 
-echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s, cache=$cache, aio=$aio, blkfs threads=$threads"
-printf '%-14s %12s %12s %12s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, blkfs threads=$threads"
+printf '%-18s %10s %10s %10s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
 for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
     set -- $w
-    n=$(run_fio "$img" "$1" "$2" "$3")
-    q=$(run_fio "$work/qsd.export" "$1" "$2" "$3")
-    b=$(run_fio "$work/mnt/d0" "$1" "$2" "$3")
-    unit=$([ "$2" = 4k ] && echo iops || echo MiB/s)
-    python3 - "$1-$2-qd$3" "$unit" "$n" "$q" "$b" <<'PY'
-import sys
-name, unit, n, q, b = sys.argv[1], sys.argv[2], *[s.split() for s in sys.argv[3:]]
-i = 0 if unit == "iops" else 1
-n, q, b = float(n[i]), float(q[i]), float(b[i])
-print(f"{name:<14} {n:>12.0f} {q:>12.0f} {b:>12.0f} {b/q:>10.2f} {b/n:>10.2f}   ({unit})")
+    [ -z "$only" ] || [ "$only" = "$2" ] || continue
+    results=()
+    for _ in $(seq "$rounds"); do
+        results+=("$(run_fio "$img" "$1" "$2" "$3")|$(run_fio "$work/qsd.export" "$1" "$2" "$3")|$(run_fio "$work/mnt/d0" "$1" "$2" "$3")")
+    done
+    python3 - "$1-$2-qd$3" "$2" "${results[@]}" <<'PY'
+import statistics, sys
+name, bs, rounds = sys.argv[1], sys.argv[2], sys.argv[3:]
+i, unit = (0, "iops") if bs == "4k" else (1, "MiB/s")
+cols = list(zip(*[[float(t.split()[i]) for t in r.split("|")] for r in rounds]))
+n, q, b = (statistics.median(c) for c in cols)
+print(f"{name:<18} {n:>10.0f} {q:>10.0f} {b:>10.0f} {b/q:>10.2f} {b/n:>10.2f}  {unit}")
 PY
 done

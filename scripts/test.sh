@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 export BLKFS_BIN_DIR="$PWD/target/release"
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"

@@ -195,7 +195,7 @@ impl Device {
         let (stats, start) = (self.stats.clone(), Instant::now());
         root.read(
             offset,
-            Buf::zeroed(len),
+            Buf::recycled(len),
             Box::new(move |r| {
                 if r.is_ok() {
                     stats.account(Op::Read, offset, len as u64, start);

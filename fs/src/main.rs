@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long)]
     demo: bool,
     /// FUSE reader threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
 }
 

@@ -106,7 +106,7 @@ impl FileDriver {
         let _excl = self.rmw.write();
         let (start, len) = self.widen(offset, buf.len() as u64);
         let mut bounce =
-            super::wait(|d| self.submit_data(OpKind::Read, start, Buf::zeroed(len as usize), d))?;
+            super::wait(|d| self.submit_data(OpKind::Read, start, Buf::recycled(len as usize), d))?;
         let at = (offset - start) as usize;
         bounce[at..at + buf.len()].copy_from_slice(buf);
         super::wait(|d| self.submit_data(OpKind::Write, start, bounce, d))?;
@@ -148,7 +148,7 @@ impl Driver for FileDriver {
         self.submit_data(
             OpKind::Read,
             start,
-            Buf::zeroed(wide as usize),
+            Buf::recycled(wide as usize),
             Box::new(move |r| {
                 done(r.map(|bounce| {
                     let at = (offset - start) as usize;

@@ -1,10 +1,30 @@
 //! Page-aligned owned buffers, so data can go to an O_DIRECT file descriptor
 //! without a bounce copy whenever the request itself is aligned.
 
+use parking_lot::Mutex;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
 pub const ALIGN: usize = 4096;
+
+/// Freed buffers of power-of-two sizes from 4 KiB to 1 MiB are kept for
+/// reuse: the data path allocates one per request.
+const MIN_CLASS: u32 = 12;
+const MAX_CLASS: u32 = 20;
+const KEEP_PER_CLASS: usize = 64;
+
+struct FreeBuf(NonNull<u8>);
+// SAFETY: a free buffer is owned by the pool alone.
+unsafe impl Send for FreeBuf {}
+
+static POOL: [Mutex<Vec<FreeBuf>>; (MAX_CLASS - MIN_CLASS + 1) as usize] =
+    [const { Mutex::new(Vec::new()) }; (MAX_CLASS - MIN_CLASS + 1) as usize];
+
+fn class_of(cap: usize) -> Option<usize> {
+    let bits = cap.trailing_zeros();
+    (cap.is_power_of_two() && (MIN_CLASS..=MAX_CLASS).contains(&bits))
+        .then(|| (bits - MIN_CLASS) as usize)
+}
 
 pub struct Buf {
     ptr: NonNull<u8>,
@@ -18,6 +38,21 @@ unsafe impl Send for Buf {}
 unsafe impl Sync for Buf {}
 
 impl Buf {
+    /// A buffer of `len` bytes whose content is unspecified (left over from
+    /// earlier use, never uninitialised); for data about to be overwritten.
+    pub fn recycled(len: usize) -> Buf {
+        let cap = len.max(1).next_multiple_of(ALIGN).next_power_of_two();
+        if let Some(class) = class_of(cap) {
+            if let Some(FreeBuf(ptr)) = POOL[class].lock().pop() {
+                return Buf { ptr, len, cap };
+            }
+            let mut b = Buf::zeroed(cap);
+            b.len = len;
+            return b;
+        }
+        Buf::zeroed(len)
+    }
+
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Buf {
         let cap = len.max(1).next_multiple_of(ALIGN);
@@ -34,7 +69,7 @@ impl Buf {
     }
 
     pub fn from_slice(data: &[u8]) -> Buf {
-        let mut b = Buf::zeroed(data.len());
+        let mut b = Buf::recycled(data.len());
         b.copy_from_slice(data);
         b
     }
@@ -86,6 +121,13 @@ impl std::ops::DerefMut for Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if let Some(class) = class_of(self.cap) {
+            let mut free = POOL[class].lock();
+            if free.len() < KEEP_PER_CLASS {
+                free.push(FreeBuf(self.ptr));
+                return;
+            }
+        }
         // SAFETY: allocated in `zeroed` with exactly this layout.
         unsafe {
             alloc::dealloc(
@@ -117,5 +159,10 @@ mod tests {
         assert!(b.is_zero());
         assert!(Buf::zeroed(0).is_empty());
         assert_eq!(&*Buf::from_slice(b"abc"), b"abc");
+        let r = Buf::recycled(5000);
+        assert_eq!(r.len(), 5000);
+        assert_eq!(r.as_ptr() as usize % ALIGN, 0);
+        let big = Buf::recycled(3 << 20);
+        assert_eq!(big.len(), 3 << 20);
     }
 }

@@ -71,6 +71,8 @@ impl IoReq {
             OpKind::Read | OpKind::Write => {
                 if n == 0 {
                     return if self.kind == OpKind::Read {
+                        // Buffers may be recycled: the bytes past the end must be zeroed here.
+                        self.buf[self.done..].fill(0);
                         Ok(true)
                     } else {
                         Err(io::Error::from_raw_os_error(libc::EIO))
@@ -103,31 +105,28 @@ pub fn backend(aio: Aio) -> Arc<dyn Backend> {
     };
     match aio {
         Aio::Threads => pool(),
-        Aio::Native => {
-            let ring = URING.get_or_init(|| {
-                match uring::Rings::new(ring_count(), uring::DEFAULT_DEPTH) {
-                    Ok(r) => Some(Arc::new(r)),
-                    Err(e) => {
-                        log::warn!(
-                            "io_uring unavailable ({e}); aio=native falls back to the thread pool"
-                        );
-                        None
-                    }
-                }
-            });
-            match ring {
-                Some(r) => r.clone(),
-                None => pool(),
-            }
+        Aio::Native => match URING.get_or_init(start_rings) {
+            Some(r) => r.clone(),
+            None => pool(),
+        },
+    }
+}
+
+fn start_rings() -> Option<Arc<uring::Rings>> {
+    match uring::Rings::new(ring_count(), uring::DEFAULT_DEPTH) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            log::warn!("io_uring unavailable ({e}); aio=native falls back to the thread pool");
+            None
         }
     }
 }
 
-/// Number of io_uring threads: BLKFS_RINGS, else 2.
+/// Number of io_uring threads: BLKFS_RINGS, else 1.
 fn ring_count() -> usize {
     std::env::var("BLKFS_RINGS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| (1..=64).contains(n))
-        .unwrap_or(2)
+        .unwrap_or(1)
 }

@@ -17,7 +17,7 @@ rounds=3
 only=
 cache=direct
 aio=native
-threads=4
+threads=2
 while [ $# -gt 0 ]; do
     case "$1" in
         --runtime) runtime=$2; shift 2 ;;

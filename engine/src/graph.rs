@@ -336,6 +336,7 @@ impl Graph {
             reg: &reg,
             new_nodes: Vec::new(),
             next_auto: reg.next_auto,
+            depth: 0,
         };
         if let Some(id) = &opts.id {
             check_name(id, "id")?;
@@ -401,10 +402,15 @@ fn check_name(name: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest backing chain opened.
+const MAX_CHAIN_DEPTH: usize = 64;
+
 struct Opener<'r> {
     reg: &'r Registry,
     new_nodes: Vec<Arc<Node>>,
     next_auto: u64,
+    /// Backing files opened above the current node.
+    depth: usize,
 }
 
 impl Opener<'_> {
@@ -453,6 +459,43 @@ impl Opener<'_> {
                 let child = self.child(file, &opts, &join(path, "file"))?;
                 Box::new(drivers::raw::RawDriver::new(child))
             }
+            (
+                DriverOptions::Format {
+                    file,
+                    backing,
+                    qcow2,
+                },
+                DriverName::Qcow2,
+            ) => {
+                let child = self.child(file, &opts, &join(path, "file"))?;
+                let header = drivers::qcow2::read_header(&child)
+                    .map_err(|e| e.context(child.driver.filename()))?;
+                let ro = NodeOptions {
+                    read_only: true,
+                    ..opts
+                };
+                let backing = match backing {
+                    Some(None) => None,
+                    Some(Some(r)) => Some(self.backing(r, &ro, &join(path, "backing"))?),
+                    None => match &header.backing_file {
+                        Some(name) => Some(self.backing_from_header(
+                            name,
+                            header.backing_format.as_deref(),
+                            &child,
+                            &ro,
+                            path,
+                        )?),
+                        None => None,
+                    },
+                };
+                Box::new(drivers::qcow2::Qcow2Driver::open(
+                    child,
+                    header,
+                    backing,
+                    qcow2,
+                    opts.read_only,
+                )?)
+            }
             (_, d) => {
                 return Err(Error::generic(format!(
                     "Driver '{}' is not supported by blkfs yet",
@@ -468,6 +511,66 @@ impl Opener<'_> {
         });
         self.new_nodes.push(node.clone());
         Ok(node)
+    }
+
+    /// A backing node: always read-only, at most MAX_CHAIN_DEPTH deep.
+    fn backing(&mut self, r: &BlockdevRef, ro: &NodeOptions, path: &str) -> Result<Arc<Node>> {
+        if self.depth >= MAX_CHAIN_DEPTH {
+            return Err(Error::generic(format!(
+                "Backing chain is deeper than {MAX_CHAIN_DEPTH} images"
+            )));
+        }
+        self.depth += 1;
+        let r = match r {
+            BlockdevRef::Definition(o) => {
+                let mut o = o.clone();
+                o.read_only = Some(true);
+                BlockdevRef::Definition(o)
+            }
+            BlockdevRef::Reference(_) => r.clone(),
+        };
+        let node = self.child(&r, ro, path);
+        self.depth -= 1;
+        node
+    }
+
+    /// Opens the backing file an image names, relative to the image's directory.
+    fn backing_from_header(
+        &mut self,
+        name: &str,
+        format: Option<&str>,
+        image: &Node,
+        ro: &NodeOptions,
+        path: &str,
+    ) -> Result<Arc<Node>> {
+        let full = if name.starts_with('/') {
+            name.to_string()
+        } else {
+            let image_path = image.driver.filename();
+            let dir = std::path::Path::new(&image_path)
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default();
+            dir.join(name).to_string_lossy().into_owned()
+        };
+        let format = match format {
+            Some(f) => f.to_string(),
+            None => drivers::probe::probe(&full)?.to_string(),
+        };
+        let spec =
+            serde_json::json!({"driver": format, "file": {"driver": "file", "filename": full}});
+        let opts = BlockdevOptions::from_json(spec).map_err(|e| {
+            Error::generic(format!(
+                "Backing file '{name}' of {}: {e}",
+                image.driver.filename()
+            ))
+        })?;
+        self.backing(
+            &BlockdevRef::Definition(Box::new(opts)),
+            ro,
+            &join(path, "backing"),
+        )
+        .map_err(|e| e.context(format!("Could not open backing file '{full}'")))
     }
 
     fn child(&mut self, r: &BlockdevRef, parent: &NodeOptions, path: &str) -> Result<Arc<Node>> {

@@ -121,8 +121,8 @@ fn failed_adds_report_clearly_and_register_nothing() {
     let dir = TestDir::new("bd-fail");
     let img = raw_image(&dir, "a.img", "1M");
     let img2 = raw_image(&dir, "b.img", "1M");
-    let qcow = dir.file("q.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &qcow, "1M"]);
+    let vmdk = dir.file("q.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
     let missing = dir.file("no-such-image.img");
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
@@ -174,14 +174,14 @@ fn failed_adds_report_clearly_and_register_nothing() {
             "desc should name {missing}: {desc}"
         );
     }
-    // Unsupported format driver (over a real qcow2 image).
+    // Unsupported format driver (over a real vmdk image).
     let (class, desc) = q.err(
         "blockdev-add",
-        json!({"driver": "qcow2", "id": "d1", "node-name": "n2", "file": {"driver": "file", "node-name": "n3", "filename": qcow}}),
+        json!({"driver": "vmdk", "id": "d1", "node-name": "n2", "file": {"driver": "file", "node-name": "n3", "filename": vmdk}}),
     );
     assert_eq!(class, "GenericError");
     assert!(desc.contains("is not supported by blkfs yet"), "{desc}");
-    assert!(desc.contains("qcow2"), "{desc}");
+    assert!(desc.contains("vmdk"), "{desc}");
 
     // Nothing of the failed adds was registered.
     assert_eq!(nodes(&mut q), before_nodes);

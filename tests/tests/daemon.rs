@@ -235,8 +235,8 @@ fn a_live_socket_is_an_error_and_the_running_daemon_is_untouched() {
 fn bad_blockdev_specs_fail_cleanly() {
     let dir = TestDir::new("dm-bad");
     let img = raw_image(&dir, "a.img", "1M");
-    let qcow = dir.file("q.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &qcow, "1M"]);
+    let vmdk = dir.file("q.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
     let missing = dir.file("missing.img");
     let cases: Vec<(&str, Vec<String>, Option<&str>)> = vec![
         (
@@ -267,8 +267,8 @@ fn bad_blockdev_specs_fail_cleanly() {
         ),
         (
             "unsupported driver",
-            vec![format!("driver=qcow2,id=d0,file.driver=file,file.filename={qcow}")],
-            Some("qcow2"),
+            vec![format!("driver=vmdk,id=d0,file.driver=file,file.filename={vmdk}")],
+            Some("vmdk"),
         ),
         (
             "duplicate id",

@@ -5,6 +5,8 @@
 //! thread finishes the I/O. Drivers must never block inside a completion.
 
 pub mod file;
+pub mod probe;
+pub mod qcow2;
 pub mod raw;
 
 use crate::error::{Error, Result};
@@ -56,6 +58,8 @@ pub trait Driver: Send + Sync {
     fn backing_child(&self) -> Option<&Arc<Node>> {
         None
     }
+    /// Adds format-specific members to an `ImageInfo`.
+    fn image_info(&self, _info: &mut serde_json::Value) {}
 }
 
 /// Runs a completion-based call and waits for its result. For slow paths

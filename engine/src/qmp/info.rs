@@ -46,8 +46,11 @@ pub fn image_info(n: &Node) -> Value {
     }
     if let Some(b) = n.driver.backing_child() {
         v["backing-filename"] = json!(b.driver.filename());
+        v["full-backing-filename"] = json!(b.driver.filename());
+        v["backing-filename-format"] = json!(b.driver.format_name());
         v["backing-image"] = image_info(b);
     }
+    n.driver.image_info(&mut v);
     v
 }
 

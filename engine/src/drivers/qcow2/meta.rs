@@ -1,0 +1,347 @@
+//! Cached metadata: the L1 table, L2 tables, the refcount table and
+//! refcount blocks, and cluster allocation. Everything here runs under the
+//! driver's metadata lock with synchronous I/O on the file node.
+//!
+//! Ordering keeps the image consistent at every moment (a crash may leak
+//! clusters, never corrupt): a refcount is raised before anything points to
+//! the cluster, a new L2 table is written before the L1 entry that points to
+//! it, and a cluster is released only after nothing points to it any more.
+
+use super::entry::{Mapping, COPIED, OFFSET_MASK};
+use super::header::Header;
+use crate::drivers::wait;
+use crate::error::{Error, Result};
+use crate::graph::Node;
+use crate::io::Buf;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// L2 tables and refcount blocks kept in memory, per kind.
+const CACHE_TABLES: usize = 512;
+
+pub struct Meta {
+    file: Arc<Node>,
+    cluster_bits: u32,
+    cs: u64,
+    v3: bool,
+    l1: Vec<u64>,
+    l1_offset: u64,
+    l2: HashMap<u64, Vec<u64>>,
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    refblocks: HashMap<u64, Vec<u8>>,
+    refcount_bits: u32,
+    /// Host cluster index where the next allocation goes (the file's end).
+    next_free: u64,
+}
+
+pub fn read_at(file: &Node, offset: u64, len: usize) -> Result<Buf> {
+    wait(|d| file.read(offset, Buf::zeroed(len), d))
+}
+
+pub fn write_at(file: &Node, offset: u64, data: &[u8]) -> Result<()> {
+    wait(|d| file.write(offset, Buf::from_slice(data), d)).map(drop)
+}
+
+pub fn corrupt(msg: impl std::fmt::Display) -> Error {
+    Error::io(libc::EIO, format!("qcow2 image is corrupt: {msg}"))
+}
+
+impl Meta {
+    pub fn load(file: Arc<Node>, h: &Header) -> Result<Meta> {
+        let l1_raw = read_at(&file, h.l1_table_offset, h.l1_size as usize * 8)?;
+        let l1 = l1_raw.chunks_exact(8).map(be64).collect();
+        let rt_len = h.refcount_table_clusters as usize * h.cluster_size() as usize;
+        let rt_raw = read_at(&file, h.refcount_table_offset, rt_len)?;
+        let reftable = rt_raw.chunks_exact(8).map(be64).collect();
+        let cs = h.cluster_size();
+        Ok(Meta {
+            next_free: file.size().div_ceil(cs),
+            file,
+            cluster_bits: h.cluster_bits,
+            cs,
+            v3: h.version >= 3,
+            l1,
+            l1_offset: h.l1_table_offset,
+            l2: HashMap::new(),
+            reftable,
+            reftable_offset: h.refcount_table_offset,
+            refblocks: HashMap::new(),
+            refcount_bits: h.refcount_bits(),
+        })
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.cs / 8
+    }
+
+    /// A host cluster offset read from metadata must be aligned and inside the file.
+    fn check_host(&self, off: u64, what: &str) -> Result<()> {
+        if !off.is_multiple_of(self.cs) || off == 0 || off >= self.next_free * self.cs {
+            return Err(corrupt(format!("{what} offset {off:#x} is invalid")));
+        }
+        Ok(())
+    }
+
+    fn l2_table(&mut self, l2_off: u64) -> Result<&mut Vec<u64>> {
+        if !self.l2.contains_key(&l2_off) {
+            self.check_host(l2_off, "L2 table")?;
+            let raw = read_at(&self.file, l2_off, self.cs as usize)?;
+            if self.l2.len() >= CACHE_TABLES {
+                if let Some(k) = self.l2.keys().next().copied() {
+                    self.l2.remove(&k);
+                }
+            }
+            self.l2
+                .insert(l2_off, raw.chunks_exact(8).map(be64).collect());
+        }
+        self.l2.get_mut(&l2_off).ok_or_else(|| corrupt("L2 cache"))
+    }
+
+    /// The mapping of one guest cluster.
+    pub fn lookup(&mut self, guest_cluster: u64) -> Result<Mapping> {
+        let (l1_idx, l2_idx) = (
+            guest_cluster / self.l2_entries(),
+            (guest_cluster % self.l2_entries()) as usize,
+        );
+        let Some(&l1e) = self.l1.get(l1_idx as usize) else {
+            return Err(corrupt(format!(
+                "guest cluster {guest_cluster} is beyond the L1 table"
+            )));
+        };
+        let l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        let (bits, v3) = (self.cluster_bits, self.v3);
+        let e = self.l2_table(l2_off)?[l2_idx];
+        let m = Mapping::decode(e, bits, v3);
+        match m {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                host: Some(host), ..
+            } => self.check_host(host, "data cluster")?,
+            Mapping::Compressed { host, len } if host + len > (self.next_free + 1) * self.cs => {
+                return Err(corrupt(format!(
+                    "compressed cluster at {host:#x} runs past the end of the file"
+                )))
+            }
+            _ => {}
+        }
+        Ok(m)
+    }
+
+    /// Points a guest cluster at `entry`, allocating its L2 table if needed.
+    pub fn set_l2(&mut self, guest_cluster: u64, entry: u64) -> Result<()> {
+        let (l1_idx, l2_idx) = (
+            guest_cluster / self.l2_entries(),
+            guest_cluster % self.l2_entries(),
+        );
+        let l1e = *self
+            .l1
+            .get(l1_idx as usize)
+            .ok_or_else(|| corrupt("L1 index out of range"))?;
+        let mut l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            l2_off = self.alloc_cluster()?;
+            write_at(&self.file, l2_off, &Buf::zeroed(self.cs as usize))?;
+            let e = l2_off | COPIED;
+            write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
+            self.l1[l1_idx as usize] = e;
+            self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
+        }
+        let file = self.file.clone();
+        self.l2_table(l2_off)?[l2_idx as usize] = entry;
+        write_at(&file, l2_off + l2_idx * 8, &entry.to_be_bytes())
+    }
+
+    fn refblock_entries(&self) -> u64 {
+        self.cs * 8 / self.refcount_bits as u64
+    }
+
+    pub fn refcount(&mut self, host_cluster: u64) -> Result<u64> {
+        let (rt_idx, rb_idx) = (
+            host_cluster / self.refblock_entries(),
+            host_cluster % self.refblock_entries(),
+        );
+        let rb_off = self.reftable.get(rt_idx as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        if rb_off == 0 {
+            return Ok(0);
+        }
+        let bits = self.refcount_bits;
+        Ok(rc_get(self.refblock(rb_off)?, rb_idx as usize, bits))
+    }
+
+    fn refblock(&mut self, rb_off: u64) -> Result<&mut Vec<u8>> {
+        if !self.refblocks.contains_key(&rb_off) {
+            self.check_host(rb_off, "refcount block")?;
+            let raw = read_at(&self.file, rb_off, self.cs as usize)?;
+            if self.refblocks.len() >= CACHE_TABLES {
+                if let Some(k) = self.refblocks.keys().next().copied() {
+                    self.refblocks.remove(&k);
+                }
+            }
+            self.refblocks.insert(rb_off, raw.to_vec());
+        }
+        self.refblocks
+            .get_mut(&rb_off)
+            .ok_or_else(|| corrupt("refcount cache"))
+    }
+
+    /// Sets a refcount, allocating (and hooking up) a refcount block when
+    /// the cluster is not covered yet.
+    pub fn set_refcount(&mut self, host_cluster: u64, value: u64) -> Result<()> {
+        let per_block = self.refblock_entries();
+        let (rt_idx, rb_idx) = (host_cluster / per_block, host_cluster % per_block);
+        if rt_idx as usize >= self.reftable.len() {
+            return Err(Error::io(
+                libc::ENOSPC,
+                "qcow2: the refcount table is full (growing it is not implemented yet)",
+            ));
+        }
+        let bits = self.refcount_bits;
+        if bits < 64 && value >> bits != 0 {
+            return Err(Error::io(libc::EOVERFLOW, "qcow2: refcount overflow"));
+        }
+        let mut rb_off = self.reftable[rt_idx as usize] & OFFSET_MASK;
+        if rb_off == 0 {
+            rb_off = self.new_refblock(rt_idx)?;
+        }
+        let file = self.file.clone();
+        let block = self.refblock(rb_off)?;
+        let (at, len) = rc_set(block, rb_idx as usize, bits, value);
+        let bytes = block[at..at + len].to_vec();
+        write_at(&file, rb_off + at as u64, &bytes)
+    }
+
+    /// Writes a new refcount block for table slot `rt_idx` at the end of the
+    /// file, then hooks it into the table.
+    fn new_refblock(&mut self, rt_idx: u64) -> Result<u64> {
+        let idx = self.next_free;
+        self.next_free += 1;
+        let off = idx * self.cs;
+        let mut block = vec![0u8; self.cs as usize];
+        let per_block = self.refblock_entries();
+        let covers_itself = idx / per_block == rt_idx;
+        if covers_itself {
+            rc_set(
+                &mut block,
+                (idx % per_block) as usize,
+                self.refcount_bits,
+                1,
+            );
+        }
+        write_at(&self.file, off, &block)?;
+        self.refblocks.insert(off, block);
+        write_at(
+            &self.file,
+            self.reftable_offset_of(rt_idx)?,
+            &off.to_be_bytes(),
+        )?;
+        self.reftable[rt_idx as usize] = off;
+        if !covers_itself {
+            self.set_refcount(idx, 1)?;
+        }
+        Ok(off)
+    }
+
+    fn reftable_offset_of(&self, rt_idx: u64) -> Result<u64> {
+        Ok(self.reftable_offset + rt_idx * 8)
+    }
+
+    /// A new cluster at the end of the file, its refcount already 1.
+    pub fn alloc_cluster(&mut self) -> Result<u64> {
+        let idx = self.next_free;
+        self.next_free += 1;
+        self.set_refcount(idx, 1)?;
+        Ok(idx * self.cs)
+    }
+
+    /// Drops one reference of every host cluster in `off..off+len`.
+    pub fn release(&mut self, off: u64, len: u64) -> Result<()> {
+        let first = off / self.cs;
+        let last = (off + len.max(1) - 1) / self.cs;
+        for c in first..=last {
+            let rc = self.refcount(c)?;
+            if rc == 0 {
+                return Err(corrupt(format!(
+                    "refcount of cluster {c} would drop below zero"
+                )));
+            }
+            self.set_refcount(c, rc - 1)?;
+        }
+        Ok(())
+    }
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// Reads entry `idx` of a refcount block with `bits`-wide entries.
+pub fn rc_get(block: &[u8], idx: usize, bits: u32) -> u64 {
+    if bits < 8 {
+        let per = 8 / bits as usize;
+        let shift = (idx % per) * bits as usize;
+        return ((block[idx / per] >> shift) & ((1u8 << bits) - 1)) as u64;
+    }
+    let n = bits as usize / 8;
+    block[idx * n..idx * n + n]
+        .iter()
+        .fold(0u64, |acc, &b| (acc << 8) | b as u64)
+}
+
+/// Writes entry `idx`; returns the byte range that changed.
+pub fn rc_set(block: &mut [u8], idx: usize, bits: u32, value: u64) -> (usize, usize) {
+    if bits < 8 {
+        let per = 8 / bits as usize;
+        let shift = (idx % per) * bits as usize;
+        let mask = ((1u8 << bits) - 1) << shift;
+        let byte = &mut block[idx / per];
+        *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
+        return (idx / per, 1);
+    }
+    let n = bits as usize / 8;
+    let bytes = value.to_be_bytes();
+    block[idx * n..idx * n + n].copy_from_slice(&bytes[8 - n..]);
+    (idx * n, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_entries_of_every_width() {
+        for bits in [1u32, 2, 4, 8, 16, 32, 64] {
+            let mut block = vec![0u8; 64];
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for idx in 0..(64 * 8 / bits as usize) {
+                rc_set(&mut block, idx, bits, (idx as u64 * 7) & max);
+            }
+            for idx in 0..(64 * 8 / bits as usize) {
+                assert_eq!(
+                    rc_get(&block, idx, bits),
+                    (idx as u64 * 7) & max,
+                    "bits {bits} idx {idx}"
+                );
+            }
+        }
+        // Sub-byte entries start at the least significant bit.
+        let mut b = vec![0u8; 1];
+        rc_set(&mut b, 0, 1, 1);
+        assert_eq!(b[0], 1);
+        rc_set(&mut b, 1, 4, 0xf);
+        assert_eq!(b[0], 0xf1);
+        // 16-bit entries are big-endian.
+        let mut b = vec![0u8; 4];
+        rc_set(&mut b, 1, 16, 0x0102);
+        assert_eq!(b, [0, 0, 1, 2]);
+    }
+}

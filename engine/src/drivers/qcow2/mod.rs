@@ -1,0 +1,532 @@
+//! The qcow2 format.
+//!
+//! - [`header`]: header and extensions, validated at open.
+//! - [`entry`]: L1/L2 entry decoding into a [`entry::Mapping`].
+//! - [`meta`]: cached tables, refcounts, allocation, update ordering.
+//! - this module: the driver; it turns a guest range into a plan of
+//!   segments and does the data I/O outside the metadata lock.
+//!
+//! Requests whose clusters are all allocated and owned (the common case
+//! once an image is in use) go straight to the file node with the caller's
+//! buffer. Everything else (allocation, copy-on-write, compressed data,
+//! backing reads) takes the slow path; allocating writes are serialised.
+
+pub mod entry;
+pub mod header;
+pub mod meta;
+
+use super::{wait, Done, Driver, Status};
+use crate::error::{Error, Result};
+use crate::graph::Node;
+use crate::io::Buf;
+use crate::options::Qcow2Options;
+use entry::{Mapping, COPIED, ZERO};
+use header::Header;
+use meta::{corrupt, read_at, write_at, Meta};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub struct Qcow2Driver {
+    file: Arc<Node>,
+    backing: Option<Arc<Node>>,
+    header: Header,
+    meta: Mutex<Meta>,
+    /// Held by every request that changes the mapping.
+    alloc: Mutex<()>,
+    cs: u64,
+    pass_discard: bool,
+}
+
+/// One piece of a request, in guest order.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Offset inside the request.
+    at: usize,
+    len: usize,
+    guest: u64,
+    map: Mapping,
+}
+
+/// Reads and validates the header of the image in `file`.
+pub fn read_header(file: &Node) -> Result<Header> {
+    let size = file.size();
+    let head = read_at(file, 0, size.min(2 << 20) as usize)?;
+    Header::parse(&head, size)
+}
+
+impl Qcow2Driver {
+    pub fn open(
+        file: Arc<Node>,
+        header: Header,
+        backing: Option<Arc<Node>>,
+        opts: &Qcow2Options,
+        read_only: bool,
+    ) -> Result<Self> {
+        if !read_only {
+            if header.incompatible & header::INCOMPAT_CORRUPT != 0 {
+                return Err(Error::generic(
+                    "qcow2: the image is marked corrupt; it can be opened read-only, or repaired with 'qemu-img check -r all'",
+                ));
+            }
+            if header.incompatible & header::INCOMPAT_DIRTY != 0 {
+                return Err(Error::generic(
+                    "qcow2: the image is dirty (lazy refcounts were in use); repairing it on open is not implemented yet: run 'qemu-img check -r all' or open it read-only",
+                ));
+            }
+            if header.version >= 3 && header.autoclear != 0 {
+                // Features we do not maintain (e.g. bitmaps) become inconsistent once we write.
+                write_at(&file, 88, &0u64.to_be_bytes())?;
+            }
+        }
+        let meta = Meta::load(file.clone(), &header)?;
+        Ok(Qcow2Driver {
+            cs: header.cluster_size(),
+            file,
+            backing,
+            header,
+            meta: Mutex::new(meta),
+            alloc: Mutex::new(()),
+            pass_discard: opts.pass_discard_request.unwrap_or(false),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The segments of `offset..offset+len`, adjacent clusters merged when
+    /// they map alike (and contiguously, for data).
+    fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+        self.plan_upto(offset, len, usize::MAX)
+    }
+
+    /// Like `plan`, but stops once `max` segments are complete.
+    fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
+        let mut meta = self.meta.lock();
+        let mut segs: Vec<Segment> = Vec::new();
+        let mut at = 0usize;
+        while at < len {
+            let guest = offset + at as u64;
+            let in_cluster = guest % self.cs;
+            let n = ((self.cs - in_cluster) as usize).min(len - at);
+            let map = match meta.lookup(guest / self.cs)? {
+                Mapping::Data { host, copied } => Mapping::Data {
+                    host: host + in_cluster,
+                    copied,
+                },
+                m => m,
+            };
+            if let Some(last) = segs.last_mut() {
+                let merged = match (last.map, map) {
+                    (
+                        Mapping::Data {
+                            host: h1,
+                            copied: c1,
+                        },
+                        Mapping::Data {
+                            host: h2,
+                            copied: c2,
+                        },
+                    ) => c1 == c2 && h1 + last.len as u64 == h2,
+                    (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                    _ => false,
+                };
+                if merged {
+                    last.len += n;
+                    at += n;
+                    continue;
+                }
+            }
+            if segs.len() == max {
+                break;
+            }
+            segs.push(Segment {
+                at,
+                len: n,
+                guest,
+                map,
+            });
+            at += n;
+        }
+        Ok(segs)
+    }
+
+    /// Reads one compressed cluster, whole.
+    fn read_compressed(&self, host: u64, len: u64) -> Result<Buf> {
+        let avail = self.file.size().saturating_sub(host).min(len);
+        let raw = read_at(&self.file, host, avail as usize)?;
+        let mut out = Buf::zeroed(self.cs as usize);
+        inflate(&raw, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads the guest range from the backing chain (zeroes past its end).
+    fn read_backing(&self, guest: u64, buf: Buf, done: Done<Buf>) {
+        let Some(b) = &self.backing else {
+            let mut buf = buf;
+            buf.fill(0);
+            return done(Ok(buf));
+        };
+        let bsize = b.size();
+        if guest >= bsize {
+            let mut buf = buf;
+            buf.fill(0);
+            return done(Ok(buf));
+        }
+        let avail = (bsize - guest).min(buf.len() as u64) as usize;
+        if avail == buf.len() {
+            return b.read(guest, buf, done);
+        }
+        let mut out = buf;
+        b.read(
+            guest,
+            Buf::recycled(avail),
+            Box::new(move |r| {
+                done(r.map(|part| {
+                    out[..avail].copy_from_slice(&part);
+                    out[avail..].fill(0);
+                    out
+                }))
+            }),
+        );
+    }
+
+    /// Writes one guest cluster's piece through allocation: the slow path.
+    /// Called with the allocation lock held.
+    fn write_allocating(&self, guest: u64, data: &[u8]) -> Result<()> {
+        let cluster = guest / self.cs;
+        let in_cluster = (guest % self.cs) as usize;
+        let old = self.meta.lock().lookup(cluster)?;
+        if let Mapping::Data { host, copied: true } = old {
+            return write_at(&self.file, host + in_cluster as u64, data);
+        }
+        let base = cluster * self.cs;
+        let full = data.len() == self.cs as usize;
+        // The cluster's new content: old data (from wherever it lives) with the write on top.
+        let mut content = if full {
+            Buf::zeroed(0)
+        } else {
+            match old {
+                Mapping::Unallocated => {
+                    let len = self.cs.min(self.header.size - base) as usize;
+                    let mut b = Buf::zeroed(self.cs as usize);
+                    let src = wait(|d| self.read_backing(base, Buf::zeroed(len), d))?;
+                    b[..len].copy_from_slice(&src);
+                    b
+                }
+                Mapping::Zero { .. } => Buf::zeroed(self.cs as usize),
+                Mapping::Compressed { host, len } => self.read_compressed(host, len)?,
+                Mapping::Data { host, .. } => read_at(&self.file, host, self.cs as usize)?,
+            }
+        };
+        let payload: &[u8] = if full {
+            data
+        } else {
+            content[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+            &content
+        };
+        let reuse = match old {
+            Mapping::Zero {
+                host: Some(h),
+                copied: true,
+            } => Some(h),
+            _ => None,
+        };
+        let host = match reuse {
+            Some(h) => h,
+            None => self.meta.lock().alloc_cluster()?,
+        };
+        // Data first, then the mapping, then the old cluster's release.
+        write_at(&self.file, host, payload)?;
+        let mut meta = self.meta.lock();
+        meta.set_l2(cluster, host | COPIED)?;
+        self.release_old(&mut meta, old, reuse.is_some())?;
+        content.truncate(0);
+        Ok(())
+    }
+
+    /// Drops the reference an L2 entry held, once nothing points there.
+    fn release_old(&self, meta: &mut Meta, old: Mapping, reused: bool) -> Result<()> {
+        match old {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                host: Some(host), ..
+            } if !reused => {
+                meta.release(host, self.cs)?;
+                if self.pass_discard && meta.refcount(host / self.cs)? == 0 {
+                    let _ = wait(|d| self.file.discard(host, self.cs, d));
+                }
+                Ok(())
+            }
+            Mapping::Compressed { host, len } => meta.release(host, len),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets whole clusters to `entry` (zero flag or unallocated).
+    fn remap_clusters(&self, offset: u64, len: u64, entry: u64) -> Result<()> {
+        let _a = self.alloc.lock();
+        let mut meta = self.meta.lock();
+        for c in offset / self.cs..(offset + len) / self.cs {
+            let old = meta.lookup(c)?;
+            if old == Mapping::Unallocated && entry == 0 {
+                continue;
+            }
+            meta.set_l2(c, entry)?;
+            self.release_old(&mut meta, old, false)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes or discards: whole clusters are remapped, the edges written.
+    fn zero_or_discard(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        let v3 = self.header.version >= 3;
+        let start = offset.next_multiple_of(self.cs).min(offset + len);
+        let end = ((offset + len) / self.cs * self.cs).max(start);
+        if discard && !v3 && self.backing.is_some() {
+            // Unallocating would expose the backing file; discard is only a hint.
+            return Ok(());
+        }
+        if !discard {
+            for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
+                if l > 0 {
+                    wait(|d| self.write(o, Buf::zeroed(l as usize), d))?;
+                }
+            }
+        }
+        if end > start {
+            if v3 {
+                self.remap_clusters(start, end - start, ZERO)?;
+            } else if self.backing.is_none() {
+                self.remap_clusters(start, end - start, 0)?;
+            } else {
+                let mut o = start;
+                while o < end {
+                    let n = (end - o).min(1 << 20);
+                    wait(|d| self.write(o, Buf::zeroed(n as usize), d))?;
+                    o += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Driver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let segs = match self.plan(offset, buf.len()) {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        if let [Segment {
+            map: Mapping::Data { host, .. },
+            ..
+        }] = segs[..]
+        {
+            return self.file.read(host, buf, done);
+        }
+        let join = Join::new(buf, segs.len(), done);
+        for s in segs {
+            let piece = Buf::recycled(s.len);
+            let j = join.clone();
+            let fill: Done<Buf> = Box::new(move |r| j.fill(s.at, r));
+            match s.map {
+                Mapping::Data { host, .. } => self.file.read(host, piece, fill),
+                Mapping::Zero { .. } => fill(Ok(Buf::zeroed(s.len))),
+                Mapping::Unallocated => self.read_backing(s.guest, piece, fill),
+                Mapping::Compressed { host, len } => {
+                    let at = (s.guest % self.cs) as usize;
+                    fill(
+                        self.read_compressed(host, len)
+                            .map(|c| Buf::from_slice(&c[at..at + s.len])),
+                    )
+                }
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let segs = match self.plan(offset, buf.len()) {
+            Ok(s) => s,
+            Err(e) => return done(Err(e)),
+        };
+        if let [Segment {
+            map: Mapping::Data { host, copied: true },
+            ..
+        }] = segs[..]
+        {
+            return self.file.write(host, buf, done);
+        }
+        let r = (|| {
+            let _a = self.alloc.lock();
+            for s in &segs {
+                // Split per cluster: each allocation is one cluster.
+                let mut at = s.at;
+                while at < s.at + s.len {
+                    let guest = offset + at as u64;
+                    let n = ((self.cs - guest % self.cs) as usize).min(s.at + s.len - at);
+                    self.write_allocating(guest, &buf[at..at + n])?;
+                    at += n;
+                }
+            }
+            Ok(())
+        })();
+        done(r.map(|()| buf));
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
+        done(self.zero_or_discard(offset, len, false))
+    }
+
+    fn discard(&self, offset: u64, len: u64, done: Done<()>) {
+        done(self.zero_or_discard(offset, len, true))
+    }
+
+    fn flush(&self, done: Done<()>) {
+        self.file.flush(done)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
+        let len = len.min(self.header.size.saturating_sub(offset));
+        if len == 0 {
+            return Err(Error::io(
+                libc::ENXIO,
+                "block status past the end of the image",
+            ));
+        }
+        let segs = self.plan_upto(offset, len.min(1 << 40) as usize, 1)?;
+        let seg = *segs
+            .first()
+            .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
+        let (data, zero, host, allocated) = match seg.map {
+            Mapping::Data { host, .. } => (true, false, Some(host), true),
+            Mapping::Compressed { .. } => (true, false, None, true),
+            Mapping::Zero { .. } => (false, true, None, true),
+            Mapping::Unallocated => (false, self.backing.is_none(), None, false),
+        };
+        Ok(Status {
+            len: seg.len as u64,
+            data,
+            zero,
+            offset: host,
+            allocated,
+        })
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.driver.allocated_size()
+    }
+
+    fn filename(&self) -> String {
+        self.file.driver.filename()
+    }
+
+    fn file_child(&self) -> Option<&Arc<Node>> {
+        Some(&self.file)
+    }
+
+    fn backing_child(&self) -> Option<&Arc<Node>> {
+        self.backing.as_ref()
+    }
+
+    fn image_info(&self, v: &mut serde_json::Value) {
+        use serde_json::json;
+        let h = &self.header;
+        v["cluster-size"] = json!(self.cs);
+        v["dirty-flag"] = json!(h.incompatible & header::INCOMPAT_DIRTY != 0);
+        let mut specific = json!({"compat": if h.version >= 3 { "1.1" } else { "0.10" }});
+        if h.version >= 3 {
+            specific["lazy-refcounts"] = json!(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
+        }
+        v["format-specific"] = json!({"type": "qcow2", "data": specific});
+        if let Some(b) = &h.backing_file {
+            v["backing-filename"] = json!(b);
+        }
+        if let Some(f) = &h.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
+    }
+}
+
+/// Gathers the pieces of a multi-segment read into the caller's buffer.
+struct Join {
+    state: Mutex<JoinState>,
+    left: AtomicUsize,
+}
+
+struct JoinState {
+    out: Option<Buf>,
+    err: Option<Error>,
+    done: Option<Done<Buf>>,
+}
+
+impl Join {
+    fn new(out: Buf, parts: usize, done: Done<Buf>) -> Arc<Join> {
+        Arc::new(Join {
+            state: Mutex::new(JoinState {
+                out: Some(out),
+                err: None,
+                done: Some(done),
+            }),
+            left: AtomicUsize::new(parts),
+        })
+    }
+
+    fn fill(&self, at: usize, r: Result<Buf>) {
+        {
+            let mut st = self.state.lock();
+            match r {
+                Ok(piece) => {
+                    if let Some(out) = st.out.as_mut() {
+                        out[at..at + piece.len()].copy_from_slice(&piece);
+                    }
+                }
+                Err(e) => {
+                    st.err.get_or_insert(e);
+                }
+            }
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut st = self.state.lock();
+            let (out, err, done) = (st.out.take(), st.err.take(), st.done.take());
+            drop(st);
+            if let Some(done) = done {
+                done(match (err, out) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(b)) => Ok(b),
+                    (None, None) => Err(Error::io(libc::EIO, "read buffer lost")),
+                });
+            }
+        }
+    }
+}
+
+/// Raw deflate (no zlib header), as qcow2 stores compressed clusters.
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    let mut d = DecompressorOxide::new();
+    let (_, _, n) = decompress(
+        &mut d,
+        input,
+        out,
+        0,
+        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+    );
+    if n != out.len() {
+        return Err(corrupt(format!(
+            "compressed cluster inflates to {n} bytes, {} expected",
+            out.len()
+        )));
+    }
+    Ok(())
+}

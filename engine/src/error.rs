@@ -14,6 +14,9 @@ pub enum ErrorKind {
     DeviceEncrypted,
     /// An I/O failure carrying the errno the kernel (or a driver) reported.
     Io(i32),
+    /// Image metadata is inconsistent; the request fails with EIO and the
+    /// device reports BLOCK_IMAGE_CORRUPTED.
+    Corrupt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +68,7 @@ impl Error {
     /// The QMP error class of this error.
     pub fn class(&self) -> &'static str {
         match self.kind {
-            ErrorKind::Generic | ErrorKind::Io(_) => "GenericError",
+            ErrorKind::Generic | ErrorKind::Io(_) | ErrorKind::Corrupt => "GenericError",
             ErrorKind::CommandNotFound => "CommandNotFound",
             ErrorKind::DeviceNotFound => "DeviceNotFound",
             ErrorKind::DeviceNotActive => "DeviceNotActive",
@@ -77,7 +80,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self.kind {
             ErrorKind::Io(e) if e > 0 => e,
-            ErrorKind::Io(_) => libc::EIO,
+            ErrorKind::Io(_) | ErrorKind::Corrupt => libc::EIO,
             ErrorKind::DeviceNotFound => libc::ENOENT,
             ErrorKind::DeviceEncrypted => libc::EACCES,
             ErrorKind::DeviceNotActive => libc::ENOMEDIUM,

@@ -10,6 +10,7 @@ use crate::io::Buf;
 use crate::options::{
     Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError,
 };
+use crate::qmp::EventBus;
 use crate::stats::{Op, Stats};
 use parking_lot::RwLock;
 use std::sync::Arc;
@@ -170,6 +171,7 @@ pub struct Device {
     pub stats: Arc<Stats>,
     pub rerror: OnError,
     pub werror: OnError,
+    events: Arc<EventBus>,
 }
 
 impl Device {
@@ -193,12 +195,14 @@ impl Device {
             return done(Ok(Buf::zeroed(0)));
         }
         let (stats, start) = (self.stats.clone(), Instant::now());
+        let watch = self.corruption_watch();
         root.read(
             offset,
             Buf::recycled(len),
             Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Read, offset, len as u64, start);
+                match &r {
+                    Ok(_) => stats.account(Op::Read, offset, len as u64, start),
+                    Err(e) => watch(e),
                 }
                 done(r)
             }),
@@ -212,16 +216,31 @@ impl Device {
             return done(Err(e));
         }
         let (stats, start) = (self.stats.clone(), Instant::now());
+        let watch = self.corruption_watch();
         root.write(
             offset,
             buf,
             Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Write, offset, len, start);
+                match &r {
+                    Ok(_) => stats.account(Op::Write, offset, len, start),
+                    Err(e) => watch(e),
                 }
                 done(r)
             }),
         );
+    }
+
+    /// Reports metadata corruption found by a request as BLOCK_IMAGE_CORRUPTED.
+    fn corruption_watch(&self) -> impl Fn(&Error) + Send + 'static {
+        let (events, id) = (self.events.clone(), self.id.clone());
+        move |e: &Error| {
+            if e.kind == crate::error::ErrorKind::Corrupt {
+                events.emit(
+                    "BLOCK_IMAGE_CORRUPTED",
+                    serde_json::json!({"device": id, "msg": e.msg}),
+                );
+            }
+        }
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
@@ -296,9 +315,9 @@ impl Registry {
 }
 
 /// All nodes and devices of the daemon.
-#[derive(Default)]
 pub struct Graph {
     reg: RwLock<Registry>,
+    events: Arc<EventBus>,
 }
 
 /// The result of `blockdev-add`.
@@ -308,6 +327,13 @@ pub struct Added {
 }
 
 impl Graph {
+    pub fn new(events: Arc<EventBus>) -> Graph {
+        Graph {
+            reg: RwLock::default(),
+            events,
+        }
+    }
+
     pub fn device(&self, id: &str) -> Result<Arc<Device>> {
         self.reg
             .read()
@@ -367,6 +393,7 @@ impl Graph {
                 stats: Arc::default(),
                 rerror,
                 werror,
+                events: self.events.clone(),
             });
             reg.devices.push(d.clone());
             d

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub struct Engine {
     pub graph: graph::Graph,
-    pub events: qmp::EventBus,
+    pub events: Arc<qmp::EventBus>,
     quit_tx: Sender<()>,
     quit_rx: Receiver<()>,
 }
@@ -32,9 +32,10 @@ pub struct Engine {
 impl Engine {
     pub fn new() -> Arc<Engine> {
         let (quit_tx, quit_rx) = crossbeam_channel::unbounded();
+        let events = Arc::new(qmp::EventBus::default());
         Arc::new(Engine {
-            graph: graph::Graph::default(),
-            events: qmp::EventBus::default(),
+            graph: graph::Graph::new(events.clone()),
+            events,
             quit_tx,
             quit_rx,
         })

@@ -8,6 +8,7 @@ use serde_json::json;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 fn qcow2_spec(id: &str, file: &str) -> String {
     json!({"driver": "qcow2", "id": id, "file": {"driver": "file", "filename": file}}).to_string()
@@ -407,4 +408,57 @@ fn header_feature_bits_are_enforced() {
     assert!(desc.contains("L1 table"), "{desc}");
     // The daemon is still up and only the valid device exists.
     assert_eq!(q.ok("query-block", json!({})).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn corruption_found_at_run_time_is_reported_and_contained() {
+    let dir = TestDir::new("q2-corrupt-runtime");
+    let img = dir.file("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+    qemu_io("qcow2", img.as_ref(), &["write -P 0x42 0 128k"]);
+    // Point the L2 entry of guest cluster 0 past the end of the file.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1_off = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1_off).unwrap();
+    let l2_off = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&((1u64 << 63) | 0x7000_0000).to_be_bytes(), l2_off)
+        .unwrap();
+    drop(f);
+    let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
+    let mut q = d.qmp();
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.dev("d0"))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = dev.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    let ev = q.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(10));
+    assert_eq!(ev["data"]["device"], "d0");
+    assert!(
+        ev["data"]["msg"].as_str().unwrap().contains("corrupt"),
+        "{ev}"
+    );
+    // Other clusters still read; writes are refused from now on; the daemon is up.
+    dev.read_exact_at(&mut buf, 65536).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x42));
+    assert_eq!(
+        dev.write_at(&buf, 1 << 20).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    q.ok("query-block", json!({}));
+    drop(dev);
+    assert!(d.terminate().success());
+    let info = qemu_img(&["info", "--output=json", "-U", &img]);
+    assert!(
+        info.contains("\"corrupt\": true"),
+        "corrupt bit not set: {info}"
+    );
 }

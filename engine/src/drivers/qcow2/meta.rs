@@ -44,7 +44,10 @@ pub fn write_at(file: &Node, offset: u64, data: &[u8]) -> Result<()> {
 }
 
 pub fn corrupt(msg: impl std::fmt::Display) -> Error {
-    Error::io(libc::EIO, format!("qcow2 image is corrupt: {msg}"))
+    Error::new(
+        crate::error::ErrorKind::Corrupt,
+        format!("qcow2 image is corrupt: {msg}"),
+    )
 }
 
 impl Meta {

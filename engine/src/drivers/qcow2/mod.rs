@@ -24,7 +24,7 @@ use entry::{Mapping, COPIED, ZERO};
 use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub struct Qcow2Driver {
@@ -36,6 +36,9 @@ pub struct Qcow2Driver {
     alloc: Mutex<()>,
     cs: u64,
     pass_discard: bool,
+    read_only: bool,
+    /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
+    corrupt: AtomicBool,
 }
 
 /// One piece of a request, in guest order.
@@ -88,11 +91,47 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             alloc: Mutex::new(()),
             pass_discard: opts.pass_discard_request.unwrap_or(false),
+            read_only,
+            corrupt: AtomicBool::new(false),
         })
     }
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// On the first corruption found: set the corrupt bit (v3) so no tool
+    /// writes the image before it is repaired, and refuse writes from now on.
+    fn check_corruption(&self, e: &Error) {
+        if e.kind != crate::error::ErrorKind::Corrupt || self.corrupt.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::error!(
+            "{}: {e}; marking the image corrupt",
+            self.file.driver.filename()
+        );
+        if !self.read_only && self.header.version >= 3 {
+            let bits = self.header.incompatible | header::INCOMPAT_CORRUPT;
+            if let Err(w) = write_at(&self.file, 72, &bits.to_be_bytes()) {
+                log::error!("cannot set the corrupt bit: {w}");
+            }
+        }
+    }
+
+    fn refuse_if_corrupt(&self) -> Result<()> {
+        if self.corrupt.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                libc::EIO,
+                "qcow2 image is marked corrupt: writes are refused",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `plan`, recording corruption it finds.
+    fn checked_plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+        self.plan(offset, len)
+            .inspect_err(|e| self.check_corruption(e))
     }
 
     /// The segments of `offset..offset+len`, adjacent clusters merged when
@@ -324,7 +363,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        let segs = match self.plan(offset, buf.len()) {
+        let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
@@ -356,7 +395,10 @@ impl Driver for Qcow2Driver {
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        let segs = match self.plan(offset, buf.len()) {
+        if let Err(e) = self.refuse_if_corrupt() {
+            return done(Err(e));
+        }
+        let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
@@ -381,15 +423,24 @@ impl Driver for Qcow2Driver {
             }
             Ok(())
         })();
+        if let Err(e) = &r {
+            self.check_corruption(e);
+        }
         done(r.map(|()| buf));
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
-        done(self.zero_or_discard(offset, len, false))
+        let r = self
+            .refuse_if_corrupt()
+            .and_then(|()| self.zero_or_discard(offset, len, false));
+        done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        done(self.zero_or_discard(offset, len, true))
+        let r = self
+            .refuse_if_corrupt()
+            .and_then(|()| self.zero_or_discard(offset, len, true));
+        done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
     fn flush(&self, done: Done<()>) {

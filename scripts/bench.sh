@@ -4,6 +4,10 @@
 #
 #   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
 #                    [--aio native|threads] [--threads N] [--only 4k|1M]
+#                    [--format raw|qcow2|chain1|chain10]
+#
+# --format qcow2: the image converted to qcow2 (every cluster allocated);
+# chainN: the raw image below N empty qcow2 overlays (reads go N deep).
 #
 # Each workload runs on the three targets in turn, --rounds times; the
 # median of each is printed with the ratios blkfs/qsd and blkfs/native
@@ -15,6 +19,7 @@ cd "$(dirname "$0")/.."
 runtime=10
 rounds=3
 only=
+format=raw
 cache=direct
 aio=native
 threads=2
@@ -26,6 +31,7 @@ while [ $# -gt 0 ]; do
         --threads) threads=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
+        --format) format=$2; shift 2 ;;
         *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M]" >&2; exit 2 ;;
     esac
 done
@@ -53,20 +59,39 @@ trap cleanup EXIT
 fio --name=fill --filename="$img" --size=1G --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
 
+# The image the daemons open, and its format.
+top=$img
+drv=raw
+case "$format" in
+    raw) ;;
+    qcow2)
+        qemu-img convert -f raw -O qcow2 "$img" "$work/disk.qcow2"
+        top=$work/disk.qcow2 drv=qcow2 ;;
+    chain*)
+        depth=${format#chain}
+        prev=$img prevfmt=raw
+        for i in $(seq "$depth"); do
+            qemu-img create -q -f qcow2 -b "$prev" -F "$prevfmt" "$work/layer$i.qcow2" 1G
+            prev=$work/layer$i.qcow2 prevfmt=qcow2
+        done
+        top=$prev drv=qcow2 ;;
+    *) echo "bench: unknown format $format" >&2; exit 2 ;;
+esac
+
 wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
 
 # qemu-storage-daemon exporting the same image through its FUSE export.
 touch "$work/qsd.export"
 qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=$direct,aio=$qsd_aio" \
-    --blockdev driver=raw,node-name=r0,file=f0 \
+    --blockdev "driver=file,node-name=f0,filename=$top,cache.direct=$direct,aio=$qsd_aio" \
+    --blockdev "driver=$drv,node-name=r0,file=f0" \
     --export "type=fuse,id=e0,node-name=r0,mountpoint=$work/qsd.export,writable=on" \
     --chardev "socket,path=$work/qsd.sock,server=on,wait=off,id=m0" --monitor chardev=m0 &
 pids+=($!)
 wait_for "$work/qsd.sock"
 
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" \
-    --blockdev "driver=raw,id=d0,cache.direct=$direct,file.driver=file,file.filename=$img,file.aio=$aio" &
+    --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio" &
 pids+=($!)
 wait_for "$work/blkfs.sock"
 sleep 0.5
@@ -78,7 +103,7 @@ run_fio() { # file rw bs depth -> "iops mibps"
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %.1f" % (d["iops"], d["bw"]/1024))'
 }
 
-echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, blkfs threads=$threads"
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, format=$format, blkfs threads=$threads"
 printf '%-18s %10s %10s %10s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
 for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
     set -- $w

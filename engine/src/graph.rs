@@ -515,13 +515,13 @@ impl Opener<'_> {
                         None => None,
                     },
                 };
-                Box::new(drivers::qcow2::Qcow2Driver::open(
+                Box::new(Arc::new(drivers::qcow2::Qcow2Driver::open(
                     child,
                     header,
                     backing,
                     qcow2,
                     opts.read_only,
-                )?)
+                )?))
             }
             (_, d) => {
                 return Err(Error::generic(format!(

@@ -130,3 +130,33 @@ fn ring_count() -> usize {
         .filter(|n| (1..=64).contains(n))
         .unwrap_or(1)
 }
+
+type Job = Box<dyn FnOnce() + Send>;
+static WORKERS: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
+const WORKER_THREADS: usize = 8;
+
+/// Runs a slow-path job (metadata allocation, copy-on-write) on a worker
+/// thread, so FUSE reader threads never wait for it.
+pub fn spawn_blocking(job: impl FnOnce() + Send + 'static) {
+    let tx = WORKERS.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..WORKER_THREADS {
+            let rx = rx.clone();
+            let r = std::thread::Builder::new()
+                .name(format!("blkfs-worker-{i}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        job();
+                    }
+                });
+            if let Err(e) = r {
+                log::warn!("cannot start worker thread {i}: {e}");
+            }
+        }
+        tx
+    });
+    if let Err(e) = tx.send(Box::new(job)) {
+        // No worker could start: run it here rather than lose it.
+        (e.into_inner())();
+    }
+}

@@ -153,9 +153,22 @@ impl Meta {
             self.l1[l1_idx as usize] = e;
             self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
         }
-        let file = self.file.clone();
-        self.l2_table(l2_off)?[l2_idx as usize] = entry;
-        write_at(&file, l2_off + l2_idx * 8, &entry.to_be_bytes())
+        let chunk = self.chunk();
+        let table = self.l2_table(l2_off)?;
+        table[l2_idx as usize] = entry;
+        // Whole aligned chunks from the cached table: no read-modify-write below.
+        let first = (l2_idx as usize * 8) / chunk * chunk;
+        let bytes: Vec<u8> = table[first / 8..(first + chunk) / 8]
+            .iter()
+            .flat_map(|e| e.to_be_bytes())
+            .collect();
+        write_at(&self.file, l2_off + first as u64, &bytes)
+    }
+
+    /// Metadata is written in aligned chunks of this size (from the cache),
+    /// so an O_DIRECT image never needs a read-modify-write for it.
+    fn chunk(&self) -> usize {
+        4096.min(self.cs as usize)
     }
 
     fn refblock_entries(&self) -> u64 {
@@ -210,11 +223,12 @@ impl Meta {
         if rb_off == 0 {
             rb_off = self.new_refblock(rt_idx)?;
         }
-        let file = self.file.clone();
+        let chunk = self.chunk();
         let block = self.refblock(rb_off)?;
-        let (at, len) = rc_set(block, rb_idx as usize, bits, value);
-        let bytes = block[at..at + len].to_vec();
-        write_at(&file, rb_off + at as u64, &bytes)
+        let (at, _) = rc_set(block, rb_idx as usize, bits, value);
+        let first = at / chunk * chunk;
+        let bytes = block[first..first + chunk].to_vec();
+        write_at(&self.file, rb_off + first as u64, &bytes)
     }
 
     /// Writes a new refcount block for table slot `rt_idx` at the end of the

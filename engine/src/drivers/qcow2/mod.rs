@@ -23,7 +23,8 @@ use crate::options::Qcow2Options;
 use entry::{Mapping, COPIED, ZERO};
 use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -32,8 +33,9 @@ pub struct Qcow2Driver {
     backing: Option<Arc<Node>>,
     header: Header,
     meta: Mutex<Meta>,
-    /// Held by every request that changes the mapping.
-    alloc: Mutex<()>,
+    /// Guest clusters whose mapping a request is changing; others wait.
+    claims: Mutex<HashSet<u64>>,
+    released: Condvar,
     cs: u64,
     pass_discard: bool,
     read_only: bool,
@@ -89,7 +91,8 @@ impl Qcow2Driver {
             backing,
             header,
             meta: Mutex::new(meta),
-            alloc: Mutex::new(()),
+            claims: Mutex::new(HashSet::new()),
+            released: Condvar::new(),
             pass_discard: opts.pass_discard_request.unwrap_or(false),
             read_only,
             corrupt: AtomicBool::new(false),
@@ -232,10 +235,25 @@ impl Qcow2Driver {
         );
     }
 
+    /// Waits until no other request changes `cluster`, then holds it.
+    fn claim(&self, cluster: u64) -> Claim<'_> {
+        let mut claims = self.claims.lock();
+        while claims.contains(&cluster) {
+            self.released.wait(&mut claims);
+        }
+        claims.insert(cluster);
+        Claim {
+            driver: self,
+            cluster,
+        }
+    }
+
     /// Writes one guest cluster's piece through allocation: the slow path.
-    /// Called with the allocation lock held.
+    /// Runs on a worker thread, with the cluster claimed; the data I/O
+    /// happens outside the metadata lock.
     fn write_allocating(&self, guest: u64, data: &[u8]) -> Result<()> {
         let cluster = guest / self.cs;
+        let _claim = self.claim(cluster);
         let in_cluster = (guest % self.cs) as usize;
         let old = self.meta.lock().lookup(cluster)?;
         if let Mapping::Data { host, copied: true } = old {
@@ -286,6 +304,18 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Synchronous write of a guest range, cluster by cluster.
+    fn write_range(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut at = 0;
+        while at < data.len() {
+            let guest = offset + at as u64;
+            let n = ((self.cs - guest % self.cs) as usize).min(data.len() - at);
+            self.write_allocating(guest, &data[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Drops the reference an L2 entry held, once nothing points there.
     fn release_old(&self, meta: &mut Meta, old: Mapping, reused: bool) -> Result<()> {
         match old {
@@ -306,9 +336,9 @@ impl Qcow2Driver {
 
     /// Sets whole clusters to `entry` (zero flag or unallocated).
     fn remap_clusters(&self, offset: u64, len: u64, entry: u64) -> Result<()> {
-        let _a = self.alloc.lock();
-        let mut meta = self.meta.lock();
         for c in offset / self.cs..(offset + len) / self.cs {
+            let _claim = self.claim(c);
+            let mut meta = self.meta.lock();
             let old = meta.lookup(c)?;
             if old == Mapping::Unallocated && entry == 0 {
                 continue;
@@ -331,7 +361,7 @@ impl Qcow2Driver {
         if !discard {
             for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
                 if l > 0 {
-                    wait(|d| self.write(o, Buf::zeroed(l as usize), d))?;
+                    self.write_range(o, &Buf::zeroed(l as usize))?;
                 }
             }
         }
@@ -344,7 +374,7 @@ impl Qcow2Driver {
                 let mut o = start;
                 while o < end {
                     let n = (end - o).min(1 << 20);
-                    wait(|d| self.write(o, Buf::zeroed(n as usize), d))?;
+                    self.write_range(o, &Buf::zeroed(n as usize))?;
                     o += n;
                 }
             }
@@ -353,7 +383,7 @@ impl Qcow2Driver {
     }
 }
 
-impl Driver for Qcow2Driver {
+impl Driver for Arc<Qcow2Driver> {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
@@ -409,24 +439,14 @@ impl Driver for Qcow2Driver {
         {
             return self.file.write(host, buf, done);
         }
-        let r = (|| {
-            let _a = self.alloc.lock();
-            for s in &segs {
-                // Split per cluster: each allocation is one cluster.
-                let mut at = s.at;
-                while at < s.at + s.len {
-                    let guest = offset + at as u64;
-                    let n = ((self.cs - guest % self.cs) as usize).min(s.at + s.len - at);
-                    self.write_allocating(guest, &buf[at..at + n])?;
-                    at += n;
-                }
+        let me = self.clone();
+        crate::io::spawn_blocking(move || {
+            let r = me.write_range(offset, &buf);
+            if let Err(e) = &r {
+                me.check_corruption(e);
             }
-            Ok(())
-        })();
-        if let Err(e) = &r {
-            self.check_corruption(e);
-        }
-        done(r.map(|()| buf));
+            done(r.map(|()| buf));
+        });
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
@@ -506,6 +526,19 @@ impl Driver for Qcow2Driver {
         if let Some(f) = &h.backing_format {
             v["backing-filename-format"] = json!(f);
         }
+    }
+}
+
+/// A claimed guest cluster, released (and waiters woken) on drop.
+struct Claim<'a> {
+    driver: &'a Qcow2Driver,
+    cluster: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.driver.claims.lock().remove(&self.cluster);
+        self.driver.released.notify_all();
     }
 }
 

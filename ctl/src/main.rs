@@ -3,6 +3,7 @@
 mod client;
 mod format;
 mod keyval;
+mod offline;
 mod table;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -75,6 +76,15 @@ enum Command {
     Version,
     /// Ask the daemon to exit (quit)
     Quit,
+    /// Print the allocation map of an image and its backing chain, like
+    /// `qemu-img map` (opens the image read-only; no daemon needed)
+    Map {
+        /// Image file
+        image: String,
+        /// Image format (probed when absent)
+        #[arg(long, short = 'f')]
+        format: Option<String>,
+    },
 }
 
 #[derive(Clone)]
@@ -150,6 +160,9 @@ fn main() -> ExitCode {
             .exit();
     }
 
+    if let Command::Map { image, format } = &cli.command {
+        return cmd_map(image, format.as_deref(), cli.json);
+    }
     let timeout = match cli.command {
         Command::Events => None,
         _ => Some(REPLY_TIMEOUT),
@@ -186,6 +199,52 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
         Command::Events => cmd_events(client),
         Command::Version => cmd_version(client, json),
         Command::Quit => cmd_quit(client),
+        Command::Map { .. } => unreachable!("map runs without a daemon"),
+    }
+}
+
+fn cmd_map(image: &str, format: Option<&str>, json: bool) -> ExitCode {
+    let entries = match offline::map(image, format) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("blkctl: {image}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let out = if json {
+        serde_json::to_string(&entries)
+            .map(|s| s + "\n")
+            .unwrap_or_default()
+    } else {
+        let mut table = Table::new(&[
+            ("START", Align::Right),
+            ("LENGTH", Align::Right),
+            ("DEPTH", Align::Right),
+            ("PRESENT", Align::Left),
+            ("ZERO", Align::Left),
+            ("DATA", Align::Left),
+            ("OFFSET", Align::Right),
+        ]);
+        for e in &entries {
+            table.row(vec![
+                cell(e.get("start")),
+                cell(e.get("length")),
+                cell(e.get("depth")),
+                bool_cell(e.get("present")),
+                bool_cell(e.get("zero")),
+                bool_cell(e.get("data")),
+                cell(e.get("offset")),
+            ]);
+        }
+        table.render()
+    };
+    match emit(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkctl: cannot write output: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

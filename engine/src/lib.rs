@@ -12,6 +12,7 @@ pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod io;
+pub mod map;
 pub mod options;
 pub mod qmp;
 pub mod stats;

@@ -187,4 +187,32 @@ mod tests {
         let r = reply(&mut s, r#"{"execute":"no-such"}"#);
         assert_eq!(r["error"]["class"], "CommandNotFound");
     }
+
+    /// Random byte streams through the framing and the session: every
+    /// frame gets a reply object, nothing panics.
+    #[test]
+    fn fuzz_random_streams() {
+        let mut s = Session::new(Engine::new());
+        s.handle(br#"{"execute":"qmp_capabilities"}"#);
+        let mut split = crate::qmp::framing::Splitter::default();
+        let alphabet = br#"{}[]":,\ ax1-.eEtruefalsn{"execute":"query-block","arguments":{"x":[1,{}]},"id":7}"#;
+        let mut x: u64 = 88172645463325252;
+        let mut frames = Vec::new();
+        for _ in 0..3000 {
+            let chunk: Vec<u8> = (0..(x % 64) as usize)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    alphabet[(x % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            x = x.wrapping_add(1);
+            split.push(&chunk, &mut frames);
+            for msg in frames.drain(..).flatten() {
+                let r = s.handle(&msg).reply;
+                assert!(r.get("return").is_some() || r.get("error").is_some(), "{r}");
+            }
+        }
+    }
 }

@@ -462,3 +462,50 @@ fn corruption_found_at_run_time_is_reported_and_contained() {
         "corrupt bit not set: {info}"
     );
 }
+
+#[test]
+fn internal_snapshots_are_listed_and_never_overwritten() {
+    let dir = TestDir::new("q2-snapshots");
+    let img = dir.file("s.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &img,
+        "8M",
+    ]);
+    qemu_io("qcow2", img.as_ref(), &["write -P 0x10 0 1M"]);
+    qemu_img(&["snapshot", "-c", "before", &img]);
+    let snap_copy = dir.file("snap.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &img, &snap_copy]);
+    let expected = dir.file("expected.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &img, &expected]);
+    let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
+    let info = d.qmp().ok("query-block", json!({}));
+    let snaps = &info[0]["inserted"]["image"]["snapshots"];
+    assert_eq!(snaps[0]["name"], "before", "{info}");
+    assert_eq!(snaps[0]["id"], "1");
+    assert!(snaps[0]["date-sec"].as_u64().unwrap() > 1_600_000_000);
+    // Writes into clusters (and L2 tables) shared with the snapshot.
+    write_both(
+        &d.dev("d0"),
+        &expected,
+        &[(100, pattern(1, 5000)), (512 * 1024, pattern(2, 70_000))],
+    );
+    assert!(d.terminate().success());
+    assert_clean(&img);
+    assert!(
+        images_identical(img.as_ref(), "qcow2", expected.as_ref(), "raw"),
+        "active layer wrong"
+    );
+    // The snapshot still holds the old data.
+    qemu_img(&["snapshot", "-a", "before", &img]);
+    assert!(
+        images_identical(img.as_ref(), "qcow2", snap_copy.as_ref(), "raw"),
+        "snapshot was modified"
+    );
+    assert_clean(&img);
+}

@@ -33,7 +33,10 @@ impl Rng {
 fn open(img: &str) -> (Arc<Engine>, Arc<Device>) {
     let engine = Engine::new();
     let spec = json!({"driver": "qcow2", "id": "d", "file": {"driver": "file", "filename": img}});
-    let added = engine.graph.add(&BlockdevOptions::from_json(spec).unwrap()).unwrap();
+    let added = engine
+        .graph
+        .add(&BlockdevOptions::from_json(spec).unwrap())
+        .unwrap();
     let dev = added.device.unwrap();
     (engine, dev)
 }
@@ -44,7 +47,20 @@ fn run_case(cluster: u64, compat: &str, seed: u64) {
     std::fs::write(&base, pattern(seed, BACKING)).unwrap();
     let img = dir.file("top.qcow2");
     let opts = format!("cluster_size={cluster},compat={compat}");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, "-b", &base, "-F", "raw", &img, &SIZE.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        "-b",
+        &base,
+        "-F",
+        "raw",
+        &img,
+        &SIZE.to_string(),
+    ]);
     // The model, and which bytes are defined (discarded ones may read as anything).
     let mut model = pattern(seed, BACKING);
     model.resize(SIZE, 0);
@@ -79,7 +95,13 @@ fn run_case(cluster: u64, compat: &str, seed: u64) {
             }
         }
         // Check a window around the request and one random window.
-        for (start, n) in [(off.saturating_sub(cluster as usize), len + 2 * cluster as usize), (rng.below(SIZE as u64) as usize, 70_000)] {
+        for (start, n) in [
+            (
+                off.saturating_sub(cluster as usize),
+                len + 2 * cluster as usize,
+            ),
+            (rng.below(SIZE as u64) as usize, 70_000),
+        ] {
             let n = n.min(SIZE - start);
             let got = wait(|d| dev.read(start as u64, n, d)).unwrap();
             for i in 0..n {
@@ -104,14 +126,30 @@ fn run_case(cluster: u64, compat: &str, seed: u64) {
     drop(dev);
     let expected = dir.file("expected.raw");
     std::fs::write(&expected, &model).unwrap();
-    let check = std::process::Command::new("qemu-img").args(["check", &img]).output().unwrap();
-    assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
-    assert!(images_identical(img.as_ref(), "qcow2", expected.as_ref(), "raw"), "qemu-img disagrees with the model");
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", &img])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert!(
+        images_identical(img.as_ref(), "qcow2", expected.as_ref(), "raw"),
+        "qemu-img disagrees with the model"
+    );
 }
 
 #[test]
 fn random_operations_match_the_model() {
-    for (cluster, compat) in [(512, "1.1"), (4096, "1.1"), (65536, "1.1"), (4096, "0.10"), (65536, "0.10")] {
+    for (cluster, compat) in [
+        (512, "1.1"),
+        (4096, "1.1"),
+        (65536, "1.1"),
+        (4096, "0.10"),
+        (65536, "0.10"),
+    ] {
         for seed in 1..=3 {
             run_case(cluster, compat, seed);
         }

@@ -152,6 +152,19 @@ impl Meta {
             write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
             self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
+        } else if l1e & COPIED == 0 {
+            // Shared with a snapshot: write a private copy, point L1 at it,
+            // then drop our reference to the shared one.
+            let table = self.l2_table(l2_off)?.clone();
+            let copy = self.alloc_cluster()?;
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            write_at(&self.file, copy, &bytes)?;
+            let e = copy | COPIED;
+            write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
+            self.l1[l1_idx as usize] = e;
+            self.l2.insert(copy, table);
+            self.release(l2_off, self.cs)?;
+            l2_off = copy;
         }
         let chunk = self.chunk();
         let table = self.l2_table(l2_off)?;

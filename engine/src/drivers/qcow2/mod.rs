@@ -14,6 +14,7 @@
 pub mod entry;
 pub mod header;
 pub mod meta;
+pub mod snapshot;
 
 use super::{wait, Done, Driver, Status};
 use crate::error::{Error, Result};
@@ -39,6 +40,7 @@ pub struct Qcow2Driver {
     cs: u64,
     pass_discard: bool,
     read_only: bool,
+    snapshots: Vec<snapshot::Snapshot>,
     /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
     corrupt: AtomicBool,
 }
@@ -85,6 +87,7 @@ impl Qcow2Driver {
             }
         }
         let meta = Meta::load(file.clone(), &header)?;
+        let snapshots = snapshot::read_table(&file, &header)?;
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
             file,
@@ -95,6 +98,7 @@ impl Qcow2Driver {
             released: Condvar::new(),
             pass_discard: opts.pass_discard_request.unwrap_or(false),
             read_only,
+            snapshots,
             corrupt: AtomicBool::new(false),
         })
     }
@@ -525,6 +529,9 @@ impl Driver for Arc<Qcow2Driver> {
         }
         if let Some(f) = &h.backing_format {
             v["backing-filename-format"] = json!(f);
+        }
+        if !self.snapshots.is_empty() {
+            v["snapshots"] = self.snapshots.iter().map(|s| s.to_json()).collect();
         }
     }
 }

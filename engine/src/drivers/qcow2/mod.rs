@@ -11,6 +11,7 @@
 //! buffer. Everything else (allocation, copy-on-write, compressed data,
 //! backing reads) takes the slow path; allocating writes are serialised.
 
+pub mod check;
 pub mod entry;
 pub mod header;
 pub mod meta;
@@ -65,7 +66,7 @@ pub fn read_header(file: &Node) -> Result<Header> {
 impl Qcow2Driver {
     pub fn open(
         file: Arc<Node>,
-        header: Header,
+        mut header: Header,
         backing: Option<Arc<Node>>,
         opts: &Qcow2Options,
         read_only: bool,
@@ -77,9 +78,18 @@ impl Qcow2Driver {
                 ));
             }
             if header.incompatible & header::INCOMPAT_DIRTY != 0 {
-                return Err(Error::generic(
-                    "qcow2: the image is dirty (lazy refcounts were in use); repairing it on open is not implemented yet: run 'qemu-img check -r all' or open it read-only",
-                ));
+                // Refcounts may be stale (lazy refcounts): rebuild them, then clear the bit.
+                let r = check::check(&file, &header, check::Repair::All)?;
+                log::info!(
+                    "{}: dirty image repaired ({} refcount errors and {} leaks fixed)",
+                    file.driver.filename(),
+                    r.corruptions_fixed,
+                    r.leaks_fixed
+                );
+                let bits = header.incompatible & !header::INCOMPAT_DIRTY;
+                write_at(&file, 72, &bits.to_be_bytes())?;
+                wait(|d| file.flush(d))?;
+                header.incompatible = bits;
             }
             if header.version >= 3 && header.autoclear != 0 {
                 // Features we do not maintain (e.g. bitmaps) become inconsistent once we write.

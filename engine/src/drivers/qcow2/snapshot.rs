@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub date_nsec: u32,
     pub vm_clock_nsec: u64,
     pub vm_state_size: u64,
+    /// Bytes this entry takes in the table, padding included.
+    pub entry_len: usize,
 }
 
 impl Snapshot {
@@ -96,6 +98,7 @@ fn parse(raw: &[u8], count: u32, cs: u64, file_size: u64) -> Result<Vec<Snapshot
             date_nsec: field(at + 20, 4)? as u32,
             vm_clock_nsec: field(at + 24, 8)?,
             vm_state_size,
+            entry_len: (strings + id_len + name_len).next_multiple_of(8) - at,
         });
         at = (strings + id_len + name_len).next_multiple_of(8);
     }

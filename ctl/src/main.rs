@@ -85,6 +85,25 @@ enum Command {
         #[arg(long, short = 'r', value_parser = ["leaks", "all"])]
         repair: Option<String>,
     },
+    /// Create an image, like `qemu-img create` (no daemon needed)
+    Create {
+        /// Image format: qcow2 or raw
+        #[arg(long, short = 'f', default_value = "qcow2")]
+        format: String,
+        /// Backing file (relative names are relative to the image)
+        #[arg(long, short = 'b')]
+        backing: Option<String>,
+        /// Format of the backing file
+        #[arg(long = "backing-format", short = 'F')]
+        backing_format: Option<String>,
+        /// qcow2 options: cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off
+        #[arg(long, short = 'o')]
+        options: Option<String>,
+        /// Image file
+        image: String,
+        /// Virtual size (suffixes k, M, G, T); defaults to the backing file's
+        size: Option<String>,
+    },
     /// Print the allocation map of an image and its backing chain, like
     /// `qemu-img map` (opens the image read-only; no daemon needed)
     Map {
@@ -172,6 +191,30 @@ fn main() -> ExitCode {
     if let Command::Map { image, format } = &cli.command {
         return cmd_map(image, format.as_deref(), cli.json);
     }
+    if let Command::Create {
+        format,
+        backing,
+        backing_format,
+        options,
+        image,
+        size,
+    } = &cli.command
+    {
+        return match offline::create(
+            image,
+            format,
+            size.as_deref(),
+            backing.as_deref(),
+            backing_format.as_deref(),
+            options.as_deref(),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("blkctl: {image}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Command::Check { image, repair } = &cli.command {
         return cmd_check(image, repair.as_deref(), cli.json);
     }
@@ -211,7 +254,9 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
         Command::Events => cmd_events(client),
         Command::Version => cmd_version(client, json),
         Command::Quit => cmd_quit(client),
-        Command::Map { .. } | Command::Check { .. } => unreachable!("runs without a daemon"),
+        Command::Map { .. } | Command::Check { .. } | Command::Create { .. } => {
+            unreachable!("runs without a daemon")
+        }
     }
 }
 

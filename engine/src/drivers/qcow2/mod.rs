@@ -12,6 +12,7 @@
 //! backing reads) takes the slow path; allocating writes are serialised.
 
 pub mod check;
+pub mod create;
 pub mod entry;
 pub mod header;
 pub mod meta;

@@ -229,7 +229,16 @@ fn backing_override_empty_means_no_backing() {
 
 #[test]
 fn compressed_clusters_read_and_rewrite() {
-    let dir = TestDir::new("q2-compressed");
+    compressed_case("zlib");
+}
+
+#[test]
+fn zstd_compressed_clusters_read_and_rewrite() {
+    compressed_case("zstd");
+}
+
+fn compressed_case(ctype: &str) {
+    let dir = TestDir::new(&format!("q2-compressed-{ctype}"));
     let src = dir.file("src.raw");
     qemu_img(&["create", "-q", "-f", "raw", &src, "16M"]);
     qemu_io(

@@ -38,6 +38,8 @@ pub struct Header {
     pub autoclear: u64,
     pub refcount_order: u32,
     pub header_length: u32,
+    /// 0: deflate, 1: zstd.
+    pub compression_type: u8,
     /// (type, bit, name) from the feature name table.
     pub feature_names: Vec<(u8, u8, String)>,
 }
@@ -105,6 +107,7 @@ impl Header {
             autoclear: 0,
             refcount_order: 4,
             header_length: 72,
+            compression_type: 0,
             feature_names: Vec::new(),
         };
         if version == 3 {
@@ -188,7 +191,7 @@ impl Header {
         be64(buf, 8)
     }
 
-    fn check_features(&self, buf: &[u8]) -> Result<()> {
+    fn check_features(&mut self, buf: &[u8]) -> Result<()> {
         let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(invalid(
@@ -206,12 +209,12 @@ impl Header {
             } else {
                 0
             };
-            if ctype != 0 {
-                return Err(invalid(format!(
-                    "compression type {ctype} ({}) is not supported by blkfs yet",
-                    if ctype == 1 { "zstd" } else { "unknown" }
-                )));
+            if ctype > 1 {
+                return Err(invalid(format!("unknown compression type {ctype}")));
             }
+        }
+        if self.incompatible & INCOMPAT_COMPRESSION != 0 && self.header_length > 104 {
+            self.compression_type = buf[104];
         }
         let unknown = self.incompatible & !known;
         if unknown != 0 {

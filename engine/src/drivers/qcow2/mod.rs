@@ -215,7 +215,10 @@ impl Qcow2Driver {
         let avail = self.file.size().saturating_sub(host).min(len);
         let raw = read_at(&self.file, host, avail as usize)?;
         let mut out = Buf::zeroed(self.cs as usize);
-        inflate(&raw, &mut out)?;
+        match self.header.compression_type {
+            0 => inflate(&raw, &mut out)?,
+            _ => unzstd(&raw, &mut out)?,
+        }
         Ok(out)
     }
 
@@ -611,6 +614,18 @@ impl Join {
             }
         }
     }
+}
+
+/// A zstd frame (followed by padding up to the sector).
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    let mut dec = ruzstd::decoding::StreamingDecoder::new(input)
+        .map_err(|e| corrupt(format!("bad zstd frame in a compressed cluster: {e}")))?;
+    dec.read_exact(out).map_err(|e| {
+        corrupt(format!(
+            "compressed cluster does not inflate to a cluster: {e}"
+        ))
+    })
 }
 
 /// Raw deflate (no zlib header), as qcow2 stores compressed clusters.

@@ -518,3 +518,48 @@ fn internal_snapshots_are_listed_and_never_overwritten() {
     );
     assert_clean(&img);
 }
+
+#[test]
+fn refcount_table_grows_when_metadata_outgrows_it() {
+    // 512-byte clusters: one refcount table cluster covers 8 MiB (16-bit
+    // refcounts) or 2 MiB (64-bit), so these writes must move the table.
+    for bits in ["16", "64"] {
+        let dir = TestDir::new(&format!("q2-reftable-{bits}"));
+        let img = dir.file("g.qcow2");
+        let opts = format!("cluster_size=512,refcount_bits={bits}");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &img, "64M"]);
+        let expected = raw_image(&dir, "expected.raw", "64M");
+        let table_clusters = || {
+            let mut b = [0u8; 4];
+            OpenOptions::new()
+                .read(true)
+                .open(&img)
+                .unwrap()
+                .read_exact_at(&mut b, 56)
+                .unwrap();
+            u32::from_be_bytes(b)
+        };
+        let before = table_clusters();
+        let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
+        let writes: Vec<(u64, Vec<u8>)> = (0..20u64)
+            .map(|i| ((i * 3 + 1) << 20, pattern(i, 1 << 20)))
+            .collect();
+        write_both(&d.dev("d0"), &expected, &writes);
+        assert!(images_identical(
+            &d.dev("d0"),
+            "raw",
+            expected.as_ref(),
+            "raw"
+        ));
+        assert!(d.terminate().success());
+        assert_clean(&img);
+        assert!(
+            images_identical(img.as_ref(), "qcow2", expected.as_ref(), "raw"),
+            "refcount_bits={bits}"
+        );
+        assert!(
+            table_clusters() > before,
+            "the refcount table did not grow ({before} clusters)"
+        );
+    }
+}

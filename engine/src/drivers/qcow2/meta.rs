@@ -223,10 +223,7 @@ impl Meta {
         let per_block = self.refblock_entries();
         let (rt_idx, rb_idx) = (host_cluster / per_block, host_cluster % per_block);
         if rt_idx as usize >= self.reftable.len() {
-            return Err(Error::io(
-                libc::ENOSPC,
-                "qcow2: the refcount table is full (growing it is not implemented yet)",
-            ));
+            self.grow_reftable(rt_idx)?;
         }
         let bits = self.refcount_bits;
         if bits < 64 && value >> bits != 0 {
@@ -273,6 +270,89 @@ impl Meta {
             self.set_refcount(idx, 1)?;
         }
         Ok(off)
+    }
+
+    /// Moves the refcount table to a bigger place at the end of the file.
+    ///
+    /// The new table and the refcount blocks that describe its own clusters
+    /// are written first, unreferenced; one header write then switches to
+    /// them; the old table is released last. A crash at any point leaves
+    /// either the old or the new table in force (and at worst leaked clusters).
+    fn grow_reftable(&mut self, need_idx: u64) -> Result<()> {
+        let cs = self.cs;
+        let per_block = self.refblock_entries();
+        let old_len = self.reftable.len() as u64;
+        let new_entries = (need_idx + 1).max(old_len * 2).next_multiple_of(cs / 8);
+        if new_entries * 8 > 8 << 20 {
+            return Err(Error::io(
+                libc::ENOSPC,
+                "qcow2: the refcount table would exceed 8 MiB",
+            ));
+        }
+        let table_clusters = new_entries * 8 / cs;
+        let start = self.next_free;
+        // Blocks needed for slots the old table does not have: they describe
+        // the new region [start, end), themselves included.
+        let mut new_blocks = 0;
+        let end = loop {
+            let end = start + table_clusters + new_blocks;
+            let missing = (start / per_block..=(end - 1) / per_block)
+                .filter(|&k| k >= old_len || self.reftable[k as usize] & OFFSET_MASK == 0)
+                .count() as u64;
+            if missing == new_blocks {
+                break end;
+            }
+            new_blocks = missing;
+        };
+        let mut table = self.reftable.clone();
+        table.resize(new_entries as usize, 0);
+        let blocks_at = start + table_clusters;
+        let mut next_block = blocks_at;
+        let mut fresh: Vec<(u64, Vec<u8>)> = Vec::new();
+        for k in start / per_block..=(end - 1) / per_block {
+            if table[k as usize] & OFFSET_MASK != 0 {
+                continue;
+            }
+            let mut block = vec![0u8; cs as usize];
+            let lo = (k * per_block).max(start);
+            let hi = ((k + 1) * per_block).min(end);
+            for c in lo..hi {
+                rc_set(
+                    &mut block,
+                    (c - k * per_block) as usize,
+                    self.refcount_bits,
+                    1,
+                );
+            }
+            table[k as usize] = next_block * cs;
+            fresh.push((next_block * cs, block));
+            next_block += 1;
+        }
+        for (off, block) in &fresh {
+            write_at(&self.file, *off, block)?;
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        write_at(&self.file, start * cs, &bytes)?;
+        self.next_free = end;
+        // Clusters of the new region that existing blocks describe.
+        for c in start..end {
+            let k = c / per_block;
+            if k < old_len && self.reftable[k as usize] & OFFSET_MASK != 0 {
+                self.set_refcount(c, 1)?;
+            }
+        }
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
+        hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        crate::drivers::wait(|d| self.file.flush(d))?;
+        write_at(&self.file, 48, &hdr)?;
+        let (old_off, old_clusters) = (self.reftable_offset, (old_len * 8).div_ceil(cs));
+        self.reftable = table;
+        self.reftable_offset = start * cs;
+        for (off, block) in fresh {
+            self.refblocks.insert(off, block);
+        }
+        self.release(old_off, old_clusters * cs)
     }
 
     fn reftable_offset_of(&self, rt_idx: u64) -> Result<u64> {

@@ -401,6 +401,15 @@ impl Graph {
         Ok(Added { node, device })
     }
 
+    /// Closes every node, top-down (after the last request); used at shutdown.
+    pub fn close_all(&self) -> Vec<Error> {
+        self.nodes()
+            .iter()
+            .rev()
+            .filter_map(|n| n.driver.close().err().map(|e| e.context(&n.name)))
+            .collect()
+    }
+
     /// Flushes every device; used at shutdown. Returns the failures.
     pub fn flush_all(&self) -> Vec<Error> {
         self.devices()

@@ -108,6 +108,9 @@ fn run(mut cli: Cli) -> Result<(), String> {
         log::info!("unmount: {e}; detaching lazily");
         lazy_umount(&mount).map_err(|e| format!("cannot unmount {}: {e}", mount.display()))?;
     }
+    for e in engine.graph.close_all() {
+        eprintln!("blkfs: close failed: {e}");
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

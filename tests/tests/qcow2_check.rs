@@ -157,3 +157,72 @@ fn a_dirty_image_is_repaired_when_opened_read_write() {
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", &img])).unwrap();
     assert_eq!(info["dirty-flag"], false, "dirty bit still set: {info}");
 }
+
+fn dirty_flag(img: &str) -> Value {
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", img])).unwrap();
+    info["dirty-flag"].clone()
+}
+
+#[test]
+fn lazy_refcounts_mark_dirty_and_are_rebuilt_on_close_or_reopen() {
+    let dir = TestDir::new("check-lazy");
+    let img = dir.file("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,cluster_size=4096",
+        &img,
+        "16M",
+    ]);
+    let expected = raw_image(&dir, "expected.raw", "16M");
+    let spec = json!({"driver": "qcow2", "id": "d0", "file": {"driver": "file", "filename": img}})
+        .to_string();
+    let write = |d: &Daemon, seed: u64| {
+        let data = pattern(seed, 300_000);
+        let off = seed * 1_000_003 % (15 << 20);
+        let f = OpenOptions::new().write(true).open(d.dev("d0")).unwrap();
+        f.write_all_at(&data, off).unwrap();
+        f.sync_all().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&expected)
+            .unwrap()
+            .write_all_at(&data, off)
+            .unwrap();
+    };
+    // Clean close: dirty while running, consistent afterwards.
+    let d = Daemon::start(&dir, std::slice::from_ref(&spec));
+    write(&d, 1);
+    assert_eq!(
+        dirty_flag(&img),
+        true,
+        "no dirty bit while lazy refcounts are in use"
+    );
+    assert!(d.terminate().success());
+    assert_eq!(dirty_flag(&img), false);
+    assert_eq!(qemu_check(&img).get("leaks"), None);
+    assert_eq!(qemu_check(&img).get("corruptions"), None);
+    // Crash: the next read-write open rebuilds the refcounts.
+    let d = Daemon::start(&dir, std::slice::from_ref(&spec));
+    write(&d, 2);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    drop(d);
+    assert_eq!(dirty_flag(&img), true);
+    let d = Daemon::start(&dir, std::slice::from_ref(&spec));
+    assert!(d.terminate().success());
+    assert_eq!(dirty_flag(&img), false);
+    let after = qemu_check(&img);
+    assert_eq!(after.get("leaks"), None, "{after}");
+    assert_eq!(after.get("corruptions"), None, "{after}");
+    assert!(images_identical(
+        img.as_ref(),
+        "qcow2",
+        expected.as_ref(),
+        "raw"
+    ));
+}

@@ -58,6 +58,10 @@ pub trait Driver: Send + Sync {
     fn backing_child(&self) -> Option<&Arc<Node>> {
         None
     }
+    /// Leaves the image consistent before the daemon exits (no I/O may follow).
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
     /// Adds format-specific members to an `ImageInfo`.
     fn image_info(&self, _info: &mut serde_json::Value) {}
 }

@@ -33,6 +33,10 @@ pub struct Meta {
     refcount_bits: u32,
     /// Host cluster index where the next allocation goes (the file's end).
     next_free: u64,
+    /// Lazy refcounts: the header's incompatible bits, and whether the
+    /// dirty bit is already on disk. Refcounts are then not written at
+    /// all; they are rebuilt on close or on the next read-write open.
+    lazy: Option<(u64, bool)>,
 }
 
 pub fn read_at(file: &Node, offset: u64, len: usize) -> Result<Buf> {
@@ -71,7 +75,29 @@ impl Meta {
             reftable_offset: h.refcount_table_offset,
             refblocks: HashMap::new(),
             refcount_bits: h.refcount_bits(),
+            lazy: None,
         })
+    }
+
+    /// Switches to lazy refcount updates (see `lazy`).
+    pub fn set_lazy(&mut self, h: &Header) {
+        self.lazy = Some((h.incompatible, false));
+    }
+
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
+    }
+
+    /// Before the first metadata change in lazy mode: the dirty bit goes to
+    /// disk (and is flushed) so a crash is known to need a refcount rebuild.
+    fn mark_dirty(&mut self) -> Result<()> {
+        if let Some((bits, false)) = self.lazy {
+            let dirty = bits | super::header::INCOMPAT_DIRTY;
+            write_at(&self.file, 72, &dirty.to_be_bytes())?;
+            wait(|d| self.file.flush(d))?;
+            self.lazy = Some((bits, true));
+        }
+        Ok(())
     }
 
     fn l2_entries(&self) -> u64 {
@@ -136,6 +162,7 @@ impl Meta {
 
     /// Points a guest cluster at `entry`, allocating its L2 table if needed.
     pub fn set_l2(&mut self, guest_cluster: u64, entry: u64) -> Result<()> {
+        self.mark_dirty()?;
         let (l1_idx, l2_idx) = (
             guest_cluster / self.l2_entries(),
             guest_cluster % self.l2_entries(),
@@ -361,14 +388,21 @@ impl Meta {
 
     /// A new cluster at the end of the file, its refcount already 1.
     pub fn alloc_cluster(&mut self) -> Result<u64> {
+        self.mark_dirty()?;
         let idx = self.next_free;
         self.next_free += 1;
+        if self.lazy.is_some() {
+            return Ok(idx * self.cs);
+        }
         self.set_refcount(idx, 1)?;
         Ok(idx * self.cs)
     }
 
     /// Drops one reference of every host cluster in `off..off+len`.
     pub fn release(&mut self, off: u64, len: u64) -> Result<()> {
+        if self.lazy.is_some() {
+            return self.mark_dirty();
+        }
         let first = off / self.cs;
         let last = (off + len.max(1) - 1) / self.cs;
         for c in first..=last {

@@ -97,7 +97,19 @@ impl Qcow2Driver {
                 write_at(&file, 88, &0u64.to_be_bytes())?;
             }
         }
-        let meta = Meta::load(file.clone(), &header)?;
+        let mut meta = Meta::load(file.clone(), &header)?;
+        let lazy = header.version >= 3
+            && opts
+                .lazy_refcounts
+                .unwrap_or(header.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
+        if opts.lazy_refcounts == Some(true) && header.version < 3 {
+            return Err(Error::generic(
+                "qcow2: lazy-refcounts needs a compat=1.1 (version 3) image",
+            ));
+        }
+        if lazy && !read_only {
+            meta.set_lazy(&header);
+        }
         let snapshots = snapshot::read_table(&file, &header)?;
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
@@ -342,7 +354,7 @@ impl Qcow2Driver {
                 host: Some(host), ..
             } if !reused => {
                 meta.release(host, self.cs)?;
-                if self.pass_discard && meta.refcount(host / self.cs)? == 0 {
+                if self.pass_discard && !meta.is_lazy() && meta.refcount(host / self.cs)? == 0 {
                     let _ = wait(|d| self.file.discard(host, self.cs, d));
                 }
                 Ok(())
@@ -526,6 +538,22 @@ impl Driver for Arc<Qcow2Driver> {
 
     fn backing_child(&self) -> Option<&Arc<Node>> {
         self.backing.as_ref()
+    }
+
+    /// Lazy refcounts: rebuild them and clear the dirty bit on a clean close.
+    fn close(&self) -> Result<()> {
+        let meta = self.meta.lock();
+        if !meta.is_lazy() || self.read_only {
+            return Ok(());
+        }
+        let mut header = read_header(&self.file)?;
+        if header.incompatible & header::INCOMPAT_DIRTY == 0 {
+            return Ok(());
+        }
+        check::check(&self.file, &header, check::Repair::All)?;
+        header.incompatible &= !header::INCOMPAT_DIRTY;
+        write_at(&self.file, 72, &header.incompatible.to_be_bytes())?;
+        wait(|d| self.file.flush(d))
     }
 
     fn image_info(&self, v: &mut serde_json::Value) {

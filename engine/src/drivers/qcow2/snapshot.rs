@@ -56,6 +56,12 @@ pub fn read_table(file: &Node, h: &Header) -> Result<Vec<Snapshot>> {
     parse(&raw, h.nb_snapshots, h.cluster_size(), file.size())
 }
 
+/// Entry point for the fuzz target: a table of up to 16 entries.
+pub fn parse_for_fuzzing(raw: &[u8]) -> Result<Vec<Snapshot>> {
+    let count = raw.first().map_or(0, |b| (b % 16) as u32);
+    parse(raw, count, 4096, 1 << 30)
+}
+
 fn parse(raw: &[u8], count: u32, cs: u64, file_size: u64) -> Result<Vec<Snapshot>> {
     let field = |at: usize, n: usize| -> Result<u64> {
         raw.get(at..at + n)

@@ -1,0 +1,25 @@
+//! QMP framing and sessions (argument validation, blockdev options) on arbitrary bytes.
+#![no_main]
+
+use blkfs_engine::qmp::framing::Splitter;
+use blkfs_engine::qmp::Session;
+use blkfs_engine::Engine;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut s = Session::new(Engine::new());
+    s.handle(br#"{"execute":"qmp_capabilities"}"#);
+    let mut split = Splitter::default();
+    let mut frames = Vec::new();
+    split.push(data, &mut frames);
+    for msg in frames.into_iter().flatten() {
+        // Never open real files from fuzz input.
+        if msg.windows(12).any(|w| w == b"blockdev-add") {
+            continue;
+        }
+        let _ = s.handle(&msg);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = blkfs_engine::options::BlockdevOptions::from_cli(text);
+    }
+});

@@ -320,7 +320,13 @@ pub fn qemu_img(args: &[&str]) -> String {
 
 /// Runs qemu-io commands on a file; fails the test on any I/O or pattern error.
 pub fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) -> String {
-    let mut args = vec!["-f".to_string(), fmt.to_string()];
+    qemu_io_with(&[], fmt, file, cmds)
+}
+
+fn qemu_io_with(flags: &[&str], fmt: &str, file: &Path, cmds: &[&str]) -> String {
+    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    args.push("-f".into());
+    args.push(fmt.into());
     for c in cmds {
         args.push("-c".into());
         args.push(c.to_string());
@@ -330,10 +336,24 @@ pub fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) -> String {
     let out = run("qemu-io", &refs);
     assert!(
         !out.contains("Pattern verification failed") && !out.contains("failed:"),
-        "qemu-io {cmds:?} on {}: {out}",
+        "qemu-io {flags:?} {cmds:?} on {}: {out}",
         file.display()
     );
     out
+}
+
+/// `qemu-img check --output=json` of an image (whatever its verdict).
+pub fn qemu_img_check(img: &str) -> Value {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", img])
+        .output()
+        .expect("run qemu-img");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "qemu-img check {img}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// `qemu-img compare` of two images; true when identical.
@@ -557,18 +577,5 @@ pub fn obj(v: &Value) -> &serde_json::Map<String, Value> {
 
 /// Like [`qemu_io`], but opens the file read-only (`qemu-io -r`).
 pub fn qemu_io_ro(fmt: &str, file: &Path, cmds: &[&str]) -> String {
-    let mut args = vec!["-r".to_string(), "-f".to_string(), fmt.to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.to_string());
-    }
-    args.push(file.to_string_lossy().into_owned());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run("qemu-io", &refs);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("failed:"),
-        "qemu-io -r {cmds:?} on {}: {out}",
-        file.display()
-    );
-    out
+    qemu_io_with(&["-r"], fmt, file, cmds)
 }

@@ -7,12 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
 fn qemu_check(img: &str) -> Value {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "--output=json", img])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("qemu-img check: {}", String::from_utf8_lossy(&out.stderr)))
+    qemu_img_check(img)
 }
 
 fn our_check(img: &str, extra: &[&str]) -> (i32, Value) {

@@ -14,12 +14,7 @@ use std::time::Duration;
 const BLOCK: u64 = 6000;
 
 fn check_no_corruption(img: &str) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "--output=json", img])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("qemu-img check: {}", String::from_utf8_lossy(&out.stderr)));
+    let v = qemu_img_check(img);
     assert_eq!(v["check-errors"], 0, "{v}");
     assert!(
         v.get("corruptions").is_none_or(|c| c == 0),

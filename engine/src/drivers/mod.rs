@@ -47,10 +47,18 @@ pub trait Driver: Send + Sync {
     fn flush(&self, done: Done<()>);
     /// Allocation status of this layer at `offset` (at most `len` bytes).
     fn block_status(&self, offset: u64, len: u64) -> Result<Status>;
-    /// Bytes the image occupies on the host, where that is known.
-    fn allocated_size(&self) -> Option<u64>;
-    /// The filename shown in `BlockDeviceInfo.file` / `ImageInfo.filename`.
-    fn filename(&self) -> String;
+    /// Bytes the image occupies on the host, where that is known; a format
+    /// answers for its file.
+    fn allocated_size(&self) -> Option<u64> {
+        self.file_child().and_then(|f| f.driver.allocated_size())
+    }
+    /// The filename shown in `BlockDeviceInfo.file` / `ImageInfo.filename`;
+    /// a format shows its file's.
+    fn filename(&self) -> String {
+        self.file_child()
+            .map(|f| f.driver.filename())
+            .unwrap_or_default()
+    }
     /// The protocol (or filtered) child, when the driver has one.
     fn file_child(&self) -> Option<&Arc<Node>> {
         None

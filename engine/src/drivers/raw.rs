@@ -49,14 +49,6 @@ impl Driver for RawDriver {
         self.file.block_status(offset, len)
     }
 
-    fn allocated_size(&self) -> Option<u64> {
-        self.file.driver.allocated_size()
-    }
-
-    fn filename(&self) -> String {
-        self.file.driver.filename()
-    }
-
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.file)
     }

@@ -524,14 +524,6 @@ impl Driver for Arc<Qcow2Driver> {
         })
     }
 
-    fn allocated_size(&self) -> Option<u64> {
-        self.file.driver.allocated_size()
-    }
-
-    fn filename(&self) -> String {
-        self.file.driver.filename()
-    }
-
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.file)
     }

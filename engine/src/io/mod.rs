@@ -100,8 +100,13 @@ static URING: OnceLock<Option<Arc<uring::Rings>>> = OnceLock::new();
 /// thread pool, with a warning, when the kernel refuses an io_uring.
 pub fn backend(aio: Aio) -> Arc<dyn Backend> {
     let pool = || -> Arc<dyn Backend> {
-        POOL.get_or_init(|| Arc::new(pool::Pool::new(pool::DEFAULT_THREADS)))
-            .clone()
+        POOL.get_or_init(|| {
+            Arc::new(pool::Pool::new(env_count(
+                "BLKFS_POOL_THREADS",
+                pool::DEFAULT_THREADS,
+            )))
+        })
+        .clone()
     };
     match aio {
         Aio::Threads => pool(),
@@ -124,11 +129,16 @@ fn start_rings() -> Option<Arc<uring::Rings>> {
 
 /// Number of io_uring threads: BLKFS_RINGS, else 1.
 fn ring_count() -> usize {
-    std::env::var("BLKFS_RINGS")
+    env_count("BLKFS_RINGS", 1)
+}
+
+/// A thread count from the environment (1..=64), else `default`.
+fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| (1..=64).contains(n))
-        .unwrap_or(1)
+        .unwrap_or(default)
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -427,12 +427,18 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
-        if let [Segment {
-            map: Mapping::Data { host, .. },
-            ..
-        }] = segs[..]
-        {
-            return self.file.read(host, buf, done);
+        // One segment (the common case): no gathering, the caller's buffer goes down.
+        if let [seg] = segs[..] {
+            match seg.map {
+                Mapping::Data { host, .. } => return self.file.read(host, buf, done),
+                Mapping::Unallocated => return self.read_backing(offset, buf, done),
+                Mapping::Zero { .. } => {
+                    let mut buf = buf;
+                    buf.fill(0);
+                    return done(Ok(buf));
+                }
+                Mapping::Compressed { .. } => {}
+            }
         }
         let join = Join::new(buf, segs.len(), done);
         for s in segs {

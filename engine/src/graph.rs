@@ -11,10 +11,9 @@ use crate::options::{
     Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError,
 };
 use crate::qmp::EventBus;
-use crate::stats::{Op, Stats};
+use crate::stats::{accounted, Op, Stats};
 use parking_lot::RwLock;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Options of a node after inheritance from its parent and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,69 +67,54 @@ impl Node {
         self.driver.size()
     }
 
+    fn writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::io(
+                libc::EROFS,
+                format!("Node '{}' is read-only", self.name),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        let (stats, start, len) = (self.stats.clone(), Instant::now(), buf.len() as u64);
+        let len = buf.len() as u64;
         self.driver.read(
             offset,
             buf,
-            Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Read, offset, len, start);
-                }
-                done(r)
-            }),
+            accounted(&self.stats, Op::Read, offset, len, done),
         );
     }
 
     pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        if self.opts.read_only {
-            return done(Err(Error::io(
-                libc::EROFS,
-                format!("Node '{}' is read-only", self.name),
-            )));
+        if let Err(e) = self.writable() {
+            return done(Err(e));
         }
-        let (stats, start, len) = (self.stats.clone(), Instant::now(), buf.len() as u64);
+        let len = buf.len() as u64;
         self.driver.write(
             offset,
             buf,
-            Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Write, offset, len, start);
-                }
-                done(r)
-            }),
+            accounted(&self.stats, Op::Write, offset, len, done),
         );
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
-        if self.opts.read_only {
-            return done(Err(Error::io(
-                libc::EROFS,
-                format!("Node '{}' is read-only", self.name),
-            )));
+        if let Err(e) = self.writable() {
+            return done(Err(e));
         }
         let unmap = unmap && self.opts.discard == Discard::Unmap;
-        let (stats, start) = (self.stats.clone(), Instant::now());
         self.driver.write_zeroes(
             offset,
             len,
             unmap,
-            Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Write, offset, len, start);
-                }
-                done(r)
-            }),
+            accounted(&self.stats, Op::Write, offset, len, done),
         );
     }
 
     /// Passed down only when the node's `discard` option is `unmap`.
     pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        if self.opts.read_only {
-            return done(Err(Error::io(
-                libc::EROFS,
-                format!("Node '{}' is read-only", self.name),
-            )));
+        if let Err(e) = self.writable() {
+            return done(Err(e));
         }
         if self.opts.discard != Discard::Unmap {
             return done(Ok(()));
@@ -139,13 +123,8 @@ impl Node {
     }
 
     pub fn flush(&self, done: Done<()>) {
-        let (stats, start) = (self.stats.clone(), Instant::now());
-        self.driver.flush(Box::new(move |r| {
-            if r.is_ok() {
-                stats.account(Op::Flush, 0, 0, start);
-            }
-            done(r)
-        }));
+        self.driver
+            .flush(accounted(&self.stats, Op::Flush, 0, 0, done));
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
@@ -194,19 +173,14 @@ impl Device {
         if len == 0 {
             return done(Ok(Buf::zeroed(0)));
         }
-        let (stats, start) = (self.stats.clone(), Instant::now());
-        let watch = self.corruption_watch();
-        root.read(
+        let done = accounted(
+            &self.stats,
+            Op::Read,
             offset,
-            Buf::recycled(len),
-            Box::new(move |r| {
-                match &r {
-                    Ok(_) => stats.account(Op::Read, offset, len as u64, start),
-                    Err(e) => watch(e),
-                }
-                done(r)
-            }),
+            len as u64,
+            self.watched(done),
         );
+        root.read(offset, Buf::recycled(len), done);
     }
 
     pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
@@ -215,32 +189,27 @@ impl Device {
         if let Err(e) = check_range(&root, offset, len) {
             return done(Err(e));
         }
-        let (stats, start) = (self.stats.clone(), Instant::now());
-        let watch = self.corruption_watch();
         root.write(
             offset,
             buf,
-            Box::new(move |r| {
-                match &r {
-                    Ok(_) => stats.account(Op::Write, offset, len, start),
-                    Err(e) => watch(e),
-                }
-                done(r)
-            }),
+            accounted(&self.stats, Op::Write, offset, len, self.watched(done)),
         );
     }
 
-    /// Reports metadata corruption found by a request as BLOCK_IMAGE_CORRUPTED.
-    fn corruption_watch(&self) -> impl Fn(&Error) + Send + 'static {
+    /// Reports metadata corruption a request ran into as BLOCK_IMAGE_CORRUPTED.
+    fn watched<T: Send + 'static>(&self, done: Done<T>) -> Done<T> {
         let (events, id) = (self.events.clone(), self.id.clone());
-        move |e: &Error| {
-            if e.kind == crate::error::ErrorKind::Corrupt {
-                events.emit(
-                    "BLOCK_IMAGE_CORRUPTED",
-                    serde_json::json!({"device": id, "msg": e.msg}),
-                );
+        Box::new(move |r| {
+            if let Err(e) = &r {
+                if e.kind == crate::error::ErrorKind::Corrupt {
+                    events.emit(
+                        "BLOCK_IMAGE_CORRUPTED",
+                        serde_json::json!({"device": id, "msg": e.msg}),
+                    );
+                }
             }
-        }
+            done(r)
+        })
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
@@ -248,18 +217,8 @@ impl Device {
         if let Err(e) = check_range(&root, offset, len) {
             return done(Err(e));
         }
-        let (stats, start) = (self.stats.clone(), Instant::now());
-        root.write_zeroes(
-            offset,
-            len,
-            unmap,
-            Box::new(move |r| {
-                if r.is_ok() {
-                    stats.account(Op::Write, offset, len, start);
-                }
-                done(r)
-            }),
-        );
+        let done = accounted(&self.stats, Op::Write, offset, len, self.watched(done));
+        root.write_zeroes(offset, len, unmap, done);
     }
 
     pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
@@ -267,27 +226,17 @@ impl Device {
         if let Err(e) = check_range(&root, offset, len) {
             return done(Err(e));
         }
-        root.discard(offset, len, done);
+        root.discard(offset, len, self.watched(done));
     }
 
     pub fn flush(&self, done: Done<()>) {
-        let (stats, start) = (self.stats.clone(), Instant::now());
-        self.root().flush(Box::new(move |r| {
-            if r.is_ok() {
-                stats.account(Op::Flush, 0, 0, start);
-            }
-            done(r)
-        }));
+        self.root()
+            .flush(accounted(&self.stats, Op::Flush, 0, 0, done));
     }
 }
 
 fn check_range(root: &Node, offset: u64, len: u64) -> Result<()> {
-    if root.opts.read_only {
-        return Err(Error::io(
-            libc::EROFS,
-            format!("Node '{}' is read-only", root.name),
-        ));
-    }
+    root.writable()?;
     match offset.checked_add(len) {
         Some(end) if end <= root.size() => Ok(()),
         _ => Err(Error::io(

@@ -1,8 +1,28 @@
 //! I/O accounting for `query-blockstats`.
 
+use crate::drivers::Done;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
+
+/// Wraps a completion so that the request, if it succeeds, is accounted
+/// in `stats` (timed from now).
+pub fn accounted<T: Send + 'static>(
+    stats: &Arc<Stats>,
+    op: Op,
+    offset: u64,
+    bytes: u64,
+    done: Done<T>,
+) -> Done<T> {
+    let (stats, start) = (stats.clone(), Instant::now());
+    Box::new(move |r| {
+        if r.is_ok() {
+            stats.account(op, offset, bytes, start);
+        }
+        done(r)
+    })
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {

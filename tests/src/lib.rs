@@ -374,6 +374,18 @@ pub fn raw_image(dir: &TestDir, name: &str, size: &str) -> String {
     f
 }
 
+/// A qcow2 image made by qemu-img (`opts` for `-o`, may be empty).
+pub fn qcow2_image(dir: &TestDir, name: &str, opts: &str, size: &str) -> String {
+    let f = dir.file(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([f.as_str(), size]);
+    qemu_img(&args);
+    f
+}
+
 /// `--blockdev` JSON for a raw device over a file.
 pub fn raw_spec(id: &str, file: &str, extra_file_opts: Value) -> String {
     let mut file_opts = json!({"driver": "file", "filename": file});

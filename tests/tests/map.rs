@@ -64,17 +64,7 @@ fn maps_match_qemu_img_for_chains_zero_and_compressed_clusters() {
         &["write -P 5 100k 12k", "write -P 6 10M 4k"],
     );
     assert_same_map(&top);
-    let solo = dir.file("solo.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        &solo,
-        "3M",
-    ]);
+    let solo = qcow2_image(&dir, "solo.qcow2", "compat=0.10", "3M");
     assert_same_map(&solo);
 }
 
@@ -87,8 +77,7 @@ fn map_of_a_missing_or_corrupt_image_fails_cleanly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.qcow2"));
-    let bad = dir.file("bad.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &bad, "1M"]);
+    let bad = qcow2_image(&dir, "bad.qcow2", "", "1M");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&bad)

@@ -271,8 +271,7 @@ fn compressed_case(ctype: &str) {
 #[test]
 fn punch_hole_and_zero_range_make_zero_clusters() {
     let dir = TestDir::new("q2-zero");
-    let img = dir.file("z.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "16M"]);
+    let img = qcow2_image(&dir, "z.qcow2", "", "16M");
     qemu_io("qcow2", img.as_ref(), &["write -P 0x66 0 16M"]);
     let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
     let f = OpenOptions::new()
@@ -326,17 +325,7 @@ fn punch_hole_and_zero_range_make_zero_clusters() {
 #[test]
 fn concurrent_allocating_writers() {
     let dir = TestDir::new("q2-concurrent");
-    let img = dir.file("c.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        "32M",
-    ]);
+    let img = qcow2_image(&dir, "c.qcow2", "cluster_size=4096", "32M");
     let expected = raw_image(&dir, "expected.raw", "32M");
     let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
     let dev = d.dev("d0");
@@ -383,11 +372,9 @@ fn set_incompatible(img: &str, bits: u64) {
 #[test]
 fn header_feature_bits_are_enforced() {
     let dir = TestDir::new("q2-features");
-    let corrupt = dir.file("corrupt.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &corrupt, "8M"]);
+    let corrupt = qcow2_image(&dir, "corrupt.qcow2", "", "8M");
     set_incompatible(&corrupt, 2);
-    let unknown = dir.file("unknown.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &unknown, "8M"]);
+    let unknown = qcow2_image(&dir, "unknown.qcow2", "", "8M");
     set_incompatible(&unknown, 1 << 40);
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
@@ -398,8 +385,7 @@ fn header_feature_bits_are_enforced() {
     q.ok("blockdev-add", spec("c", &corrupt, true));
     let (_, desc) = q.err("blockdev-add", spec("u", &unknown, true));
     assert!(desc.contains("incompatible feature bit 40"), "{desc}");
-    let garbage = dir.file("garbage.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &garbage, "8M"]);
+    let garbage = qcow2_image(&dir, "garbage.qcow2", "", "8M");
     let f = OpenOptions::new().write(true).open(&garbage).unwrap();
     f.write_all_at(&0x7fff_ffff_0000u64.to_be_bytes(), 40)
         .unwrap(); // L1 table offset past the end
@@ -412,8 +398,7 @@ fn header_feature_bits_are_enforced() {
 #[test]
 fn corruption_found_at_run_time_is_reported_and_contained() {
     let dir = TestDir::new("q2-corrupt-runtime");
-    let img = dir.file("c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+    let img = qcow2_image(&dir, "c.qcow2", "", "8M");
     qemu_io("qcow2", img.as_ref(), &["write -P 0x42 0 128k"]);
     // Point the L2 entry of guest cluster 0 past the end of the file.
     let f = OpenOptions::new()
@@ -465,17 +450,7 @@ fn corruption_found_at_run_time_is_reported_and_contained() {
 #[test]
 fn internal_snapshots_are_listed_and_never_overwritten() {
     let dir = TestDir::new("q2-snapshots");
-    let img = dir.file("s.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        "8M",
-    ]);
+    let img = qcow2_image(&dir, "s.qcow2", "cluster_size=4096", "8M");
     qemu_io("qcow2", img.as_ref(), &["write -P 0x10 0 1M"]);
     qemu_img(&["snapshot", "-c", "before", &img]);
     let snap_copy = dir.file("snap.raw");

@@ -162,17 +162,12 @@ fn dirty_flag(img: &str) -> Value {
 #[test]
 fn lazy_refcounts_mark_dirty_and_are_rebuilt_on_close_or_reopen() {
     let dir = TestDir::new("check-lazy");
-    let img = dir.file("lazy.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    let img = qcow2_image(
+        &dir,
+        "lazy.qcow2",
         "lazy_refcounts=on,cluster_size=4096",
-        &img,
         "16M",
-    ]);
+    );
     let expected = raw_image(&dir, "expected.raw", "16M");
     let spec = json!({"driver": "qcow2", "id": "d0", "file": {"driver": "file", "filename": img}})
         .to_string();

@@ -12,17 +12,7 @@ use serde_json::json;
 #[test]
 fn corrupted_metadata_never_panics() {
     let dir = TestDir::new("q2-fuzz");
-    let good = dir.file("good.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &good,
-        "4M",
-    ]);
+    let good = qcow2_image(&dir, "good.qcow2", "cluster_size=4096", "4M");
     qemu_io(
         "qcow2",
         good.as_ref(),

@@ -131,6 +131,11 @@ impl Node {
         self.driver.block_status(offset, len)
     }
 
+    /// Raises a blkdebug event on this node (drivers call it on their file child).
+    pub fn debug_event(&self, ev: crate::options::BlkdebugEvent) {
+        self.driver.debug_event(ev)
+    }
+
     /// Number of backing files below this node.
     pub fn backing_depth(&self) -> usize {
         let mut depth = 0;
@@ -263,10 +268,14 @@ impl Registry {
     }
 }
 
+type ResizeListener = Box<dyn Fn(&str) + Send + Sync>;
+
 /// All nodes and devices of the daemon.
 pub struct Graph {
     reg: RwLock<Registry>,
     events: Arc<EventBus>,
+    /// Told the id of every device whose size changed (the export drops cached sizes).
+    resize_listeners: parking_lot::Mutex<Vec<ResizeListener>>,
 }
 
 /// The result of `blockdev-add`.
@@ -280,7 +289,29 @@ impl Graph {
         Graph {
             reg: RwLock::default(),
             events,
+            resize_listeners: Default::default(),
         }
+    }
+
+    pub fn on_resize(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        self.resize_listeners.lock().push(Box::new(f));
+    }
+
+    /// Resizes a node; the devices it is the root of see the new size at once.
+    pub fn resize(&self, node: &Arc<Node>, size: u64) -> Result<()> {
+        let devices: Vec<_> = self
+            .devices()
+            .into_iter()
+            .filter(|d| Arc::ptr_eq(&d.root(), node))
+            .collect();
+        node.driver.resize(size)?;
+        let listeners = self.resize_listeners.lock();
+        for d in &devices {
+            for l in listeners.iter() {
+                l(&d.id);
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self, id: &str) -> Result<Arc<Device>> {

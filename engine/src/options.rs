@@ -34,6 +34,25 @@ string_enum!(Discard { Ignore = "ignore", Unmap = "unmap" });
 string_enum!(DetectZeroes { Off = "off", On = "on", Unmap = "unmap" });
 string_enum!(Aio { Threads = "threads", Native = "native" });
 string_enum!(OnError { Report = "report", Ignore = "ignore", Enospc = "enospc", Stop = "stop" });
+string_enum!(BlkdebugEvent {
+    L1Update = "l1_update", L1GrowAllocTable = "l1_grow.alloc_table",
+    L1GrowWriteTable = "l1_grow.write_table", L1GrowActivateTable = "l1_grow.activate_table",
+    L2Load = "l2_load", L2Update = "l2_update", L2UpdateCompressed = "l2_update_compressed",
+    L2AllocCowRead = "l2_alloc.cow_read", L2AllocWrite = "l2_alloc.write",
+    ReadAio = "read_aio", ReadBackingAio = "read_backing_aio", ReadCompressed = "read_compressed",
+    WriteAio = "write_aio", WriteCompressed = "write_compressed", VmstateLoad = "vmstate_load",
+    VmstateSave = "vmstate_save", CowRead = "cow_read", CowWrite = "cow_write",
+    ReftableLoad = "reftable_load", ReftableGrow = "reftable_grow",
+    ReftableUpdate = "reftable_update", RefblockLoad = "refblock_load",
+    RefblockUpdate = "refblock_update", RefblockUpdatePart = "refblock_update_part",
+    RefblockAlloc = "refblock_alloc", RefblockAllocHookup = "refblock_alloc.hookup",
+    RefblockAllocWrite = "refblock_alloc.write",
+    RefblockAllocWriteBlocks = "refblock_alloc.write_blocks",
+    RefblockAllocWriteTable = "refblock_alloc.write_table",
+    RefblockAllocSwitchTable = "refblock_alloc.switch_table", ClusterAlloc = "cluster_alloc",
+    ClusterAllocBytes = "cluster_alloc_bytes", ClusterFree = "cluster_free",
+    FlushToOs = "flush_to_os", FlushToDisk = "flush_to_disk",
+});
 
 /// `BlockdevCacheOptions`; absent members are inherited from the parent node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,7 +71,7 @@ pub enum BlockdevRef {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct InjectError {
-    pub event: String,
+    pub event: BlkdebugEvent,
     pub state: Option<i64>,
     pub errno: Option<i64>,
     pub sector: Option<i64>,
@@ -62,7 +81,7 @@ pub struct InjectError {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetState {
-    pub event: String,
+    pub event: BlkdebugEvent,
     pub state: Option<i64>,
     pub new_state: i64,
 }
@@ -324,9 +343,14 @@ fn parse_list<T>(a: &mut Args, key: &str, f: fn(Args) -> Result<T>) -> Result<Ve
     }
 }
 
+fn blkdebug_event(a: &mut Args) -> Result<BlkdebugEvent> {
+    a.enumeration("event", BlkdebugEvent::ALL)?
+        .ok_or_else(|| a.missing("event"))
+}
+
 fn parse_inject_error(mut a: Args) -> Result<InjectError> {
     let e = InjectError {
-        event: a.req("event", Args::str)?,
+        event: blkdebug_event(&mut a)?,
         state: a.int("state")?,
         errno: a.int("errno")?,
         sector: a.int("sector")?,
@@ -339,7 +363,7 @@ fn parse_inject_error(mut a: Args) -> Result<InjectError> {
 
 fn parse_set_state(mut a: Args) -> Result<SetState> {
     let s = SetState {
-        event: a.req("event", Args::str)?,
+        event: blkdebug_event(&mut a)?,
         state: a.int("state")?,
         new_state: a.req("new_state", Args::int)?,
     };

@@ -12,6 +12,7 @@ pub mod raw;
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
+use crate::options::BlkdebugEvent;
 use std::sync::Arc;
 
 pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
@@ -72,6 +73,50 @@ pub trait Driver: Send + Sync {
     }
     /// Adds format-specific members to an `ImageInfo`.
     fn image_info(&self, _info: &mut serde_json::Value) {}
+
+    /// Changes the virtual size (`block_resize`); new space reads as zeroes.
+    /// Called with no request of the device in flight.
+    fn resize(&self, _size: u64) -> Result<()> {
+        Err(Error::generic(format!(
+            "Driver '{}' does not support resizing",
+            self.format_name()
+        )))
+    }
+    /// The backing file name recorded in the image, when it names one.
+    fn backing_file_name(&self) -> Option<String> {
+        None
+    }
+    /// Rewrites the backing file name (and format) recorded in the image.
+    fn change_backing_file(&self, _name: &str, _format: Option<&str>) -> Result<()> {
+        Err(Error::generic(format!(
+            "Driver '{}' does not record a backing file",
+            self.format_name()
+        )))
+    }
+    /// Encryption state of this layer.
+    fn encryption(&self) -> Encryption {
+        Encryption::None
+    }
+    /// Sets the key of an encrypted image (`block_passwd`).
+    fn set_password(&self, _password: &str) -> Result<()> {
+        Err(Error::generic("Device is not encrypted"))
+    }
+    /// A blkdebug event raised by a parent at the point the event's name
+    /// says. It travels down the file children until a blkdebug node takes it.
+    fn debug_event(&self, ev: BlkdebugEvent) {
+        if let Some(f) = self.file_child() {
+            f.driver.debug_event(ev);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    None,
+    /// Encrypted; `key_missing` until `block_passwd` gives the password.
+    Encrypted {
+        key_missing: bool,
+    },
 }
 
 /// Runs a completion-based call and waits for its result. For slow paths

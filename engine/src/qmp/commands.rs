@@ -1,7 +1,7 @@
 //! The command table: name -> handler. Handlers read their arguments
 //! strictly (unknown, missing and mistyped members are errors).
 
-use super::info;
+use super::{device_cmds, info};
 use crate::args::Args;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::BlockdevOptions;
@@ -18,15 +18,15 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("query-block", query_block),
     ("query-named-block-nodes", query_named_block_nodes),
     ("query-blockstats", query_blockstats),
+    ("block_resize", device_cmds::block_resize),
+    ("change-backing-file", device_cmds::change_backing_file),
+    ("block_passwd", device_cmds::block_passwd),
 ];
 
 /// Commands of block-core.json whose implementation has not landed yet.
 const PENDING: &[&str] = &[
     "query-block-jobs",
-    "block_passwd",
-    "block_resize",
     "blockdev-snapshot-sync",
-    "change-backing-file",
     "block-commit",
     "drive-backup",
     "drive-mirror",

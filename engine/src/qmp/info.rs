@@ -1,6 +1,7 @@
 //! Builders of the query replies (`BlockInfo`, `BlockDeviceInfo`,
 //! `ImageInfo`, `BlockStats`) from live nodes and devices.
 
+use crate::drivers::Encryption;
 use crate::graph::{Device, Node};
 use serde_json::{json, Value};
 
@@ -16,23 +17,34 @@ pub fn block_info(d: &Device) -> Value {
 }
 
 pub fn block_device_info(n: &Node) -> Value {
+    let (encrypted, key_missing) = match n.driver.encryption() {
+        Encryption::None => (false, false),
+        Encryption::Encrypted { key_missing } => (true, key_missing),
+    };
     let mut v = json!({
         "file": n.driver.filename(),
         "node-name": n.name,
         "ro": n.opts.read_only,
         "drv": n.driver.format_name(),
         "backing_file_depth": n.backing_depth(),
-        "encrypted": false,
-        "encryption_key_missing": false,
+        "encrypted": encrypted,
+        "encryption_key_missing": key_missing,
         "detect_zeroes": n.opts.detect_zeroes.as_str(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image_info(n),
     });
     if let Some(b) = n.driver.backing_child() {
-        v["backing_file"] = json!(b.driver.filename());
+        v["backing_file"] = json!(backing_name(n, b));
     }
     v
+}
+
+/// The backing file name as the image records it, else the opened file's.
+fn backing_name(n: &Node, b: &Node) -> String {
+    n.driver
+        .backing_file_name()
+        .unwrap_or_else(|| b.driver.filename())
 }
 
 pub fn image_info(n: &Node) -> Value {
@@ -45,7 +57,7 @@ pub fn image_info(n: &Node) -> Value {
         v["actual-size"] = json!(a);
     }
     if let Some(b) = n.driver.backing_child() {
-        v["backing-filename"] = json!(b.driver.filename());
+        v["backing-filename"] = json!(backing_name(n, b));
         v["full-backing-filename"] = json!(b.driver.filename());
         v["backing-filename-format"] = json!(b.driver.format_name());
         v["backing-image"] = image_info(b);

@@ -2,6 +2,7 @@
 //! command table, and the event bus. Transport (the socket) lives in `fs/`.
 
 pub mod commands;
+pub mod device_cmds;
 pub mod events;
 pub mod framing;
 pub mod info;

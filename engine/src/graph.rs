@@ -4,6 +4,7 @@
 //! of a top-level blockdev) with the device-level policies. Every request
 //! through a node is accounted in that node's statistics.
 
+pub use crate::device::Device;
 use crate::drivers::{self, Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::io::Buf;
@@ -148,109 +149,6 @@ impl Node {
     }
 }
 
-/// A device: the file a user sees in the mount, and the target of device commands.
-pub struct Device {
-    pub id: String,
-    root: RwLock<Arc<Node>>,
-    pub stats: Arc<Stats>,
-    pub rerror: OnError,
-    pub werror: OnError,
-    events: Arc<EventBus>,
-}
-
-impl Device {
-    pub fn root(&self) -> Arc<Node> {
-        self.root.read().clone()
-    }
-
-    pub fn size(&self) -> u64 {
-        self.root.read().size()
-    }
-
-    pub fn read_only(&self) -> bool {
-        self.root.read().opts.read_only
-    }
-
-    /// Reads up to `len` bytes; a read that crosses the end is cut short.
-    pub fn read(&self, offset: u64, len: usize, done: Done<Buf>) {
-        let root = self.root();
-        let len = root.size().saturating_sub(offset).min(len as u64) as usize;
-        if len == 0 {
-            return done(Ok(Buf::zeroed(0)));
-        }
-        let done = accounted(
-            &self.stats,
-            Op::Read,
-            offset,
-            len as u64,
-            self.watched(done),
-        );
-        root.read(offset, Buf::recycled(len), done);
-    }
-
-    pub fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        let root = self.root();
-        let len = buf.len() as u64;
-        if let Err(e) = check_range(&root, offset, len) {
-            return done(Err(e));
-        }
-        root.write(
-            offset,
-            buf,
-            accounted(&self.stats, Op::Write, offset, len, self.watched(done)),
-        );
-    }
-
-    /// Reports metadata corruption a request ran into as BLOCK_IMAGE_CORRUPTED.
-    fn watched<T: Send + 'static>(&self, done: Done<T>) -> Done<T> {
-        let (events, id) = (self.events.clone(), self.id.clone());
-        Box::new(move |r| {
-            if let Err(e) = &r {
-                if e.kind == crate::error::ErrorKind::Corrupt {
-                    events.emit(
-                        "BLOCK_IMAGE_CORRUPTED",
-                        serde_json::json!({"device": id, "msg": e.msg}),
-                    );
-                }
-            }
-            done(r)
-        })
-    }
-
-    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
-        let root = self.root();
-        if let Err(e) = check_range(&root, offset, len) {
-            return done(Err(e));
-        }
-        let done = accounted(&self.stats, Op::Write, offset, len, self.watched(done));
-        root.write_zeroes(offset, len, unmap, done);
-    }
-
-    pub fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        let root = self.root();
-        if let Err(e) = check_range(&root, offset, len) {
-            return done(Err(e));
-        }
-        root.discard(offset, len, self.watched(done));
-    }
-
-    pub fn flush(&self, done: Done<()>) {
-        self.root()
-            .flush(accounted(&self.stats, Op::Flush, 0, 0, done));
-    }
-}
-
-fn check_range(root: &Node, offset: u64, len: u64) -> Result<()> {
-    root.writable()?;
-    match offset.checked_add(len) {
-        Some(end) if end <= root.size() => Ok(()),
-        _ => Err(Error::io(
-            libc::ENOSPC,
-            format!("Request at {offset}+{len} is beyond the end of the device"),
-        )),
-    }
-}
-
 #[derive(Default)]
 struct Registry {
     nodes: Vec<Arc<Node>>,
@@ -304,7 +202,10 @@ impl Graph {
             .into_iter()
             .filter(|d| Arc::ptr_eq(&d.root(), node))
             .collect();
-        node.driver.resize(size)?;
+        match devices.as_slice() {
+            [] => node.driver.resize(size)?,
+            [d, ..] => d.quiesced(|| node.driver.resize(size))?,
+        }
         let listeners = self.resize_listeners.lock();
         for d in &devices {
             for l in listeners.iter() {
@@ -367,14 +268,13 @@ impl Graph {
         reg.nodes.extend(new_nodes);
         reg.next_auto = next_auto;
         let device = opts.id.as_ref().map(|id| {
-            let d = Arc::new(Device {
-                id: id.clone(),
-                root: RwLock::new(node.clone()),
-                stats: Arc::default(),
+            let d = Device::new(
+                id.clone(),
+                node.clone(),
                 rerror,
                 werror,
-                events: self.events.clone(),
-            });
+                self.events.clone(),
+            );
             reg.devices.push(d.clone());
             d
         });
@@ -462,6 +362,11 @@ impl Opener<'_> {
             }
         };
         let opts = NodeOptions::resolve(o, parent);
+        if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != Discard::Unmap {
+            return Err(Error::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         if !top && parent.read_only != opts.read_only && !parent.read_only {
             return Err(Error::generic(format!(
                 "'{path}' is read-only but its parent needs write access"

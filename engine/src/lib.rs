@@ -1,19 +1,22 @@
 //! blkfs engine: the block layer, independent of FUSE and sockets.
 //!
 //! - [`options`]: `BlockdevOptions` parsed strictly from JSON or key=value ([`args`]).
-//! - [`graph`]: nodes, devices and their registry; every request is accounted ([`stats`]).
+//! - [`graph`]: nodes and their registry; every request is accounted ([`stats`]).
+//! - [`device`]: devices and their policies ([`policy`]: throttle, error policy).
 //! - [`drivers`]: the completion-based driver trait, one module per driver.
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
 
 pub mod args;
+pub mod device;
 pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod io;
 pub mod map;
 pub mod options;
+pub mod policy;
 pub mod qmp;
 pub mod stats;
 

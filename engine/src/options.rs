@@ -6,6 +6,7 @@
 
 use crate::args::Args;
 use crate::error::{Error, Result};
+use crate::policy::throttle::ThrottleConfig;
 use serde_json::Value;
 
 macro_rules! string_enum {
@@ -161,13 +162,25 @@ impl BlockdevOptions {
 
     /// Parses either form: JSON when it starts with '{'.
     pub fn from_cli(s: &str) -> Result<Self> {
-        if s.trim_start().starts_with('{') {
-            let v: Value = serde_json::from_str(s)
-                .map_err(|e| Error::generic(format!("Invalid JSON in blockdev options: {e}")))?;
-            Self::from_json(v)
-        } else {
-            Self::from_keyval(s)
+        let (v, lenient) = cli_value(s)?;
+        Self::parse(Args::new(v, "", lenient)?)
+    }
+
+    /// A `--blockdev` argument of the daemon: the options plus, for a
+    /// device, QEMU's `-drive` throttling keys (`throttling.iops-total=...`).
+    pub fn from_daemon_cli(s: &str) -> Result<(Self, Option<ThrottleConfig>)> {
+        let (mut v, lenient) = cli_value(s)?;
+        let throttling = v.as_object_mut().and_then(|m| m.remove("throttling"));
+        let cfg = throttling
+            .map(|t| parse_throttling(Args::new(t, "throttling", lenient)?))
+            .transpose()?;
+        let opts = Self::parse(Args::new(v, "", lenient)?)?;
+        if cfg.is_some() && opts.id.is_none() {
+            return Err(Error::generic(
+                "'throttling' applies to a device: it needs an 'id'",
+            ));
         }
+        Ok((opts, cfg))
     }
 
     pub fn parse(mut a: Args) -> Result<Self> {
@@ -202,6 +215,37 @@ impl BlockdevOptions {
         a.finish()?;
         Ok(opts)
     }
+}
+
+/// The JSON value of a command-line spec, and whether it came from key=value.
+fn cli_value(s: &str) -> Result<(Value, bool)> {
+    if s.trim_start().starts_with('{') {
+        let v = serde_json::from_str(s)
+            .map_err(|e| Error::generic(format!("Invalid JSON in blockdev options: {e}")))?;
+        Ok((v, false))
+    } else {
+        Ok((crate::args::parse_keyval(s)?, true))
+    }
+}
+
+/// QEMU's `-drive` throttling group, in bucket order.
+fn parse_throttling(mut a: Args) -> Result<ThrottleConfig> {
+    const KEYS: [&str; 6] = [
+        "bps-total",
+        "bps-read",
+        "bps-write",
+        "iops-total",
+        "iops-read",
+        "iops-write",
+    ];
+    let (mut avg, mut max) = ([0i64; 6], [0i64; 6]);
+    for i in 0..6 {
+        avg[i] = a.int(KEYS[i])?.unwrap_or(0);
+        max[i] = a.int(&format!("{}-max", KEYS[i]))?.unwrap_or(0);
+    }
+    let size = a.int("iops-size")?.unwrap_or(0);
+    a.finish()?;
+    ThrottleConfig::new(avg, max, size)
 }
 
 fn parse_ref(a: &mut Args, key: &str) -> Result<Option<BlockdevRef>> {
@@ -398,6 +442,35 @@ mod tests {
             panic!("raw must parse as a format");
         };
         assert_eq!(f.aio, Some(Aio::Native));
+    }
+
+    #[test]
+    fn daemon_cli_throttling() {
+        let (o, t) = BlockdevOptions::from_daemon_cli(
+            "driver=raw,id=d0,file.driver=file,file.filename=a,throttling.iops-total=100,throttling.iops-total-max=200,throttling.iops-size=4096",
+        )
+        .unwrap();
+        assert_eq!(o.id.as_deref(), Some("d0"));
+        let t = t.unwrap();
+        assert_eq!((t.avg[3], t.max[3], t.iops_size), (100, 200, 4096));
+        let (_, t) = BlockdevOptions::from_daemon_cli(
+            r#"{"driver":"raw","id":"d0","file":"f","throttling":{"bps-read":1000}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.unwrap().avg[1], 1000);
+        let e = |s| BlockdevOptions::from_daemon_cli(s).unwrap_err().msg;
+        assert_eq!(
+            e("driver=raw,file=f,throttling.bps-total=1"),
+            "'throttling' applies to a device: it needs an 'id'"
+        );
+        assert_eq!(
+            e("driver=raw,id=d,file=f,throttling.bogus=1"),
+            "Parameter 'throttling.bogus' is unexpected"
+        );
+        assert!(
+            e("driver=raw,id=d,file=f,throttling.bps-total=1,throttling.bps-read=1")
+                .contains("cannot be used at the same time")
+        );
     }
 
     #[test]

@@ -22,14 +22,14 @@ pub const MAX_IO: u32 = 1 << 20;
 
 pub struct BlkFs {
     engine: Arc<Engine>,
-    inodes: RwLock<Inodes>,
+    inodes: Arc<RwLock<Inodes>>,
     started: SystemTime,
     uid: u32,
     gid: u32,
 }
 
 #[derive(Default)]
-struct Inodes {
+pub struct Inodes {
     by_id: HashMap<String, INodeNo>,
     by_ino: HashMap<INodeNo, Arc<Device>>,
 }
@@ -44,10 +44,28 @@ impl BlkFs {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         BlkFs {
             engine,
-            inodes: RwLock::default(),
+            inodes: Arc::default(),
             started: SystemTime::now(),
             uid,
             gid,
+        }
+    }
+
+    /// A listener that tells the kernel to drop what it cached about a
+    /// device whose size changed; `notifier` comes from the session later.
+    pub fn resize_listener(
+        &self,
+    ) -> impl FnOnce(fuser::Notifier) -> Box<dyn Fn(&str) + Send + Sync> {
+        let inodes = self.inodes.clone();
+        move |notifier| {
+            Box::new(move |id: &str| {
+                let ino = inodes.read().by_id.get(id).copied();
+                if let Some(ino) = ino {
+                    if let Err(e) = notifier.inval_inode(ino, 0, -1) {
+                        log::debug!("invalidating {id}: {e}");
+                    }
+                }
+            })
         }
     }
 

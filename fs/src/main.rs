@@ -63,12 +63,15 @@ fn run(mut cli: Cli) -> Result<(), String> {
     let signals = block_signals();
     let engine = Engine::new();
     for spec in &cli.blockdevs {
-        let opts =
-            BlockdevOptions::from_cli(spec).map_err(|e| format!("--blockdev '{spec}': {e}"))?;
-        engine
+        let (opts, throttle) = BlockdevOptions::from_daemon_cli(spec)
+            .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
+        let added = engine
             .graph
             .add(&opts)
             .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
+        if let (Some(d), Some(t)) = (added.device, throttle) {
+            d.set_throttle(t);
+        }
     }
     std::fs::create_dir_all(&mount)
         .map_err(|e| format!("cannot create {}: {e}", mount.display()))?;
@@ -80,8 +83,11 @@ fn run(mut cli: Cli) -> Result<(), String> {
     ];
     config.n_threads = Some(cli.threads as usize);
     config.clone_fd = true;
-    let session = fuser::Session::new(fuse::BlkFs::new(engine.clone()), &mount, &config)
+    let fs = fuse::BlkFs::new(engine.clone());
+    let listener = fs.resize_listener();
+    let session = fuser::Session::new(fs, &mount, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.display()))?;
+    engine.graph.on_resize(listener(session.notifier()));
     let background = session
         .spawn()
         .map_err(|e| format!("cannot start the FUSE session: {e}"))?;

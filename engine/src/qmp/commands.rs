@@ -1,7 +1,7 @@
 //! The command table: name -> handler. Handlers read their arguments
 //! strictly (unknown, missing and mistyped members are errors).
 
-use super::{device_cmds, info};
+use super::{device_cmds, info, policy_cmds};
 use crate::args::Args;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::BlockdevOptions;
@@ -21,16 +21,20 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block_resize", device_cmds::block_resize),
     ("change-backing-file", device_cmds::change_backing_file),
     ("block_passwd", device_cmds::block_passwd),
+    (
+        "blockdev-snapshot-sync",
+        device_cmds::blockdev_snapshot_sync,
+    ),
+    ("block_set_io_throttle", policy_cmds::block_set_io_throttle),
+    ("cont", policy_cmds::cont),
 ];
 
 /// Commands of block-core.json whose implementation has not landed yet.
 const PENDING: &[&str] = &[
     "query-block-jobs",
-    "blockdev-snapshot-sync",
     "block-commit",
     "drive-backup",
     "drive-mirror",
-    "block_set_io_throttle",
     "block-stream",
     "block-job-set-speed",
     "block-job-cancel",
@@ -110,11 +114,22 @@ fn query_block(e: &Engine, a: Args) -> Result<Value> {
 
 fn query_named_block_nodes(e: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
+    let devices = e.graph.devices();
     Ok(Value::Array(
         e.graph
             .nodes()
             .iter()
-            .map(|n| info::block_device_info(n))
+            .map(|n| {
+                let mut v = info::block_device_info(n);
+                // A device's limits show on its root node too, as in QEMU.
+                if let Some(d) = devices
+                    .iter()
+                    .find(|d| std::sync::Arc::ptr_eq(&d.root(), n))
+                {
+                    info::add_throttle(&mut v, d);
+                }
+                v
+            })
             .collect(),
     ))
 }

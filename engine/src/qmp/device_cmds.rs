@@ -1,10 +1,12 @@
-//! Device commands that change an image: `block_resize`,
-//! `change-backing-file` and `block_passwd`.
+//! Device commands that change an image or the graph: `block_resize`,
+//! `change-backing-file`, `block_passwd` and `blockdev-snapshot-sync`.
 
 use crate::args::Args;
+use crate::drivers::qcow2::create::{create, CreateOptions};
 use crate::drivers::Encryption;
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::Node;
+use crate::options::{BlockdevOptions, DriverName};
 use crate::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -93,4 +95,68 @@ pub fn block_passwd(e: &Engine, mut a: Args) -> Result<Value> {
 /// A node and its backing nodes, top first.
 pub fn chain(top: &Arc<Node>) -> impl Iterator<Item = Arc<Node>> {
     std::iter::successors(Some(top.clone()), |n| n.driver.backing_child().cloned())
+}
+
+/// `blockdev-snapshot-sync`: a new overlay on top of a device, whose old
+/// top becomes its backing node; the device serves I/O throughout.
+pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
+    let (name, top) = device_or_node(e, &mut a)?;
+    let file = a.req("snapshot-file", Args::str)?;
+    let node_name = a.str("snapshot-node-name")?;
+    let format = a.str("format")?.unwrap_or_else(|| "qcow2".into());
+    let mode = a.enumeration("mode", &[("existing", false), ("absolute-paths", true)])?;
+    a.finish()?;
+    let device = e
+        .graph
+        .devices()
+        .into_iter()
+        .find(|d| Arc::ptr_eq(&d.root(), &top))
+        .ok_or_else(|| {
+            Error::generic(format!(
+                "Snapshots are taken of a device's top node; '{name}' is not one"
+            ))
+        })?;
+    if top.opts.read_only {
+        return Err(Error::generic(format!("Device '{name}' is read only")));
+    }
+    if let Some(n) = &node_name {
+        if e.graph.node(n).is_some() || e.graph.device(n).is_ok() {
+            return Err(Error::generic(format!("Duplicate node name '{n}'")));
+        }
+    }
+    let driver = DriverName::ALL
+        .iter()
+        .find(|(n, _)| *n == format)
+        .map(|(_, d)| *d)
+        .ok_or_else(|| Error::generic(format!("Invalid block format '{format}'")))?;
+    if mode.unwrap_or(true) {
+        if driver != DriverName::Qcow2 {
+            return Err(Error::generic(format!(
+                "Creating '{format}' snapshot images is not supported by blkfs (qcow2 is)"
+            )));
+        }
+        let backing = std::fs::canonicalize(top.driver.filename())
+            .map_err(|err| Error::from_io(&err, top.driver.filename()))?;
+        let o = CreateOptions {
+            size: top.size(),
+            backing_file: Some(backing.to_string_lossy().into_owned()),
+            backing_format: Some(top.driver.format_name().into()),
+            ..CreateOptions::default()
+        };
+        create(&file, &o)?;
+    }
+    let mut spec = json!({
+        "driver": format,
+        "file": {"driver": "file", "filename": file},
+        "backing": top.name,
+    });
+    if let Some(n) = node_name {
+        spec["node-name"] = json!(n);
+    }
+    let added = e.graph.add(&BlockdevOptions::from_json(spec)?)?;
+    device.quiesced(|| {
+        device.replace_root(added.node.clone());
+        Ok(())
+    })?;
+    Ok(json!({}))
 }

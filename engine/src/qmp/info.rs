@@ -3,17 +3,34 @@
 
 use crate::drivers::Encryption;
 use crate::graph::{Device, Node};
+use crate::policy::throttle::{AVG_NAMES, MAX_NAMES};
 use serde_json::{json, Value};
 
 pub fn block_info(d: &Device) -> Value {
+    let mut inserted = block_device_info(&d.root());
+    add_throttle(&mut inserted, d);
     json!({
         "device": d.id,
         "type": "unknown",
         "removable": false,
         "locked": false,
-        "inserted": block_device_info(&d.root()),
-        "io-status": "ok",
+        "inserted": inserted,
+        "io-status": d.io_status().as_str(),
     })
+}
+
+/// The device's limits in a `BlockDeviceInfo`; the optional ones only when set.
+pub fn add_throttle(v: &mut Value, d: &Device) {
+    let cfg = d.throttle_config();
+    for i in 0..6 {
+        v[AVG_NAMES[i]] = json!(cfg.avg[i]);
+        if cfg.max[i] != 0 {
+            v[MAX_NAMES[i]] = json!(cfg.max[i]);
+        }
+    }
+    if cfg.iops_size != 0 {
+        v["iops_size"] = json!(cfg.iops_size);
+    }
 }
 
 pub fn block_device_info(n: &Node) -> Value {

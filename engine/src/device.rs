@@ -1,0 +1,383 @@
+//! A device: the file a user sees in the mount and the target of device
+//! commands. Every request passes, in order: the range check, the throttle,
+//! the gate (held while the device is stopped or quiesced), zero detection,
+//! the root node; a failure then meets the device's error policy.
+
+use crate::drivers::Done;
+use crate::error::{Error, ErrorKind, Result};
+use crate::graph::Node;
+use crate::io::Buf;
+use crate::options::{DetectZeroes, OnError};
+use crate::policy::errors::{self, Action, IoStatus};
+use crate::policy::throttle::{Job, Throttle, ThrottleConfig};
+use crate::qmp::EventBus;
+use crate::stats::{accounted, Op, Stats};
+use parking_lot::{Mutex, RwLock};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest wait for in-flight requests before a graph change gives up.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Gate {
+    /// Stopped by the error policy until `cont`.
+    stopped: bool,
+    /// Quiesced by a graph change (resize, snapshot) in progress.
+    paused: u32,
+    /// Failed requests to retry first, then requests that arrived while held.
+    retry: VecDeque<Job>,
+    held: VecDeque<Job>,
+}
+
+pub struct Device {
+    pub id: String,
+    root: RwLock<Arc<Node>>,
+    pub stats: Arc<Stats>,
+    pub rerror: OnError,
+    pub werror: OnError,
+    events: Arc<EventBus>,
+    throttle: Arc<Throttle>,
+    /// Fast check of `gate.stopped || gate.paused > 0`.
+    blocked: AtomicBool,
+    gate: Mutex<Gate>,
+    io_status: AtomicU8,
+    inflight: AtomicUsize,
+}
+
+/// A re-runnable request: called again when a stopped request is retried.
+type Attempt<T> = Arc<dyn Fn(&Arc<Node>, Done<T>) + Send + Sync>;
+
+impl Device {
+    pub fn new(
+        id: String,
+        root: Arc<Node>,
+        rerror: OnError,
+        werror: OnError,
+        events: Arc<EventBus>,
+    ) -> Arc<Device> {
+        Arc::new(Device {
+            id,
+            root: RwLock::new(root),
+            stats: Arc::default(),
+            rerror,
+            werror,
+            events,
+            throttle: Throttle::new(ThrottleConfig::default()),
+            blocked: AtomicBool::new(false),
+            gate: Mutex::default(),
+            io_status: AtomicU8::new(IoStatus::Ok as u8),
+            inflight: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn root(&self) -> Arc<Node> {
+        self.root.read().clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.root.read().size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.root.read().opts.read_only
+    }
+
+    pub fn io_status(&self) -> IoStatus {
+        IoStatus::from_u8(self.io_status.load(Ordering::Relaxed))
+    }
+
+    pub fn throttle_config(&self) -> ThrottleConfig {
+        self.throttle.config()
+    }
+
+    pub fn set_throttle(&self, cfg: ThrottleConfig) {
+        self.throttle.set_config(cfg);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.gate.lock().stopped
+    }
+
+    /// Reads up to `len` bytes; a read that crosses the end is cut short.
+    pub fn read(self: &Arc<Self>, offset: u64, len: usize, done: Done<Buf>) {
+        let len = self.size().saturating_sub(offset).min(len as u64) as usize;
+        if len == 0 {
+            return done(Ok(Buf::zeroed(0)));
+        }
+        let done = accounted(&self.stats, Op::Read, offset, len as u64, done);
+        let attempt: Attempt<Buf> =
+            Arc::new(move |root, d| root.read(offset, Buf::recycled(len), d));
+        self.submit(
+            Kind::Read,
+            len as u64,
+            attempt,
+            |n| Buf::zeroed(n as usize),
+            done,
+        );
+    }
+
+    pub fn write(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {
+        let len = buf.len() as u64;
+        if let Err(e) = self.check_write(offset, len) {
+            return done(Err(e));
+        }
+        let done = accounted(&self.stats, Op::Write, offset, len, done);
+        // A request the policy may stop is retried later: keep its data.
+        let keep = matches!(self.werror, OnError::Stop | OnError::Enospc)
+            .then(|| Arc::<[u8]>::from(&buf[..]));
+        let first = Mutex::new(Some(buf));
+        let attempt: Attempt<Buf> = Arc::new(move |root, d| {
+            let buf = match (first.lock().take(), &keep) {
+                (Some(b), _) => b,
+                (None, Some(k)) => Buf::from_slice(k),
+                (None, None) => return d(Err(Error::io(libc::EIO, "write data was not kept"))),
+            };
+            let dz = root.opts.detect_zeroes;
+            if dz == DetectZeroes::Off || !buf.is_zero() {
+                return root.write(offset, buf, d);
+            }
+            let unmap = dz == DetectZeroes::Unmap;
+            root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
+        });
+        self.submit(Kind::Write, len, attempt, |_| Buf::zeroed(0), done);
+    }
+
+    pub fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64, unmap: bool, done: Done<()>) {
+        if let Err(e) = self.check_write(offset, len) {
+            return done(Err(e));
+        }
+        let done = accounted(&self.stats, Op::Write, offset, len, done);
+        let attempt: Attempt<()> =
+            Arc::new(move |root, d| root.write_zeroes(offset, len, unmap, d));
+        self.submit(Kind::Write, len, attempt, |_| (), done);
+    }
+
+    pub fn discard(self: &Arc<Self>, offset: u64, len: u64, done: Done<()>) {
+        if let Err(e) = self.check_write(offset, len) {
+            return done(Err(e));
+        }
+        let attempt: Attempt<()> = Arc::new(move |root, d| root.discard(offset, len, d));
+        self.submit(Kind::Other, 0, attempt, |_| (), done);
+    }
+
+    pub fn flush(self: &Arc<Self>, done: Done<()>) {
+        let done = accounted(&self.stats, Op::Flush, 0, 0, done);
+        let attempt: Attempt<()> = Arc::new(|root, d| root.flush(d));
+        self.submit(Kind::Other, 0, attempt, |_| (), done);
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        let root = self.root();
+        if root.opts.read_only {
+            return Err(Error::io(
+                libc::EROFS,
+                format!("Node '{}' is read-only", root.name),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= root.size() => Ok(()),
+            _ => Err(Error::io(
+                libc::ENOSPC,
+                format!("Request at {offset}+{len} is beyond the end of the device"),
+            )),
+        }
+    }
+
+    /// Throttle, then gate, then the attempt itself.
+    fn submit<T: Send + 'static>(
+        self: &Arc<Self>,
+        kind: Kind,
+        bytes: u64,
+        attempt: Attempt<T>,
+        ignored: fn(u64) -> T,
+        done: Done<T>,
+    ) {
+        let dev = self.clone();
+        let req = Request {
+            kind,
+            bytes,
+            attempt,
+            ignored,
+            done,
+        };
+        let job: Job = Box::new(move || {
+            let d2 = dev.clone();
+            dev.admit(Box::new(move || d2.attempt(req)), false);
+        });
+        match kind {
+            Kind::Read => self.throttle.submit(false, bytes, job),
+            Kind::Write => self.throttle.submit(true, bytes, job),
+            Kind::Other => job(),
+        }
+    }
+
+    /// Runs `job` unless the device is held; `retry` jobs go before new ones.
+    fn admit(&self, job: Job, retry: bool) {
+        if self.blocked.load(Ordering::Acquire) || retry {
+            let mut g = self.gate.lock();
+            if g.stopped || g.paused > 0 {
+                if retry {
+                    g.retry.push_back(job);
+                } else {
+                    g.held.push_back(job);
+                }
+                return;
+            }
+        }
+        job()
+    }
+
+    fn attempt<T: Send + 'static>(self: Arc<Self>, req: Request<T>) {
+        let Request {
+            kind,
+            bytes,
+            attempt,
+            ignored,
+            done,
+        } = req;
+        let run = attempt.clone();
+        let root = self.root();
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let (events, id) = (self.events.clone(), self.id.clone());
+        let completion: Done<T> = Box::new(move |r: Result<T>| {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            let e = match r {
+                Ok(v) => return done(Ok(v)),
+                Err(e) => e,
+            };
+            if e.kind == ErrorKind::Corrupt {
+                events.emit("BLOCK_IMAGE_CORRUPTED", json!({"device": id, "msg": e.msg}));
+            }
+            let (policy, op) = match kind {
+                Kind::Read => (self.rerror, "read"),
+                Kind::Write => (self.werror, "write"),
+                Kind::Other => return done(Err(e)),
+            };
+            let Some(action) = errors::action(policy, &e) else {
+                return done(Err(e));
+            };
+            events.emit(
+                "BLOCK_IO_ERROR",
+                json!({"device": id, "operation": op, "action": action.as_str()}),
+            );
+            match action {
+                Action::Report => {
+                    self.io_status
+                        .store(IoStatus::of(&e) as u8, Ordering::Relaxed);
+                    done(Err(e))
+                }
+                Action::Ignore => done(Ok(ignored(bytes))),
+                Action::Stop => {
+                    self.io_status
+                        .store(IoStatus::of(&e) as u8, Ordering::Relaxed);
+                    log::warn!("device '{id}' stopped after a {op} error: {e}");
+                    self.stop();
+                    let dev = self.clone();
+                    let req = Request {
+                        kind,
+                        bytes,
+                        attempt,
+                        ignored,
+                        done,
+                    };
+                    self.admit(Box::new(move || dev.attempt(req)), true);
+                }
+            }
+        });
+        run(&root, completion)
+    }
+
+    fn stop(&self) {
+        let mut g = self.gate.lock();
+        if !g.stopped {
+            g.stopped = true;
+            self.blocked.store(true, Ordering::Release);
+            drop(g);
+            self.events.emit("STOP", json!({}));
+        }
+    }
+
+    /// Resumes a stopped device: io-status is reset and held requests run
+    /// again, failed ones first. Returns whether it was stopped.
+    pub fn cont(&self) -> bool {
+        let was = {
+            let mut g = self.gate.lock();
+            std::mem::replace(&mut g.stopped, false)
+        };
+        self.io_status.store(IoStatus::Ok as u8, Ordering::Relaxed);
+        self.release();
+        was
+    }
+
+    /// Runs held requests while the gate is open.
+    fn release(&self) {
+        loop {
+            let job = {
+                let mut g = self.gate.lock();
+                if g.stopped || g.paused > 0 {
+                    return;
+                }
+                match g.retry.pop_front().or_else(|| g.held.pop_front()) {
+                    Some(j) => j,
+                    None => {
+                        self.blocked.store(false, Ordering::Release);
+                        return;
+                    }
+                }
+            };
+            job();
+        }
+    }
+
+    /// Runs `f` with no request of this device in flight; new requests wait.
+    pub fn quiesced<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        {
+            let mut g = self.gate.lock();
+            g.paused += 1;
+            self.blocked.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        let r = loop {
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                break f();
+            }
+            if Instant::now() > deadline {
+                break Err(Error::generic(format!(
+                    "Device '{}' still has requests in flight",
+                    self.id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        self.gate.lock().paused -= 1;
+        self.release();
+        r
+    }
+
+    /// Makes `node` the device's root (its old root is below it).
+    pub fn replace_root(&self, node: Arc<Node>) {
+        *self.root.write() = node;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    /// Flush and discard: neither throttled nor under the error policy.
+    Other,
+}
+
+/// One device request, kept whole so a stopped request can run again.
+struct Request<T> {
+    kind: Kind,
+    bytes: u64,
+    attempt: Attempt<T>,
+    /// The result an ignored failure gives the caller (zeroes for a read).
+    ignored: fn(u64) -> T,
+    done: Done<T>,
+}

@@ -141,29 +141,43 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+    /// The header extensions before the end marker: (type, data range in `buf`).
+    fn extensions(&self, buf: &[u8]) -> Result<Vec<(u32, std::ops::Range<usize>)>> {
         let end = if self.backing_file_offset_in(buf) > 0 {
             (self.backing_file_offset_in(buf) as usize).min(buf.len())
         } else {
             buf.len().min(self.cluster_size() as usize)
         };
-        let mut at = if self.version == 2 {
-            72
-        } else {
-            self.header_length as usize
-        };
+        let mut at = self.extensions_start();
+        let mut exts = Vec::new();
         while at + 8 <= end {
             let (typ, len) = (be32(buf, at), be32(buf, at + 4) as usize);
             let data = at + 8;
             if typ == EXT_END {
-                return Ok(());
+                break;
             }
             if data + len > end {
                 return Err(invalid(format!(
                     "header extension {typ:#x} runs past the extension area"
                 )));
             }
-            let bytes = &buf[data..data + len];
+            exts.push((typ, data..data + len));
+            at = data + len.next_multiple_of(8);
+        }
+        Ok(exts)
+    }
+
+    fn extensions_start(&self) -> usize {
+        if self.version == 2 {
+            72
+        } else {
+            self.header_length as usize
+        }
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+        for (typ, range) in self.extensions(buf)? {
+            let bytes = &buf[range];
             match typ {
                 EXT_BACKING_FORMAT => {
                     let s = String::from_utf8_lossy(bytes)
@@ -182,9 +196,43 @@ impl Header {
                 // Others (bitmaps, encryption, unknown) are left in place untouched.
                 _ => {}
             }
-            at = data + len.next_multiple_of(8);
         }
         Ok(())
+    }
+
+    /// The first cluster `first` rewritten to record backing file `name` in
+    /// `format`, laid out as QEMU's qcow2_update_header does: the header, the
+    /// backing format extension, the other extensions in their order, the
+    /// end marker, then the name; the rest of the cluster is zero.
+    pub fn with_backing(&self, first: &[u8], name: &str, format: Option<&str>) -> Result<Vec<u8>> {
+        check_backing_name(name)?;
+        let cs = self.cluster_size() as usize;
+        let start = self.extensions_start();
+        if first.len() < start {
+            return Err(invalid("header cluster is truncated"));
+        }
+        let mut out = first[..start].to_vec();
+        if let Some(f) = format {
+            push_ext(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        for (typ, range) in self.extensions(first)? {
+            if typ != EXT_BACKING_FORMAT {
+                push_ext(&mut out, typ, &first[range]);
+            }
+        }
+        push_ext(&mut out, EXT_END, &[]);
+        let name_at = out.len() as u64;
+        out.extend_from_slice(name.as_bytes());
+        if out.len() > cs {
+            return Err(Error::io(
+                libc::ENOSPC,
+                "the header, its extensions and the backing file name do not fit in the first cluster",
+            ));
+        }
+        out[8..16].copy_from_slice(&name_at.to_be_bytes());
+        out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        out.resize(cs, 0);
+        Ok(out)
     }
 
     fn backing_file_offset_in(&self, buf: &[u8]) -> u64 {
@@ -250,12 +298,8 @@ impl Header {
                 "{how}-encrypted images are not supported by blkfs yet"
             )));
         }
-        // A virtual size whose L1 table would exceed the limit is refused.
-        let l2_entries = cs / 8;
-        let needed_l1 = self.size.div_ceil(cs).div_ceil(l2_entries);
-        if self.size > (1u64 << 62) || needed_l1 > (MAX_L1_BYTES / 8) {
-            return Err(invalid(format!("virtual size {} is too large", self.size)));
-        }
+        check_virtual_size(self.size, self.cluster_bits)?;
+        let needed_l1 = l1_entries_for(self.size, self.cluster_bits);
         if (self.l1_size as u64) < needed_l1 {
             return Err(invalid(format!(
                 "L1 table has {} entries, {needed_l1} needed",
@@ -300,6 +344,45 @@ impl Header {
         }
         Ok(())
     }
+}
+
+/// Appends one extension (type, length, data padded to 8 bytes).
+fn push_ext(out: &mut Vec<u8>, typ: u32, data: &[u8]) {
+    out.extend_from_slice(&typ.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+/// A backing file name the header can record (QEMU's limit, no NUL).
+pub fn check_backing_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::generic("the backing file name is empty"));
+    }
+    if name.len() > 1023 {
+        return Err(Error::generic(format!(
+            "the backing file name is {} bytes long, at most 1023 are allowed",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::generic("the backing file name contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// L1 entries needed for a virtual size of `size` bytes.
+pub fn l1_entries_for(size: u64, cluster_bits: u32) -> u64 {
+    let cs = 1u64 << cluster_bits;
+    size.div_ceil(cs).div_ceil(cs / 8)
+}
+
+/// Refuses a virtual size whose L1 table would exceed QEMU's limit.
+pub fn check_virtual_size(size: u64, cluster_bits: u32) -> Result<()> {
+    if size > (1u64 << 62) || l1_entries_for(size, cluster_bits) > MAX_L1_BYTES / 8 {
+        return Err(invalid(format!("virtual size {size} is too large")));
+    }
+    Ok(())
 }
 
 /// A table must be cluster aligned, inside the file and not over the header.

@@ -487,6 +487,90 @@ pub(crate) mod tests {
         assert!(e.msg.contains("bit 6 (shiny!)"), "{}", e.msg);
     }
 
+    #[test]
+    fn l1_entries_for_sizes() {
+        // 512 B clusters: 64 entries per L2 table, 32 KiB per L1 entry.
+        assert_eq!(l1_entries_for(1 << 20, 9), 32);
+        assert_eq!(l1_entries_for(1 << 30, 9), 32768);
+        assert_eq!(l1_entries_for((1 << 20) + 512, 9), 33);
+        // 64 KiB clusters: 512 MiB per L1 entry.
+        assert_eq!(l1_entries_for(0, 16), 0);
+        assert_eq!(l1_entries_for(1, 16), 1);
+        assert_eq!(l1_entries_for(512 << 20, 16), 1);
+        assert_eq!(l1_entries_for((512 << 20) + 512, 16), 2);
+        // 32 MiB of L1 entries at 64 KiB clusters: 4M entries of 512 MiB.
+        assert!(check_virtual_size(1 << 51, 16).is_ok());
+        assert!(check_virtual_size((1 << 51) + 512, 16).is_err());
+        // 32 MiB of L1 entries at 512 B clusters: 4M entries of 32 KiB.
+        assert!(check_virtual_size(1u64 << 37, 9).is_ok());
+        assert!(check_virtual_size((1u64 << 37) + 512, 9).is_err());
+    }
+
+    #[test]
+    fn backing_rewrite_layout() {
+        let mut b = v3_fixture();
+        let ext = |b: &mut Vec<u8>, at: usize, typ: u32, data: &[u8]| {
+            b[at..at + 4].copy_from_slice(&typ.to_be_bytes());
+            b[at + 4..at + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            b[at + 8..at + 8 + data.len()].copy_from_slice(data);
+        };
+        // Unknown extension, then backing format "raw", then feature names.
+        ext(&mut b, 112, 0x1234_5678, b"abc");
+        ext(&mut b, 128, EXT_BACKING_FORMAT, b"raw");
+        let mut feature = [0u8; 48];
+        feature[1] = 1;
+        feature[2..9].copy_from_slice(b"corrupt");
+        ext(&mut b, 144, EXT_FEATURE_NAMES, &feature);
+        b[8..16].copy_from_slice(&512u64.to_be_bytes()); // backing_file_offset
+        b[16..20].copy_from_slice(&5u32.to_be_bytes()); //  backing_file_size
+        b[512..517].copy_from_slice(b"b.img");
+        let h = Header::parse(&b, FILE).unwrap();
+        let out = h.with_backing(&b, "../base.qcow2", Some("qcow2")).unwrap();
+        assert_eq!(out.len(), 0x10000);
+        // The fixed header is kept, but for the name's offset and length.
+        assert_eq!(out[..8], b[..8]);
+        assert_eq!(out[20..112], b[20..112]);
+        let mut want = Vec::new();
+        want.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes()); // backing format first
+        want.extend_from_slice(&5u32.to_be_bytes());
+        want.extend_from_slice(b"qcow2\0\0\0"); //                      padded to 8
+        want.extend_from_slice(&b[112..128]); //                     unknown, kept
+        want.extend_from_slice(&b[144..200]); //                     feature names, kept
+        want.extend_from_slice(&[0; 8]); //                          end marker
+        want.extend_from_slice(b"../base.qcow2"); //                 the name
+        assert_eq!(out[112..112 + want.len()], want[..]);
+        assert!(out[112 + want.len()..].iter().all(|&x| x == 0));
+        let name_at = 112 + want.len() as u64 - 13;
+        assert_eq!(out[8..16], name_at.to_be_bytes());
+        assert_eq!(out[16..20], 13u32.to_be_bytes());
+        let back = Header::parse(&out, FILE).unwrap();
+        assert_eq!(back.backing_file.as_deref(), Some("../base.qcow2"));
+        assert_eq!(back.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(back.feature_names, h.feature_names);
+        // Without a format the extension goes away.
+        let out = h.with_backing(&b, "x", None).unwrap();
+        assert_eq!(Header::parse(&out, FILE).unwrap().backing_format, None);
+    }
+
+    #[test]
+    fn backing_rewrite_refusals() {
+        let b = v3_fixture();
+        let h = Header::parse(&b, FILE).unwrap();
+        for bad in ["", "a\0b", &"n".repeat(1024)] {
+            assert!(h.with_backing(&b, bad, None).is_err(), "{bad:?}");
+        }
+        assert!(h.with_backing(&b, &"n".repeat(1023), None).is_ok());
+        // 512 B clusters: 112 header bytes + 8 end marker + 1023 do not fit.
+        let mut small = h.clone();
+        small.cluster_bits = 9;
+        let e = small
+            .with_backing(&b[..512], &"n".repeat(1023), Some("raw"))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "{}", e.msg);
+        assert!(small.with_backing(&b[..512], &"n".repeat(392), None).is_ok());
+        assert!(small.with_backing(&b[..512], &"n".repeat(393), None).is_err());
+    }
+
     /// Random mutations of a valid header (with extensions and a backing
     /// name) must give an error or a header, never a panic.
     #[test]

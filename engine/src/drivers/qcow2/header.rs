@@ -567,8 +567,12 @@ pub(crate) mod tests {
             .with_backing(&b[..512], &"n".repeat(1023), Some("raw"))
             .unwrap_err();
         assert_eq!(e.errno(), libc::ENOSPC, "{}", e.msg);
-        assert!(small.with_backing(&b[..512], &"n".repeat(392), None).is_ok());
-        assert!(small.with_backing(&b[..512], &"n".repeat(393), None).is_err());
+        assert!(small
+            .with_backing(&b[..512], &"n".repeat(392), None)
+            .is_ok());
+        assert!(small
+            .with_backing(&b[..512], &"n".repeat(393), None)
+            .is_err());
     }
 
     /// Random mutations of a valid header (with extensions and a backing

@@ -20,14 +20,11 @@ impl Qcow2Driver {
             return Err(Error::generic("The new size must be a multiple of 512"));
         }
         if !self.snapshots.is_empty() {
-            return Err(Error::generic(
-                "Can't resize an image which has snapshots",
-            ));
+            return Err(Error::generic("Can't resize an image which has snapshots"));
         }
         self.refuse_if_corrupt()?;
-        check_virtual_size(size, self.header.cluster_bits).map_err(|e| {
-            Error::generic(format!("Failed to grow the L1 table: {}", e.msg))
-        })?;
+        check_virtual_size(size, self.header.cluster_bits)
+            .map_err(|e| Error::generic(format!("Failed to grow the L1 table: {}", e.msg)))?;
         let old = self.virtual_size();
         let r = if size > old {
             self.grow(old, size)

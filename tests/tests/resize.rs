@@ -508,3 +508,54 @@ fn change_backing_file_errors() {
     assert_eq!(info(&top)["backing-filename"], json!(mid));
     assert_eq!(info(&other)["backing-filename"], json!(other_base));
 }
+
+/// A version 2 image: extensions start right after the 72-byte header.
+#[test]
+fn change_backing_file_of_a_v2_image() {
+    let dir = TestDir::new("rs-cbf-v2");
+    let base = raw_image(&dir, "base.raw", "2M");
+    qemu_io("raw", base.as_ref(), &["write -P 0x41 0 2M"]);
+    let top = dir.file("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        &base,
+        "-F",
+        "raw",
+        &top,
+        "2M",
+    ]);
+    qemu_io("qcow2", top.as_ref(), &["write -P 0x42 512k 512k"]);
+    let d = Daemon::start(&dir, &[spec("qcow2", "d0", "top", &top)]);
+    let mut q = d.qmp();
+    q.ok(
+        "change-backing-file",
+        json!({"device": "d0", "image-node-name": "top", "backing-file": "base.raw"}),
+    );
+    let inserted = &q.ok("query-block", json!({}))[0]["inserted"];
+    assert_eq!(inserted["backing_file"], "base.raw", "{inserted}");
+    assert_eq!(
+        inserted["image"]["backing-filename"], "base.raw",
+        "{inserted}"
+    );
+    assert!(d.terminate().success());
+    let i = info(&top);
+    assert_eq!(i["backing-filename"], "base.raw", "{i}");
+    assert_eq!(i["backing-filename-format"], "raw", "{i}");
+    assert_eq!(i["format-specific"]["data"]["compat"], "0.10", "{i}");
+    assert_clean(&top);
+    qemu_io_ro(
+        "qcow2",
+        top.as_ref(),
+        &[
+            "read -P 0x41 0 512k",
+            "read -P 0x42 512k 512k",
+            "read -P 0x41 1M 1M",
+        ],
+    );
+}

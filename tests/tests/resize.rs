@@ -559,3 +559,81 @@ fn change_backing_file_of_a_v2_image() {
         ],
     );
 }
+
+/// Grow, write at both ends, shrink through the middle of the writes: with
+/// a refcount table that must grow, lazy refcounts, O_DIRECT, version 2.
+/// Returns the image's refcount_table_clusters afterwards.
+fn grow_write_shrink(name: &str, opts: &str, direct: bool, big: u64) -> u32 {
+    let dir = TestDir::new(name);
+    let img = qcow2_image(&dir, "a.qcow2", opts, "1M");
+    qemu_io(
+        "qcow2",
+        img.as_ref(),
+        &["write -P 0xa1 0 64k", "write -P 0xb2 1020k 4k"],
+    );
+    let small = big / 2 + 65536;
+    let expected = expected_raw(&dir, &img, "expected.raw", big);
+    let spec = json!({"driver": "qcow2", "id": "d0", "cache": {"direct": direct},
+        "file": file_opts(&img)})
+    .to_string();
+    let d = Daemon::start(&dir, &[spec]);
+    let mut q = d.qmp();
+    resize(&mut q, json!({"device": "d0"}), big);
+    assert_eq!(dev_len(&d, "d0"), big);
+    let e = OpenOptions::new().write(true).open(&expected).unwrap();
+    for (off, data) in [
+        (big - 4096, pattern(1, 4096)),
+        (big / 2 + 100, pattern(2, 70_000)),
+    ] {
+        write_dev(&d, "d0", off, &data);
+        e.write_all_at(&data, off).unwrap();
+    }
+    resize(&mut q, json!({"device": "d0"}), small);
+    e.set_len(small).unwrap();
+    assert_eq!(dev_len(&d, "d0"), small);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        expected.as_ref(),
+        "raw"
+    ));
+    assert!(d.terminate().success());
+    assert_clean(&img);
+    assert_eq!(info(&img)["virtual-size"], small);
+    assert!(images_identical(
+        img.as_ref(),
+        "qcow2",
+        expected.as_ref(),
+        "raw"
+    ));
+    let head = std::fs::read(&img).unwrap();
+    u32::from_be_bytes(head[56..60].try_into().unwrap())
+}
+
+#[test]
+fn qcow2_resize_growing_the_refcount_table() {
+    // 64 refcounts per 512 B block, 64 blocks per one-cluster table: the
+    // 2 MiB L1 table of 8 GiB lies past what that table covers.
+    let rt = grow_write_shrink(
+        "rs-q2-rt",
+        "cluster_size=512,refcount_bits=64",
+        false,
+        8 << 30,
+    );
+    assert!(rt > 1, "the refcount table did not grow");
+}
+
+#[test]
+fn qcow2_resize_lazy_refcounts_direct() {
+    grow_write_shrink(
+        "rs-q2-lazy",
+        "cluster_size=4096,lazy_refcounts=on",
+        true,
+        256 * M,
+    );
+}
+
+#[test]
+fn qcow2_resize_v2_direct() {
+    grow_write_shrink("rs-q2-v2", "compat=0.10", true, 4 << 30);
+}

@@ -637,3 +637,23 @@ fn qcow2_resize_lazy_refcounts_direct() {
 fn qcow2_resize_v2_direct() {
     grow_write_shrink("rs-q2-v2", "compat=0.10", true, 4 << 30);
 }
+
+/// A resize is on disk once acknowledged: after kill -9 the image has the
+/// new size, no corruption, and its data.
+#[test]
+fn qcow2_resize_survives_kill() {
+    let dir = TestDir::new("rs-q2-kill");
+    let img = qcow2_image(&dir, "a.qcow2", "cluster_size=512", "1M");
+    qemu_io("qcow2", img.as_ref(), &["write -P 0xa1 0 1M"]);
+    let spec = spec("qcow2", "d0", "n0", &img);
+    for (size, keep) in [(1u64 << 30, M), (512 * 1024, 512 * 1024)] {
+        let d = Daemon::start(&dir, std::slice::from_ref(&spec));
+        resize(&mut d.qmp(), json!({"device": "d0"}), size);
+        drop(d); // SIGKILL, no flush, no close
+        let v = qemu_img_check(&img);
+        assert_eq!(v["check-errors"], 0, "{v}");
+        assert!(v.get("corruptions").is_none_or(|c| c == 0), "{v}");
+        assert_eq!(info(&img)["virtual-size"], size);
+        qemu_io_ro("qcow2", img.as_ref(), &[&format!("read -P 0xa1 0 {keep}")]);
+    }
+}

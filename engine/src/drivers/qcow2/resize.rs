@@ -29,7 +29,10 @@ impl Qcow2Driver {
         let r = if size > old {
             self.grow(old, size)
         } else if size < old {
+            // New requests past the new end are refused from now on.
+            self.size.store(size, Ordering::Release);
             self.shrink(size, old)
+                .inspect_err(|_| self.size.store(old, Ordering::Release))
         } else {
             Ok(())
         };

@@ -657,3 +657,47 @@ fn qcow2_resize_survives_kill() {
         qemu_io_ro("qcow2", img.as_ref(), &[&format!("read -P 0xa1 0 {keep}")]);
     }
 }
+
+/// Detaches a loop device on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_size_is_fixed() {
+    let dir = TestDir::new("rs-blk");
+    let img = raw_image(&dir, "a.raw", "1M");
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", &img])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "skipped: no loop device ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let spec = json!({"driver": "raw", "id": "d0",
+        "file": {"driver": "host_device", "filename": &dev.0}})
+    .to_string();
+    let d = Daemon::start(&dir, &[spec]);
+    let mut q = d.qmp();
+    for size in [2 * M, 512 * 1024] {
+        let (class, desc) = q.err("block_resize", json!({"device": "d0", "size": size}));
+        assert_eq!(class, "GenericError");
+        assert!(desc.contains("Cannot grow/shrink a block device"), "{desc}");
+    }
+    // The size it has already is accepted.
+    resize(&mut q, json!({"device": "d0"}), M);
+    assert_eq!(dev_len(&d, "d0"), M);
+    assert!(d.terminate().success());
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), M);
+}

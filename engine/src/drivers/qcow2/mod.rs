@@ -3,7 +3,7 @@
 //! - [`header`]: header and extensions, validated at open.
 //! - [`entry`]: L1/L2 entry decoding into a [`entry::Mapping`].
 //! - [`meta`]: cached tables, refcounts, allocation, update ordering.
-//! - [`resize`]: `block_resize` and `change-backing-file`.
+//! - `resize`: `block_resize` and `change-backing-file`.
 //! - this module: the driver; it turns a guest range into a plan of
 //!   segments and does the data I/O outside the metadata lock.
 //!

@@ -701,3 +701,60 @@ fn block_device_size_is_fixed() {
     assert!(d.terminate().success());
     assert_eq!(std::fs::metadata(&img).unwrap().len(), M);
 }
+
+/// Growing (and moving the L1 table) while a writer allocates L2 tables
+/// below the old end: no write is lost.
+#[test]
+fn qcow2_grow_while_writing() {
+    let dir = TestDir::new("rs-q2-busy");
+    let img = qcow2_image(&dir, "a.qcow2", "cluster_size=512", "1M");
+    let expected = raw_image(&dir, "expected.raw", "1M");
+    let d = Daemon::start(&dir, &[spec("qcow2", "d0", "n0", &img)]);
+    let dev = d.dev("d0");
+    let exp = expected.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let f = OpenOptions::new().write(true).open(&dev).unwrap();
+        let e = OpenOptions::new().write(true).open(&exp).unwrap();
+        let mut seed = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            seed += 1;
+            // A new L2 table (32 KiB of guest space each) every few writes.
+            let off = seed * 37 * 4096 % (M - 4096);
+            let data = pattern(seed, 4096);
+            f.write_all_at(&data, off).unwrap();
+            e.write_all_at(&data, off).unwrap();
+        }
+        seed
+    });
+    let mut q = d.qmp();
+    // Every step needs 16 more L1 entries: the table moves each time.
+    for step in 1..=126 {
+        resize(&mut q, json!({"device": "d0"}), M + step * 512 * 1024);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} writes while resizing");
+    assert!(writes > 0);
+    OpenOptions::new()
+        .write(true)
+        .open(&expected)
+        .unwrap()
+        .set_len(64 * M)
+        .unwrap();
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        expected.as_ref(),
+        "raw"
+    ));
+    assert!(d.terminate().success());
+    assert_clean(&img);
+    assert!(images_identical(
+        img.as_ref(),
+        "qcow2",
+        expected.as_ref(),
+        "raw"
+    ));
+}

@@ -26,6 +26,9 @@ pub struct FileDriver {
     /// Offset and length alignment of O_DIRECT requests.
     align: u64,
     no_flush: bool,
+    read_only: bool,
+    /// A block device: its size is fixed.
+    blockdev: bool,
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
     rmw: Arc<RwLock<()>>,
@@ -55,7 +58,7 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let size = fd_size(&fd)
+        let (size, blockdev) = fd_size(&fd)
             .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
         let align = if opts.direct { dio_align(&fd) } else { 1 };
         Ok(FileDriver {
@@ -65,6 +68,8 @@ impl FileDriver {
             direct: opts.direct,
             align,
             no_flush: opts.no_flush,
+            read_only: opts.read_only,
+            blockdev,
             size: AtomicU64::new(size),
             rmw: Arc::new(RwLock::new(())),
         })
@@ -287,6 +292,49 @@ impl Driver for FileDriver {
     fn filename(&self) -> String {
         self.filename.to_string()
     }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::generic(format!(
+                "Cannot resize '{}': it is open read-only",
+                self.filename
+            )));
+        }
+        if self.blockdev {
+            if size != self.size() {
+                return Err(Error::generic("Cannot grow/shrink a block device"));
+            }
+            return Ok(());
+        }
+        let len = libc::off_t::try_from(size)
+            .map_err(|_| Error::from_errno(libc::EFBIG, &self.filename))?;
+        // No read-modify-write may straddle the old end while it moves.
+        let _excl = self.rmw.write();
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::from_io(
+                &e,
+                format!("Failed to resize '{}'", self.filename),
+            ));
+        }
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes `data` at `offset` of the file at `path` through a short-lived
+/// read-write descriptor, then syncs it: for metadata updates of an image
+/// whose node is open read-only (e.g. a backing file's header).
+pub fn write_through_path(path: &str, offset: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::from_io(&e, format!("Could not open '{path}' for writing")))?;
+    f.write_all_at(data, offset)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| Error::from_io(&e, format!("Could not write '{path}'")))
 }
 
 /// Fallback for filesystems without FALLOC_FL_ZERO_RANGE.
@@ -327,7 +375,8 @@ fn dio_align(fd: &OwnedFd) -> u64 {
     }
 }
 
-fn fd_size(fd: &OwnedFd) -> std::io::Result<u64> {
+/// The size of a file or block device, and whether it is a block device.
+fn fd_size(fd: &OwnedFd) -> std::io::Result<(u64, bool)> {
     // SAFETY: fstat fills a zeroed struct for a descriptor we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: see above.
@@ -342,7 +391,7 @@ fn fd_size(fd: &OwnedFd) -> std::io::Result<u64> {
         if unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64, &mut size) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        return Ok(size);
+        return Ok((size, true));
     }
-    Ok(st.st_size as u64)
+    Ok((st.st_size as u64, false))
 }

@@ -52,4 +52,8 @@ impl Driver for RawDriver {
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.file)
     }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        self.file.driver.resize(size)
+    }
 }

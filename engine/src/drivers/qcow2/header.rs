@@ -141,29 +141,43 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+    /// The header extensions before the end marker: (type, data range in `buf`).
+    fn extensions(&self, buf: &[u8]) -> Result<Vec<(u32, std::ops::Range<usize>)>> {
         let end = if self.backing_file_offset_in(buf) > 0 {
             (self.backing_file_offset_in(buf) as usize).min(buf.len())
         } else {
             buf.len().min(self.cluster_size() as usize)
         };
-        let mut at = if self.version == 2 {
-            72
-        } else {
-            self.header_length as usize
-        };
+        let mut at = self.extensions_start();
+        let mut exts = Vec::new();
         while at + 8 <= end {
             let (typ, len) = (be32(buf, at), be32(buf, at + 4) as usize);
             let data = at + 8;
             if typ == EXT_END {
-                return Ok(());
+                break;
             }
             if data + len > end {
                 return Err(invalid(format!(
                     "header extension {typ:#x} runs past the extension area"
                 )));
             }
-            let bytes = &buf[data..data + len];
+            exts.push((typ, data..data + len));
+            at = data + len.next_multiple_of(8);
+        }
+        Ok(exts)
+    }
+
+    fn extensions_start(&self) -> usize {
+        if self.version == 2 {
+            72
+        } else {
+            self.header_length as usize
+        }
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+        for (typ, range) in self.extensions(buf)? {
+            let bytes = &buf[range];
             match typ {
                 EXT_BACKING_FORMAT => {
                     let s = String::from_utf8_lossy(bytes)
@@ -182,9 +196,43 @@ impl Header {
                 // Others (bitmaps, encryption, unknown) are left in place untouched.
                 _ => {}
             }
-            at = data + len.next_multiple_of(8);
         }
         Ok(())
+    }
+
+    /// The first cluster `first` rewritten to record backing file `name` in
+    /// `format`, laid out as QEMU's qcow2_update_header does: the header, the
+    /// backing format extension, the other extensions in their order, the
+    /// end marker, then the name; the rest of the cluster is zero.
+    pub fn with_backing(&self, first: &[u8], name: &str, format: Option<&str>) -> Result<Vec<u8>> {
+        check_backing_name(name)?;
+        let cs = self.cluster_size() as usize;
+        let start = self.extensions_start();
+        if first.len() < start {
+            return Err(invalid("header cluster is truncated"));
+        }
+        let mut out = first[..start].to_vec();
+        if let Some(f) = format {
+            push_ext(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        for (typ, range) in self.extensions(first)? {
+            if typ != EXT_BACKING_FORMAT {
+                push_ext(&mut out, typ, &first[range]);
+            }
+        }
+        push_ext(&mut out, EXT_END, &[]);
+        let name_at = out.len() as u64;
+        out.extend_from_slice(name.as_bytes());
+        if out.len() > cs {
+            return Err(Error::io(
+                libc::ENOSPC,
+                "the header, its extensions and the backing file name do not fit in the first cluster",
+            ));
+        }
+        out[8..16].copy_from_slice(&name_at.to_be_bytes());
+        out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        out.resize(cs, 0);
+        Ok(out)
     }
 
     fn backing_file_offset_in(&self, buf: &[u8]) -> u64 {
@@ -250,12 +298,8 @@ impl Header {
                 "{how}-encrypted images are not supported by blkfs yet"
             )));
         }
-        // A virtual size whose L1 table would exceed the limit is refused.
-        let l2_entries = cs / 8;
-        let needed_l1 = self.size.div_ceil(cs).div_ceil(l2_entries);
-        if self.size > (1u64 << 62) || needed_l1 > (MAX_L1_BYTES / 8) {
-            return Err(invalid(format!("virtual size {} is too large", self.size)));
-        }
+        check_virtual_size(self.size, self.cluster_bits)?;
+        let needed_l1 = l1_entries_for(self.size, self.cluster_bits);
         if (self.l1_size as u64) < needed_l1 {
             return Err(invalid(format!(
                 "L1 table has {} entries, {needed_l1} needed",
@@ -300,6 +344,45 @@ impl Header {
         }
         Ok(())
     }
+}
+
+/// Appends one extension (type, length, data padded to 8 bytes).
+fn push_ext(out: &mut Vec<u8>, typ: u32, data: &[u8]) {
+    out.extend_from_slice(&typ.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+/// A backing file name the header can record (QEMU's limit, no NUL).
+pub fn check_backing_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::generic("the backing file name is empty"));
+    }
+    if name.len() > 1023 {
+        return Err(Error::generic(format!(
+            "the backing file name is {} bytes long, at most 1023 are allowed",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::generic("the backing file name contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// L1 entries needed for a virtual size of `size` bytes.
+pub fn l1_entries_for(size: u64, cluster_bits: u32) -> u64 {
+    let cs = 1u64 << cluster_bits;
+    size.div_ceil(cs).div_ceil(cs / 8)
+}
+
+/// Refuses a virtual size whose L1 table would exceed QEMU's limit.
+pub fn check_virtual_size(size: u64, cluster_bits: u32) -> Result<()> {
+    if size > (1u64 << 62) || l1_entries_for(size, cluster_bits) > MAX_L1_BYTES / 8 {
+        return Err(invalid(format!("virtual size {size} is too large")));
+    }
+    Ok(())
 }
 
 /// A table must be cluster aligned, inside the file and not over the header.
@@ -402,6 +485,94 @@ pub(crate) mod tests {
         b[122..128].copy_from_slice(b"shiny!");
         let e = Header::parse(&b, FILE).unwrap_err();
         assert!(e.msg.contains("bit 6 (shiny!)"), "{}", e.msg);
+    }
+
+    #[test]
+    fn l1_entries_for_sizes() {
+        // 512 B clusters: 64 entries per L2 table, 32 KiB per L1 entry.
+        assert_eq!(l1_entries_for(1 << 20, 9), 32);
+        assert_eq!(l1_entries_for(1 << 30, 9), 32768);
+        assert_eq!(l1_entries_for((1 << 20) + 512, 9), 33);
+        // 64 KiB clusters: 512 MiB per L1 entry.
+        assert_eq!(l1_entries_for(0, 16), 0);
+        assert_eq!(l1_entries_for(1, 16), 1);
+        assert_eq!(l1_entries_for(512 << 20, 16), 1);
+        assert_eq!(l1_entries_for((512 << 20) + 512, 16), 2);
+        // 32 MiB of L1 entries at 64 KiB clusters: 4M entries of 512 MiB.
+        assert!(check_virtual_size(1 << 51, 16).is_ok());
+        assert!(check_virtual_size((1 << 51) + 512, 16).is_err());
+        // 32 MiB of L1 entries at 512 B clusters: 4M entries of 32 KiB.
+        assert!(check_virtual_size(1u64 << 37, 9).is_ok());
+        assert!(check_virtual_size((1u64 << 37) + 512, 9).is_err());
+    }
+
+    #[test]
+    fn backing_rewrite_layout() {
+        let mut b = v3_fixture();
+        let ext = |b: &mut Vec<u8>, at: usize, typ: u32, data: &[u8]| {
+            b[at..at + 4].copy_from_slice(&typ.to_be_bytes());
+            b[at + 4..at + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            b[at + 8..at + 8 + data.len()].copy_from_slice(data);
+        };
+        // Unknown extension, then backing format "raw", then feature names.
+        ext(&mut b, 112, 0x1234_5678, b"abc");
+        ext(&mut b, 128, EXT_BACKING_FORMAT, b"raw");
+        let mut feature = [0u8; 48];
+        feature[1] = 1;
+        feature[2..9].copy_from_slice(b"corrupt");
+        ext(&mut b, 144, EXT_FEATURE_NAMES, &feature);
+        b[8..16].copy_from_slice(&512u64.to_be_bytes()); // backing_file_offset
+        b[16..20].copy_from_slice(&5u32.to_be_bytes()); //  backing_file_size
+        b[512..517].copy_from_slice(b"b.img");
+        let h = Header::parse(&b, FILE).unwrap();
+        let out = h.with_backing(&b, "../base.qcow2", Some("qcow2")).unwrap();
+        assert_eq!(out.len(), 0x10000);
+        // The fixed header is kept, but for the name's offset and length.
+        assert_eq!(out[..8], b[..8]);
+        assert_eq!(out[20..112], b[20..112]);
+        let mut want = Vec::new();
+        want.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes()); // backing format first
+        want.extend_from_slice(&5u32.to_be_bytes());
+        want.extend_from_slice(b"qcow2\0\0\0"); //                      padded to 8
+        want.extend_from_slice(&b[112..128]); //                     unknown, kept
+        want.extend_from_slice(&b[144..200]); //                     feature names, kept
+        want.extend_from_slice(&[0; 8]); //                          end marker
+        want.extend_from_slice(b"../base.qcow2"); //                 the name
+        assert_eq!(out[112..112 + want.len()], want[..]);
+        assert!(out[112 + want.len()..].iter().all(|&x| x == 0));
+        let name_at = 112 + want.len() as u64 - 13;
+        assert_eq!(out[8..16], name_at.to_be_bytes());
+        assert_eq!(out[16..20], 13u32.to_be_bytes());
+        let back = Header::parse(&out, FILE).unwrap();
+        assert_eq!(back.backing_file.as_deref(), Some("../base.qcow2"));
+        assert_eq!(back.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(back.feature_names, h.feature_names);
+        // Without a format the extension goes away.
+        let out = h.with_backing(&b, "x", None).unwrap();
+        assert_eq!(Header::parse(&out, FILE).unwrap().backing_format, None);
+    }
+
+    #[test]
+    fn backing_rewrite_refusals() {
+        let b = v3_fixture();
+        let h = Header::parse(&b, FILE).unwrap();
+        for bad in ["", "a\0b", &"n".repeat(1024)] {
+            assert!(h.with_backing(&b, bad, None).is_err(), "{bad:?}");
+        }
+        assert!(h.with_backing(&b, &"n".repeat(1023), None).is_ok());
+        // 512 B clusters: 112 header bytes + 8 end marker + 1023 do not fit.
+        let mut small = h.clone();
+        small.cluster_bits = 9;
+        let e = small
+            .with_backing(&b[..512], &"n".repeat(1023), Some("raw"))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "{}", e.msg);
+        assert!(small
+            .with_backing(&b[..512], &"n".repeat(392), None)
+            .is_ok());
+        assert!(small
+            .with_backing(&b[..512], &"n".repeat(393), None)
+            .is_err());
     }
 
     /// Random mutations of a valid header (with extensions and a backing

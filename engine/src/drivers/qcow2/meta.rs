@@ -100,7 +100,7 @@ impl Meta {
         Ok(())
     }
 
-    fn l2_entries(&self) -> u64 {
+    pub fn l2_entries(&self) -> u64 {
         self.cs / 8
     }
 
@@ -388,14 +388,89 @@ impl Meta {
 
     /// A new cluster at the end of the file, its refcount already 1.
     pub fn alloc_cluster(&mut self) -> Result<u64> {
+        self.alloc_clusters(1)
+    }
+
+    /// `n` contiguous new clusters at the end of the file, their refcounts
+    /// already 1. They are reserved before any refcount is set, so refcount
+    /// blocks allocated on the way land after them.
+    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         self.mark_dirty()?;
-        let idx = self.next_free;
-        self.next_free += 1;
-        if self.lazy.is_some() {
-            return Ok(idx * self.cs);
+        let first = self.next_free;
+        self.next_free += n;
+        if self.lazy.is_none() {
+            for idx in first..first + n {
+                self.set_refcount(idx, 1)?;
+            }
         }
-        self.set_refcount(idx, 1)?;
-        Ok(idx * self.cs)
+        Ok(first * self.cs)
+    }
+
+    /// Entries of the L1 table.
+    pub fn l1_len(&self) -> u64 {
+        self.l1.len() as u64
+    }
+
+    /// Moves the L1 table to a bigger place with `entries` entries.
+    ///
+    /// The copy is written to new clusters and flushed, one header write
+    /// switches l1_size and l1_table_offset together, and the old table is
+    /// released only once that is flushed: a crash leaves either table in
+    /// force (and at worst leaked clusters).
+    pub fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        let old_len = self.l1_len();
+        if entries <= old_len {
+            return Ok(());
+        }
+        let size = u32::try_from(entries)
+            .map_err(|_| Error::generic("Failed to grow the L1 table: File too large"))?;
+        let clusters = (entries * 8).div_ceil(self.cs);
+        let off = self.alloc_clusters(clusters)?;
+        let mut table = self.l1.clone();
+        table.resize(entries as usize, 0);
+        let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        bytes.resize((clusters * self.cs) as usize, 0);
+        write_at(&self.file, off, &bytes)?;
+        wait(|d| self.file.flush(d))?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&size.to_be_bytes());
+        hdr[4..].copy_from_slice(&off.to_be_bytes());
+        write_at(&self.file, 36, &hdr)?;
+        wait(|d| self.file.flush(d))?;
+        let old_off = std::mem::replace(&mut self.l1_offset, off);
+        self.l1 = table;
+        if old_len > 0 {
+            self.release(old_off, old_len * 8)?;
+        }
+        Ok(())
+    }
+
+    /// Clears L1 entry `l1_idx` on disk and returns what it referenced, for
+    /// the caller to release once the change is flushed: the L2 table's
+    /// offset and, when the table was ours alone, the mappings in it.
+    pub fn clear_l1(&mut self, l1_idx: u64) -> Result<Option<(u64, Vec<Mapping>)>> {
+        let l1e = *self
+            .l1
+            .get(l1_idx as usize)
+            .ok_or_else(|| corrupt("L1 index out of range"))?;
+        let l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok(None);
+        }
+        self.mark_dirty()?;
+        let (bits, v3) = (self.cluster_bits, self.v3);
+        let mappings = if l1e & COPIED != 0 {
+            self.l2_table(l2_off)?
+                .iter()
+                .map(|&e| Mapping::decode(e, bits, v3))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        write_at(&self.file, self.l1_offset + l1_idx * 8, &0u64.to_be_bytes())?;
+        self.l1[l1_idx as usize] = 0;
+        self.l2.remove(&l2_off);
+        Ok(Some((l2_off, mappings)))
     }
 
     /// Drops one reference of every host cluster in `off..off+len`.

@@ -3,6 +3,7 @@
 //! - [`header`]: header and extensions, validated at open.
 //! - [`entry`]: L1/L2 entry decoding into a [`entry::Mapping`].
 //! - [`meta`]: cached tables, refcounts, allocation, update ordering.
+//! - `resize`: `block_resize` and `change-backing-file`.
 //! - this module: the driver; it turns a guest range into a plan of
 //!   segments and does the data I/O outside the metadata lock.
 //!
@@ -16,6 +17,7 @@ pub mod create;
 pub mod entry;
 pub mod header;
 pub mod meta;
+mod resize;
 pub mod snapshot;
 
 use super::{wait, Done, Driver, Status};
@@ -28,13 +30,18 @@ use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub struct Qcow2Driver {
     file: Arc<Node>,
     backing: Option<Arc<Node>>,
     header: Header,
+    /// The virtual size (`header.size` at open; `block_resize` changes it).
+    size: AtomicU64,
+    /// The backing file name and format the header records now
+    /// (`change-backing-file` rewrites them).
+    backing_name: Mutex<(Option<String>, Option<String>)>,
     meta: Mutex<Meta>,
     /// Guest clusters whose mapping a request is changing; others wait.
     claims: Mutex<HashSet<u64>>,
@@ -113,6 +120,8 @@ impl Qcow2Driver {
         let snapshots = snapshot::read_table(&file, &header)?;
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
+            size: AtomicU64::new(header.size),
+            backing_name: Mutex::new((header.backing_file.clone(), header.backing_format.clone())),
             file,
             backing,
             header,
@@ -128,6 +137,10 @@ impl Qcow2Driver {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// On the first corruption found: set the corrupt bit (v3) so no tool
@@ -297,7 +310,7 @@ impl Qcow2Driver {
         } else {
             match old {
                 Mapping::Unallocated => {
-                    let len = self.cs.min(self.header.size - base) as usize;
+                    let len = self.cs.min(self.virtual_size() - base) as usize;
                     let mut b = Buf::zeroed(self.cs as usize);
                     let src = wait(|d| self.read_backing(base, Buf::zeroed(len), d))?;
                     b[..len].copy_from_slice(&src);
@@ -419,7 +432,7 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn size(&self) -> u64 {
-        self.header.size
+        self.virtual_size()
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
@@ -504,7 +517,7 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let len = len.min(self.header.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         if len == 0 {
             return Err(Error::io(
                 libc::ENXIO,
@@ -538,6 +551,18 @@ impl Driver for Arc<Qcow2Driver> {
         self.backing.as_ref()
     }
 
+    fn resize(&self, size: u64) -> Result<()> {
+        self.resize_image(size)
+    }
+
+    fn backing_file_name(&self) -> Option<String> {
+        self.backing_name.lock().0.clone()
+    }
+
+    fn change_backing_file(&self, name: &str, format: Option<&str>) -> Result<()> {
+        self.rewrite_backing(name, format)
+    }
+
     /// Lazy refcounts: rebuild them and clear the dirty bit on a clean close.
     fn close(&self) -> Result<()> {
         let meta = self.meta.lock();
@@ -564,10 +589,11 @@ impl Driver for Arc<Qcow2Driver> {
             specific["lazy-refcounts"] = json!(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
         }
         v["format-specific"] = json!({"type": "qcow2", "data": specific});
-        if let Some(b) = &h.backing_file {
+        let (name, format) = &*self.backing_name.lock();
+        if let Some(b) = name {
             v["backing-filename"] = json!(b);
         }
-        if let Some(f) = &h.backing_format {
+        if let Some(f) = format {
             v["backing-filename-format"] = json!(f);
         }
         if !self.snapshots.is_empty() {

@@ -55,11 +55,7 @@ fn quit(mut d: Daemon) {
 fn assert_alive(d: &Daemon, id: &str) {
     let block = d.qmp().ok("query-block", json!({}));
     assert!(
-        block
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["device"] == id),
+        block.as_array().unwrap().iter().any(|b| b["device"] == id),
         "{block}"
     );
 }
@@ -86,10 +82,22 @@ fn read_error_reaches_the_caller_as_eio() {
     // An armed rule fails every request, as in QEMU, until an event re-arms the list.
     assert_eq!(write_errno(&f, &[2; 4096], 0), Some(libc::EIO));
     assert_alive(&d, "d0");
+    let nodes = d.qmp().ok("query-named-block-nodes", json!({}));
+    let bd = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "blkdebug")
+        .unwrap_or_else(|| panic!("no blkdebug node: {nodes}"));
+    assert_eq!(bd["file"], img.as_str());
+    assert_eq!(bd["image"]["virtual-size"], 1 << 20);
     quit(d);
     let data = std::fs::read(&img).unwrap();
     assert!(data[8192..12288].iter().all(|&b| b == 1));
-    assert!(data[..4096].iter().all(|&b| b == 0x5a), "failed write left no trace");
+    assert!(
+        data[..4096].iter().all(|&b| b == 0x5a),
+        "failed write left no trace"
+    );
 }
 
 #[test]
@@ -213,7 +221,11 @@ fn check_state_machine(d: Daemon, id: &str, img: &str) {
     drop(f);
     quit(d);
     assert_no_corruption(img);
-    let out = qemu_io_ro("qcow2", img.as_ref(), &["read -P 0 0 64k", "read -P 0 1M 4k"]);
+    let out = qemu_io_ro(
+        "qcow2",
+        img.as_ref(),
+        &["read -P 0 0 64k", "read -P 0 1M 4k"],
+    );
     assert!(out.contains("read 4096/4096"), "{out}");
 }
 
@@ -259,7 +271,11 @@ fn config_and_align_errors_fail_the_open() {
     let dir = TestDir::new("bd-conferr");
     let img = raw_image(&dir, "a.img", "1M");
     let conf = dir.file("bad.conf");
-    std::fs::write(&conf, "[inject-error]\nevent = \"read_aio\"\nerrno = \"x\"\n").unwrap();
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"x\"\n",
+    )
+    .unwrap();
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
     let add = |opts: Value| {
@@ -269,8 +285,14 @@ fn config_and_align_errors_fail_the_open() {
     let (class, desc) = q.err("blockdev-add", add(json!({"config": conf})));
     assert_eq!(class, "GenericError");
     assert_eq!(desc, format!("{conf}:3: 'errno' must be a number, not 'x'"));
-    let (_, desc) = q.err("blockdev-add", add(json!({"config": dir.file("none.conf")})));
-    assert!(desc.starts_with("Could not read blkdebug config file"), "{desc}");
+    let (_, desc) = q.err(
+        "blockdev-add",
+        add(json!({"config": dir.file("none.conf")})),
+    );
+    assert!(
+        desc.starts_with("Could not read blkdebug config file"),
+        "{desc}"
+    );
     for align in [3, -4096, 6000] {
         let (_, desc) = q.err("blockdev-add", add(json!({"align": align})));
         assert_eq!(desc, "Invalid alignment");
@@ -292,10 +314,7 @@ fn align_keeps_unaligned_writes_intact() {
     qemu_io("raw", img.as_ref(), &["write -P 0x77 0 4M"]);
     let expected = dir.file("expected.img");
     std::fs::copy(&img, &expected).unwrap();
-    let d = Daemon::start(
-        &dir,
-        &[spec("raw", "d0", &img, json!({"align": 4096}))],
-    );
+    let d = Daemon::start(&dir, &[spec("raw", "d0", &img, json!({"align": 4096}))]);
     // Four threads write interleaved 100-byte pieces: neighbours share 4 KiB
     // blocks, so a read-modify-write that is not serialised loses data.
     let threads: Vec<_> = (0..4u64)
@@ -346,7 +365,11 @@ fn align_widens_the_range_rules_see() {
     let opts = json!({"align": 4096, "inject-error": [{"event": "write_aio", "sector": 7}]});
     let d = Daemon::start(&dir, &[spec("raw", "d0", &img, opts)]);
     let f = rw(&d, "d0");
-    assert_eq!(write_errno(&f, &[1; 10], 100), Some(libc::EIO), "widened to 0..4096");
+    assert_eq!(
+        write_errno(&f, &[1; 10], 100),
+        Some(libc::EIO),
+        "widened to 0..4096"
+    );
     assert_eq!(write_errno(&f, &[1; 10], 4196), None);
     assert_eq!(read_errno(&f, 1, 0), Some(libc::EIO));
 }
@@ -391,5 +414,9 @@ fn qcow2_l2_load_error_fails_the_request_only() {
     drop(f);
     quit(d);
     assert_no_corruption(&img);
-    qemu_io_ro("qcow2", img.as_ref(), &["read -P 0x33 0 4k", "read -P 0x99 4k 4k"]);
+    qemu_io_ro(
+        "qcow2",
+        img.as_ref(),
+        &["read -P 0x33 0 4k", "read -P 0x99 4k 4k"],
+    );
 }

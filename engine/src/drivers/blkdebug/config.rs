@@ -63,9 +63,8 @@ pub fn read(path: &str) -> Result<Config> {
     let text = std::fs::read(path).map_err(|e| {
         Error::generic(format!("Could not read blkdebug config file '{path}': {e}"))
     })?;
-    let text = std::str::from_utf8(&text).map_err(|e| {
-        Error::generic(format!("blkdebug config file '{path}' is not UTF-8: {e}"))
-    })?;
+    let text = std::str::from_utf8(&text)
+        .map_err(|e| Error::generic(format!("blkdebug config file '{path}' is not UTF-8: {e}")))?;
     parse(text, path)
 }
 
@@ -87,22 +86,22 @@ pub fn parse(text: &str, file: &str) -> Result<Config> {
             let name = match head.split_once(char::is_whitespace) {
                 None => head,
                 Some((name, id)) => {
-                    quoted(id.trim()).ok_or_else(|| {
-                        err(n, format!("'{line}': a section id must be quoted"))
-                    })?;
+                    quoted(id.trim())
+                        .ok_or_else(|| err(n, format!("'{line}': a section id must be quoted")))?;
                     name
                 }
             };
-            let kind = match name {
-                "inject-error" => Kind::InjectError,
-                "set-state" => Kind::SetState,
-                _ => {
-                    return Err(err(
+            let kind =
+                match name {
+                    "inject-error" => Kind::InjectError,
+                    "set-state" => Kind::SetState,
+                    _ => return Err(err(
                         n,
-                        format!("unknown section '[{name}]' (expected [inject-error] or [set-state])"),
-                    ))
-                }
-            };
+                        format!(
+                            "unknown section '[{name}]' (expected [inject-error] or [set-state])"
+                        ),
+                    )),
+                };
             if let Some(s) = cur.take() {
                 finish(s, &mut cfg).map_err(|m| err_at(file, m))?;
             }
@@ -117,9 +116,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config> {
             return Err(err(n, format!("'{line}': expected key = \"value\"")));
         };
         let key = key.trim();
-        let value = quoted(value.trim()).ok_or_else(|| {
-            err(n, format!("the value of '{key}' must be in double quotes"))
-        })?;
+        let value = quoted(value.trim())
+            .ok_or_else(|| err(n, format!("the value of '{key}' must be in double quotes")))?;
         let Some(s) = cur.as_mut() else {
             return Err(err(n, format!("'{key}' is outside any section")));
         };
@@ -146,8 +144,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config> {
 
 /// The fuzz target's entry: parses arbitrary bytes (never panics).
 pub fn fuzz_parse(data: &[u8]) -> Result<Config> {
-    let text = std::str::from_utf8(data)
-        .map_err(|e| Error::generic(format!("not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(data).map_err(|e| Error::generic(format!("not UTF-8: {e}")))?;
     parse(text, "fuzz")
 }
 
@@ -223,8 +220,13 @@ fn parse_int(v: &str) -> Option<i64> {
         Some(d) => (true, d),
         None => (false, v),
     };
-    let n = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
-        Some(hex) if !hex.is_empty() && !hex.starts_with('+') => i64::from_str_radix(hex, 16).ok()?,
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) if !hex.is_empty() && !hex.starts_with('+') => {
+            i64::from_str_radix(hex, 16).ok()?
+        }
         Some(_) => return None,
         None if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
             digits.parse().ok()?
@@ -308,9 +310,18 @@ event="read_aio"
     fn each_error_names_file_and_line() {
         let cases: &[(&str, &str)] = &[
             ("[nope]\n", "t.conf:1: unknown section '[nope]'"),
-            ("[inject-error\n", "t.conf:1: '[inject-error': a section header must end"),
-            ("[set-state id]\n", "t.conf:1: '[set-state id]': a section id must be quoted"),
-            ("event = \"read_aio\"\n", "t.conf:1: 'event' is outside any section"),
+            (
+                "[inject-error\n",
+                "t.conf:1: '[inject-error': a section header must end",
+            ),
+            (
+                "[set-state id]\n",
+                "t.conf:1: '[set-state id]': a section id must be quoted",
+            ),
+            (
+                "event = \"read_aio\"\n",
+                "t.conf:1: 'event' is outside any section",
+            ),
             (
                 "[inject-error]\nevent = \"read_aio\"\nfoo = \"1\"\n",
                 "t.conf:3: unknown key 'foo' in [inject-error]",
@@ -319,10 +330,22 @@ event="read_aio"
                 "[set-state]\nevent = \"read_aio\"\nerrno = \"5\"\n",
                 "t.conf:3: unknown key 'errno' in [set-state]",
             ),
-            ("[inject-error]\nevent = read_aio\n", "t.conf:2: the value of 'event' must be in double quotes"),
-            ("[inject-error]\njunk\n", "t.conf:2: 'junk': expected key = \"value\""),
-            ("\n[inject-error]\nerrno = \"5\"\n", "t.conf:2: [inject-error] needs an 'event'"),
-            ("[inject-error]\nevent = \"nope\"\n", "t.conf:2: unknown event 'nope'"),
+            (
+                "[inject-error]\nevent = read_aio\n",
+                "t.conf:2: the value of 'event' must be in double quotes",
+            ),
+            (
+                "[inject-error]\njunk\n",
+                "t.conf:2: 'junk': expected key = \"value\"",
+            ),
+            (
+                "\n[inject-error]\nerrno = \"5\"\n",
+                "t.conf:2: [inject-error] needs an 'event'",
+            ),
+            (
+                "[inject-error]\nevent = \"nope\"\n",
+                "t.conf:2: unknown event 'nope'",
+            ),
             (
                 "[inject-error]\nevent = \"read_aio\"\nerrno = \"five\"\n",
                 "t.conf:3: 'errno' must be a number, not 'five'",
@@ -346,7 +369,10 @@ event="read_aio"
         ];
         for (text, want) in cases {
             let got = error(text);
-            assert!(got.starts_with(want), "{text:?}: got {got:?}, want {want:?}");
+            assert!(
+                got.starts_with(want),
+                "{text:?}: got {got:?}, want {want:?}"
+            );
         }
     }
 
@@ -355,7 +381,16 @@ event="read_aio"
         assert_eq!(parse_int("42"), Some(42));
         assert_eq!(parse_int("0x1f"), Some(31));
         assert_eq!(parse_int("-1"), Some(-1));
-        for bad in ["", "-", "0x", "1.5", "+3", "0x+1", "99999999999999999999", " 1"] {
+        for bad in [
+            "",
+            "-",
+            "0x",
+            "1.5",
+            "+3",
+            "0x+1",
+            "99999999999999999999",
+            " 1",
+        ] {
             assert_eq!(parse_int(bad), None, "{bad:?}");
         }
         assert_eq!(parse_bool("yes"), Some(true));

@@ -420,3 +420,129 @@ fn qcow2_l2_load_error_fails_the_request_only() {
         &["read -P 0x33 0 4k", "read -P 0x99 4k 4k"],
     );
 }
+
+/// How an event-coverage case prepares its image.
+#[derive(Clone, Copy)]
+enum Image {
+    /// `qemu-img create -o OPTS` (may be empty), nothing written.
+    Fresh(&'static str),
+    /// Cluster 0 written by qemu-io (its L2 table exists on disk).
+    Prepared,
+    /// Prepared, then an internal snapshot shares its tables.
+    Snapshot,
+    /// A raw backing file with data; the qcow2 overlay is empty.
+    Backing,
+    /// Cluster 0 is compressed.
+    Compressed,
+}
+
+#[derive(Clone, Copy)]
+enum Act {
+    Open,
+    Read(u64, usize),
+    Write(u64, usize),
+    ZeroRange(u64, u64),
+}
+
+fn event_image(dir: &TestDir, kind: Image) -> String {
+    match kind {
+        Image::Fresh(opts) => qcow2_image(dir, "a.qcow2", opts, "16M"),
+        Image::Prepared => prepared_qcow2(dir, "a.qcow2"),
+        Image::Snapshot => {
+            let img = prepared_qcow2(dir, "a.qcow2");
+            qemu_img(&["snapshot", "-c", "s1", &img]);
+            img
+        }
+        Image::Backing => {
+            let base = raw_image(dir, "base.raw", "16M");
+            qemu_io("raw", base.as_ref(), &["write -P 0x12 0 1M"]);
+            let img = dir.file("a.qcow2");
+            qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &img, "16M",
+            ]);
+            img
+        }
+        Image::Compressed => {
+            let src = raw_image(dir, "src.raw", "16M");
+            qemu_io("raw", src.as_ref(), &["write -P 0x13 0 64k"]);
+            let img = dir.file("a.qcow2");
+            qemu_img(&[
+                "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", &src, &img,
+            ]);
+            img
+        }
+    }
+}
+
+/// Every event qcow2 (and the flush path) can raise reaches the blkdebug
+/// node below it. Observed through the state machine: the event under test
+/// moves to state 2, where the flush arms a one-shot error for the next write.
+#[test]
+fn qcow2_raises_its_events() {
+    let write_fresh = (Image::Fresh(""), Act::Write(0, 65536));
+    let many_refblocks = (
+        Image::Fresh("cluster_size=512,refcount_bits=64"),
+        Act::Write(0, 5 << 19),
+    );
+    let cases: &[(&str, (Image, Act))] = &[
+        ("reftable_load", (Image::Prepared, Act::Open)),
+        ("l2_load", (Image::Prepared, Act::Read(0, 4096))),
+        ("read_aio", (Image::Prepared, Act::Read(0, 4096))),
+        ("write_aio", (Image::Prepared, Act::Write(0, 4096))),
+        ("cluster_alloc", write_fresh),
+        ("l1_update", write_fresh),
+        ("l2_alloc.write", write_fresh),
+        ("l2_update", write_fresh),
+        ("refblock_load", write_fresh),
+        ("refblock_update", write_fresh),
+        ("refblock_update_part", write_fresh),
+        ("cow_read", (Image::Fresh(""), Act::Write(4096, 4096))),
+        ("cow_write", (Image::Fresh(""), Act::Write(4096, 4096))),
+        ("cluster_free", (Image::Prepared, Act::ZeroRange(0, 65536))),
+        (
+            "l2_alloc.cow_read",
+            (Image::Snapshot, Act::Write(4096, 4096)),
+        ),
+        ("read_backing_aio", (Image::Backing, Act::Read(0, 4096))),
+        ("read_compressed", (Image::Compressed, Act::Read(0, 4096))),
+        ("refblock_alloc", many_refblocks),
+        ("refblock_alloc.write", many_refblocks),
+        ("refblock_alloc.hookup", many_refblocks),
+        ("reftable_update", many_refblocks),
+        ("reftable_grow", many_refblocks),
+        ("refblock_alloc.write_blocks", many_refblocks),
+        ("refblock_alloc.write_table", many_refblocks),
+        ("refblock_alloc.switch_table", many_refblocks),
+        ("flush_to_os", (Image::Prepared, Act::Open)),
+        // Never raised: the control that the check can fail.
+        ("vmstate_save", (Image::Prepared, Act::Write(0, 4096))),
+    ];
+    for &(event, (kind, act)) in cases {
+        let dir = TestDir::new("bd-events");
+        let img = event_image(&dir, kind);
+        let rules = json!({
+            "set-state": [{"event": event, "new_state": 2}],
+            "inject-error": [{"event": "flush_to_disk", "state": 2, "once": true}]
+        });
+        let d = Daemon::start(&dir, &[spec("qcow2", "d0", &img, rules)]);
+        let f = rw(&d, "d0");
+        match act {
+            Act::Open => {}
+            Act::Read(off, len) => assert_eq!(read_errno(&f, len, off), None, "{event}"),
+            Act::Write(off, len) => {
+                assert_eq!(write_errno(&f, &pattern(off, len), off), None, "{event}")
+            }
+            Act::ZeroRange(off, len) => fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, off, len)
+                .unwrap_or_else(|e| panic!("{event}: zero range: errno {e}")),
+        }
+        f.sync_all().unwrap();
+        // A write at 0 always reaches blkdebug (a read may not: zero
+        // clusters and backing files are read without it).
+        let raised = write_errno(&f, &[0xee; 512], 0).is_some();
+        assert_eq!(raised, event != "vmstate_save", "event {event}");
+        assert_eq!(write_errno(&f, &[0xee; 512], 0), None, "{event}: once");
+        drop(f);
+        quit(d);
+        assert_no_corruption(&img);
+    }
+}

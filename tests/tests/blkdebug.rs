@@ -267,6 +267,29 @@ fn config_file_rules_work_like_options() {
 }
 
 #[test]
+fn config_file_and_option_rules_both_apply() {
+    let dir = TestDir::new("bd-both");
+    let img = raw_image(&dir, "a.img", "1M");
+    let conf = dir.file("blkdebug.conf");
+    let text = "[inject-error]\nevent = \"read_aio\"\nerrno = \"1\"\nonce = \"on\"\n";
+    std::fs::write(&conf, text).unwrap();
+    let opts = json!({
+        "config": conf,
+        "inject-error": [{"event": "write_aio", "errno": 28, "once": true}]
+    });
+    let d = Daemon::start(&dir, &[spec("raw", "d0", &img, opts)]);
+    let f = rw(&d, "d0");
+    assert_eq!(read_errno(&f, 4096, 0), Some(libc::EPERM), "from the file");
+    assert_eq!(
+        write_errno(&f, &[1; 4096], 0),
+        Some(libc::ENOSPC),
+        "from the options"
+    );
+    assert_eq!(read_errno(&f, 4096, 0), None);
+    assert_eq!(write_errno(&f, &[1; 4096], 0), None);
+}
+
+#[test]
 fn config_and_align_errors_fail_the_open() {
     let dir = TestDir::new("bd-conferr");
     let img = raw_image(&dir, "a.img", "1M");

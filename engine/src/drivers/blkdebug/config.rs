@@ -70,7 +70,7 @@ pub fn read(path: &str) -> Result<Config> {
 
 /// Parses config text; `file` names it in error messages.
 pub fn parse(text: &str, file: &str) -> Result<Config> {
-    let err = |line: usize, msg: String| Error::generic(format!("{file}:{line}: {msg}"));
+    let err = |line: usize, msg: String| err_at(file, (line, msg));
     let mut cfg = Config::default();
     let mut cur: Option<Section> = None;
     for (i, raw) in text.lines().enumerate() {
@@ -91,17 +91,18 @@ pub fn parse(text: &str, file: &str) -> Result<Config> {
                     name
                 }
             };
-            let kind =
-                match name {
-                    "inject-error" => Kind::InjectError,
-                    "set-state" => Kind::SetState,
-                    _ => return Err(err(
+            let kind = match name {
+                "inject-error" => Kind::InjectError,
+                "set-state" => Kind::SetState,
+                _ => {
+                    return Err(err(
                         n,
                         format!(
                             "unknown section '[{name}]' (expected [inject-error] or [set-state])"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if let Some(s) = cur.take() {
                 finish(s, &mut cfg).map_err(|m| err_at(file, m))?;
             }

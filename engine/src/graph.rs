@@ -124,6 +124,10 @@ impl Node {
     }
 
     pub fn flush(&self, done: Done<()>) {
+        if let Some(f) = self.driver.file_child() {
+            f.debug_event(crate::options::BlkdebugEvent::FlushToOs);
+            f.debug_event(crate::options::BlkdebugEvent::FlushToDisk);
+        }
         self.driver
             .flush(accounted(&self.stats, Op::Flush, 0, 0, done));
     }
@@ -416,6 +420,25 @@ impl Opener<'_> {
                     qcow2,
                     opts.read_only,
                 )?))
+            }
+            (
+                DriverOptions::Blkdebug {
+                    image,
+                    config,
+                    align,
+                    inject_error,
+                    set_state,
+                },
+                DriverName::Blkdebug,
+            ) => {
+                let child = self.child(image, &opts, &join(path, "image"))?;
+                Box::new(drivers::blkdebug::BlkdebugDriver::open(
+                    child,
+                    config.as_deref(),
+                    *align,
+                    inject_error,
+                    set_state,
+                )?)
             }
             (_, d) => {
                 return Err(Error::generic(format!(

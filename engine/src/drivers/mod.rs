@@ -4,6 +4,7 @@
 //! [`Done`] callback and returns at once; the callback runs on whichever
 //! thread finishes the I/O. Drivers must never block inside a completion.
 
+pub mod blkdebug;
 pub mod file;
 pub mod probe;
 pub mod qcow2;

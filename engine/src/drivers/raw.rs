@@ -4,6 +4,7 @@ use super::{Done, Driver, Status};
 use crate::error::Result;
 use crate::graph::Node;
 use crate::io::Buf;
+use crate::options::BlkdebugEvent;
 use std::sync::Arc;
 
 pub struct RawDriver {
@@ -26,10 +27,12 @@ impl Driver for RawDriver {
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.file.debug_event(BlkdebugEvent::ReadAio);
         self.file.read(offset, buf, done)
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
         self.file.write(offset, buf, done)
     }
 

@@ -13,6 +13,7 @@ use crate::drivers::wait;
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
+use crate::options::BlkdebugEvent as Ev;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -59,6 +60,7 @@ impl Meta {
         let l1_raw = read_at(&file, h.l1_table_offset, h.l1_size as usize * 8)?;
         let l1 = l1_raw.chunks_exact(8).map(be64).collect();
         let rt_len = h.refcount_table_clusters as usize * h.cluster_size() as usize;
+        file.debug_event(Ev::ReftableLoad);
         let rt_raw = read_at(&file, h.refcount_table_offset, rt_len)?;
         let reftable = rt_raw.chunks_exact(8).map(be64).collect();
         let cs = h.cluster_size();
@@ -115,6 +117,7 @@ impl Meta {
     fn l2_table(&mut self, l2_off: u64) -> Result<&mut Vec<u64>> {
         if !self.l2.contains_key(&l2_off) {
             self.check_host(l2_off, "L2 table")?;
+            self.file.debug_event(Ev::L2Load);
             let raw = read_at(&self.file, l2_off, self.cs as usize)?;
             if self.l2.len() >= CACHE_TABLES {
                 if let Some(k) = self.l2.keys().next().copied() {
@@ -174,19 +177,24 @@ impl Meta {
         let mut l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
             l2_off = self.alloc_cluster()?;
+            self.file.debug_event(Ev::L2AllocWrite);
             write_at(&self.file, l2_off, &Buf::zeroed(self.cs as usize))?;
             let e = l2_off | COPIED;
+            self.file.debug_event(Ev::L1Update);
             write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
             self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
         } else if l1e & COPIED == 0 {
             // Shared with a snapshot: write a private copy, point L1 at it,
             // then drop our reference to the shared one.
+            self.file.debug_event(Ev::L2AllocCowRead);
             let table = self.l2_table(l2_off)?.clone();
             let copy = self.alloc_cluster()?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.file.debug_event(Ev::L2AllocWrite);
             write_at(&self.file, copy, &bytes)?;
             let e = copy | COPIED;
+            self.file.debug_event(Ev::L1Update);
             write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
             self.l2.insert(copy, table);
@@ -202,6 +210,7 @@ impl Meta {
             .iter()
             .flat_map(|e| e.to_be_bytes())
             .collect();
+        self.file.debug_event(Ev::L2Update);
         write_at(&self.file, l2_off + first as u64, &bytes)
     }
 
@@ -231,6 +240,7 @@ impl Meta {
     fn refblock(&mut self, rb_off: u64) -> Result<&mut Vec<u8>> {
         if !self.refblocks.contains_key(&rb_off) {
             self.check_host(rb_off, "refcount block")?;
+            self.file.debug_event(Ev::RefblockLoad);
             let raw = read_at(&self.file, rb_off, self.cs as usize)?;
             if self.refblocks.len() >= CACHE_TABLES {
                 if let Some(k) = self.refblocks.keys().next().copied() {
@@ -265,12 +275,17 @@ impl Meta {
         let (at, _) = rc_set(block, rb_idx as usize, bits, value);
         let first = at / chunk * chunk;
         let bytes = block[first..first + chunk].to_vec();
+        if chunk < self.cs as usize {
+            self.file.debug_event(Ev::RefblockUpdatePart);
+        }
+        self.file.debug_event(Ev::RefblockUpdate);
         write_at(&self.file, rb_off + first as u64, &bytes)
     }
 
     /// Writes a new refcount block for table slot `rt_idx` at the end of the
     /// file, then hooks it into the table.
     fn new_refblock(&mut self, rt_idx: u64) -> Result<u64> {
+        self.file.debug_event(Ev::RefblockAlloc);
         let idx = self.next_free;
         self.next_free += 1;
         let off = idx * self.cs;
@@ -285,8 +300,11 @@ impl Meta {
                 1,
             );
         }
+        self.file.debug_event(Ev::RefblockAllocWrite);
         write_at(&self.file, off, &block)?;
         self.refblocks.insert(off, block);
+        self.file.debug_event(Ev::RefblockAllocHookup);
+        self.file.debug_event(Ev::ReftableUpdate);
         write_at(
             &self.file,
             self.reftable_offset_of(rt_idx)?,
@@ -306,6 +324,7 @@ impl Meta {
     /// them; the old table is released last. A crash at any point leaves
     /// either the old or the new table in force (and at worst leaked clusters).
     fn grow_reftable(&mut self, need_idx: u64) -> Result<()> {
+        self.file.debug_event(Ev::ReftableGrow);
         let cs = self.cs;
         let per_block = self.refblock_entries();
         let old_len = self.reftable.len() as u64;
@@ -355,10 +374,12 @@ impl Meta {
             fresh.push((next_block * cs, block));
             next_block += 1;
         }
+        self.file.debug_event(Ev::RefblockAllocWriteBlocks);
         for (off, block) in &fresh {
             write_at(&self.file, *off, block)?;
         }
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.debug_event(Ev::RefblockAllocWriteTable);
         write_at(&self.file, start * cs, &bytes)?;
         self.next_free = end;
         // Clusters of the new region that existing blocks describe.
@@ -372,6 +393,7 @@ impl Meta {
         hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         crate::drivers::wait(|d| self.file.flush(d))?;
+        self.file.debug_event(Ev::RefblockAllocSwitchTable);
         write_at(&self.file, 48, &hdr)?;
         let (old_off, old_clusters) = (self.reftable_offset, (old_len * 8).div_ceil(cs));
         self.reftable = table;
@@ -396,6 +418,7 @@ impl Meta {
     /// blocks allocated on the way land after them.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         self.mark_dirty()?;
+        self.file.debug_event(Ev::ClusterAlloc);
         let first = self.next_free;
         self.next_free += n;
         if self.lazy.is_none() {
@@ -425,13 +448,16 @@ impl Meta {
         let size = u32::try_from(entries)
             .map_err(|_| Error::generic("Failed to grow the L1 table: File too large"))?;
         let clusters = (entries * 8).div_ceil(self.cs);
+        self.file.debug_event(Ev::L1GrowAllocTable);
         let off = self.alloc_clusters(clusters)?;
         let mut table = self.l1.clone();
         table.resize(entries as usize, 0);
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize((clusters * self.cs) as usize, 0);
+        self.file.debug_event(Ev::L1GrowWriteTable);
         write_at(&self.file, off, &bytes)?;
         wait(|d| self.file.flush(d))?;
+        self.file.debug_event(Ev::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&size.to_be_bytes());
         hdr[4..].copy_from_slice(&off.to_be_bytes());
@@ -475,6 +501,7 @@ impl Meta {
 
     /// Drops one reference of every host cluster in `off..off+len`.
     pub fn release(&mut self, off: u64, len: u64) -> Result<()> {
+        self.file.debug_event(Ev::ClusterFree);
         if self.lazy.is_some() {
             return self.mark_dirty();
         }

@@ -24,7 +24,7 @@ use super::{wait, Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
-use crate::options::Qcow2Options;
+use crate::options::{BlkdebugEvent as Ev, Qcow2Options};
 use entry::{Mapping, COPIED, ZERO};
 use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
@@ -238,6 +238,7 @@ impl Qcow2Driver {
     /// Reads one compressed cluster, whole.
     fn read_compressed(&self, host: u64, len: u64) -> Result<Buf> {
         let avail = self.file.size().saturating_sub(host).min(len);
+        self.file.debug_event(Ev::ReadCompressed);
         let raw = read_at(&self.file, host, avail as usize)?;
         let mut out = Buf::zeroed(self.cs as usize);
         match self.header.compression_type {
@@ -261,6 +262,7 @@ impl Qcow2Driver {
             return done(Ok(buf));
         }
         let avail = (bsize - guest).min(buf.len() as u64) as usize;
+        self.file.debug_event(Ev::ReadBackingAio);
         if avail == buf.len() {
             return b.read(guest, buf, done);
         }
@@ -300,6 +302,7 @@ impl Qcow2Driver {
         let in_cluster = (guest % self.cs) as usize;
         let old = self.meta.lock().lookup(cluster)?;
         if let Mapping::Data { host, copied: true } = old {
+            self.file.debug_event(Ev::WriteAio);
             return write_at(&self.file, host + in_cluster as u64, data);
         }
         let base = cluster * self.cs;
@@ -308,6 +311,7 @@ impl Qcow2Driver {
         let mut content = if full {
             Buf::zeroed(0)
         } else {
+            self.file.debug_event(Ev::CowRead);
             match old {
                 Mapping::Unallocated => {
                     let len = self.cs.min(self.virtual_size() - base) as usize;
@@ -339,6 +343,10 @@ impl Qcow2Driver {
             None => self.meta.lock().alloc_cluster()?,
         };
         // Data first, then the mapping, then the old cluster's release.
+        if !full {
+            self.file.debug_event(Ev::CowWrite);
+        }
+        self.file.debug_event(Ev::WriteAio);
         write_at(&self.file, host, payload)?;
         let mut meta = self.meta.lock();
         meta.set_l2(cluster, host | COPIED)?;
@@ -443,7 +451,10 @@ impl Driver for Arc<Qcow2Driver> {
         // One segment (the common case): no gathering, the caller's buffer goes down.
         if let [seg] = segs[..] {
             match seg.map {
-                Mapping::Data { host, .. } => return self.file.read(host, buf, done),
+                Mapping::Data { host, .. } => {
+                    self.file.debug_event(Ev::ReadAio);
+                    return self.file.read(host, buf, done);
+                }
                 Mapping::Unallocated => return self.read_backing(offset, buf, done),
                 Mapping::Zero { .. } => {
                     let mut buf = buf;
@@ -459,7 +470,10 @@ impl Driver for Arc<Qcow2Driver> {
             let j = join.clone();
             let fill: Done<Buf> = Box::new(move |r| j.fill(s.at, r));
             match s.map {
-                Mapping::Data { host, .. } => self.file.read(host, piece, fill),
+                Mapping::Data { host, .. } => {
+                    self.file.debug_event(Ev::ReadAio);
+                    self.file.read(host, piece, fill)
+                }
                 Mapping::Zero { .. } => fill(Ok(Buf::zeroed(s.len))),
                 Mapping::Unallocated => self.read_backing(s.guest, piece, fill),
                 Mapping::Compressed { host, len } => {
@@ -486,6 +500,7 @@ impl Driver for Arc<Qcow2Driver> {
             ..
         }] = segs[..]
         {
+            self.file.debug_event(Ev::WriteAio);
             return self.file.write(host, buf, done);
         }
         let me = self.clone();

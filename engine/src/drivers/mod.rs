@@ -4,8 +4,11 @@
 //! [`Done`] callback and returns at once; the callback runs on whichever
 //! thread finishes the I/O. Drivers must never block inside a completion.
 
+pub mod aes_legacy;
+pub mod deflate;
 pub mod file;
 pub mod probe;
+pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 

@@ -18,7 +18,8 @@ pub mod header;
 pub mod meta;
 pub mod snapshot;
 
-use super::{wait, Done, Driver, Status};
+use super::aes_legacy::{self, Cipher, Key};
+use super::{wait, Done, Driver, Encryption, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
@@ -45,6 +46,8 @@ pub struct Qcow2Driver {
     snapshots: Vec<snapshot::Snapshot>,
     /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
     corrupt: AtomicBool,
+    /// Legacy AES (crypt_method 1): data clusters are encrypted.
+    key: Key,
 }
 
 /// One piece of a request, in guest order.
@@ -111,6 +114,7 @@ impl Qcow2Driver {
             meta.set_lazy(&header);
         }
         let snapshots = snapshot::read_table(&file, &header)?;
+        let key = Key::new(header.crypt_method == 1);
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
             file,
@@ -123,6 +127,7 @@ impl Qcow2Driver {
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
+            key,
         })
     }
 
@@ -224,14 +229,32 @@ impl Qcow2Driver {
 
     /// Reads one compressed cluster, whole.
     fn read_compressed(&self, host: u64, len: u64) -> Result<Buf> {
+        if self.key.is_encrypted() {
+            return Err(corrupt("compressed cluster in an encrypted image"));
+        }
         let avail = self.file.size().saturating_sub(host).min(len);
         let raw = read_at(&self.file, host, avail as usize)?;
         let mut out = Buf::zeroed(self.cs as usize);
         match self.header.compression_type {
-            0 => inflate(&raw, &mut out)?,
+            0 => super::deflate::inflate(&raw, &mut out).map_err(corrupt)?,
             _ => unzstd(&raw, &mut out)?,
         }
         Ok(out)
+    }
+
+    /// Reads a data cluster's bytes, decrypting them when the image is encrypted.
+    fn read_data(
+        &self,
+        cipher: &Option<Arc<Cipher>>,
+        guest: u64,
+        host: u64,
+        buf: Buf,
+        done: Done<Buf>,
+    ) {
+        match cipher {
+            Some(c) => aes_legacy::read_decrypted(&self.file, c.clone(), guest, host, buf, done),
+            None => self.file.read(host, buf, done),
+        }
     }
 
     /// Reads the guest range from the backing chain (zeroes past its end).
@@ -285,9 +308,14 @@ impl Qcow2Driver {
         let cluster = guest / self.cs;
         let _claim = self.claim(cluster);
         let in_cluster = (guest % self.cs) as usize;
+        let cipher = self.key.cipher()?;
         let old = self.meta.lock().lookup(cluster)?;
         if let Mapping::Data { host, copied: true } = old {
-            return write_at(&self.file, host + in_cluster as u64, data);
+            let host = host + in_cluster as u64;
+            return match &cipher {
+                Some(c) => aes_legacy::write_encrypted(&self.file, c, guest, host, data),
+                None => write_at(&self.file, host, data),
+            };
         }
         let base = cluster * self.cs;
         let full = data.len() == self.cs as usize;
@@ -305,13 +333,28 @@ impl Qcow2Driver {
                 }
                 Mapping::Zero { .. } => Buf::zeroed(self.cs as usize),
                 Mapping::Compressed { host, len } => self.read_compressed(host, len)?,
-                Mapping::Data { host, .. } => read_at(&self.file, host, self.cs as usize)?,
+                Mapping::Data { host, .. } => {
+                    let mut b = read_at(&self.file, host, self.cs as usize)?;
+                    if let Some(c) = &cipher {
+                        c.decrypt(base, &mut b);
+                    }
+                    b
+                }
             }
         };
-        let payload: &[u8] = if full {
+        if !full {
+            content[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+        }
+        // Encrypted: the whole cluster (copied-on-write data included) in a scratch buffer.
+        if let Some(c) = &cipher {
+            if full {
+                content = Buf::from_slice(data);
+            }
+            c.encrypt(base, &mut content);
+        }
+        let payload: &[u8] = if full && cipher.is_none() {
             data
         } else {
-            content[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             &content
         };
         let reuse = match old {
@@ -423,6 +466,10 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let cipher = match self.key.cipher() {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
         let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
@@ -430,7 +477,9 @@ impl Driver for Arc<Qcow2Driver> {
         // One segment (the common case): no gathering, the caller's buffer goes down.
         if let [seg] = segs[..] {
             match seg.map {
-                Mapping::Data { host, .. } => return self.file.read(host, buf, done),
+                Mapping::Data { host, .. } => {
+                    return self.read_data(&cipher, offset, host, buf, done)
+                }
                 Mapping::Unallocated => return self.read_backing(offset, buf, done),
                 Mapping::Zero { .. } => {
                     let mut buf = buf;
@@ -446,7 +495,7 @@ impl Driver for Arc<Qcow2Driver> {
             let j = join.clone();
             let fill: Done<Buf> = Box::new(move |r| j.fill(s.at, r));
             match s.map {
-                Mapping::Data { host, .. } => self.file.read(host, piece, fill),
+                Mapping::Data { host, .. } => self.read_data(&cipher, s.guest, host, piece, fill),
                 Mapping::Zero { .. } => fill(Ok(Buf::zeroed(s.len))),
                 Mapping::Unallocated => self.read_backing(s.guest, piece, fill),
                 Mapping::Compressed { host, len } => {
@@ -461,9 +510,10 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        if let Err(e) = self.refuse_if_corrupt() {
-            return done(Err(e));
-        }
+        let cipher = match self.refuse_if_corrupt().and_then(|()| self.key.cipher()) {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
         let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
@@ -473,7 +523,21 @@ impl Driver for Arc<Qcow2Driver> {
             ..
         }] = segs[..]
         {
-            return self.file.write(host, buf, done);
+            match cipher {
+                None => return self.file.write(host, buf, done),
+                // Whole sectors: encrypt a copy (the caller keeps its plaintext).
+                Some(c)
+                    if offset % aes_legacy::SECTOR == 0
+                        && buf.len() as u64 % aes_legacy::SECTOR == 0 =>
+                {
+                    let mut scratch = Buf::from_slice(&buf);
+                    c.encrypt(offset, &mut scratch);
+                    return self
+                        .file
+                        .write(host, scratch, Box::new(move |r| done(r.map(|_| buf))));
+                }
+                Some(_) => {}
+            }
         }
         let me = self.clone();
         crate::io::spawn_blocking(move || {
@@ -488,14 +552,16 @@ impl Driver for Arc<Qcow2Driver> {
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
         let r = self
             .refuse_if_corrupt()
-            .and_then(|()| self.zero_or_discard(offset, len, false));
+            .and_then(|()| self.key.cipher())
+            .and_then(|_| self.zero_or_discard(offset, len, false));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
         let r = self
             .refuse_if_corrupt()
-            .and_then(|()| self.zero_or_discard(offset, len, true));
+            .and_then(|()| self.key.cipher())
+            .and_then(|_| self.zero_or_discard(offset, len, true));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
@@ -516,7 +582,13 @@ impl Driver for Arc<Qcow2Driver> {
             .first()
             .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
         let (data, zero, host, allocated) = match seg.map {
-            Mapping::Data { host, .. } => (true, false, Some(host), true),
+            // Encrypted data is no use at its host offset.
+            Mapping::Data { host, .. } => (
+                true,
+                false,
+                Some(host).filter(|_| !self.key.is_encrypted()),
+                true,
+            ),
             Mapping::Compressed { .. } => (true, false, None, true),
             Mapping::Zero { .. } => (false, true, None, true),
             Mapping::Unallocated => (false, self.backing.is_none(), None, false),
@@ -532,6 +604,14 @@ impl Driver for Arc<Qcow2Driver> {
 
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.file)
+    }
+
+    fn encryption(&self) -> Encryption {
+        self.key.encryption()
+    }
+
+    fn set_password(&self, password: &str) -> Result<()> {
+        self.key.set_password(password)
     }
 
     fn backing_child(&self) -> Option<&Arc<Node>> {
@@ -652,24 +732,4 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
             "compressed cluster does not inflate to a cluster: {e}"
         ))
     })
-}
-
-/// Raw deflate (no zlib header), as qcow2 stores compressed clusters.
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
-    let mut d = DecompressorOxide::new();
-    let (_, _, n) = decompress(
-        &mut d,
-        input,
-        out,
-        0,
-        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-    );
-    if n != out.len() {
-        return Err(corrupt(format!(
-            "compressed cluster inflates to {n} bytes, {} expected",
-            out.len()
-        )));
-    }
-    Ok(())
 }

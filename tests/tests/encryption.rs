@@ -273,3 +273,18 @@ fn qcow2_luks_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn qcow_key_flow() {
+    key_flow("qcow");
+}
+
+#[test]
+fn qcow_writes_roundtrip() {
+    writes_roundtrip("qcow", false);
+}
+
+#[test]
+fn qcow_writes_over_backing() {
+    writes_roundtrip("qcow", true);
+}

@@ -5,6 +5,7 @@
 //! thread finishes the I/O. Drivers must never block inside a completion.
 
 pub mod aes_legacy;
+pub mod backing;
 pub mod deflate;
 pub mod file;
 pub mod probe;

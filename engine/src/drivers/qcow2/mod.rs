@@ -259,33 +259,7 @@ impl Qcow2Driver {
 
     /// Reads the guest range from the backing chain (zeroes past its end).
     fn read_backing(&self, guest: u64, buf: Buf, done: Done<Buf>) {
-        let Some(b) = &self.backing else {
-            let mut buf = buf;
-            buf.fill(0);
-            return done(Ok(buf));
-        };
-        let bsize = b.size();
-        if guest >= bsize {
-            let mut buf = buf;
-            buf.fill(0);
-            return done(Ok(buf));
-        }
-        let avail = (bsize - guest).min(buf.len() as u64) as usize;
-        if avail == buf.len() {
-            return b.read(guest, buf, done);
-        }
-        let mut out = buf;
-        b.read(
-            guest,
-            Buf::recycled(avail),
-            Box::new(move |r| {
-                done(r.map(|part| {
-                    out[..avail].copy_from_slice(&part);
-                    out[avail..].fill(0);
-                    out
-                }))
-            }),
-        );
+        super::backing::read(self.backing.as_ref(), guest, buf, done)
     }
 
     /// Waits until no other request changes `cluster`, then holds it.

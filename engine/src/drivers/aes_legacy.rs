@@ -44,7 +44,7 @@ impl Cipher {
     /// Encrypts `data` (whole sectors) in place; it starts at guest offset
     /// `guest`, a multiple of the sector size.
     pub fn encrypt(&self, guest: u64, data: &mut [u8]) {
-        debug_assert!(guest % SECTOR == 0 && data.len() as u64 % SECTOR == 0);
+        debug_assert!(whole_sectors(guest, data.len()));
         for (i, sector) in data.chunks_exact_mut(SECTOR as usize).enumerate() {
             let iv = Self::iv(guest / SECTOR + i as u64);
             let mut enc = cbc::Encryptor::<Aes128>::inner_iv_init(self.aes.clone(), &iv);
@@ -56,7 +56,7 @@ impl Cipher {
 
     /// The inverse of [`Cipher::encrypt`].
     pub fn decrypt(&self, guest: u64, data: &mut [u8]) {
-        debug_assert!(guest % SECTOR == 0 && data.len() as u64 % SECTOR == 0);
+        debug_assert!(whole_sectors(guest, data.len()));
         for (i, sector) in data.chunks_exact_mut(SECTOR as usize).enumerate() {
             let iv = Self::iv(guest / SECTOR + i as u64);
             let mut dec = cbc::Decryptor::<Aes128>::inner_iv_init(self.aes.clone(), &iv);
@@ -116,6 +116,26 @@ impl Key {
             )),
         }
     }
+}
+
+/// Whether `offset..offset+len` covers whole sectors only.
+pub fn whole_sectors(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(SECTOR) && (len as u64).is_multiple_of(SECTOR)
+}
+
+/// Writes whole sectors (see [`whole_sectors`]) of guest data at `host`,
+/// encrypting a copy: the caller gets its plaintext buffer back.
+pub fn write_sectors(
+    file: &Arc<Node>,
+    cipher: &Cipher,
+    guest: u64,
+    host: u64,
+    buf: Buf,
+    done: Done<Buf>,
+) {
+    let mut scratch = Buf::from_slice(&buf);
+    cipher.encrypt(guest, &mut scratch);
+    file.write(host, scratch, Box::new(move |r| done(r.map(|_| buf))));
 }
 
 /// The sector-aligned range around `offset..offset+len`.

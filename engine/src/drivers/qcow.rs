@@ -234,7 +234,7 @@ impl QcowDriver {
     fn l2_table<'m>(&self, meta: &'m mut Meta, off: u64) -> Result<&'m mut Vec<u64>> {
         if !meta.l2.contains_key(&off) {
             let bytes = self.l2_entries() * 8;
-            if off % 8 != 0 || off.checked_add(bytes).is_none_or(|e| e > meta.end) {
+            if !off.is_multiple_of(8) || off.checked_add(bytes).is_none_or(|e| e > meta.end) {
                 return Err(corrupt(format!(
                     "L2 table at {off:#x} lies outside the file"
                 )));
@@ -270,7 +270,7 @@ impl QcowDriver {
             Mapping::Data(e)
         };
         match m {
-            Mapping::Data(h) if h % 512 != 0 || h >= end => Err(corrupt(format!(
+            Mapping::Data(h) if !h.is_multiple_of(512) || h >= end => Err(corrupt(format!(
                 "cluster {cluster} maps to {h:#x}, unaligned or outside the file"
             ))),
             Mapping::Compressed { host, len } if host >= end || len == 0 => Err(corrupt(format!(
@@ -500,14 +500,23 @@ impl Driver for Arc<QcowDriver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        if cipher.is_none() {
+        // In place on allocated data: straight to the file (encrypted whole
+        // sectors too); anything else takes the serialised slow path.
+        if cipher.is_none() || aes_legacy::whole_sectors(offset, buf.len()) {
             match self.plan(offset, buf.len()).as_deref() {
                 Ok(
-                    [Segment {
+                    &[Segment {
                         map: Mapping::Data(host),
                         ..
                     }],
-                ) => return self.file.write(*host, buf, done),
+                ) => {
+                    return match &cipher {
+                        Some(c) => {
+                            aes_legacy::write_sectors(&self.file, c, offset, host, buf, done)
+                        }
+                        None => self.file.write(host, buf, done),
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => return done(Err(e.clone())),
             }

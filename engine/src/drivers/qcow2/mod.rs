@@ -499,16 +499,8 @@ impl Driver for Arc<Qcow2Driver> {
         {
             match cipher {
                 None => return self.file.write(host, buf, done),
-                // Whole sectors: encrypt a copy (the caller keeps its plaintext).
-                Some(c)
-                    if offset % aes_legacy::SECTOR == 0
-                        && buf.len() as u64 % aes_legacy::SECTOR == 0 =>
-                {
-                    let mut scratch = Buf::from_slice(&buf);
-                    c.encrypt(offset, &mut scratch);
-                    return self
-                        .file
-                        .write(host, scratch, Box::new(move |r| done(r.map(|_| buf))));
+                Some(c) if aes_legacy::whole_sectors(offset, buf.len()) => {
+                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done)
                 }
                 Some(_) => {}
             }

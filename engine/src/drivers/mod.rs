@@ -8,6 +8,7 @@ pub mod aes_legacy;
 pub mod backing;
 pub mod deflate;
 pub mod file;
+pub mod join;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;

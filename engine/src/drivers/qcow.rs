@@ -7,11 +7,14 @@
 //! `63 - cluster_bits`, its offset below. Encrypted images use the legacy
 //! AES of [`super::aes_legacy`].
 //!
-//! Reads of one cluster run (the common case) go straight to the file node;
-//! everything else runs synchronously on a worker thread. Writes that
-//! allocate are serialised: data first, a flush, then the L1/L2 entries.
+//! Reads are split into runs of clusters that map alike, each sent straight
+//! to the file or backing node (compressed clusters are inflated on the
+//! spot). Writes in place on allocated clusters go straight to the file;
+//! the others run on a worker thread, serialised: data first, a flush, then
+//! the L1/L2 entries.
 
 use super::aes_legacy::{self, Cipher, Key};
+use super::join::Join;
 use super::{wait, Done, Driver, Encryption, Status};
 use crate::drivers::qcow2::meta::{read_at, write_at};
 use crate::error::{Error, ErrorKind, Result};
@@ -476,23 +479,16 @@ impl Driver for Arc<QcowDriver> {
             Ok(p) => p,
             Err(e) => return done(Err(e)),
         };
+        // One segment: the caller's buffer goes down as it is.
         if let [s] = segs[..] {
-            if !matches!(s.map, Mapping::Compressed { .. }) {
-                return self.read_segment(&cipher, s, buf, done);
-            }
+            return self.read_segment(&cipher, s, buf, done);
         }
-        let me = self.clone();
-        crate::io::spawn_blocking(move || {
-            let mut out = buf;
-            for s in segs {
-                let piece = wait(|d| me.read_segment(&cipher, s, Buf::recycled(s.len), d));
-                match piece {
-                    Ok(p) => out[s.at..s.at + s.len].copy_from_slice(&p),
-                    Err(e) => return done(Err(e)),
-                }
-            }
-            done(Ok(out))
-        });
+        let join = Join::new(buf, segs.len(), done);
+        for s in segs {
+            let j = join.clone();
+            let piece = Buf::recycled(s.len);
+            self.read_segment(&cipher, s, piece, Box::new(move |r| j.fill(s.at, r)));
+        }
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {

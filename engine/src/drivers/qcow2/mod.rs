@@ -19,6 +19,7 @@ pub mod meta;
 pub mod snapshot;
 
 use super::aes_legacy::{self, Cipher, Key};
+use super::join::Join;
 use super::{wait, Done, Driver, Encryption, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
@@ -29,7 +30,7 @@ use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct Qcow2Driver {
@@ -632,59 +633,6 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.driver.claims.lock().remove(&self.cluster);
         self.driver.released.notify_all();
-    }
-}
-
-/// Gathers the pieces of a multi-segment read into the caller's buffer.
-struct Join {
-    state: Mutex<JoinState>,
-    left: AtomicUsize,
-}
-
-struct JoinState {
-    out: Option<Buf>,
-    err: Option<Error>,
-    done: Option<Done<Buf>>,
-}
-
-impl Join {
-    fn new(out: Buf, parts: usize, done: Done<Buf>) -> Arc<Join> {
-        Arc::new(Join {
-            state: Mutex::new(JoinState {
-                out: Some(out),
-                err: None,
-                done: Some(done),
-            }),
-            left: AtomicUsize::new(parts),
-        })
-    }
-
-    fn fill(&self, at: usize, r: Result<Buf>) {
-        {
-            let mut st = self.state.lock();
-            match r {
-                Ok(piece) => {
-                    if let Some(out) = st.out.as_mut() {
-                        out[at..at + piece.len()].copy_from_slice(&piece);
-                    }
-                }
-                Err(e) => {
-                    st.err.get_or_insert(e);
-                }
-            }
-        }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut st = self.state.lock();
-            let (out, err, done) = (st.out.take(), st.err.take(), st.done.take());
-            drop(st);
-            if let Some(done) = done {
-                done(match (err, out) {
-                    (Some(e), _) => Err(e),
-                    (None, Some(b)) => Ok(b),
-                    (None, None) => Err(Error::io(libc::EIO, "read buffer lost")),
-                });
-            }
-        }
     }
 }
 

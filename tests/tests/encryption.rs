@@ -103,9 +103,11 @@ fn key_flow(fmt: &str) {
         assert_eq!(i["encrypted"], true, "{i}");
         assert_eq!(i["encryption_key_missing"], true, "{i}");
         assert_eq!(i["drv"], fmt);
+        assert_eq!(i["image"]["encrypted"], true, "{i}");
     }
     let i = inserted(&mut q, "d2");
     assert_eq!(i["encrypted"], false);
+    assert!(i["image"].get("encrypted").is_none(), "{i}");
 
     // Locked: reads and writes fail with EACCES and nothing reaches the image.
     let e = read_dev(&d.dev("d0"), 0, 4096).unwrap_err();

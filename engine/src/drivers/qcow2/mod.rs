@@ -605,6 +605,9 @@ impl Driver for Arc<Qcow2Driver> {
         use serde_json::json;
         let h = &self.header;
         v["cluster-size"] = json!(self.cs);
+        if self.key.is_encrypted() {
+            v["encrypted"] = json!(true);
+        }
         v["dirty-flag"] = json!(h.incompatible & header::INCOMPAT_DIRTY != 0);
         let mut specific = json!({"compat": if h.version >= 3 { "1.1" } else { "0.10" }});
         if h.version >= 3 {

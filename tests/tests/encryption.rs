@@ -290,3 +290,33 @@ fn qcow_writes_roundtrip() {
 fn qcow_writes_over_backing() {
     writes_roundtrip("qcow", true);
 }
+
+/// Compressed clusters cannot be encrypted: an image claiming both is
+/// refused where the compressed cluster is read, the rest stays readable.
+fn compressed_in_encrypted(fmt: &str, crypt_method_at: u64) {
+    let dir = TestDir::new(&format!("enc-compressed-{fmt}"));
+    let img = dir.file("c.img");
+    qemu_img(&["create", "-q", "-f", fmt, &img, "1M"]);
+    let cs = if fmt == "qcow" { "4k" } else { "64k" };
+    qemu_io(fmt, img.as_ref(), &[&format!("write -c -P 0x11 0 {cs}")]);
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&1u32.to_be_bytes(), crypt_method_at)
+        .unwrap();
+    drop(f);
+    let d = Daemon::start(&dir, &[spec(fmt, "d0", "n0", &img)]);
+    let mut q = d.qmp();
+    q.ok("block_passwd", json!({"device": "d0", "password": PW}));
+    let e = read_dev(&d.dev("d0"), 0, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(
+        read_dev(&d.dev("d0"), 512 << 10, 4096).unwrap(),
+        vec![0u8; 4096]
+    );
+    q.ok("quit", json!({}));
+}
+
+#[test]
+fn compressed_in_encrypted_refused() {
+    compressed_in_encrypted("qcow2", 32);
+    compressed_in_encrypted("qcow", 36);
+}

@@ -175,6 +175,24 @@ enum Mapping {
     Compressed { host: u64, len: u64 },
 }
 
+impl Mapping {
+    /// An L2 entry: 0, a cluster offset, or bit 63 with the compressed
+    /// byte count above bit `63 - cluster_bits` and the offset below.
+    fn decode(e: u64, cluster_bits: u32) -> Mapping {
+        let shift = 63 - cluster_bits;
+        if e == 0 {
+            Mapping::Unallocated
+        } else if e & COMPRESSED != 0 {
+            Mapping::Compressed {
+                host: e & ((1 << shift) - 1),
+                len: (e >> shift) & ((1 << cluster_bits) - 1),
+            }
+        } else {
+            Mapping::Data(e)
+        }
+    }
+}
+
 /// Cached tables and the end of the file, where allocations go.
 struct Meta {
     l1: Vec<u64>,
@@ -262,17 +280,7 @@ impl QcowDriver {
         }
         let end = meta.end;
         let e = self.l2_table(meta, l2_off)?[(cluster & (self.l2_entries() - 1)) as usize];
-        let cb = self.header.cluster_bits;
-        let m = if e == 0 {
-            Mapping::Unallocated
-        } else if e & COMPRESSED != 0 {
-            let host = e & ((1 << (63 - cb)) - 1);
-            let len = (e >> (63 - cb)) & (self.cs - 1);
-            Mapping::Compressed { host, len }
-        } else {
-            Mapping::Data(e)
-        };
-        match m {
+        match Mapping::decode(e, self.header.cluster_bits) {
             Mapping::Data(h) if !h.is_multiple_of(512) || h >= end => Err(corrupt(format!(
                 "cluster {cluster} maps to {h:#x}, unaligned or outside the file"
             ))),
@@ -679,6 +687,28 @@ mod tests {
             .unwrap_err()
             .msg
             .contains("L1 table"));
+    }
+
+    #[test]
+    fn decodes_l2_entries() {
+        assert_eq!(Mapping::decode(0, 12), Mapping::Unallocated);
+        assert_eq!(Mapping::decode(0x5000, 12), Mapping::Data(0x5000));
+        // Written by qemu-io 'write -c' (4 KiB clusters): 22 bytes at 0x2000.
+        assert_eq!(
+            Mapping::decode(0x80b0_0000_0000_2000, 12),
+            Mapping::Compressed {
+                host: 0x2000,
+                len: 22
+            }
+        );
+        // 64 KiB clusters: the size field starts at bit 47.
+        assert_eq!(
+            Mapping::decode((1 << 63) | (300 << 47) | 0x1_0000, 16),
+            Mapping::Compressed {
+                host: 0x1_0000,
+                len: 300
+            }
+        );
     }
 
     /// Random mutations of a valid header never panic.

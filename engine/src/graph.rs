@@ -395,24 +395,14 @@ impl Opener<'_> {
                 let child = self.child(file, &opts, &join(path, "file"))?;
                 let header = drivers::qcow2::read_header(&child)
                     .map_err(|e| e.context(child.driver.filename()))?;
-                let ro = NodeOptions {
-                    read_only: true,
-                    ..opts
-                };
-                let backing = match backing {
-                    Some(None) => None,
-                    Some(Some(r)) => Some(self.backing(r, &ro, &join(path, "backing"))?),
-                    None => match &header.backing_file {
-                        Some(name) => Some(self.backing_from_header(
-                            name,
-                            header.backing_format.as_deref(),
-                            &child,
-                            &ro,
-                            path,
-                        )?),
-                        None => None,
-                    },
-                };
+                let backing = self.format_backing(
+                    backing,
+                    header.backing_file.as_deref(),
+                    header.backing_format.as_deref(),
+                    &child,
+                    &opts,
+                    path,
+                )?;
                 Box::new(Arc::new(drivers::qcow2::Qcow2Driver::open(
                     child,
                     header,
@@ -440,6 +430,22 @@ impl Opener<'_> {
                     set_state,
                 )?)
             }
+            (DriverOptions::Format { file, backing, .. }, DriverName::Qcow) => {
+                let child = self.child(file, &opts, &join(path, "file"))?;
+                let header = drivers::qcow::read_header(&child)
+                    .map_err(|e| e.context(child.driver.filename()))?;
+                let backing = self.format_backing(
+                    backing,
+                    header.backing_file.as_deref(),
+                    None,
+                    &child,
+                    &opts,
+                    path,
+                )?;
+                Box::new(Arc::new(drivers::qcow::QcowDriver::open(
+                    child, header, backing,
+                )?))
+            }
             (_, d) => {
                 return Err(Error::generic(format!(
                     "Driver '{}' is not supported by blkfs yet",
@@ -455,6 +461,30 @@ impl Opener<'_> {
         });
         self.new_nodes.push(node.clone());
         Ok(node)
+    }
+
+    /// The backing node of a format node: as the options say (`null`: none),
+    /// else the file the image header names, read-only.
+    fn format_backing(
+        &mut self,
+        option: &Option<Option<BlockdevRef>>,
+        header_name: Option<&str>,
+        header_format: Option<&str>,
+        image: &Node,
+        opts: &NodeOptions,
+        path: &str,
+    ) -> Result<Option<Arc<Node>>> {
+        let ro = NodeOptions {
+            read_only: true,
+            ..*opts
+        };
+        Ok(match (option, header_name) {
+            (Some(None), _) | (None, None) => None,
+            (Some(Some(r)), _) => Some(self.backing(r, &ro, &join(path, "backing"))?),
+            (None, Some(name)) => {
+                Some(self.backing_from_header(name, header_format, image, &ro, path)?)
+            }
+        })
     }
 
     /// A backing node: always read-only, at most MAX_CHAIN_DEPTH deep.

@@ -4,9 +4,14 @@
 //! [`Done`] callback and returns at once; the callback runs on whichever
 //! thread finishes the I/O. Drivers must never block inside a completion.
 
+pub mod aes_legacy;
+pub mod backing;
 pub mod blkdebug;
+pub mod deflate;
 pub mod file;
+pub mod join;
 pub mod probe;
+pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 

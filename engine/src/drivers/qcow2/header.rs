@@ -288,15 +288,11 @@ impl Header {
                 self.crypt_method
             )));
         }
-        if self.crypt_method != 0 {
-            let how = if self.crypt_method == 1 {
-                "AES"
-            } else {
-                "LUKS"
-            };
-            return Err(invalid(format!(
-                "{how}-encrypted images are not supported by blkfs yet"
-            )));
+        // 1 (legacy AES) is handled by the driver; LUKS is not yet.
+        if self.crypt_method == 2 {
+            return Err(invalid(
+                "LUKS-encrypted qcow2 images are not supported by blkfs yet",
+            ));
         }
         check_virtual_size(self.size, self.cluster_bits)?;
         let needed_l1 = l1_entries_for(self.size, self.cluster_bits);
@@ -451,7 +447,7 @@ pub(crate) mod tests {
     #[test]
     fn rejects_bad_fields() {
         // (byte offset, new value, expected error).
-        let cases: [(usize, u8, &str); 12] = [
+        let cases: [(usize, u8, &str); 13] = [
             (0, 0, "bad magic"),
             (7, 9, "unsupported version 9"),
             (23, 30, "cluster_bits 30"),
@@ -463,6 +459,7 @@ pub(crate) mod tests {
             (79, 1 << 5, "unsupported incompatible feature bit 5"),
             (79, 1 << 4, "extended L2"),
             (35, 3, "unknown encryption method 3"),
+            (35, 2, "LUKS-encrypted qcow2 images are not supported"),
             (103, 8, "invalid header_length 8"),
         ];
         for (at, value, want) in cases {
@@ -472,6 +469,13 @@ pub(crate) mod tests {
             assert!(e.msg.contains(want), "expected '{want}', got '{}'", e.msg);
         }
         assert!(Header::parse(&v3_fixture()[..50], FILE).is_err());
+    }
+
+    #[test]
+    fn legacy_aes_accepted() {
+        let mut b = v3_fixture();
+        b[35] = 1; // crypt_method 1: AES
+        assert_eq!(Header::parse(&b, FILE).unwrap().crypt_method, 1);
     }
 
     #[test]

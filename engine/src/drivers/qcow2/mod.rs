@@ -20,7 +20,9 @@ pub mod meta;
 mod resize;
 pub mod snapshot;
 
-use super::{wait, Done, Driver, Status};
+use super::aes_legacy::{self, Cipher, Key};
+use super::join::Join;
+use super::{wait, Done, Driver, Encryption, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
@@ -30,7 +32,7 @@ use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct Qcow2Driver {
@@ -52,6 +54,8 @@ pub struct Qcow2Driver {
     snapshots: Vec<snapshot::Snapshot>,
     /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
     corrupt: AtomicBool,
+    /// Legacy AES (crypt_method 1): data clusters are encrypted.
+    key: Key,
 }
 
 /// One piece of a request, in guest order.
@@ -118,6 +122,7 @@ impl Qcow2Driver {
             meta.set_lazy(&header);
         }
         let snapshots = snapshot::read_table(&file, &header)?;
+        let key = Key::new(header.crypt_method == 1);
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
             size: AtomicU64::new(header.size),
@@ -132,6 +137,7 @@ impl Qcow2Driver {
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
+            key,
         })
     }
 
@@ -237,47 +243,42 @@ impl Qcow2Driver {
 
     /// Reads one compressed cluster, whole.
     fn read_compressed(&self, host: u64, len: u64) -> Result<Buf> {
+        if self.key.is_encrypted() {
+            return Err(corrupt("compressed cluster in an encrypted image"));
+        }
         let avail = self.file.size().saturating_sub(host).min(len);
         self.file.debug_event(Ev::ReadCompressed);
         let raw = read_at(&self.file, host, avail as usize)?;
         let mut out = Buf::zeroed(self.cs as usize);
         match self.header.compression_type {
-            0 => inflate(&raw, &mut out)?,
+            0 => super::deflate::inflate(&raw, &mut out).map_err(corrupt)?,
             _ => unzstd(&raw, &mut out)?,
         }
         Ok(out)
     }
 
+    /// Reads a data cluster's bytes, decrypting them when the image is encrypted.
+    fn read_data(
+        &self,
+        cipher: &Option<Arc<Cipher>>,
+        guest: u64,
+        host: u64,
+        buf: Buf,
+        done: Done<Buf>,
+    ) {
+        self.file.debug_event(Ev::ReadAio);
+        match cipher {
+            Some(c) => aes_legacy::read_decrypted(&self.file, c.clone(), guest, host, buf, done),
+            None => self.file.read(host, buf, done),
+        }
+    }
+
     /// Reads the guest range from the backing chain (zeroes past its end).
     fn read_backing(&self, guest: u64, buf: Buf, done: Done<Buf>) {
-        let Some(b) = &self.backing else {
-            let mut buf = buf;
-            buf.fill(0);
-            return done(Ok(buf));
-        };
-        let bsize = b.size();
-        if guest >= bsize {
-            let mut buf = buf;
-            buf.fill(0);
-            return done(Ok(buf));
+        if self.backing.is_some() {
+            self.file.debug_event(Ev::ReadBackingAio);
         }
-        let avail = (bsize - guest).min(buf.len() as u64) as usize;
-        self.file.debug_event(Ev::ReadBackingAio);
-        if avail == buf.len() {
-            return b.read(guest, buf, done);
-        }
-        let mut out = buf;
-        b.read(
-            guest,
-            Buf::recycled(avail),
-            Box::new(move |r| {
-                done(r.map(|part| {
-                    out[..avail].copy_from_slice(&part);
-                    out[avail..].fill(0);
-                    out
-                }))
-            }),
-        );
+        super::backing::read(self.backing.as_ref(), guest, buf, done)
     }
 
     /// Waits until no other request changes `cluster`, then holds it.
@@ -300,10 +301,15 @@ impl Qcow2Driver {
         let cluster = guest / self.cs;
         let _claim = self.claim(cluster);
         let in_cluster = (guest % self.cs) as usize;
+        let cipher = self.key.cipher()?;
         let old = self.meta.lock().lookup(cluster)?;
         if let Mapping::Data { host, copied: true } = old {
             self.file.debug_event(Ev::WriteAio);
-            return write_at(&self.file, host + in_cluster as u64, data);
+            let host = host + in_cluster as u64;
+            return match &cipher {
+                Some(c) => aes_legacy::write_encrypted(&self.file, c, guest, host, data),
+                None => write_at(&self.file, host, data),
+            };
         }
         let base = cluster * self.cs;
         let full = data.len() == self.cs as usize;
@@ -322,13 +328,28 @@ impl Qcow2Driver {
                 }
                 Mapping::Zero { .. } => Buf::zeroed(self.cs as usize),
                 Mapping::Compressed { host, len } => self.read_compressed(host, len)?,
-                Mapping::Data { host, .. } => read_at(&self.file, host, self.cs as usize)?,
+                Mapping::Data { host, .. } => {
+                    let mut b = read_at(&self.file, host, self.cs as usize)?;
+                    if let Some(c) = &cipher {
+                        c.decrypt(base, &mut b);
+                    }
+                    b
+                }
             }
         };
-        let payload: &[u8] = if full {
+        if !full {
+            content[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+        }
+        // Encrypted: the whole cluster (copied-on-write data included) in a scratch buffer.
+        if let Some(c) = &cipher {
+            if full {
+                content = Buf::from_slice(data);
+            }
+            c.encrypt(base, &mut content);
+        }
+        let payload: &[u8] = if full && cipher.is_none() {
             data
         } else {
-            content[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             &content
         };
         let reuse = match old {
@@ -400,7 +421,22 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Zeroes or discards: whole clusters are remapped, the edges written.
+    /// Whether the cluster holding `guest` reads as zeroes already, so a
+    /// partial zero write there need not allocate it.
+    fn reads_as_zero(&self, guest: u64) -> Result<bool> {
+        let cluster = guest / self.cs;
+        Ok(match self.meta.lock().lookup(cluster)? {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self
+                .backing
+                .as_ref()
+                .is_none_or(|b| b.size() <= cluster * self.cs),
+            _ => false,
+        })
+    }
+
+    /// Zeroes or discards: whole clusters are remapped, the edges written
+    /// unless they already read as zeroes.
     fn zero_or_discard(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         let v3 = self.header.version >= 3;
         let start = offset.next_multiple_of(self.cs).min(offset + len);
@@ -411,7 +447,7 @@ impl Qcow2Driver {
         }
         if !discard {
             for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
-                if l > 0 {
+                if l > 0 && !self.reads_as_zero(o)? {
                     self.write_range(o, &Buf::zeroed(l as usize))?;
                 }
             }
@@ -444,6 +480,10 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        let cipher = match self.key.cipher() {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
         let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
@@ -452,8 +492,7 @@ impl Driver for Arc<Qcow2Driver> {
         if let [seg] = segs[..] {
             match seg.map {
                 Mapping::Data { host, .. } => {
-                    self.file.debug_event(Ev::ReadAio);
-                    return self.file.read(host, buf, done);
+                    return self.read_data(&cipher, offset, host, buf, done)
                 }
                 Mapping::Unallocated => return self.read_backing(offset, buf, done),
                 Mapping::Zero { .. } => {
@@ -470,10 +509,7 @@ impl Driver for Arc<Qcow2Driver> {
             let j = join.clone();
             let fill: Done<Buf> = Box::new(move |r| j.fill(s.at, r));
             match s.map {
-                Mapping::Data { host, .. } => {
-                    self.file.debug_event(Ev::ReadAio);
-                    self.file.read(host, piece, fill)
-                }
+                Mapping::Data { host, .. } => self.read_data(&cipher, s.guest, host, piece, fill),
                 Mapping::Zero { .. } => fill(Ok(Buf::zeroed(s.len))),
                 Mapping::Unallocated => self.read_backing(s.guest, piece, fill),
                 Mapping::Compressed { host, len } => {
@@ -488,9 +524,10 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        if let Err(e) = self.refuse_if_corrupt() {
-            return done(Err(e));
-        }
+        let cipher = match self.refuse_if_corrupt().and_then(|()| self.key.cipher()) {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
         let segs = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
@@ -501,7 +538,13 @@ impl Driver for Arc<Qcow2Driver> {
         }] = segs[..]
         {
             self.file.debug_event(Ev::WriteAio);
-            return self.file.write(host, buf, done);
+            match cipher {
+                None => return self.file.write(host, buf, done),
+                Some(c) if aes_legacy::whole_sectors(offset, buf.len()) => {
+                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done)
+                }
+                Some(_) => {}
+            }
         }
         let me = self.clone();
         crate::io::spawn_blocking(move || {
@@ -516,14 +559,16 @@ impl Driver for Arc<Qcow2Driver> {
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
         let r = self
             .refuse_if_corrupt()
-            .and_then(|()| self.zero_or_discard(offset, len, false));
+            .and_then(|()| self.key.cipher())
+            .and_then(|_| self.zero_or_discard(offset, len, false));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
         let r = self
             .refuse_if_corrupt()
-            .and_then(|()| self.zero_or_discard(offset, len, true));
+            .and_then(|()| self.key.cipher())
+            .and_then(|_| self.zero_or_discard(offset, len, true));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
@@ -544,7 +589,13 @@ impl Driver for Arc<Qcow2Driver> {
             .first()
             .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
         let (data, zero, host, allocated) = match seg.map {
-            Mapping::Data { host, .. } => (true, false, Some(host), true),
+            // Encrypted data is no use at its host offset.
+            Mapping::Data { host, .. } => (
+                true,
+                false,
+                Some(host).filter(|_| !self.key.is_encrypted()),
+                true,
+            ),
             Mapping::Compressed { .. } => (true, false, None, true),
             Mapping::Zero { .. } => (false, true, None, true),
             Mapping::Unallocated => (false, self.backing.is_none(), None, false),
@@ -560,6 +611,14 @@ impl Driver for Arc<Qcow2Driver> {
 
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.file)
+    }
+
+    fn encryption(&self) -> Encryption {
+        self.key.encryption()
+    }
+
+    fn set_password(&self, password: &str) -> Result<()> {
+        self.key.set_password(password)
     }
 
     fn backing_child(&self) -> Option<&Arc<Node>> {
@@ -598,6 +657,9 @@ impl Driver for Arc<Qcow2Driver> {
         use serde_json::json;
         let h = &self.header;
         v["cluster-size"] = json!(self.cs);
+        if self.key.is_encrypted() {
+            v["encrypted"] = json!(true);
+        }
         v["dirty-flag"] = json!(h.incompatible & header::INCOMPAT_DIRTY != 0);
         let mut specific = json!({"compat": if h.version >= 3 { "1.1" } else { "0.10" }});
         if h.version >= 3 {
@@ -630,59 +692,6 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Gathers the pieces of a multi-segment read into the caller's buffer.
-struct Join {
-    state: Mutex<JoinState>,
-    left: AtomicUsize,
-}
-
-struct JoinState {
-    out: Option<Buf>,
-    err: Option<Error>,
-    done: Option<Done<Buf>>,
-}
-
-impl Join {
-    fn new(out: Buf, parts: usize, done: Done<Buf>) -> Arc<Join> {
-        Arc::new(Join {
-            state: Mutex::new(JoinState {
-                out: Some(out),
-                err: None,
-                done: Some(done),
-            }),
-            left: AtomicUsize::new(parts),
-        })
-    }
-
-    fn fill(&self, at: usize, r: Result<Buf>) {
-        {
-            let mut st = self.state.lock();
-            match r {
-                Ok(piece) => {
-                    if let Some(out) = st.out.as_mut() {
-                        out[at..at + piece.len()].copy_from_slice(&piece);
-                    }
-                }
-                Err(e) => {
-                    st.err.get_or_insert(e);
-                }
-            }
-        }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut st = self.state.lock();
-            let (out, err, done) = (st.out.take(), st.err.take(), st.done.take());
-            drop(st);
-            if let Some(done) = done {
-                done(match (err, out) {
-                    (Some(e), _) => Err(e),
-                    (None, Some(b)) => Ok(b),
-                    (None, None) => Err(Error::io(libc::EIO, "read buffer lost")),
-                });
-            }
-        }
-    }
-}
-
 /// A zstd frame (followed by padding up to the sector).
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     use std::io::Read;
@@ -693,24 +702,4 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
             "compressed cluster does not inflate to a cluster: {e}"
         ))
     })
-}
-
-/// Raw deflate (no zlib header), as qcow2 stores compressed clusters.
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
-    let mut d = DecompressorOxide::new();
-    let (_, _, n) = decompress(
-        &mut d,
-        input,
-        out,
-        0,
-        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-    );
-    if n != out.len() {
-        return Err(corrupt(format!(
-            "compressed cluster inflates to {n} bytes, {} expected",
-            out.len()
-        )));
-    }
-    Ok(())
 }

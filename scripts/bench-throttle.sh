@@ -58,7 +58,7 @@ wait_for "$work/qsd.sock"
 sleep 0.5
 
 ctl() { target/release/blkctl --socket "$work/blkfs.sock" "$@" >/dev/null; }
-qsd_limits() { # JSON object of x-* limits
+qsd_limits() { # JSON object of throttle-group limits
     python3 - "$work/qsd.sock" "$1" <<'PY'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
@@ -69,8 +69,8 @@ def cmd(c):
         if "return" in m or "error" in m:
             return m
 f.readline(); cmd({"execute": "qmp_capabilities"})
-zero = {k: 0 for k in ["x-bps-total", "x-bps-read", "x-bps-write", "x-iops-total", "x-iops-read", "x-iops-write",
-                       "x-bps-total-max", "x-bps-read-max", "x-bps-write-max", "x-iops-total-max"]}
+zero = {k: 0 for k in ["bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write",
+                       "bps-total-max", "bps-read-max", "bps-write-max", "iops-total-max"]}
 r = cmd({"execute": "qom-set", "arguments": {"path": "tg0", "property": "limits", "value": {**zero, **json.loads(sys.argv[2])}}})
 assert "return" in r, r
 PY
@@ -101,15 +101,15 @@ steady() { # name rw bs depth blkfs-member qsd-member limit field(1=iops,2=bytes
     q=$(run_fio "$work/qsd.export" "$2" "$3" "$4" "$runtime" | cut -d' ' -f"$8")
     report "$1" "$7" "$b" "$q"
 }
-steady "randread 4k qd8, iops=2000"    randread 4k 8 iops x-iops-total 2000 1
-steady "randwrite 4k qd8, iops_wr=1000" randwrite 4k 8 iops_wr x-iops-write 1000 1
-steady "read 64k qd8, bps=50 MiB/s"    read 64k 8 bps x-bps-total 52428800 2
-steady "write 1M qd4, bps_wr=20 MiB/s" write 1M 4 bps_wr x-bps-write 20971520 2
+steady "randread 4k qd8, iops=2000"    randread 4k 8 iops iops-total 2000 1
+steady "randwrite 4k qd8, iops_wr=1000" randwrite 4k 8 iops_wr iops-write 1000 1
+steady "read 64k qd8, bps=50 MiB/s"    read 64k 8 bps bps-total 52428800 2
+steady "write 1M qd4, bps_wr=20 MiB/s" write 1M 4 bps_wr bps-write 20971520 2
 
 # Burst: bps=10 MiB/s with bps_max=40 MiB, 3 s from a full (empty) bucket.
 avg=10485760 max=41943040 secs=3
 throttle "bps=$avg" "bps_max=$max"
-qsd_limits "{\"x-bps-total\": $avg, \"x-bps-total-max\": $max}"
+qsd_limits "{\"bps-total\": $avg, \"bps-total-max\": $max}"
 sleep 5
 b=$(run_fio "$work/mnt/d0" read 64k 8 "$secs" | cut -d' ' -f2)
 sleep 5

@@ -199,17 +199,19 @@ impl Graph {
         self.resize_listeners.lock().push(Box::new(f));
     }
 
-    /// Resizes a node; the devices it is the root of see the new size at once.
+    /// Resizes a node with no request in flight on the devices whose size
+    /// follows it (its root, or a format or filter above it through file
+    /// children); they see the new size at once.
     pub fn resize(&self, node: &Arc<Node>, size: u64) -> Result<()> {
         let devices: Vec<_> = self
             .devices()
             .into_iter()
-            .filter(|d| Arc::ptr_eq(&d.root(), node))
+            .filter(|d| {
+                std::iter::successors(Some(d.root()), |n| n.driver.file_child().cloned())
+                    .any(|n| Arc::ptr_eq(&n, node))
+            })
             .collect();
-        match devices.as_slice() {
-            [] => node.driver.resize(size)?,
-            [d, ..] => d.quiesced(|| node.driver.resize(size))?,
-        }
+        quiesced_all(&devices, || node.driver.resize(size))?;
         let listeners = self.resize_listeners.lock();
         for d in &devices {
             for l in listeners.iter() {
@@ -304,6 +306,13 @@ impl Graph {
                     .map(|e| e.context(&d.id))
             })
             .collect()
+    }
+}
+
+fn quiesced_all<R>(devices: &[Arc<Device>], f: impl FnOnce() -> Result<R>) -> Result<R> {
+    match devices {
+        [] => f(),
+        [d, rest @ ..] => d.quiesced(|| quiesced_all(rest, f)),
     }
 }
 

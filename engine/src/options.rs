@@ -160,12 +160,6 @@ impl BlockdevOptions {
         Self::parse(Args::new(crate::args::parse_keyval(s)?, "", true)?)
     }
 
-    /// Parses either form: JSON when it starts with '{'.
-    pub fn from_cli(s: &str) -> Result<Self> {
-        let (v, lenient) = cli_value(s)?;
-        Self::parse(Args::new(v, "", lenient)?)
-    }
-
     /// A `--blockdev` argument of the daemon: the options plus, for a
     /// device, QEMU's `-drive` throttling keys (`throttling.iops-total=...`).
     pub fn from_daemon_cli(s: &str) -> Result<(Self, Option<ThrottleConfig>)> {

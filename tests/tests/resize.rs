@@ -758,3 +758,21 @@ fn qcow2_grow_while_writing() {
         "raw"
     ));
 }
+
+#[test]
+fn resizing_the_file_node_below_a_raw_device_resizes_the_device() {
+    let dir = TestDir::new("rs-filenode");
+    let img = raw_image(&dir, "a.img", "1M");
+    let spec = json!({"driver": "raw", "id": "d0",
+                      "file": {"driver": "file", "node-name": "f0", "filename": img}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let mut q = d.qmp();
+    write_dev(&d, "d0", 0, &pattern(9, 4096));
+    resize(&mut q, json!({"node-name": "f0"}), 3 * M);
+    assert_eq!(dev_len(&d, "d0"), 3 * M);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 3 * M);
+    write_dev(&d, "d0", 3 * M - 4096, &pattern(10, 4096));
+    assert_eq!(read_dev(&d, "d0", 0, 4096), pattern(9, 4096));
+    assert!(is_zero(&read_dev(&d, "d0", M, 4096)));
+    assert_eq!(read_dev(&d, "d0", 3 * M - 4096, 4096), pattern(10, 4096));
+}

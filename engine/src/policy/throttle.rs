@@ -10,6 +10,7 @@ use super::timer;
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -176,6 +177,8 @@ struct State {
 
 /// A device's throttle: requests start in order, at the configured rates.
 pub struct Throttle {
+    /// `cfg.enabled()`, readable without the lock: unthrottled devices skip it.
+    enabled: AtomicBool,
     state: Mutex<State>,
     epoch: Instant,
     me: Weak<Throttle>,
@@ -184,6 +187,7 @@ pub struct Throttle {
 impl Throttle {
     pub fn new(cfg: ThrottleConfig) -> Arc<Throttle> {
         Arc::new_cyclic(|me| Throttle {
+            enabled: AtomicBool::new(cfg.enabled()),
             state: Mutex::new(State {
                 cfg,
                 buckets: Buckets::new(&cfg, 0),
@@ -210,6 +214,7 @@ impl Throttle {
             let mut s = self.state.lock();
             s.cfg = cfg;
             s.buckets = Buckets::new(&cfg, self.now_ns());
+            self.enabled.store(cfg.enabled(), Ordering::Release);
         }
         self.pump(false);
         self.pump(true);
@@ -218,7 +223,9 @@ impl Throttle {
     /// Runs `job` now or once the limits allow; `bytes` is what it transfers.
     pub fn submit(&self, write: bool, bytes: u64, job: Job) {
         let d = write as usize;
-        {
+        // Requests still queued when throttling was switched off are
+        // released by set_config; new ones need not wait behind them.
+        if self.enabled.load(Ordering::Acquire) {
             let mut s = self.state.lock();
             if s.cfg.enabled() {
                 let now = self.now_ns();

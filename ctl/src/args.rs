@@ -64,14 +64,14 @@ impl SizeChange {
     }
 }
 
+/// A QMP command's arguments.
+pub type QmpArgs = Map<String, Value>;
+
 const BOTH: &str = "give either DEVICE or --node NODE, not both";
 
 /// QMP's `device` / `node-name` pair from `DEVICE` or `--node NODE`:
 /// exactly one of them.
-pub fn device_or_node(
-    device: Option<String>,
-    node: Option<String>,
-) -> Result<Map<String, Value>, String> {
+pub fn device_or_node(device: Option<String>, node: Option<String>) -> Result<QmpArgs, String> {
     let mut target = Map::new();
     match (device, node) {
         (Some(d), None) => target.insert("device".into(), Value::String(d)),
@@ -103,7 +103,7 @@ impl Target {
     pub fn resolve<const N: usize>(
         self,
         rest: [Option<String>; N],
-    ) -> Result<(Map<String, Value>, [Option<String>; N]), String> {
+    ) -> Result<(QmpArgs, [Option<String>; N]), String> {
         let Some(node) = self.node else {
             return Ok((device_or_node(self.device, None)?, rest));
         };
@@ -125,7 +125,7 @@ impl Target {
 }
 
 /// The name a `device_or_node` target refers to, for messages.
-pub fn target_name(target: &Map<String, Value>) -> &str {
+pub fn target_name(target: &QmpArgs) -> &str {
     target
         .get("device")
         .or_else(|| target.get("node-name"))
@@ -219,7 +219,7 @@ impl ThrottleLimits {
     /// block_set_io_throttle's arguments: the mandatory averages default to
     /// 0 (unlimited), the optional limits are sent only when given; `off`
     /// sends every limit as 0.
-    pub fn arguments(&self, device: &str, off: bool) -> Map<String, Value> {
+    pub fn arguments(&self, device: &str, off: bool) -> QmpArgs {
         let mut args = Map::new();
         args.insert("device".into(), Value::from(device));
         for (i, (name, value)) in throttle_names().zip(self.values()).enumerate() {

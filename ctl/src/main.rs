@@ -226,8 +226,11 @@ enum Failure {
     Qmp(QmpError),
     /// Writing our own output failed.
     Output(io::Error),
-    /// Arguments that clap alone cannot check.
-    Usage(String),
+    /// Arguments of a subcommand that clap alone cannot check.
+    Usage {
+        command: &'static str,
+        message: String,
+    },
     /// Anything else, e.g. a device missing from a query reply.
     Other(String),
 }
@@ -245,6 +248,13 @@ impl From<io::Error> for Failure {
 }
 
 type Outcome = Result<ExitCode, Failure>;
+
+fn usage(command: &'static str, message: impl Into<String>) -> Failure {
+    Failure::Usage {
+        command,
+        message: message.into(),
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -319,9 +329,16 @@ fn main() -> ExitCode {
             eprintln!("blkctl: cannot write output: {e}");
             ExitCode::from(1)
         }
-        Err(Failure::Usage(msg)) => Cli::command()
-            .error(clap::error::ErrorKind::ArgumentConflict, msg)
-            .exit(),
+        Err(Failure::Usage { command, message }) => {
+            let mut cli = Cli::command();
+            cli.build();
+            // The subcommand's usage line rather than blkctl's.
+            match cli.find_subcommand_mut(command) {
+                Some(sub) => sub.error(clap::error::ErrorKind::ArgumentConflict, message),
+                None => cli.error(clap::error::ErrorKind::ArgumentConflict, message),
+            }
+            .exit()
+        }
         Err(Failure::Other(msg)) => {
             eprintln!("blkctl: {msg}");
             ExitCode::from(1)
@@ -352,8 +369,8 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
             format,
             existing,
         } => {
-            let (mut args, [file]) = target.resolve([file]).map_err(Failure::Usage)?;
-            let file = file.ok_or_else(|| Failure::Usage("FILE is missing".into()))?;
+            let (mut args, [file]) = target.resolve([file]).map_err(|m| usage("snapshot", m))?;
+            let file = file.ok_or_else(|| usage("snapshot", "FILE is missing"))?;
             args.insert("snapshot-file".into(), json!(file));
             if let Some(n) = node_name {
                 args.insert("snapshot-node-name".into(), json!(n));
@@ -781,10 +798,10 @@ fn cmd_throttle(
 ) -> Outcome {
     if off || !limits.is_empty() {
         let args = limits.arguments(device, off);
-        let msg = format!(
-            "{device}: throttle {}",
-            throttle_summary(&Value::Object(args.clone()))
-        );
+        let msg = match throttle_summary(&Value::Object(args.clone())) {
+            none if none == "-" => format!("{device}: no I/O limits"),
+            set => format!("{device}: I/O limits {set}"),
+        };
         return simple_command(
             client,
             "block_set_io_throttle",
@@ -819,9 +836,9 @@ fn cmd_throttle(
 }
 
 fn cmd_resize(client: &mut Client, target: Target, size: Option<String>, json: bool) -> Outcome {
-    let (mut args, [size]) = target.resolve([size]).map_err(Failure::Usage)?;
-    let size = size.ok_or_else(|| Failure::Usage("SIZE is missing".into()))?;
-    let size = SizeChange::parse(&size).map_err(Failure::Usage)?;
+    let (mut args, [size]) = target.resolve([size]).map_err(|m| usage("resize", m))?;
+    let size = size.ok_or_else(|| usage("resize", "SIZE is missing"))?;
+    let size = SizeChange::parse(&size).map_err(|m| usage("resize", m))?;
     let name = args::target_name(&args).to_string();
     let new_size = if let SizeChange::To(n) = size {
         n
@@ -857,11 +874,12 @@ fn cmd_passwd(
     password_file: Option<PathBuf>,
     json: bool,
 ) -> Outcome {
-    let (mut args, [password]) = target.resolve([password]).map_err(Failure::Usage)?;
+    let (mut args, [password]) = target.resolve([password]).map_err(|m| usage("passwd", m))?;
     let password = match (password, password_file) {
         (Some(_), Some(_)) => {
-            return Err(Failure::Usage(
-                "give either PASSWORD or --password-file, not both".into(),
+            return Err(usage(
+                "passwd",
+                "give either PASSWORD or --password-file, not both",
             ))
         }
         (Some(pw), None) => pw,

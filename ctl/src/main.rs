@@ -80,9 +80,10 @@ enum Command {
     Quit,
     /// Set a device's I/O limits (block_set_io_throttle), or show them
     ///
-    /// Without any limit, shows the current ones (from query-block). Limits
-    /// not given are set to 0 (unlimited), as block_set_io_throttle
-    /// replaces them all; byte rates take suffixes (512K, 1M, 1G).
+    /// Without any limit, shows the current ones (from query-block; with
+    /// --json as one object, unset limits 0). Limits not given are set to 0
+    /// (unlimited), as block_set_io_throttle replaces them all; byte rates
+    /// take suffixes (512K, 1M, 1G).
     Throttle {
         /// Device
         device: String,
@@ -368,31 +369,7 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
             node_name,
             format,
             existing,
-        } => {
-            let (mut args, [file]) = target.resolve([file]).map_err(|m| usage("snapshot", m))?;
-            let file = file.ok_or_else(|| usage("snapshot", "FILE is missing"))?;
-            args.insert("snapshot-file".into(), json!(file));
-            if let Some(n) = node_name {
-                args.insert("snapshot-node-name".into(), json!(n));
-            }
-            if let Some(f) = format {
-                args.insert("format".into(), json!(f));
-            }
-            let mode = if existing {
-                "existing"
-            } else {
-                "absolute-paths"
-            };
-            args.insert("mode".into(), json!(mode));
-            let msg = format!("{} now writes to {file}", args::target_name(&args));
-            simple_command(
-                client,
-                "blockdev-snapshot-sync",
-                Value::Object(args),
-                &msg,
-                json,
-            )
-        }
+        } => cmd_snapshot(client, target, file, node_name, format, existing, json),
         Command::ChangeBacking {
             device,
             image_node,
@@ -833,6 +810,40 @@ fn cmd_throttle(
     }
     emit(&table.render())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_snapshot(
+    client: &mut Client,
+    target: Target,
+    file: Option<String>,
+    node_name: Option<String>,
+    format: Option<String>,
+    existing: bool,
+    json: bool,
+) -> Outcome {
+    let (mut args, [file]) = target.resolve([file]).map_err(|m| usage("snapshot", m))?;
+    let file = file.ok_or_else(|| usage("snapshot", "FILE is missing"))?;
+    args.insert("snapshot-file".into(), json!(file));
+    if let Some(n) = node_name {
+        args.insert("snapshot-node-name".into(), json!(n));
+    }
+    if let Some(f) = format {
+        args.insert("format".into(), json!(f));
+    }
+    let mode = if existing {
+        "existing"
+    } else {
+        "absolute-paths"
+    };
+    args.insert("mode".into(), json!(mode));
+    let msg = format!("{} now writes to {file}", args::target_name(&args));
+    simple_command(
+        client,
+        "blockdev-snapshot-sync",
+        Value::Object(args),
+        &msg,
+        json,
+    )
 }
 
 fn cmd_resize(client: &mut Client, target: Target, size: Option<String>, json: bool) -> Outcome {

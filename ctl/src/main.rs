@@ -1,14 +1,16 @@
 //! blkctl: command-line client for the blkfs QMP control socket.
 
+mod args;
 mod client;
 mod format;
 mod keyval;
 mod offline;
 mod table;
 
+use args::{SizeChange, Target, ThrottleLimits};
 use clap::{CommandFactory, Parser, Subcommand};
 use client::{Client, QmpError};
-use format::{bool_cell, cell, size_cell};
+use format::{bool_cell, cell, human_size, size_cell};
 use serde_json::{json, Map, Value};
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -76,6 +78,79 @@ enum Command {
     Version,
     /// Ask the daemon to exit (quit)
     Quit,
+    /// Set a device's I/O limits (block_set_io_throttle), or show them
+    ///
+    /// Without any limit, shows the current ones (from query-block; with
+    /// --json as one object, unset limits 0). Limits not given are set to 0
+    /// (unlimited), as block_set_io_throttle replaces them all; byte rates
+    /// take suffixes (512K, 1M, 1G).
+    Throttle {
+        /// Device
+        device: String,
+        #[command(flatten)]
+        limits: ThrottleLimits,
+        /// Remove every limit
+        #[arg(long, conflicts_with = "limits")]
+        off: bool,
+    },
+    /// Change the size of a device or node (block_resize)
+    #[command(override_usage = "blkctl resize [OPTIONS] (DEVICE | --node NODE) SIZE")]
+    Resize {
+        #[command(flatten)]
+        target: Target,
+        /// New size (suffixes K, M, G, T), or +SIZE / -SIZE relative to the
+        /// current size
+        // Optional for clap only: see Target::resolve.
+        #[arg(allow_hyphen_values = true)]
+        size: Option<String>,
+    },
+    /// Put a new overlay image on top of a device (blockdev-snapshot-sync)
+    ///
+    /// The device's current image becomes the overlay's backing file and
+    /// new writes go to FILE, which is created (as qcow2 by default) unless
+    /// --existing is given.
+    #[command(override_usage = "blkctl snapshot [OPTIONS] (DEVICE | --node NODE) FILE")]
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+        /// Overlay image file
+        file: Option<String>,
+        /// node-name of the overlay
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// Format of the overlay [default: qcow2]
+        #[arg(long, value_name = "FMT")]
+        format: Option<String>,
+        /// FILE exists already, with the right backing file: do not create it
+        #[arg(long)]
+        existing: bool,
+    },
+    /// Change the backing file name recorded in an image of a device's
+    /// chain (change-backing-file)
+    ChangeBacking {
+        /// Device whose chain holds the image
+        device: String,
+        /// node-name of the image to change
+        image_node: String,
+        /// Backing file name to record
+        backing_file: String,
+    },
+    /// Give the password of a device's encrypted images (block_passwd)
+    ///
+    /// Without PASSWORD or --password-file, the password is the first line
+    /// of standard input, so it does not show in the process list.
+    #[command(override_usage = "blkctl passwd [OPTIONS] (DEVICE | --node NODE) [PASSWORD]")]
+    Passwd {
+        #[command(flatten)]
+        target: Target,
+        /// Password (visible to other users in the process list)
+        password: Option<String>,
+        /// Read the password from the first line of this file
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Resume the devices stopped by their error policy (cont)
+    Cont,
     /// Check a qcow2 image's consistency, like `qemu-img check` (no daemon
     /// needed; the image must not be in use). Exit 2 on corruption, 3 on leaks.
     Check {
@@ -152,6 +227,13 @@ enum Failure {
     Qmp(QmpError),
     /// Writing our own output failed.
     Output(io::Error),
+    /// Arguments of a subcommand that clap alone cannot check.
+    Usage {
+        command: &'static str,
+        message: String,
+    },
+    /// Anything else, e.g. a device missing from a query reply.
+    Other(String),
 }
 
 impl From<QmpError> for Failure {
@@ -167,6 +249,13 @@ impl From<io::Error> for Failure {
 }
 
 type Outcome = Result<ExitCode, Failure>;
+
+fn usage(command: &'static str, message: impl Into<String>) -> Failure {
+    Failure::Usage {
+        command,
+        message: message.into(),
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -241,6 +330,20 @@ fn main() -> ExitCode {
             eprintln!("blkctl: cannot write output: {e}");
             ExitCode::from(1)
         }
+        Err(Failure::Usage { command, message }) => {
+            let mut cli = Cli::command();
+            cli.build();
+            // The subcommand's usage line rather than blkctl's.
+            match cli.find_subcommand_mut(command) {
+                Some(sub) => sub.error(clap::error::ErrorKind::ArgumentConflict, message),
+                None => cli.error(clap::error::ErrorKind::ArgumentConflict, message),
+            }
+            .exit()
+        }
+        Err(Failure::Other(msg)) => {
+            eprintln!("blkctl: {msg}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -254,6 +357,38 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
         Command::Events => cmd_events(client),
         Command::Version => cmd_version(client, json),
         Command::Quit => cmd_quit(client),
+        Command::Throttle {
+            device,
+            limits,
+            off,
+        } => cmd_throttle(client, &device, &limits, off, json),
+        Command::Resize { target, size } => cmd_resize(client, target, size, json),
+        Command::Snapshot {
+            target,
+            file,
+            node_name,
+            format,
+            existing,
+        } => cmd_snapshot(client, target, file, node_name, format, existing, json),
+        Command::ChangeBacking {
+            device,
+            image_node,
+            backing_file,
+        } => {
+            let msg = format!("{image_node} now names {backing_file} as its backing file");
+            let args = json!({
+                "device": device,
+                "image-node-name": image_node,
+                "backing-file": backing_file,
+            });
+            simple_command(client, "change-backing-file", args, &msg, json)
+        }
+        Command::Passwd {
+            target,
+            password,
+            password_file,
+        } => cmd_passwd(client, target, password, password_file, json),
+        Command::Cont => simple_command(client, "cont", json!({}), "resumed", json),
         Command::Map { .. } | Command::Check { .. } | Command::Create { .. } => {
             unreachable!("runs without a daemon")
         }
@@ -461,6 +596,7 @@ fn cmd_block(client: &mut Client, json: bool) -> Outcome {
         ("RO", Align::Left),
         ("SIZE", Align::Right),
         ("IO-STATUS", Align::Left),
+        ("THROTTLE", Align::Left),
         ("FILE", Align::Left),
     ]);
     list_query(client, "query-block", json, table, |dev| {
@@ -472,6 +608,7 @@ fn cmd_block(client: &mut Client, json: bool) -> Outcome {
             bool_cell(field("ro")),
             size_cell(field("image").and_then(|img| img.get("virtual-size"))),
             cell(dev.get("io-status")),
+            ins.map_or_else(|| "-".to_string(), throttle_summary),
             cell(field("file")),
         ]
     })
@@ -567,5 +704,251 @@ fn cmd_quit(client: &mut Client) -> Outcome {
         // going away either way, which is what was asked.
         Err(QmpError::Closed) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs a command whose return value is empty: prints `message`, or the
+/// raw return with --json.
+fn simple_command(
+    client: &mut Client,
+    command: &str,
+    arguments: Value,
+    message: &str,
+    json: bool,
+) -> Outcome {
+    let ret = client.execute(command, Some(arguments))?;
+    if json {
+        emit_json(&ret)?;
+    } else {
+        emit(&format!("{message}\n"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The non-zero limits of a `BlockDeviceInfo` (or of throttle arguments),
+/// e.g. `bps=1.0M,iops=100`; `-` when there are none.
+fn throttle_summary(limits: &Value) -> String {
+    let set: Vec<String> = args::throttle_names()
+        .filter_map(|name| {
+            let v = limits
+                .get(name)
+                .and_then(Value::as_u64)
+                .filter(|&v| v != 0)?;
+            Some(if args::is_byte_limit(name) {
+                format!("{name}={}", human_size(v))
+            } else {
+                format!("{name}={v}")
+            })
+        })
+        .collect();
+    if set.is_empty() {
+        "-".to_string()
+    } else {
+        set.join(",")
+    }
+}
+
+/// The entry named `name` under `key` in the list a query returns.
+fn find_in_query(
+    client: &mut Client,
+    query: &str,
+    key: &str,
+    name: &str,
+) -> Result<Value, Failure> {
+    let ret = client.execute(query, None)?;
+    ret.as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .find(|i| i.get(key).and_then(Value::as_str) == Some(name))
+        })
+        .cloned()
+        .ok_or_else(|| Failure::Other(format!("{query} does not list {key} '{name}'")))
+}
+
+fn cmd_throttle(
+    client: &mut Client,
+    device: &str,
+    limits: &ThrottleLimits,
+    off: bool,
+    json: bool,
+) -> Outcome {
+    if off || !limits.is_empty() {
+        let args = limits.arguments(device, off);
+        let msg = match throttle_summary(&Value::Object(args.clone())) {
+            none if none == "-" => format!("{device}: no I/O limits"),
+            set => format!("{device}: I/O limits {set}"),
+        };
+        return simple_command(
+            client,
+            "block_set_io_throttle",
+            Value::Object(args),
+            &msg,
+            json,
+        );
+    }
+    let dev = find_in_query(client, "query-block", "device", device)?;
+    let inserted = dev.get("inserted").cloned().unwrap_or(Value::Null);
+    // query-block omits the optional limits that are unset; show them as 0.
+    let current: Map<String, Value> = args::throttle_names()
+        .map(|n| (n.to_string(), inserted.get(n).cloned().unwrap_or(json!(0))))
+        .collect();
+    if json {
+        emit_json(&Value::Object(current))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&[("LIMIT", Align::Left), ("VALUE", Align::Right)]);
+    // In the command's order: the map may sort its keys.
+    for name in args::throttle_names() {
+        let value = current.get(name);
+        let text = match value.and_then(Value::as_u64) {
+            Some(0) => "-".to_string(),
+            Some(v) if args::is_byte_limit(name) => human_size(v),
+            _ => cell(value),
+        };
+        table.row(vec![name.to_string(), text]);
+    }
+    emit(&table.render())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_snapshot(
+    client: &mut Client,
+    target: Target,
+    file: Option<String>,
+    node_name: Option<String>,
+    format: Option<String>,
+    existing: bool,
+    json: bool,
+) -> Outcome {
+    let (mut args, [file]) = target.resolve([file]).map_err(|m| usage("snapshot", m))?;
+    let file = file.ok_or_else(|| usage("snapshot", "FILE is missing"))?;
+    args.insert("snapshot-file".into(), json!(file));
+    if let Some(n) = node_name {
+        args.insert("snapshot-node-name".into(), json!(n));
+    }
+    if let Some(f) = format {
+        args.insert("format".into(), json!(f));
+    }
+    let mode = if existing {
+        "existing"
+    } else {
+        "absolute-paths"
+    };
+    args.insert("mode".into(), json!(mode));
+    let msg = format!("{} now writes to {file}", args::target_name(&args));
+    simple_command(
+        client,
+        "blockdev-snapshot-sync",
+        Value::Object(args),
+        &msg,
+        json,
+    )
+}
+
+fn cmd_resize(client: &mut Client, target: Target, size: Option<String>, json: bool) -> Outcome {
+    let (mut args, [size]) = target.resolve([size]).map_err(|m| usage("resize", m))?;
+    let size = size.ok_or_else(|| usage("resize", "SIZE is missing"))?;
+    let size = SizeChange::parse(&size).map_err(|m| usage("resize", m))?;
+    let name = args::target_name(&args).to_string();
+    let new_size = if let SizeChange::To(n) = size {
+        n
+    } else {
+        let (query, key, image) = if args.contains_key("device") {
+            ("query-block", "device", "/inserted/image/virtual-size")
+        } else {
+            (
+                "query-named-block-nodes",
+                "node-name",
+                "/image/virtual-size",
+            )
+        };
+        let entry = find_in_query(client, query, key, &name)?;
+        let current = entry
+            .pointer(image)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Failure::Other(format!("{query} gives no size for '{name}'")))?;
+        size.apply(current).map_err(Failure::Other)?
+    };
+    args.insert("size".into(), json!(new_size));
+    let msg = format!(
+        "resized {name} to {} ({new_size} bytes)",
+        human_size(new_size)
+    );
+    simple_command(client, "block_resize", Value::Object(args), &msg, json)
+}
+
+fn cmd_passwd(
+    client: &mut Client,
+    target: Target,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    json: bool,
+) -> Outcome {
+    let (mut args, [password]) = target.resolve([password]).map_err(|m| usage("passwd", m))?;
+    let password = match (password, password_file) {
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "passwd",
+                "give either PASSWORD or --password-file, not both",
+            ))
+        }
+        (Some(pw), None) => pw,
+        (None, Some(path)) => std::fs::File::open(&path)
+            .and_then(|f| args::first_line(io::BufReader::new(f)))
+            .map_err(|e| Failure::Other(format!("{}: {e}", path.display())))?
+            .ok_or_else(|| Failure::Other(format!("{}: empty file", path.display())))?,
+        (None, None) => read_password()
+            .map_err(|e| Failure::Other(format!("cannot read the password: {e}")))?
+            .ok_or_else(|| Failure::Other("no password on standard input".into()))?,
+    };
+    let msg = format!("password set for {}", args::target_name(&args));
+    args.insert("password".into(), json!(password));
+    simple_command(client, "block_passwd", Value::Object(args), &msg, json)
+}
+
+/// The first line of stdin; typed without echo when stdin is a terminal.
+fn read_password() -> io::Result<Option<String>> {
+    // SAFETY: isatty only inspects file descriptor 0.
+    let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    if !tty {
+        return args::first_line(io::stdin().lock());
+    }
+    eprint!("Password: ");
+    let echo_off = EchoOff::new();
+    let line = args::first_line(io::stdin().lock());
+    drop(echo_off);
+    // The user's newline was not echoed either.
+    eprintln!();
+    line
+}
+
+/// Turns terminal echo off on stdin until dropped.
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        // SAFETY: termios is plain data, filled by tcgetattr before use.
+        let mut term: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a termios for the calls' duration.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut term) } != 0 {
+            return EchoOff(None);
+        }
+        let saved = term;
+        term.c_lflag &= !libc::ECHO;
+        // SAFETY: as above.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &term) } != 0 {
+            return EchoOff(None);
+        }
+        EchoOff(Some(saved))
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores the settings tcgetattr returned.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Subcommands that open an image directly through the engine (read-only),
 //! without a daemon: `map`.
 
+use crate::args::parse_size;
 use blkfs_engine::options::BlockdevOptions;
 use blkfs_engine::{drivers::probe::probe, Engine};
 use serde_json::{json, Value};
@@ -52,21 +53,6 @@ pub fn check(
         blkfs_engine::drivers::wait(|d| file.flush(d)).map_err(|e| e.to_string())?;
     }
     Ok(result.to_json(image))
-}
-
-/// Parses a size with an optional binary suffix (k, M, G, T), as qemu-img does.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// `qemu-img create`: a raw (sparse) or qcow2 image. Without SIZE the

@@ -130,3 +130,441 @@ fn a_missing_socket_is_an_error() {
         assert!(out.trim().is_empty(), "{args:?}: nothing on stdout: {out}");
     }
 }
+
+/// Runs blkctl with `input` on its stdin; returns (exit code, stdout, stderr).
+fn blkctl_stdin(sock: &std::path::Path, args: &[&str], input: &str) -> (i32, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin("blkctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run blkctl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// blkctl that must succeed; returns its stdout.
+fn ctl_ok(sock: &std::path::Path, args: &[&str]) -> String {
+    let (code, out, err) = blkctl(sock, args);
+    assert_eq!(code, 0, "blkctl {args:?}: {out} {err}");
+    out
+}
+
+fn inserted(q: &mut Qmp, id: &str) -> Value {
+    let devs = q.ok("query-block", json!({}));
+    devs.as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == id)
+        .unwrap_or_else(|| panic!("no device {id}: {devs}"))["inserted"]
+        .clone()
+}
+
+const LIMITS: [&str; 13] = [
+    "bps",
+    "bps_rd",
+    "bps_wr",
+    "iops",
+    "iops_rd",
+    "iops_wr",
+    "bps_max",
+    "bps_rd_max",
+    "bps_wr_max",
+    "iops_max",
+    "iops_rd_max",
+    "iops_wr_max",
+    "iops_size",
+];
+
+/// The 13 limits of a `BlockDeviceInfo`, the unset optional ones as 0.
+fn limits(ins: &Value) -> Value {
+    LIMITS
+        .iter()
+        .map(|k| (k.to_string(), ins.get(*k).cloned().unwrap_or(json!(0))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn qemu_img_info_any(img: &str) -> Value {
+    let out = qemu_img(&["info", "--output=json", img]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img info ({e}): {out}"))
+}
+
+#[test]
+fn throttle_set_show_and_off() {
+    let dir = TestDir::new("ctl-throttle");
+    let img = raw_image(&dir, "a.img", "1M");
+    let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
+    let mut q = d.qmp();
+    let out = ctl_ok(
+        &d.sock,
+        &[
+            "throttle",
+            "d0",
+            "--bps",
+            "1M",
+            "--bps-max",
+            "2M",
+            "--iops-wr",
+            "100",
+            "--iops-size",
+            "4K",
+        ],
+    );
+    assert!(out.contains("d0"), "{out}");
+    let ins = inserted(&mut q, "d0");
+    let mut want = limits(&json!({}));
+    want["bps"] = json!(1 << 20);
+    want["bps_max"] = json!(2 << 20);
+    want["iops_wr"] = json!(100);
+    want["iops_size"] = json!(4096);
+    assert_eq!(limits(&ins), want, "{ins}");
+    // Unset optional limits stay unset.
+    assert!(ins.get("iops_max").is_none(), "{ins}");
+
+    // Shown as a table, as JSON, and in the device list.
+    let out = ctl_ok(&d.sock, &["throttle", "d0"]);
+    assert!(out.starts_with("LIMIT"), "{out}");
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row: {out}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(row("bps"), "1.0M");
+    assert_eq!(row("bps_max"), "2.0M");
+    assert_eq!(row("iops_wr"), "100");
+    assert_eq!(row("iops_size"), "4.0K");
+    assert_eq!(row("iops"), "-");
+    let shown = parse("throttle", &ctl_ok(&d.sock, &["--json", "throttle", "d0"]));
+    assert_eq!(shown, want);
+    let out = ctl_ok(&d.sock, &["block"]);
+    assert!(out.contains("THROTTLE"), "{out}");
+    assert!(
+        out.contains("bps=1.0M,iops_wr=100,bps_max=2.0M,iops_size=4.0K"),
+        "{out}"
+    );
+
+    // Limits not given are reset: the command replaces them all.
+    let r = parse(
+        "throttle --json",
+        &ctl_ok(&d.sock, &["--json", "throttle", "d0", "--iops", "50"]),
+    );
+    assert_eq!(r, json!({}));
+    let mut want = limits(&json!({}));
+    want["iops"] = json!(50);
+    assert_eq!(limits(&inserted(&mut q, "d0")), want);
+
+    ctl_ok(&d.sock, &["throttle", "d0", "--off"]);
+    let ins = inserted(&mut q, "d0");
+    assert_eq!(limits(&ins), limits(&json!({})), "{ins}");
+    let out = ctl_ok(&d.sock, &["block"]);
+    assert!(!out.contains("iops="), "{out}");
+
+    // The daemon's checks come back as errors.
+    let (code, out, err) = blkctl(&d.sock, &["throttle", "d0", "--iops-max", "10"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("GenericError") && err.contains("iops_max requires iops to be set"),
+        "{err}"
+    );
+    let (code, _, err) = blkctl(&d.sock, &["throttle", "nope", "--iops", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("DeviceNotFound"), "{err}");
+    let (code, _, err) = blkctl(&d.sock, &["throttle", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope"), "{err}");
+    // --off with a limit, and a suffix on an operation count, are usage errors.
+    let (code, _, _) = blkctl(&d.sock, &["throttle", "d0", "--off", "--iops", "1"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = blkctl(&d.sock, &["throttle", "d0", "--iops", "1K"]);
+    assert_eq!(code, 2);
+    assert_eq!(limits(&inserted(&mut q, "d0")), limits(&json!({})));
+}
+
+#[test]
+fn resize_absolute_relative_and_by_node() {
+    let dir = TestDir::new("ctl-resize");
+    let img = raw_image(&dir, "a.img", "1M");
+    let spec = json!({"driver": "raw", "id": "d0", "node-name": "n0",
+        "file": {"driver": "file", "filename": img}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let len = || std::fs::metadata(d.dev("d0")).unwrap().len();
+    let out = ctl_ok(&d.sock, &["resize", "d0", "2M"]);
+    assert!(out.contains("2.0M"), "{out}");
+    assert_eq!(len(), 2 << 20);
+    ctl_ok(&d.sock, &["resize", "d0", "+1M"]);
+    assert_eq!(len(), 3 << 20);
+    ctl_ok(&d.sock, &["resize", "d0", "-512K"]);
+    assert_eq!(len(), (5 << 20) / 2);
+    // By node name, the option before or after the size.
+    ctl_ok(&d.sock, &["resize", "--node", "n0", "+512K"]);
+    assert_eq!(len(), 3 << 20);
+    ctl_ok(&d.sock, &["resize", "4M", "--node", "n0"]);
+    assert_eq!(len(), 4 << 20);
+    let r = parse(
+        "resize --json",
+        &ctl_ok(&d.sock, &["--json", "resize", "d0", "+1M"]),
+    );
+    assert_eq!(r, json!({}));
+    assert_eq!(len(), 5 << 20);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 5 << 20);
+
+    // Nothing changes on errors.
+    let cases: [(&[&str], i32); 5] = [
+        (&["resize", "d0", "-6M"], 1),
+        (&["resize", "nope", "+1M"], 1),
+        (&["resize", "nope", "1M"], 1),
+        (&["resize", "d0", "1X"], 2),
+        (&["resize", "--node", "n0", "d0", "1M"], 2),
+    ];
+    for (args, want) in cases {
+        let (code, out, err) = blkctl(&d.sock, args);
+        assert_eq!(code, want, "{args:?}: {out} {err}");
+        assert!(!err.trim().is_empty(), "{args:?}");
+    }
+    let (_, _, err) = blkctl(&d.sock, &["resize", "nope", "1M"]);
+    assert!(err.contains("DeviceNotFound"), "{err}");
+    assert_eq!(len(), 5 << 20);
+}
+
+#[test]
+fn snapshot_puts_an_overlay_on_the_device() {
+    let dir = TestDir::new("ctl-snap");
+    let base = qcow2_image(&dir, "base.qcow2", "", "1M");
+    qemu_io("qcow2", base.as_ref(), &["write -P 0x41 0 1M"]);
+    let spec = json!({"driver": "qcow2", "id": "d0", "node-name": "base",
+        "file": {"driver": "file", "filename": base}});
+    let mut d = Daemon::start(&dir, &[spec.to_string()]);
+    let ov = dir.file("ov.qcow2");
+    let out = ctl_ok(&d.sock, &["snapshot", "d0", &ov, "--node-name", "ov"]);
+    assert!(out.contains(&ov), "{out}");
+    // An overlay made beforehand, put on top by node name.
+    let ov2 = dir.file("ov2.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &ov, "-F", "qcow2", &ov2, "1M",
+    ]);
+    let r = parse(
+        "snapshot --json",
+        &ctl_ok(
+            &d.sock,
+            &[
+                "--json",
+                "snapshot",
+                "--node",
+                "ov",
+                &ov2,
+                "--existing",
+                "--format",
+                "qcow2",
+                "--node-name",
+                "ov2",
+            ],
+        ),
+    );
+    assert_eq!(r, json!({}));
+    let mut q = d.qmp();
+    let ins = inserted(&mut q, "d0");
+    assert_eq!(ins["node-name"], "ov2", "{ins}");
+    assert_eq!(ins["backing_file_depth"], 2, "{ins}");
+    // Writes go to the top overlay; the base keeps its data.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.dev("d0"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x42; 4096], 0).unwrap();
+    drop(f);
+    // Snapshots of a node below the top are refused.
+    let (code, _, err) = blkctl(
+        &d.sock,
+        &["snapshot", "--node", "base", &dir.file("x.qcow2")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("GenericError"), "{err}");
+    ctl_ok(&d.sock, &["quit"]);
+    assert!(d.wait(Duration::from_secs(20)).success());
+
+    let canonical = |p: &str| {
+        std::fs::canonicalize(p)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let i = qemu_img_info_any(&ov);
+    assert_eq!(i["backing-filename"], json!(canonical(&base)), "{i}");
+    assert_eq!(i["backing-filename-format"], "qcow2", "{i}");
+    assert_eq!(qemu_img_info_any(&ov2)["backing-filename"], json!(ov));
+    qemu_io(
+        "qcow2",
+        ov2.as_ref(),
+        &["read -P 0x42 0 4k", "read -P 0x41 4k 1020k"],
+    );
+    qemu_io("qcow2", base.as_ref(), &["read -P 0x41 0 1M"]);
+}
+
+#[test]
+fn change_backing_rewrites_the_name_in_the_image() {
+    let dir = TestDir::new("ctl-cbf");
+    let base = qcow2_image(&dir, "base.qcow2", "", "1M");
+    let mid = dir.file("mid.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid, "1M",
+    ]);
+    let top = dir.file("top.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top, "1M",
+    ]);
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    let spec = json!({"driver": "qcow2", "id": "d0", "node-name": "top", "file": file(&top),
+        "backing": {"driver": "qcow2", "node-name": "mid", "file": file(&mid),
+            "backing": {"driver": "qcow2", "node-name": "base", "file": file(&base)}}});
+    let mut d = Daemon::start(&dir, &[spec.to_string()]);
+    let out = ctl_ok(&d.sock, &["change-backing", "d0", "mid", "base.qcow2"]);
+    assert!(out.contains("base.qcow2"), "{out}");
+    let r = parse(
+        "change-backing --json",
+        &ctl_ok(
+            &d.sock,
+            &["--json", "change-backing", "d0", "top", "mid.qcow2"],
+        ),
+    );
+    assert_eq!(r, json!({}));
+    let (code, _, err) = blkctl(&d.sock, &["change-backing", "d0", "base", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("without a backing file"), "{err}");
+    ctl_ok(&d.sock, &["quit"]);
+    assert!(d.wait(Duration::from_secs(20)).success());
+    assert_eq!(qemu_img_info_any(&mid)["backing-filename"], "base.qcow2");
+    assert_eq!(qemu_img_info_any(&top)["backing-filename"], "mid.qcow2");
+}
+
+#[test]
+fn passwd_on_a_plain_device_fails() {
+    let dir = TestDir::new("ctl-pw-plain");
+    let img = raw_image(&dir, "a.img", "1M");
+    let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
+    let (code, out, err) = blkctl(&d.sock, &["passwd", "d0", "secret"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("GenericError") && err.contains("Device 'd0' is not encrypted"),
+        "{err}"
+    );
+    // From stdin too; no password at all is refused before asking the daemon.
+    let (code, _, err) = blkctl_stdin(&d.sock, &["passwd", "d0"], "secret\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("is not encrypted"), "{err}");
+    let (code, _, err) = blkctl_stdin(&d.sock, &["passwd", "d0"], "");
+    assert_eq!(code, 1);
+    assert!(err.contains("no password"), "{err}");
+}
+
+#[test]
+fn passwd_from_stdin_and_file_unlocks_aes_images_then_cont() {
+    let dir = TestDir::new("ctl-pw-aes");
+    let mk = |name: &str| {
+        let f = dir.file(name);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=PW",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+            &f,
+            "1M",
+        ]);
+        f
+    };
+    let (a, b) = (mk("a.qcow2"), mk("b.qcow2"));
+    let spec = |id: &str, node: &str, f: &str| {
+        json!({"driver": "qcow2", "id": id, "node-name": node,
+            "file": {"driver": "file", "filename": f}})
+        .to_string()
+    };
+    let d = Daemon::start(&dir, &[spec("d0", "n0", &a), spec("d1", "n1", &b)]);
+    let mut q = d.qmp();
+    for id in ["d0", "d1"] {
+        let ins = inserted(&mut q, id);
+        assert_eq!(ins["encryption_key_missing"], true, "{ins}");
+    }
+    // cont is refused while a key is missing.
+    let (code, _, err) = blkctl(&d.sock, &["cont"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("DeviceEncrypted"), "{err}");
+
+    let (code, out, err) = blkctl_stdin(&d.sock, &["passwd", "d0"], "PW\nnot this\n");
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("d0"), "{out}");
+    assert_eq!(inserted(&mut q, "d0")["encryption_key_missing"], false);
+    assert_eq!(inserted(&mut q, "d1")["encryption_key_missing"], true);
+
+    let pwfile = dir.file("pw.txt");
+    std::fs::write(&pwfile, "PW\n").unwrap();
+    let r = parse(
+        "passwd --json",
+        &ctl_ok(
+            &d.sock,
+            &[
+                "--json",
+                "passwd",
+                "--node",
+                "n1",
+                "--password-file",
+                &pwfile,
+            ],
+        ),
+    );
+    assert_eq!(r, json!({}));
+    assert_eq!(inserted(&mut q, "d1")["encryption_key_missing"], false);
+
+    // The keys work: data written through the mount reads back with qemu-io.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.dev("d1"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 65536], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let opts = format!("driver=qcow2,file.filename={b},encrypt.key-secret=sec0");
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "--object",
+            "secret,id=sec0,data=PW",
+            "--image-opts",
+            &opts,
+            "-c",
+            "read -P 0x5a 0 64k",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    assert!(ctl_ok(&d.sock, &["cont"]).contains("resumed"));
+    let r = parse("cont --json", &ctl_ok(&d.sock, &["--json", "cont"]));
+    assert_eq!(r, json!({}));
+    // PASSWORD and --password-file together are a usage error.
+    let (code, _, _) = blkctl(&d.sock, &["passwd", "d0", "PW", "--password-file", &pwfile]);
+    assert_eq!(code, 2);
+}

@@ -4,8 +4,9 @@
 #
 #   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
 #                    [--aio native|threads] [--threads N] [--only 4k|1M]
-#                    [--format raw|qcow2|chain1|chain10]
+#                    [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]
 #
+# --blkfs-opts: extra options on blkfs's device (e.g. werror=report).
 # --format qcow2: the image converted to qcow2 (every cluster allocated);
 # chainN: the raw image below N empty qcow2 overlays (reads go N deep).
 #
@@ -23,6 +24,7 @@ format=raw
 cache=direct
 aio=native
 threads=2
+extra=
 while [ $# -gt 0 ]; do
     case "$1" in
         --runtime) runtime=$2; shift 2 ;;
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
         --rounds) rounds=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
         --format) format=$2; shift 2 ;;
+        --blkfs-opts) extra=",$2"; shift 2 ;;
         *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M]" >&2; exit 2 ;;
     esac
 done
@@ -91,7 +94,7 @@ pids+=($!)
 wait_for "$work/qsd.sock"
 
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" \
-    --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio" &
+    --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio$extra" &
 pids+=($!)
 wait_for "$work/blkfs.sock"
 sleep 0.5
@@ -103,7 +106,7 @@ run_fio() { # file rw bs depth -> "iops mibps"
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %.1f" % (d["iops"], d["bw"]/1024))'
 }
 
-echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, format=$format, blkfs threads=$threads"
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, format=$format, blkfs threads=$threads${extra:+, blkfs opts ${extra#,}}"
 printf '%-18s %10s %10s %10s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
 for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
     set -- $w

@@ -42,7 +42,10 @@ fn query_block(q: &mut Qmp, id: &str) -> Value {
 }
 
 fn io_status(q: &mut Qmp, id: &str) -> String {
-    query_block(q, id)["io-status"].as_str().unwrap().to_string()
+    query_block(q, id)["io-status"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn stats(q: &mut Qmp, id: &str) -> Value {
@@ -145,12 +148,22 @@ fn rerror_report_fails_the_read_with_eio() {
     let img = filled_image(&dir, "a.img", "1M", 0x5a);
     let d = Daemon::start(
         &dir,
-        &[spec("raw", "d0", &img, "report", "report", once("read_aio", 5))],
+        &[spec(
+            "raw",
+            "d0",
+            &img,
+            "report",
+            "report",
+            once("read_aio", 5),
+        )],
     );
     let mut q = d.qmp();
     assert_eq!(io_status(&mut q, "d0"), "ok");
     let p = dev(&d);
-    assert_eq!(errno(with_timeout(IO, move || read_at(&p, 0, 4096))), libc::EIO);
+    assert_eq!(
+        errno(with_timeout(IO, move || read_at(&p, 0, 4096))),
+        libc::EIO
+    );
     expect_io_error(&mut q, "d0", "read", "report");
     assert_eq!(io_status(&mut q, "d0"), "failed");
     assert_no_event(&mut q, "STOP");
@@ -169,7 +182,14 @@ fn rerror_ignore_reads_zeroes_and_counts_the_read() {
     let img = filled_image(&dir, "a.img", "1M", 0x5a);
     let d = Daemon::start(
         &dir,
-        &[spec("raw", "d0", &img, "ignore", "report", once("read_aio", 5))],
+        &[spec(
+            "raw",
+            "d0",
+            &img,
+            "ignore",
+            "report",
+            once("read_aio", 5),
+        )],
     );
     let mut q = d.qmp();
     let p = dev(&d);
@@ -229,7 +249,14 @@ fn werror_stop_retries_the_write_on_cont() {
     let img = filled_image(&dir, "a.img", "1M", 0x5a);
     let d = Daemon::start(
         &dir,
-        &[spec("raw", "d0", &img, "report", "stop", once("write_aio", 5))],
+        &[spec(
+            "raw",
+            "d0",
+            &img,
+            "report",
+            "stop",
+            once("write_aio", 5),
+        )],
     );
     let mut q = d.qmp();
     let p = dev(&d);
@@ -300,7 +327,11 @@ fn werror_enospc_reports_eio_and_stops_on_enospc() {
     drop(q);
     quit(d);
     qemu_io_ro("raw", a.as_ref(), &["read -P 0x5a 0 1M"]);
-    qemu_io_ro("raw", b.as_ref(), &["read -P 2 0 4k", "read -P 0x5a 4k 1020k"]);
+    qemu_io_ro(
+        "raw",
+        b.as_ref(),
+        &["read -P 2 0 4k", "read -P 0x5a 4k 1020k"],
+    );
 }
 
 #[test]
@@ -310,7 +341,14 @@ fn qcow2_l2_update_error_with_werror_stop_is_retried_cleanly() {
     qemu_io("qcow2", img.as_ref(), &["write -P 0x33 0 64k"]);
     let d = Daemon::start(
         &dir,
-        &[spec("qcow2", "d0", &img, "report", "stop", once("l2_update", 5))],
+        &[spec(
+            "qcow2",
+            "d0",
+            &img,
+            "report",
+            "stop",
+            once("l2_update", 5),
+        )],
     );
     let mut q = d.qmp();
     let p = dev(&d);
@@ -332,7 +370,10 @@ fn qcow2_l2_update_error_with_werror_stop_is_retried_cleanly() {
     assert_eq!(check["check-errors"], 0, "{check}");
     assert!(check.get("corruptions").is_none_or(|c| c == 0), "{check}");
     // The failed attempt's data cluster may leak (as in QEMU), nothing more.
-    assert!(check.get("leaks").is_none_or(|c| c.as_u64() <= Some(2)), "{check}");
+    assert!(
+        check.get("leaks").is_none_or(|c| c.as_u64() <= Some(2)),
+        "{check}"
+    );
     let raw = dir.file("out.raw");
     qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &img, &raw]);
     let data = std::fs::read(&raw).unwrap();
@@ -406,7 +447,14 @@ fn snapshot_while_stopped_retries_into_the_overlay() {
     let overlay = dir.file("ov.qcow2");
     let d = Daemon::start(
         &dir,
-        &[spec("raw", "d0", &img, "report", "stop", once("write_aio", 5))],
+        &[spec(
+            "raw",
+            "d0",
+            &img,
+            "report",
+            "stop",
+            once("write_aio", 5),
+        )],
     );
     let mut q = d.qmp();
     let p = dev(&d);
@@ -430,7 +478,11 @@ fn snapshot_while_stopped_retries_into_the_overlay() {
     qemu_io_ro(
         "qcow2",
         overlay.as_ref(),
-        &["read -P 0x5a 0 4k", "read -P 0xee 4k 8k", "read -P 0x5a 12k 1012k"],
+        &[
+            "read -P 0x5a 0 4k",
+            "read -P 0xee 4k 8k",
+            "read -P 0x5a 12k 1012k",
+        ],
     );
     assert_eq!(qemu_img_check(&overlay)["check-errors"], 0);
 }

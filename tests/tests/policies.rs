@@ -89,7 +89,8 @@ fn timed_reads(dev: &Path, n: u64, bs: usize) -> Duration {
     let mut buf = vec![0u8; bs];
     let t = Instant::now();
     for i in 0..n {
-        f.read_exact_at(&mut buf, (i * bs as u64) % (1 << 20)).unwrap();
+        f.read_exact_at(&mut buf, (i * bs as u64) % (1 << 20))
+            .unwrap();
     }
     t.elapsed()
 }
@@ -109,17 +110,25 @@ fn iops_limit_holds_and_shows_in_query_block() {
     assert_eq!(ins["iops_max"], 60, "{ins}");
     assert_eq!(ins["iops_size"], 8192, "{ins}");
     assert_eq!(ins["bps"], 0, "{ins}");
-    assert!(ins.get("bps_max").is_none(), "unset maxima are absent: {ins}");
+    assert!(
+        ins.get("bps_max").is_none(),
+        "unset maxima are absent: {ins}"
+    );
     let before = stats(&mut q, "d0")["rd_operations"].as_u64().unwrap();
     // 60 may start at once (the burst), the other 100 at 50/s: at least 2 s.
     let took = timed_reads(&d.dev("d0"), 160, 4096);
-    assert!(took >= Duration::from_millis(1900), "160 reads took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "160 reads took {took:?}"
+    );
     let after = stats(&mut q, "d0")["rd_operations"].as_u64().unwrap();
     assert_eq!(after - before, 160, "every throttled read completed once");
     // All zero switches throttling off.
     q.ok("block_set_io_throttle", throttle_args("d0", json!({})));
     assert_eq!(query_block(&mut q, "d0")["inserted"]["iops"], 0);
-    assert!(query_block(&mut q, "d0")["inserted"].get("iops_max").is_none());
+    assert!(query_block(&mut q, "d0")["inserted"]
+        .get("iops_max")
+        .is_none());
 }
 
 #[test]
@@ -156,7 +165,10 @@ fn throttle_argument_errors() {
     let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
     let mut q = d.qmp();
     let cases = [
-        (json!({"bps": -1}), "bps/iops/max values must be 0 or greater"),
+        (
+            json!({"bps": -1}),
+            "bps/iops/max values must be 0 or greater",
+        ),
         (
             json!({"bps": 10, "bps_rd": 5}),
             "bps/iops/max total values and read/write values cannot be used at the same time",
@@ -165,7 +177,10 @@ fn throttle_argument_errors() {
             json!({"iops": 100, "iops_max": 50}),
             "iops_max cannot be lower than iops",
         ),
-        (json!({"bps_wr_max": 5}), "bps_wr_max requires bps_wr to be set"),
+        (
+            json!({"bps_wr_max": 5}),
+            "bps_wr_max requires bps_wr to be set",
+        ),
     ];
     for (set, want) in cases {
         let (class, desc) = q.err("block_set_io_throttle", throttle_args("d0", set));
@@ -203,14 +218,8 @@ fn detect_zeroes_keeps_qcow2_clusters_unallocated() {
     drop(q);
     let mut d = d;
     assert!(d.wait(Duration::from_secs(20)).success());
-    let map: Value = serde_json::from_str(&qemu_img(&[
-        "map",
-        "--output=json",
-        "-f",
-        "qcow2",
-        &img,
-    ]))
-    .unwrap();
+    let map: Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", "qcow2", &img])).unwrap();
     let data: Vec<&Value> = map
         .as_array()
         .unwrap()
@@ -220,7 +229,11 @@ fn detect_zeroes_keeps_qcow2_clusters_unallocated() {
     assert_eq!(data.len(), 1, "only the pattern is allocated: {map}");
     assert_eq!(data[0]["start"], 2 << 20);
     assert_eq!(data[0]["length"], 64 << 10);
-    qemu_io("qcow2", Path::new(&img), &["read -P 0 0 1M", "read -P 0 1M 1M"]);
+    qemu_io(
+        "qcow2",
+        Path::new(&img),
+        &["read -P 0 0 1M", "read -P 0 1M 1M"],
+    );
     assert_eq!(qemu_img_check(&img)["check-errors"], 0);
 }
 
@@ -354,7 +367,11 @@ fn stop_and_cont(werror: Option<&str>) {
     let data = std::fs::read(&img).unwrap();
     for i in 0..16u64 {
         let at = (i * (256 << 10)) as usize;
-        assert_eq!(&data[at..at + (256 << 10)], &pattern(i, 256 << 10)[..], "block {i}");
+        assert_eq!(
+            &data[at..at + (256 << 10)],
+            &pattern(i, 256 << 10)[..],
+            "block {i}"
+        );
     }
     // cont on a running daemon is harmless.
     q.ok("cont", json!({}));

@@ -154,7 +154,10 @@ fn raw_base_gets_a_qcow2_overlay_and_writes_land_in_it() {
     quit(d);
     assert_eq!(std::fs::read(&base).unwrap(), base_data, "base changed");
     let (backing, fmt) = backing_of(&overlay);
-    assert_eq!((backing.as_str(), fmt.as_str()), (canonical(&base).as_str(), "raw"));
+    assert_eq!(
+        (backing.as_str(), fmt.as_str()),
+        (canonical(&base).as_str(), "raw")
+    );
     assert_clean(&overlay);
     assert_chain_is(&dir, &overlay, &model);
 }
@@ -214,7 +217,10 @@ fn two_snapshots_of_a_qcow2_base_make_a_chain_of_three() {
     assert_chain_is(&dir, &o1, &o1_model);
     let base_raw = dir.file("base.raw");
     qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &base, &base_raw]);
-    assert!(std::fs::read(&base_raw).unwrap() == base_model, "base layer");
+    assert!(
+        std::fs::read(&base_raw).unwrap() == base_model,
+        "base layer"
+    );
 }
 
 #[test]
@@ -312,7 +318,10 @@ fn io_goes_on_while_the_snapshot_is_taken() {
             .unwrap_or_else(|e| panic!("a writer failed: {e}"));
     }
     let total = count.load(Ordering::Relaxed);
-    assert!(before > 0 && total > at_snapshot + 500, "{before} {at_snapshot} {total}");
+    assert!(
+        before > 0 && total > at_snapshot + 500,
+        "{before} {at_snapshot} {total}"
+    );
     assert_eq!(query_block(&mut q, "d0")["inserted"]["node-name"], "live");
     // Every write counted exactly once.
     assert_eq!(wr_operations(&mut q, "d0"), total);
@@ -473,7 +482,11 @@ fn snapshot_file_that_is_open_is_refused() {
         );
         assert_eq!(class, "GenericError", "{target}: {desc}");
         assert!(desc.contains("in use"), "{target}: {desc}");
-        assert_eq!(std::fs::read(&base).unwrap(), data, "{target} clobbered the base");
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            data,
+            "{target} clobbered the base"
+        );
         assert_eq!(
             std::fs::read(&other).unwrap(),
             pattern(41, M as usize),

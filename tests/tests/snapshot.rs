@@ -419,6 +419,11 @@ fn refused_snapshots_leave_the_device_as_it_was() {
             "'raw'",
         ),
         (
+            json!({"device": "d0", "snapshot-file": base, "format": "raw", "mode": "existing"}),
+            "GenericError",
+            "Format 'raw' cannot have a backing file",
+        ),
+        (
             json!({"device": "d0", "snapshot-file": ov, "format": "vmdk9"}),
             "GenericError",
             "Invalid block format 'vmdk9'",

@@ -129,6 +129,16 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
         .find(|(n, _)| *n == format)
         .map(|(_, d)| *d)
         .ok_or_else(|| Error::generic(format!("Invalid block format '{format}'")))?;
+    // Checked here, before any file is touched: opening the overlay would
+    // only say "Parameter 'backing' is unexpected".
+    if !matches!(
+        driver,
+        DriverName::Cow | DriverName::Qcow | DriverName::Qcow2 | DriverName::Qed | DriverName::Vmdk
+    ) {
+        return Err(Error::generic(format!(
+            "Format '{format}' cannot have a backing file, so it cannot be a snapshot overlay"
+        )));
+    }
     // Creating (or opening a second time for writing) an image a node has
     // open would destroy it: QEMU refuses through its image locks.
     if let Some(n) = node_using(e, &file) {

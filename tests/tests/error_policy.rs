@@ -269,12 +269,19 @@ fn werror_stop_retries_the_write_on_cont() {
     let p = dev(&d);
     let reader = spawn(move || read_at(&p, 128 << 10, 4096));
     assert_held(&reader, "a read after the stop");
+    // A flush waits too.
+    let p = dev(&d);
+    let syncer = spawn(move || OpenOptions::new().write(true).open(p)?.sync_all());
+    assert_held(&syncer, "a flush after the stop");
+    assert_eq!(stats(&mut q, "d0")["flush_operations"], 0);
     q.ok("cont", json!({}));
     q.wait_event("RESUME", EV);
     join(writer).unwrap();
     assert_eq!(join(reader).unwrap(), vec![0xab; 4096], "retries go first");
+    join(syncer).unwrap();
     assert_eq!(io_status(&mut q, "d0"), "ok");
     assert_eq!(ops(&mut q, "d0"), (1, 1));
+    assert!(stats(&mut q, "d0")["flush_operations"].as_u64() >= Some(1));
     assert_eq!(stats(&mut q, "d0")["wr_bytes"], 64 << 10);
     drop(q);
     quit(d);
@@ -485,4 +492,54 @@ fn snapshot_while_stopped_retries_into_the_overlay() {
         ],
     );
     assert_eq!(qemu_img_check(&overlay)["check-errors"], 0);
+}
+
+/// An error reported in the submitting call (`immediately`) is held the
+/// same way, and a write of zeroes (fallocate zero range) is retried too.
+#[test]
+fn immediate_errors_and_zero_writes_are_held_and_retried() {
+    let dir = TestDir::new("ep-immediate");
+    let img = filled_image(&dir, "a.img", "1M", 0x5a);
+    let rules = json!([{"event": "read_aio", "errno": 5, "once": true, "immediately": true},
+                       {"event": "write_aio", "errno": 28, "once": true, "immediately": true,
+                        "sector": 16}]);
+    let d = Daemon::start(&dir, &[spec("raw", "d0", &img, "stop", "enospc", rules)]);
+    let mut q = d.qmp();
+    let p = dev(&d);
+    let reader = spawn(move || read_at(&p, 0, 4096));
+    expect_io_error(&mut q, "d0", "read", "stop");
+    q.wait_event("STOP", EV);
+    assert_held(&reader, "the failed read");
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", EV);
+    assert_eq!(join(reader).unwrap(), vec![0x5a; 4096]);
+    // raw raises write_aio for plain writes only: this one arms the rule,
+    // which fails the first request covering sector 16, a zero write.
+    let p = dev(&d);
+    with_timeout(IO, move || write_at(&p, 0, &[0x77; 4096])).unwrap();
+    let p = dev(&d);
+    let zeroer = spawn(move || {
+        let f = OpenOptions::new().write(true).open(p).unwrap();
+        fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 8192, 16384)
+    });
+    expect_io_error(&mut q, "d0", "write", "stop");
+    q.wait_event("STOP", EV);
+    assert_eq!(io_status(&mut q, "d0"), "nospace");
+    assert_held(&zeroer, "the failed zero write");
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", EV);
+    join(zeroer).unwrap();
+    assert_eq!(io_status(&mut q, "d0"), "ok");
+    drop(q);
+    quit(d);
+    qemu_io_ro(
+        "raw",
+        img.as_ref(),
+        &[
+            "read -P 0x77 0 4k",
+            "read -P 0x5a 4k 4k",
+            "read -P 0 8k 16k",
+            "read -P 0x5a 24k 1000k",
+        ],
+    );
 }

@@ -174,6 +174,11 @@ fn rerror_report_fails_the_read_with_eio() {
     // Only the successful read is counted.
     assert_eq!(ops(&mut q, "d0"), (1, 0));
     assert_eq!(stats(&mut q, "d0")["rd_bytes"], 4096);
+    // cont with nothing stopped resets io-status (as QEMU's does) and
+    // resumes nothing.
+    q.ok("cont", json!({}));
+    assert_eq!(io_status(&mut q, "d0"), "ok");
+    assert_no_event(&mut q, "RESUME");
 }
 
 #[test]
@@ -543,4 +548,41 @@ fn immediate_errors_and_zero_writes_are_held_and_retried() {
             "read -P 0x5a 24k 1000k",
         ],
     );
+}
+
+/// Two devices stopped by their own errors: one `cont` resumes both.
+#[test]
+fn one_cont_resumes_every_stopped_device() {
+    let dir = TestDir::new("ep-two");
+    let a = filled_image(&dir, "a.img", "1M", 0x5a);
+    let b = filled_image(&dir, "b.img", "1M", 0x5a);
+    let d = Daemon::start(
+        &dir,
+        &[
+            spec("raw", "d0", &a, "report", "stop", once("write_aio", 5)),
+            spec("raw", "d1", &b, "report", "stop", once("write_aio", 5)),
+        ],
+    );
+    let mut q = d.qmp();
+    let p = d.dev("d0");
+    let w0 = spawn(move || write_at(&p, 0, &[1; 4096]));
+    expect_io_error(&mut q, "d0", "write", "stop");
+    q.wait_event("STOP", EV);
+    let p = d.dev("d1");
+    let w1 = spawn(move || write_at(&p, 0, &[2; 4096]));
+    expect_io_error(&mut q, "d1", "write", "stop");
+    assert_held(&w0, "d0's write");
+    assert_held(&w1, "d1's write");
+    assert_eq!(io_status(&mut q, "d0"), "failed");
+    assert_eq!(io_status(&mut q, "d1"), "failed");
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME", EV);
+    join(w0).unwrap();
+    join(w1).unwrap();
+    assert_eq!(ops(&mut q, "d0"), (0, 1));
+    assert_eq!(ops(&mut q, "d1"), (0, 1));
+    drop(q);
+    quit(d);
+    qemu_io_ro("raw", a.as_ref(), &["read -P 1 0 4k"]);
+    qemu_io_ro("raw", b.as_ref(), &["read -P 2 0 4k"]);
 }

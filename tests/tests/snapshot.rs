@@ -506,5 +506,19 @@ fn snapshot_file_that_is_open_is_refused() {
             "{target} clobbered d1"
         );
     }
+    // Opening another device's qcow2 image a second time, as an existing
+    // overlay, is refused as well.
+    let q2 = qcow2_image(&dir, "q2.qcow2", "", "1M");
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "id": "d2", "file": file_opts(&q2)}),
+    );
+    let (class, desc) = q.err(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": q2, "mode": "existing"}),
+    );
+    assert_eq!(class, "GenericError", "{desc}");
+    assert!(desc.contains("in use"), "{desc}");
+    let nodes = node_names(&mut q);
     assert_unchanged(&d, &mut q, &nodes, &base, 3);
 }

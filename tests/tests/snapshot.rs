@@ -483,7 +483,6 @@ fn snapshot_file_that_is_open_is_refused() {
                       "file": file_opts(&base)});
     let d = Daemon::start(&dir, &[spec.to_string(), raw_spec("d1", &other, json!({}))]);
     let mut q = d.qmp();
-    let nodes = node_names(&mut q);
     // Its own base, by another spelling of the path, and another device's file.
     let via_dots = format!("{}/../{}/base.img", dir.path.display(), {
         dir.path.file_name().unwrap().to_string_lossy()

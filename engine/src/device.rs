@@ -28,9 +28,33 @@ struct Gate {
     stopped: bool,
     /// Quiesced by a graph change (resize, snapshot) in progress.
     paused: u32,
+    /// The daemon is shutting down: nobody will `cont` any more, so the
+    /// error policy no longer stops (see [`Device::shut_down`]).
+    closing: bool,
     /// Failed requests to retry first, then requests that arrived while held.
-    retry: VecDeque<Job>,
-    held: VecDeque<Job>,
+    retry: VecDeque<Box<dyn Pending>>,
+    held: VecDeque<Box<dyn Pending>>,
+}
+
+/// A request waiting at the gate: run later, or failed at shutdown.
+trait Pending: Send {
+    fn run(self: Box<Self>);
+    fn fail(self: Box<Self>, e: Error);
+}
+
+struct Queued<T> {
+    dev: Arc<Device>,
+    req: Request<T>,
+}
+
+impl<T: Send + 'static> Pending for Queued<T> {
+    fn run(self: Box<Self>) {
+        self.dev.attempt(self.req)
+    }
+
+    fn fail(self: Box<Self>, e: Error) {
+        (self.req.done)(Err(e))
+    }
 }
 
 pub struct Device {
@@ -45,6 +69,8 @@ pub struct Device {
     blocked: AtomicBool,
     gate: Mutex<Gate>,
     io_status: AtomicU8,
+    /// Requests past the gate and not completed; counted before the gate is
+    /// checked (see [`Device::admit`]).
     inflight: AtomicUsize,
 }
 
@@ -206,7 +232,7 @@ impl Device {
         };
         let job: Job = Box::new(move || {
             let d2 = dev.clone();
-            dev.admit(Box::new(move || d2.attempt(req)), false);
+            dev.admit(Box::new(Queued { dev: d2, req }));
         });
         match kind {
             Kind::Read => self.throttle.submit(false, bytes, job),
@@ -215,20 +241,23 @@ impl Device {
         }
     }
 
-    /// Runs `job` unless the device is held; `retry` jobs go before new ones.
-    fn admit(&self, job: Job, retry: bool) {
-        if self.blocked.load(Ordering::Acquire) || retry {
+    /// Runs `req` unless the device is held.
+    fn admit(&self, req: Box<dyn Pending>) {
+        // Counted in flight before the gate is looked at: `quiesced` closes
+        // the gate, then waits for nothing in flight. Counting after the
+        // check let a request slip past a closing gate uncounted and run on
+        // the old root after a snapshot switched it (SeqCst on both sides:
+        // each sees the other's write).
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.blocked.load(Ordering::SeqCst) {
             let mut g = self.gate.lock();
             if g.stopped || g.paused > 0 {
-                if retry {
-                    g.retry.push_back(job);
-                } else {
-                    g.held.push_back(job);
-                }
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                g.held.push_back(req);
                 return;
             }
         }
-        job()
+        req.run()
     }
 
     fn attempt<T: Send + 'static>(self: Arc<Self>, req: Request<T>) {
@@ -241,10 +270,9 @@ impl Device {
         } = req;
         let run = attempt.clone();
         let root = self.root();
-        self.inflight.fetch_add(1, Ordering::AcqRel);
         let (events, id) = (self.events.clone(), self.id.clone());
         let completion: Done<T> = Box::new(move |r: Result<T>| {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
             let e = match r {
                 Ok(v) => return done(Ok(v)),
                 Err(e) => e,
@@ -257,9 +285,12 @@ impl Device {
                 Kind::Write => (self.werror, "write"),
                 Kind::Other => return done(Err(e)),
             };
-            let Some(action) = errors::action(policy, &e) else {
+            let Some(mut action) = errors::action(policy, &e) else {
                 return done(Err(e));
             };
+            if action == Action::Stop && self.gate.lock().closing {
+                action = Action::Report;
+            }
             events.emit(
                 "BLOCK_IO_ERROR",
                 json!({"device": id, "operation": op, "action": action.as_str()}),
@@ -275,7 +306,6 @@ impl Device {
                     self.io_status
                         .store(IoStatus::of(&e) as u8, Ordering::Relaxed);
                     log::warn!("device '{id}' stopped after a {op} error: {e}");
-                    self.stop();
                     let dev = self.clone();
                     let req = Request {
                         kind,
@@ -284,20 +314,61 @@ impl Device {
                         ignored,
                         done,
                     };
-                    self.admit(Box::new(move || dev.attempt(req)), true);
+                    if let Some(req) = self.stop(Box::new(Queued { dev, req })) {
+                        req.fail(e);
+                    }
                 }
             }
         });
         run(&root, completion)
     }
 
-    fn stop(&self) {
+    /// Stops the device and holds `req` to be retried first on `cont`.
+    /// Hands it back when the device is shutting down (no `cont` will come).
+    fn stop(&self, req: Box<dyn Pending>) -> Option<Box<dyn Pending>> {
         let mut g = self.gate.lock();
+        if g.closing {
+            return Some(req);
+        }
+        g.retry.push_back(req);
         if !g.stopped {
             g.stopped = true;
-            self.blocked.store(true, Ordering::Release);
+            self.blocked.store(true, Ordering::SeqCst);
             drop(g);
             self.events.emit("STOP", json!({}));
+        }
+        None
+    }
+
+    /// Before the daemon exits: fails with EIO every request the error
+    /// policy holds, and reports later errors instead of stopping. Without
+    /// it, the final flush waited behind a stopped gate and quit hung.
+    pub fn shut_down(&self) {
+        let held: Vec<_> = {
+            let mut g = self.gate.lock();
+            g.closing = true;
+            if !g.stopped {
+                return;
+            }
+            g.stopped = false;
+            let (retry, held) = (std::mem::take(&mut g.retry), std::mem::take(&mut g.held));
+            if g.paused == 0 {
+                self.blocked.store(false, Ordering::SeqCst);
+            }
+            retry.into_iter().chain(held).collect()
+        };
+        if !held.is_empty() {
+            log::warn!(
+                "device '{}': failing {} requests held by the error policy",
+                self.id,
+                held.len()
+            );
+        }
+        for req in held {
+            req.fail(Error::io(
+                libc::EIO,
+                format!("device '{}' shut down while stopped", self.id),
+            ));
         }
     }
 
@@ -322,14 +393,19 @@ impl Device {
                     return;
                 }
                 match g.retry.pop_front().or_else(|| g.held.pop_front()) {
-                    Some(j) => j,
+                    // In flight before the gate lock is dropped, so a
+                    // `quiesced` starting now waits for it.
+                    Some(j) => {
+                        self.inflight.fetch_add(1, Ordering::SeqCst);
+                        j
+                    }
                     None => {
-                        self.blocked.store(false, Ordering::Release);
+                        self.blocked.store(false, Ordering::SeqCst);
                         return;
                     }
                 }
             };
-            job();
+            job.run();
         }
     }
 
@@ -338,11 +414,11 @@ impl Device {
         {
             let mut g = self.gate.lock();
             g.paused += 1;
-            self.blocked.store(true, Ordering::Release);
+            self.blocked.store(true, Ordering::SeqCst);
         }
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
         let r = loop {
-            if self.inflight.load(Ordering::Acquire) == 0 {
+            if self.inflight.load(Ordering::SeqCst) == 0 {
                 break f();
             }
             if Instant::now() > deadline {

@@ -296,6 +296,16 @@ impl Graph {
             .collect()
     }
 
+    /// Before the daemon exits: no `cont` will come, so the requests the
+    /// error policy holds fail now and no device stops again
+    /// ([`Device::shut_down`]). Call before [`Graph::flush_all`], whose
+    /// flushes would otherwise wait behind a stopped device forever.
+    pub fn shut_down(&self) {
+        for d in self.devices() {
+            d.shut_down();
+        }
+    }
+
     /// Flushes every device; used at shutdown. Returns the failures.
     pub fn flush_all(&self) -> Vec<Error> {
         self.devices()

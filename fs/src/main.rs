@@ -106,6 +106,7 @@ fn run(mut cli: Cli) -> Result<(), String> {
     );
 
     let _ = engine.quit_requests().recv();
+    engine.graph.shut_down();
     for e in engine.graph.flush_all() {
         eprintln!("blkfs: flush failed: {e}");
     }

@@ -129,7 +129,25 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
         .find(|(n, _)| *n == format)
         .map(|(_, d)| *d)
         .ok_or_else(|| Error::generic(format!("Invalid block format '{format}'")))?;
-    if mode.unwrap_or(true) {
+    // Checked here, before any file is touched: opening the overlay would
+    // only say "Parameter 'backing' is unexpected".
+    if !matches!(
+        driver,
+        DriverName::Cow | DriverName::Qcow | DriverName::Qcow2 | DriverName::Qed | DriverName::Vmdk
+    ) {
+        return Err(Error::generic(format!(
+            "Format '{format}' cannot have a backing file, so it cannot be a snapshot overlay"
+        )));
+    }
+    // Creating (or opening a second time for writing) an image a node has
+    // open would destroy it: QEMU refuses through its image locks.
+    if let Some(n) = node_using(e, &file) {
+        return Err(Error::generic(format!(
+            "Could not use '{file}' as the snapshot file: it is in use by node '{n}'"
+        )));
+    }
+    let create_file = mode.unwrap_or(true);
+    if create_file {
         if driver != DriverName::Qcow2 {
             return Err(Error::generic(format!(
                 "Creating '{format}' snapshot images is not supported by blkfs (qcow2 is)"
@@ -153,10 +171,33 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     if let Some(n) = node_name {
         spec["node-name"] = json!(n);
     }
-    let added = e.graph.add(&BlockdevOptions::from_json(spec)?)?;
+    let added = BlockdevOptions::from_json(spec).and_then(|o| e.graph.add(&o));
+    let added = match added {
+        Ok(a) => a,
+        Err(err) => {
+            // A refused snapshot leaves nothing behind: not the image it created.
+            if create_file {
+                let _ = std::fs::remove_file(&file);
+            }
+            return Err(err);
+        }
+    };
     device.quiesced(|| {
         device.replace_root(added.node.clone());
         Ok(())
     })?;
     Ok(json!({}))
+}
+
+/// The node that has `path` open (the same file, by device and inode), if any.
+fn node_using(e: &Engine, path: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let target = id(path)?;
+    e.graph
+        .nodes()
+        .into_iter()
+        .filter(|n| n.driver.file_child().is_none())
+        .find(|n| id(&n.driver.filename()) == Some(target))
+        .map(|n| n.name.clone())
 }

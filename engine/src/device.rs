@@ -154,8 +154,8 @@ impl Device {
         let done = accounted(&self.stats, Op::Write, offset, len, done);
         // A request the policy may stop is retried later: keep its data
         // (in a pooled buffer: no allocation on the common path).
-        let keep = matches!(self.werror, OnError::Stop | OnError::Enospc)
-            .then(|| Buf::from_slice(&buf));
+        let keep =
+            matches!(self.werror, OnError::Stop | OnError::Enospc).then(|| Buf::from_slice(&buf));
         let first = Mutex::new(Some(buf));
         let attempt: Attempt<Buf> = Arc::new(move |root, d| {
             let buf = match (first.lock().take(), &keep) {

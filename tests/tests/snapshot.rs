@@ -521,3 +521,45 @@ fn snapshot_file_that_is_open_is_refused() {
     let nodes = node_names(&mut q);
     assert_unchanged(&d, &mut q, &nodes, &base, 3);
 }
+
+#[test]
+fn the_overlay_keeps_the_old_top_options() {
+    let dir = TestDir::new("snap-opts");
+    let base = dir.file("base.img");
+    std::fs::write(&base, pattern(5, 2 * M as usize)).unwrap();
+    let overlay = dir.file("overlay.qcow2");
+    let spec = json!({"driver": "raw", "id": "d0", "detect-zeroes": "unmap", "discard": "unmap",
+                      "cache": {"direct": true}, "file": file_opts(&base)});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let mut q = d.qmp();
+    snapshot(&mut q, json!({"device": "d0", "snapshot-file": overlay}));
+    let ins = query_block(&mut q, "d0")["inserted"].clone();
+    assert_eq!(ins["drv"], "qcow2", "{ins}");
+    assert_eq!(ins["detect_zeroes"], "unmap", "{ins}");
+    // Zeroes written after the snapshot stay unallocated in the overlay
+    // (zero clusters), as detect-zeroes promises. The kernel may split the
+    // write at a page of the user buffer; that piece's cluster is then
+    // partly zeroed over backing data and must be allocated.
+    write_dev(&d, "d0", 0, &vec![0u8; M as usize]);
+    drop(q);
+    quit(d);
+    let map: Value = serde_json::from_str(&qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        "qcow2",
+        &overlay,
+    ]))
+    .unwrap();
+    let first = &map[0];
+    assert_eq!(
+        (
+            first["start"].as_u64(),
+            first["data"].as_bool(),
+            first["zero"].as_bool()
+        ),
+        (Some(0), Some(false), Some(true)),
+        "{map}"
+    );
+    assert!(first["length"].as_u64().unwrap() >= M - (64 << 10), "{map}");
+}

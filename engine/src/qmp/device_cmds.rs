@@ -163,10 +163,17 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
         };
         create(&file, &o)?;
     }
+    // The overlay serves the device as its old top did: same cache, aio,
+    // discard and detect-zeroes options.
+    let o = &top.opts;
     let mut spec = json!({
         "driver": format,
         "file": {"driver": "file", "filename": file},
         "backing": top.name,
+        "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
+        "aio": o.aio.as_str(),
+        "discard": o.discard.as_str(),
+        "detect-zeroes": o.detect_zeroes.as_str(),
     });
     if let Some(n) = node_name {
         spec["node-name"] = json!(n);

@@ -7,6 +7,7 @@
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
+//! - `testutil` (tests only): helpers shared by the unit tests.
 
 pub mod args;
 pub mod device;
@@ -19,6 +20,8 @@ pub mod options;
 pub mod policy;
 pub mod qmp;
 pub mod stats;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{Error, ErrorKind, Result};
 

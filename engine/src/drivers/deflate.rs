@@ -1,4 +1,26 @@
-//! Raw deflate (no zlib header), as qcow and qcow2 store compressed clusters.
+//! Compressed clusters as qcow and qcow2 store them: raw deflate (no zlib
+//! header), and reading one cluster whole.
+
+use crate::error::Result;
+use crate::graph::Node;
+use crate::io::Buf;
+
+/// Reads the compressed cluster stored as `len` bytes at `host` and
+/// decompresses it into a `cluster_size` buffer. `len` is only an upper
+/// bound, so the read stops at the end of the file.
+pub fn read_compressed(
+    file: &Node,
+    host: u64,
+    len: u64,
+    cluster_size: u64,
+    decompress: impl FnOnce(&[u8], &mut [u8]) -> Result<()>,
+) -> Result<Buf> {
+    let avail = file.size().saturating_sub(host).min(len);
+    let raw = super::qcow2::meta::read_at(file, host, avail as usize)?;
+    let mut out = Buf::zeroed(cluster_size as usize);
+    decompress(&raw, &mut out)?;
+    Ok(out)
+}
 
 /// Inflates `input` into exactly `out.len()` bytes; the error says why not.
 pub fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {

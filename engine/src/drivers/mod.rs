@@ -3,6 +3,9 @@
 //! Data requests are completion based: a driver is handed a request and a
 //! [`Done`] callback and returns at once; the callback runs on whichever
 //! thread finishes the I/O. Drivers must never block inside a completion.
+//!
+//! Shared by qcow and qcow2: [`deflate`] (reading compressed clusters) and
+//! `segments` (splitting a guest range by cluster mapping).
 
 pub mod aes_legacy;
 pub mod backing;
@@ -14,6 +17,7 @@ pub mod probe;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
+mod segments;
 
 use crate::error::{Error, Result};
 use crate::graph::Node;

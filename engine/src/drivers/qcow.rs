@@ -14,7 +14,9 @@
 //! the L1/L2 entries.
 
 use super::aes_legacy::{self, Cipher, Key};
+use super::deflate;
 use super::join::Join;
+use super::segments::{self, ClusterMapping};
 use super::{wait, Done, Driver, Encryption, Status};
 use crate::drivers::qcow2::meta::{read_at, write_at};
 use crate::error::{Error, ErrorKind, Result};
@@ -193,6 +195,23 @@ impl Mapping {
     }
 }
 
+impl ClusterMapping for Mapping {
+    fn offset_by(self, by: u64) -> Mapping {
+        match self {
+            Mapping::Data(h) => Mapping::Data(h + by),
+            m => m,
+        }
+    }
+
+    fn continues(&self, len: usize, next: &Mapping) -> bool {
+        match (self, next) {
+            (Mapping::Data(h1), Mapping::Data(h2)) => h1 + len as u64 == *h2,
+            (Mapping::Unallocated, Mapping::Unallocated) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Cached tables and the end of the file, where allocations go.
 struct Meta {
     l1: Vec<u64>,
@@ -211,16 +230,7 @@ pub struct QcowDriver {
     key: Key,
 }
 
-/// One piece of a request, in guest order.
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    /// Offset inside the request.
-    at: usize,
-    len: usize,
-    guest: u64,
-    /// For data: the host offset of `guest` itself.
-    map: Mapping,
-}
+type Segment = segments::Segment<Mapping>;
 
 impl QcowDriver {
     pub fn open(file: Arc<Node>, header: Header, backing: Option<Arc<Node>>) -> Result<Self> {
@@ -295,37 +305,9 @@ impl QcowDriver {
     /// unallocated runs are merged.
     fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
-        let mut segs: Vec<Segment> = Vec::new();
-        let mut at = 0usize;
-        while at < len {
-            let guest = offset + at as u64;
-            let in_cluster = guest % self.cs;
-            let n = ((self.cs - in_cluster) as usize).min(len - at);
-            let map = match self.lookup(&mut meta, guest / self.cs)? {
-                Mapping::Data(h) => Mapping::Data(h + in_cluster),
-                m => m,
-            };
-            if let Some(last) = segs.last_mut() {
-                let merged = match (last.map, map) {
-                    (Mapping::Data(h1), Mapping::Data(h2)) => h1 + last.len as u64 == h2,
-                    (Mapping::Unallocated, Mapping::Unallocated) => true,
-                    _ => false,
-                };
-                if merged {
-                    last.len += n;
-                    at += n;
-                    continue;
-                }
-            }
-            segs.push(Segment {
-                at,
-                len: n,
-                guest,
-                map,
-            });
-            at += n;
-        }
-        Ok(segs)
+        segments::plan(offset, len, self.cs, usize::MAX, |c| {
+            self.lookup(&mut meta, c)
+        })
     }
 
     /// One compressed cluster, inflated whole.
@@ -333,11 +315,9 @@ impl QcowDriver {
         if self.key.is_encrypted() {
             return Err(corrupt("compressed cluster in an encrypted image"));
         }
-        let avail = self.file.size().saturating_sub(host).min(len);
-        let raw = read_at(&self.file, host, avail as usize)?;
-        let mut out = Buf::zeroed(self.cs as usize);
-        super::deflate::inflate(&raw, &mut out).map_err(corrupt)?;
-        Ok(out)
+        deflate::read_compressed(&self.file, host, len, self.cs, |raw, out| {
+            deflate::inflate(raw, out).map_err(corrupt)
+        })
     }
 
     /// Reads one segment into `buf`; decrypts data when encrypted.
@@ -715,13 +695,7 @@ mod tests {
     #[test]
     fn fuzz_mutated_headers_never_panic() {
         let base = fixture();
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testutil::xorshift(0x9E37_79B9_7F4A_7C15);
         let mut ok = 0;
         for _ in 0..20_000 {
             let mut b = base.clone();
@@ -729,7 +703,7 @@ mod tests {
                 let at = (next() % 64) as usize;
                 b[at] = next() as u8;
             }
-            let len = if next() % 8 == 0 {
+            let len = if next().is_multiple_of(8) {
                 (next() % 80) as usize
             } else {
                 b.len()

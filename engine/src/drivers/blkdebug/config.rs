@@ -411,13 +411,7 @@ event="read_aio"
     #[test]
     fn fuzz_mutated_configs_never_panic() {
         let base = GOOD.as_bytes().to_vec();
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testutil::xorshift(0x9E37_79B9_7F4A_7C15);
         let alphabet = b"[]\"=#\n -x0123456789abcdefonyes_";
         let mut ok = 0;
         for _ in 0..20_000 {
@@ -433,7 +427,11 @@ event="read_aio"
                 }
             }
             let len = (next() % (b.len() as u64 + 1)) as usize;
-            let b = if next() % 4 == 0 { &b[..len] } else { &b[..] };
+            let b = if next().is_multiple_of(4) {
+                &b[..len]
+            } else {
+                &b[..]
+            };
             if fuzz_parse(b).is_ok() {
                 ok += 1;
             }

@@ -1,5 +1,7 @@
 //! L1/L2 entry encoding.
 
+use crate::drivers::segments::ClusterMapping;
+
 pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
@@ -41,6 +43,37 @@ impl Mapping {
             Mapping::Unallocated
         } else {
             Mapping::Data { host, copied }
+        }
+    }
+}
+
+impl ClusterMapping for Mapping {
+    fn offset_by(self, by: u64) -> Mapping {
+        match self {
+            Mapping::Data { host, copied } => Mapping::Data {
+                host: host + by,
+                copied,
+            },
+            m => m,
+        }
+    }
+
+    /// Data runs also need the same `copied`: that decides the fast path.
+    fn continues(&self, len: usize, next: &Mapping) -> bool {
+        match (self, next) {
+            (
+                Mapping::Data {
+                    host: h1,
+                    copied: c1,
+                },
+                Mapping::Data {
+                    host: h2,
+                    copied: c2,
+                },
+            ) => c1 == c2 && h1 + len as u64 == *h2,
+            (Mapping::Unallocated, Mapping::Unallocated) => true,
+            (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+            _ => false,
         }
     }
 }

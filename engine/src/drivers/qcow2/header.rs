@@ -592,13 +592,7 @@ pub(crate) mod tests {
         base[8..16].copy_from_slice(&512u64.to_be_bytes());
         base[16..20].copy_from_slice(&5u32.to_be_bytes());
         base[512..517].copy_from_slice(b"b.img");
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testutil::xorshift(0x2545_F491_4F6C_DD1D);
         let mut ok = 0;
         for _ in 0..20_000 {
             let mut b = base.clone();
@@ -606,7 +600,7 @@ pub(crate) mod tests {
                 let at = (next() % 600) as usize;
                 b[at] = next() as u8;
             }
-            let len = if next() % 8 == 0 {
+            let len = if next().is_multiple_of(8) {
                 (next() % 700) as usize
             } else {
                 b.len()

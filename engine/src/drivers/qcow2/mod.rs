@@ -5,7 +5,8 @@
 //! - [`meta`]: cached tables, refcounts, allocation, update ordering.
 //! - `resize`: `block_resize` and `change-backing-file`.
 //! - this module: the driver; it turns a guest range into a plan of
-//!   segments and does the data I/O outside the metadata lock.
+//!   segments (`super::segments`) and does the data I/O outside the
+//!   metadata lock.
 //!
 //! Requests whose clusters are all allocated and owned (the common case
 //! once an image is in use) go straight to the file node with the caller's
@@ -21,7 +22,9 @@ mod resize;
 pub mod snapshot;
 
 use super::aes_legacy::{self, Cipher, Key};
+use super::deflate;
 use super::join::Join;
+use super::segments;
 use super::{wait, Done, Driver, Encryption, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
@@ -58,15 +61,7 @@ pub struct Qcow2Driver {
     key: Key,
 }
 
-/// One piece of a request, in guest order.
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    /// Offset inside the request.
-    at: usize,
-    len: usize,
-    guest: u64,
-    map: Mapping,
-}
+type Segment = segments::Segment<Mapping>;
 
 /// Reads and validates the header of the image in `file`.
 pub fn read_header(file: &Node) -> Result<Header> {
@@ -192,53 +187,7 @@ impl Qcow2Driver {
     /// Like `plan`, but stops once `max` segments are complete.
     fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
-        let mut segs: Vec<Segment> = Vec::new();
-        let mut at = 0usize;
-        while at < len {
-            let guest = offset + at as u64;
-            let in_cluster = guest % self.cs;
-            let n = ((self.cs - in_cluster) as usize).min(len - at);
-            let map = match meta.lookup(guest / self.cs)? {
-                Mapping::Data { host, copied } => Mapping::Data {
-                    host: host + in_cluster,
-                    copied,
-                },
-                m => m,
-            };
-            if let Some(last) = segs.last_mut() {
-                let merged = match (last.map, map) {
-                    (
-                        Mapping::Data {
-                            host: h1,
-                            copied: c1,
-                        },
-                        Mapping::Data {
-                            host: h2,
-                            copied: c2,
-                        },
-                    ) => c1 == c2 && h1 + last.len as u64 == h2,
-                    (Mapping::Unallocated, Mapping::Unallocated) => true,
-                    (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                    _ => false,
-                };
-                if merged {
-                    last.len += n;
-                    at += n;
-                    continue;
-                }
-            }
-            if segs.len() == max {
-                break;
-            }
-            segs.push(Segment {
-                at,
-                len: n,
-                guest,
-                map,
-            });
-            at += n;
-        }
-        Ok(segs)
+        segments::plan(offset, len, self.cs, max, |c| meta.lookup(c))
     }
 
     /// Reads one compressed cluster, whole.
@@ -246,15 +195,13 @@ impl Qcow2Driver {
         if self.key.is_encrypted() {
             return Err(corrupt("compressed cluster in an encrypted image"));
         }
-        let avail = self.file.size().saturating_sub(host).min(len);
         self.file.debug_event(Ev::ReadCompressed);
-        let raw = read_at(&self.file, host, avail as usize)?;
-        let mut out = Buf::zeroed(self.cs as usize);
-        match self.header.compression_type {
-            0 => super::deflate::inflate(&raw, &mut out).map_err(corrupt)?,
-            _ => unzstd(&raw, &mut out)?,
-        }
-        Ok(out)
+        deflate::read_compressed(&self.file, host, len, self.cs, |raw, out| {
+            match self.header.compression_type {
+                0 => deflate::inflate(raw, out).map_err(corrupt),
+                _ => unzstd(raw, out),
+            }
+        })
     }
 
     /// Reads a data cluster's bytes, decrypting them when the image is encrypted.

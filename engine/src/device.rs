@@ -223,7 +223,6 @@ impl Device {
         ignored: fn(u64) -> T,
         done: Done<T>,
     ) {
-        let dev = self.clone();
         let req = Request {
             kind,
             bytes,
@@ -231,15 +230,21 @@ impl Device {
             ignored,
             done,
         };
-        let job: Job = Box::new(move || {
-            let d2 = dev.clone();
-            dev.admit(Box::new(Queued { dev: d2, req }));
+        let queued: Box<dyn Pending> = Box::new(Queued {
+            dev: self.clone(),
+            req,
         });
-        match kind {
-            Kind::Read => self.throttle.submit(false, bytes, job),
-            Kind::Write => self.throttle.submit(true, bytes, job),
-            Kind::Other => job(),
+        let write = match kind {
+            Kind::Read => false,
+            Kind::Write => true,
+            Kind::Other => return self.admit(queued),
+        };
+        if !self.throttle.is_enabled() {
+            return self.admit(queued);
         }
+        let dev = self.clone();
+        let job: Job = Box::new(move || dev.admit(queued));
+        self.throttle.submit(write, bytes, job);
     }
 
     /// Runs `req` unless the device is held.

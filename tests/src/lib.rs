@@ -591,3 +591,21 @@ pub fn obj(v: &Value) -> &serde_json::Map<String, Value> {
 pub fn qemu_io_ro(fmt: &str, file: &Path, cmds: &[&str]) -> String {
     qemu_io_with(&["-r"], fmt, file, cmds)
 }
+
+/// A device's entry in `query-block`.
+pub fn query_block(q: &mut Qmp, id: &str) -> Value {
+    device_entry(q, "query-block", id)
+}
+
+/// A device's counters (`BlockDeviceStats`) from `query-blockstats`.
+pub fn device_stats(q: &mut Qmp, id: &str) -> Value {
+    device_entry(q, "query-blockstats", id)["stats"].clone()
+}
+
+fn device_entry(q: &mut Qmp, cmd: &str, id: &str) -> Value {
+    let all = q.ok(cmd, json!({}));
+    all.as_array()
+        .and_then(|a| a.iter().find(|b| b["device"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("no device {id} in {cmd}: {all}"))
+}

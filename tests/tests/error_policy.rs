@@ -31,16 +31,6 @@ fn once(event: &str, errno: i32) -> Value {
     json!([{"event": event, "errno": errno, "once": true}])
 }
 
-fn query_block(q: &mut Qmp, id: &str) -> Value {
-    let all = q.ok("query-block", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
-}
-
 fn io_status(q: &mut Qmp, id: &str) -> String {
     query_block(q, id)["io-status"]
         .as_str()
@@ -48,19 +38,9 @@ fn io_status(q: &mut Qmp, id: &str) -> String {
         .to_string()
 }
 
-fn stats(q: &mut Qmp, id: &str) -> Value {
-    let all = q.ok("query-blockstats", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .map(|b| b["stats"].clone())
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
-}
-
 /// (rd_operations, wr_operations) of a device.
 fn ops(q: &mut Qmp, id: &str) -> (u64, u64) {
-    let s = stats(q, id);
+    let s = device_stats(q, id);
     (
         s["rd_operations"].as_u64().unwrap(),
         s["wr_operations"].as_u64().unwrap(),
@@ -173,7 +153,7 @@ fn rerror_report_fails_the_read_with_eio() {
     assert!(data.iter().all(|&b| b == 0x5a));
     // Only the successful read is counted.
     assert_eq!(ops(&mut q, "d0"), (1, 0));
-    assert_eq!(stats(&mut q, "d0")["rd_bytes"], 4096);
+    assert_eq!(device_stats(&mut q, "d0")["rd_bytes"], 4096);
     // cont with nothing stopped resets io-status (as QEMU's does) and
     // resumes nothing.
     q.ok("cont", json!({}));
@@ -207,7 +187,7 @@ fn rerror_ignore_reads_zeroes_and_counts_the_read() {
     assert!(data.iter().all(|&b| b == 0x5a));
     // The ignored read completed (successfully, as far as the caller knows).
     assert_eq!(ops(&mut q, "d0"), (2, 0));
-    assert_eq!(stats(&mut q, "d0")["rd_bytes"], 8192);
+    assert_eq!(device_stats(&mut q, "d0")["rd_bytes"], 8192);
 }
 
 #[test]
@@ -279,7 +259,7 @@ fn werror_stop_retries_the_write_on_cont() {
     let p = dev(&d);
     let syncer = spawn(move || OpenOptions::new().write(true).open(p)?.sync_all());
     assert_held(&syncer, "a flush after the stop");
-    assert_eq!(stats(&mut q, "d0")["flush_operations"], 0);
+    assert_eq!(device_stats(&mut q, "d0")["flush_operations"], 0);
     q.ok("cont", json!({}));
     q.wait_event("RESUME", EV);
     join(writer).unwrap();
@@ -287,8 +267,8 @@ fn werror_stop_retries_the_write_on_cont() {
     join(syncer).unwrap();
     assert_eq!(io_status(&mut q, "d0"), "ok");
     assert_eq!(ops(&mut q, "d0"), (1, 1));
-    assert!(stats(&mut q, "d0")["flush_operations"].as_u64() >= Some(1));
-    assert_eq!(stats(&mut q, "d0")["wr_bytes"], 64 << 10);
+    assert!(device_stats(&mut q, "d0")["flush_operations"].as_u64() >= Some(1));
+    assert_eq!(device_stats(&mut q, "d0")["wr_bytes"], 64 << 10);
     drop(q);
     quit(d);
     qemu_io_ro(

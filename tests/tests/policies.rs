@@ -54,26 +54,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn query_block(q: &mut Qmp, id: &str) -> Value {
-    let all = q.ok("query-block", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
-}
-
-fn stats(q: &mut Qmp, id: &str) -> Value {
-    let all = q.ok("query-blockstats", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .map(|b| b["stats"].clone())
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
-}
-
 fn throttle_args(id: &str, set: Value) -> Value {
     let mut a = json!({"device": id, "bps": 0, "bps_rd": 0, "bps_wr": 0,
                        "iops": 0, "iops_rd": 0, "iops_wr": 0});
@@ -114,14 +94,18 @@ fn iops_limit_holds_and_shows_in_query_block() {
         ins.get("bps_max").is_none(),
         "unset maxima are absent: {ins}"
     );
-    let before = stats(&mut q, "d0")["rd_operations"].as_u64().unwrap();
+    let before = device_stats(&mut q, "d0")["rd_operations"]
+        .as_u64()
+        .unwrap();
     // 60 may start at once (the burst), the other 100 at 50/s: at least 2 s.
     let took = timed_reads(&d.dev("d0"), 160, 4096);
     assert!(
         took >= Duration::from_millis(1900),
         "160 reads took {took:?}"
     );
-    let after = stats(&mut q, "d0")["rd_operations"].as_u64().unwrap();
+    let after = device_stats(&mut q, "d0")["rd_operations"]
+        .as_u64()
+        .unwrap();
     assert_eq!(after - before, 160, "every throttled read completed once");
     // All zero switches throttling off.
     q.ok("block_set_io_throttle", throttle_args("d0", json!({})));
@@ -155,7 +139,7 @@ fn bps_limit_with_burst_from_the_command_line() {
     // Reads are not limited by a write limit.
     let took = timed_reads(&d.dev("d0"), 64, 64 << 10);
     assert!(took < Duration::from_millis(1500), "reads took {took:?}");
-    assert_eq!(stats(&mut q, "d0")["wr_bytes"], 4 << 20);
+    assert_eq!(device_stats(&mut q, "d0")["wr_bytes"], 4 << 20);
 }
 
 #[test]
@@ -363,7 +347,7 @@ fn stop_and_cont(werror: Option<&str>) {
     with_timeout(Duration::from_secs(30), move || writer.join().unwrap()).unwrap();
     assert_eq!(&reader.join().unwrap().unwrap()[..], &pattern(0, 4096)[..]);
     assert_eq!(query_block(&mut q, "d0")["io-status"], "ok");
-    assert_eq!(stats(&mut q, "d0")["wr_bytes"], 16 * (256 << 10));
+    assert_eq!(device_stats(&mut q, "d0")["wr_bytes"], 16 * (256 << 10));
     let data = std::fs::read(&img).unwrap();
     for i in 0..16u64 {
         let at = (i * (256 << 10)) as usize;

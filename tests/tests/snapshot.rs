@@ -26,16 +26,6 @@ fn canonical(p: &str) -> String {
         .into_owned()
 }
 
-fn query_block(q: &mut Qmp, id: &str) -> Value {
-    let all = q.ok("query-block", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
-}
-
 fn node_names(q: &mut Qmp) -> Vec<String> {
     let mut v: Vec<String> = q
         .ok("query-named-block-nodes", json!({}))
@@ -49,13 +39,9 @@ fn node_names(q: &mut Qmp) -> Vec<String> {
 }
 
 fn wr_operations(q: &mut Qmp, id: &str) -> u64 {
-    let all = q.ok("query-blockstats", json!({}));
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["device"] == id)
-        .and_then(|b| b["stats"]["wr_operations"].as_u64())
-        .unwrap_or_else(|| panic!("no device {id} in {all}"))
+    device_stats(q, id)["wr_operations"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no wr_operations for {id}"))
 }
 
 fn snapshot(q: &mut Qmp, args: Value) {

@@ -10,6 +10,7 @@
 pub mod aes_legacy;
 pub mod backing;
 pub mod blkdebug;
+pub(crate) mod bytes;
 pub mod deflate;
 pub mod file;
 pub mod join;

@@ -14,6 +14,7 @@
 //! the L1/L2 entries.
 
 use super::aes_legacy::{self, Cipher, Key};
+use super::bytes::{be32, be64};
 use super::deflate;
 use super::join::Join;
 use super::segments::{self, ClusterMapping};
@@ -49,18 +50,6 @@ pub struct Header {
     pub l1_table_offset: u64,
     /// Entries in the L1 table (derived from the size).
     pub l1_size: u64,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn invalid(msg: impl std::fmt::Display) -> Error {
@@ -208,6 +197,21 @@ impl ClusterMapping for Mapping {
             (Mapping::Data(h1), Mapping::Data(h2)) => h1 + len as u64 == *h2,
             (Mapping::Unallocated, Mapping::Unallocated) => true,
             _ => false,
+        }
+    }
+
+    fn status(&self, len: u64, has_backing: bool) -> Status {
+        let (data, zero, offset, allocated) = match *self {
+            Mapping::Data(h) => (true, false, Some(h), true),
+            Mapping::Compressed { .. } => (true, false, None, true),
+            Mapping::Unallocated => (false, !has_backing, None, false),
+        };
+        Status {
+            len,
+            data,
+            zero,
+            offset,
+            allocated,
         }
     }
 }
@@ -527,31 +531,15 @@ impl Driver for Arc<QcowDriver> {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let len = len.min(self.header.size.saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::io(
-                libc::ENXIO,
-                "block status past the end of the image",
-            ));
-        }
         // Cluster by cluster up to 1 MiB: enough for SEEK_DATA/HOLE and mapping.
-        let segs = self.plan(offset, len.min(1 << 20) as usize)?;
-        let seg = *segs
-            .first()
-            .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
-        let encrypted = self.key.is_encrypted();
-        let (data, zero, host, allocated) = match seg.map {
-            Mapping::Data(h) => (true, false, Some(h).filter(|_| !encrypted), true),
-            Mapping::Compressed { .. } => (true, false, None, true),
-            Mapping::Unallocated => (false, self.backing.is_none(), None, false),
-        };
-        Ok(Status {
-            len: seg.len as u64,
-            data,
-            zero,
-            offset: host,
-            allocated,
-        })
+        super::segments::block_status(
+            self.header.size,
+            offset,
+            len,
+            self.backing.is_some(),
+            self.key.is_encrypted(),
+            |len| self.plan(offset, len.min(1 << 20) as usize),
+        )
     }
 
     fn file_child(&self) -> Option<&Arc<Node>> {

@@ -1,7 +1,8 @@
 //! Splitting a guest range into segments by how its clusters map, for the
 //! cluster-mapped formats (qcow, qcow2).
 
-use crate::error::Result;
+use super::Status;
+use crate::error::{Error, Result};
 
 /// What planning needs to know about a format's mapping of one guest cluster.
 pub(crate) trait ClusterMapping: Copy {
@@ -11,6 +12,37 @@ pub(crate) trait ClusterMapping: Copy {
     /// Whether `next` extends a segment of `len` bytes mapped by `self`
     /// (contiguous data, or the same kind of unallocated run).
     fn continues(&self, len: usize, next: &Self) -> bool;
+    /// What this layer says of a segment of `len` bytes it maps.
+    fn status(&self, len: u64, has_backing: bool) -> Status;
+}
+
+/// `Driver::block_status` of a cluster-mapped format: the first segment at
+/// `offset` (at most `len` bytes, none past `size`), as `plan_first` finds
+/// it for a range length. Host offsets are hidden when `hide_offset` (the
+/// data there is encrypted, no use to a reader of the file).
+pub(crate) fn block_status<M: ClusterMapping>(
+    size: u64,
+    offset: u64,
+    len: u64,
+    has_backing: bool,
+    hide_offset: bool,
+    plan_first: impl FnOnce(u64) -> Result<Vec<Segment<M>>>,
+) -> Result<Status> {
+    let len = len.min(size.saturating_sub(offset));
+    if len == 0 {
+        return Err(Error::io(
+            libc::ENXIO,
+            "block status past the end of the image",
+        ));
+    }
+    let seg = *plan_first(len)?
+        .first()
+        .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
+    let mut st = seg.map.status(seg.len as u64, has_backing);
+    if hide_offset {
+        st.offset = None;
+    }
+    Ok(st)
 }
 
 /// One piece of a request, in guest order.
@@ -77,6 +109,15 @@ mod tests {
                 (a, b) => a.is_none() && b.is_none(),
             }
         }
+        fn status(&self, len: u64, has_backing: bool) -> Status {
+            Status {
+                len,
+                data: self.is_some(),
+                zero: self.is_none() && !has_backing,
+                offset: *self,
+                allocated: self.is_some(),
+            }
+        }
     }
 
     /// Clusters 0-1 contiguous data, 2-3 holes, 4 data elsewhere.
@@ -109,6 +150,17 @@ mod tests {
     fn stops_after_max_segments() {
         let segs = plan(4, 70, 16, 1, lookup).unwrap();
         assert_eq!(runs(&segs), [(0, 28, 4, Some(0x1004))]);
+    }
+
+    #[test]
+    fn block_status_of_the_first_segment() {
+        let first = |n: u64| plan(4, n as usize, 16, 1, lookup);
+        let st = block_status(100, 4, 200, false, false, first).unwrap();
+        assert_eq!((st.len, st.data, st.offset), (28, true, Some(0x1004)));
+        let st = block_status(100, 4, 200, false, true, first).unwrap();
+        assert_eq!(st.offset, None);
+        let e = block_status(100, 100, 8, false, false, first).unwrap_err();
+        assert_eq!(e.errno(), libc::ENXIO);
     }
 
     #[test]

@@ -203,6 +203,11 @@ impl Throttle {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// Whether any limit is set (requests may have to wait).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
     pub fn config(&self) -> ThrottleConfig {
         self.state.lock().cfg
     }
@@ -225,7 +230,7 @@ impl Throttle {
         let d = write as usize;
         // Requests still queued when throttling was switched off are
         // released by set_config; new ones need not wait behind them.
-        if self.enabled.load(Ordering::Acquire) {
+        if self.is_enabled() {
             let mut s = self.state.lock();
             if s.cfg.enabled() {
                 let now = self.now_ns();

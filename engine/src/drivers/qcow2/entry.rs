@@ -1,6 +1,7 @@
 //! L1/L2 entry encoding.
 
 use crate::drivers::segments::ClusterMapping;
+use crate::drivers::Status;
 
 pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
@@ -74,6 +75,22 @@ impl ClusterMapping for Mapping {
             (Mapping::Unallocated, Mapping::Unallocated) => true,
             (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
             _ => false,
+        }
+    }
+
+    fn status(&self, len: u64, has_backing: bool) -> Status {
+        let (data, zero, offset, allocated) = match *self {
+            Mapping::Data { host, .. } => (true, false, Some(host), true),
+            Mapping::Compressed { .. } => (true, false, None, true),
+            Mapping::Zero { .. } => (false, true, None, true),
+            Mapping::Unallocated => (false, !has_backing, None, false),
+        };
+        Status {
+            len,
+            data,
+            zero,
+            offset,
+            allocated,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The qcow2 header and its extensions, validated before anything uses them.
 
+use crate::drivers::bytes::{be32, be64};
 use crate::error::{Error, Result};
 
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -42,18 +43,6 @@ pub struct Header {
     pub compression_type: u8,
     /// (type, bit, name) from the feature name table.
     pub feature_names: Vec<(u8, u8, String)>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn invalid(msg: impl std::fmt::Display) -> Error {

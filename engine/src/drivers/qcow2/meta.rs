@@ -9,6 +9,7 @@
 
 use super::entry::{Mapping, COPIED, OFFSET_MASK};
 use super::header::Header;
+use crate::drivers::bytes::be64;
 use crate::drivers::wait;
 use crate::error::{Error, Result};
 use crate::graph::Node;
@@ -58,11 +59,11 @@ pub fn corrupt(msg: impl std::fmt::Display) -> Error {
 impl Meta {
     pub fn load(file: Arc<Node>, h: &Header) -> Result<Meta> {
         let l1_raw = read_at(&file, h.l1_table_offset, h.l1_size as usize * 8)?;
-        let l1 = l1_raw.chunks_exact(8).map(be64).collect();
+        let l1 = l1_raw.chunks_exact(8).map(|e| be64(e, 0)).collect();
         let rt_len = h.refcount_table_clusters as usize * h.cluster_size() as usize;
         file.debug_event(Ev::ReftableLoad);
         let rt_raw = read_at(&file, h.refcount_table_offset, rt_len)?;
-        let reftable = rt_raw.chunks_exact(8).map(be64).collect();
+        let reftable = rt_raw.chunks_exact(8).map(|e| be64(e, 0)).collect();
         let cs = h.cluster_size();
         Ok(Meta {
             next_free: file.size().div_ceil(cs),
@@ -125,7 +126,7 @@ impl Meta {
                 }
             }
             self.l2
-                .insert(l2_off, raw.chunks_exact(8).map(be64).collect());
+                .insert(l2_off, raw.chunks_exact(8).map(|e| be64(e, 0)).collect());
         }
         self.l2.get_mut(&l2_off).ok_or_else(|| corrupt("L2 cache"))
     }
@@ -518,12 +519,6 @@ impl Meta {
         }
         Ok(())
     }
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// Reads entry `idx` of a refcount block with `bits`-wide entries.

@@ -524,36 +524,14 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let len = len.min(self.virtual_size().saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::io(
-                libc::ENXIO,
-                "block status past the end of the image",
-            ));
-        }
-        let segs = self.plan_upto(offset, len.min(1 << 40) as usize, 1)?;
-        let seg = *segs
-            .first()
-            .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
-        let (data, zero, host, allocated) = match seg.map {
-            // Encrypted data is no use at its host offset.
-            Mapping::Data { host, .. } => (
-                true,
-                false,
-                Some(host).filter(|_| !self.key.is_encrypted()),
-                true,
-            ),
-            Mapping::Compressed { .. } => (true, false, None, true),
-            Mapping::Zero { .. } => (false, true, None, true),
-            Mapping::Unallocated => (false, self.backing.is_none(), None, false),
-        };
-        Ok(Status {
-            len: seg.len as u64,
-            data,
-            zero,
-            offset: host,
-            allocated,
-        })
+        super::segments::block_status(
+            self.virtual_size(),
+            offset,
+            len,
+            self.backing.is_some(),
+            self.key.is_encrypted(),
+            |len| self.plan_upto(offset, len.min(1 << 40) as usize, 1),
+        )
     }
 
     fn file_child(&self) -> Option<&Arc<Node>> {

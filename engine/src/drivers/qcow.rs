@@ -17,7 +17,7 @@ use super::aes_legacy::{self, Cipher, Key};
 use super::bytes::{be32, be64};
 use super::deflate;
 use super::join::Join;
-use super::segments::{self, ClusterMapping};
+use super::segments::{self, ClusterMapping, LayerStatus};
 use super::{wait, Done, Driver, Encryption, Status};
 use crate::drivers::qcow2::meta::{read_at, write_at};
 use crate::error::{Error, ErrorKind, Result};
@@ -200,18 +200,11 @@ impl ClusterMapping for Mapping {
         }
     }
 
-    fn status(&self, len: u64, has_backing: bool) -> Status {
-        let (data, zero, offset, allocated) = match *self {
+    fn status(&self, has_backing: bool) -> LayerStatus {
+        match *self {
             Mapping::Data(h) => (true, false, Some(h), true),
             Mapping::Compressed { .. } => (true, false, None, true),
             Mapping::Unallocated => (false, !has_backing, None, false),
-        };
-        Status {
-            len,
-            data,
-            zero,
-            offset,
-            allocated,
         }
     }
 }

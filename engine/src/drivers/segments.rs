@@ -12,9 +12,12 @@ pub(crate) trait ClusterMapping: Copy {
     /// Whether `next` extends a segment of `len` bytes mapped by `self`
     /// (contiguous data, or the same kind of unallocated run).
     fn continues(&self, len: usize, next: &Self) -> bool;
-    /// What this layer says of a segment of `len` bytes it maps.
-    fn status(&self, len: u64, has_backing: bool) -> Status;
+    /// What this layer says of the clusters it maps so.
+    fn status(&self, has_backing: bool) -> LayerStatus;
 }
+
+/// (data, zero, host offset, allocated): [`Status`] without its length.
+pub(crate) type LayerStatus = (bool, bool, Option<u64>, bool);
 
 /// `Driver::block_status` of a cluster-mapped format: the first segment at
 /// `offset` (at most `len` bytes, none past `size`), as `plan_first` finds
@@ -38,11 +41,14 @@ pub(crate) fn block_status<M: ClusterMapping>(
     let seg = *plan_first(len)?
         .first()
         .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;
-    let mut st = seg.map.status(seg.len as u64, has_backing);
-    if hide_offset {
-        st.offset = None;
-    }
-    Ok(st)
+    let (data, zero, offset, allocated) = seg.map.status(has_backing);
+    Ok(Status {
+        len: seg.len as u64,
+        data,
+        zero,
+        offset: offset.filter(|_| !hide_offset),
+        allocated,
+    })
 }
 
 /// One piece of a request, in guest order.
@@ -109,14 +115,13 @@ mod tests {
                 (a, b) => a.is_none() && b.is_none(),
             }
         }
-        fn status(&self, len: u64, has_backing: bool) -> Status {
-            Status {
-                len,
-                data: self.is_some(),
-                zero: self.is_none() && !has_backing,
-                offset: *self,
-                allocated: self.is_some(),
-            }
+        fn status(&self, has_backing: bool) -> LayerStatus {
+            (
+                self.is_some(),
+                self.is_none() && !has_backing,
+                *self,
+                self.is_some(),
+            )
         }
     }
 

@@ -1,7 +1,6 @@
 //! L1/L2 entry encoding.
 
-use crate::drivers::segments::ClusterMapping;
-use crate::drivers::Status;
+use crate::drivers::segments::{ClusterMapping, LayerStatus};
 
 pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
@@ -78,19 +77,12 @@ impl ClusterMapping for Mapping {
         }
     }
 
-    fn status(&self, len: u64, has_backing: bool) -> Status {
-        let (data, zero, offset, allocated) = match *self {
+    fn status(&self, has_backing: bool) -> LayerStatus {
+        match *self {
             Mapping::Data { host, .. } => (true, false, Some(host), true),
             Mapping::Compressed { .. } => (true, false, None, true),
             Mapping::Zero { .. } => (false, true, None, true),
             Mapping::Unallocated => (false, !has_backing, None, false),
-        };
-        Status {
-            len,
-            data,
-            zero,
-            offset,
-            allocated,
         }
     }
 }

@@ -103,6 +103,9 @@ enum Command {
         // Optional for clap only: see Target::resolve.
         #[arg(allow_hyphen_values = true)]
         size: Option<String>,
+        /// Allow a size smaller than the current one (data past it is lost)
+        #[arg(long)]
+        shrink: bool,
     },
     /// Put a new overlay image on top of a device (blockdev-snapshot-sync)
     ///
@@ -362,7 +365,11 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
             limits,
             off,
         } => cmd_throttle(client, &device, &limits, off, json),
-        Command::Resize { target, size } => cmd_resize(client, target, size, json),
+        Command::Resize {
+            target,
+            size,
+            shrink,
+        } => cmd_resize(client, target, size, shrink, json),
         Command::Snapshot {
             target,
             file,
@@ -846,30 +853,38 @@ fn cmd_snapshot(
     )
 }
 
-fn cmd_resize(client: &mut Client, target: Target, size: Option<String>, json: bool) -> Outcome {
+fn cmd_resize(
+    client: &mut Client,
+    target: Target,
+    size: Option<String>,
+    shrink: bool,
+    json: bool,
+) -> Outcome {
     let (mut args, [size]) = target.resolve([size]).map_err(|m| usage("resize", m))?;
     let size = size.ok_or_else(|| usage("resize", "SIZE is missing"))?;
     let size = SizeChange::parse(&size).map_err(|m| usage("resize", m))?;
     let name = args::target_name(&args).to_string();
-    let new_size = if let SizeChange::To(n) = size {
-        n
+    let (query, key, image) = if args.contains_key("device") {
+        ("query-block", "device", "/inserted/image/virtual-size")
     } else {
-        let (query, key, image) = if args.contains_key("device") {
-            ("query-block", "device", "/inserted/image/virtual-size")
-        } else {
-            (
-                "query-named-block-nodes",
-                "node-name",
-                "/image/virtual-size",
-            )
-        };
-        let entry = find_in_query(client, query, key, &name)?;
-        let current = entry
-            .pointer(image)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Failure::Other(format!("{query} gives no size for '{name}'")))?;
-        size.apply(current).map_err(Failure::Other)?
+        (
+            "query-named-block-nodes",
+            "node-name",
+            "/image/virtual-size",
+        )
     };
+    let entry = find_in_query(client, query, key, &name)?;
+    let current = entry
+        .pointer(image)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Failure::Other(format!("{query} gives no size for '{name}'")))?;
+    let new_size = size.apply(current).map_err(Failure::Other)?;
+    // As qemu-img resize: losing the end of a disk takes an explicit word.
+    if new_size < current && !shrink {
+        return Err(Failure::Other(format!(
+            "'{name}' is {current} bytes: use the --shrink option to shrink it to {new_size} bytes (data past that is lost)"
+        )));
+    }
     args.insert("size".into(), json!(new_size));
     let msg = format!(
         "resized {name} to {} ({new_size} bytes)",

@@ -250,6 +250,7 @@ impl Graph {
             new_nodes: Vec::new(),
             next_auto: reg.next_auto,
             depth: 0,
+            chain: Vec::new(),
         };
         if let Some(id) = &opts.id {
             check_name(id, "id")?;
@@ -300,18 +301,26 @@ impl Graph {
     /// error policy holds fail now and no device stops again
     /// ([`Device::shut_down`]). Call before [`Graph::flush_all`], whose
     /// flushes would otherwise wait behind a stopped device forever.
+    /// Then drains every device: requests in flight finish, new ones wait
+    /// at the gate until the process exits.
     pub fn shut_down(&self) {
-        for d in self.devices() {
+        let devices = self.devices();
+        for d in &devices {
             d.shut_down();
+        }
+        for d in &devices {
+            d.drain();
         }
     }
 
-    /// Flushes every device; used at shutdown. Returns the failures.
+    /// Flushes every device's root node (the devices are drained, their
+    /// gates closed); used at shutdown. Returns the failures.
     pub fn flush_all(&self) -> Vec<Error> {
         self.devices()
             .iter()
             .filter_map(|d| {
-                drivers::wait(|done| d.flush(done))
+                let root = d.root();
+                drivers::wait(|done| root.flush(done))
                     .err()
                     .map(|e| e.context(&d.id))
             })
@@ -326,6 +335,9 @@ fn quiesced_all<R>(devices: &[Arc<Device>], f: impl FnOnce() -> Result<R>) -> Re
     }
 }
 
+/// Longest device id: NAME_MAX of the filesystems a mount's names pass through.
+const MAX_ID_LEN: usize = 255;
+
 fn check_name(name: &str, what: &str) -> Result<()> {
     let mut chars = name.chars();
     let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
@@ -338,11 +350,22 @@ fn check_name(name: &str, what: &str) -> Result<()> {
     if what == "node-name" && name.len() > 31 {
         return Err(Error::generic(format!("Node name too long: '{name}'")));
     }
+    // A device id is a file name in the mount.
+    if name.len() > MAX_ID_LEN {
+        return Err(Error::generic(format!(
+            "Invalid {what}: {} bytes long, at most {MAX_ID_LEN} are allowed (it names a file in the mount)",
+            name.len()
+        )));
+    }
     Ok(())
 }
 
-/// Longest backing chain opened.
-const MAX_CHAIN_DEPTH: usize = 64;
+/// Longest backing chain opened (qemu-img handles chains of this order).
+const MAX_CHAIN_DEPTH: usize = 1024;
+
+/// The words that start the error of a backing file that failed to open;
+/// added once, by the innermost layer, not once per layer.
+const BACKING_FAILED: &str = "Could not open backing file";
 
 struct Opener<'r> {
     reg: &'r Registry,
@@ -350,6 +373,9 @@ struct Opener<'r> {
     next_auto: u64,
     /// Backing files opened above the current node.
     depth: usize,
+    /// (device, inode) of the images of the chain being opened, top first:
+    /// a backing file that is one of them is a loop.
+    chain: Vec<(u64, u64)>,
 }
 
 impl Opener<'_> {
@@ -510,7 +536,7 @@ impl Opener<'_> {
     fn backing(&mut self, r: &BlockdevRef, ro: &NodeOptions, path: &str) -> Result<Arc<Node>> {
         if self.depth >= MAX_CHAIN_DEPTH {
             return Err(Error::generic(format!(
-                "Backing chain is deeper than {MAX_CHAIN_DEPTH} images"
+                "{BACKING_FAILED}: the backing chain is deeper than {MAX_CHAIN_DEPTH} images"
             )));
         }
         self.depth += 1;
@@ -546,6 +572,15 @@ impl Opener<'_> {
                 .unwrap_or_default();
             dir.join(name).to_string_lossy().into_owned()
         };
+        let top = image.driver.filename();
+        let top_id = file_identity(&top);
+        if let Some(id) = file_identity(&full) {
+            if Some(id) == top_id || self.chain.contains(&id) {
+                return Err(Error::generic(format!(
+                    "{BACKING_FAILED} '{full}': backing file loop: '{top}' leads back to an image of its own chain"
+                )));
+            }
+        }
         let format = match format {
             Some(f) => f.to_string(),
             None => drivers::probe::probe(&full)?.to_string(),
@@ -558,12 +593,22 @@ impl Opener<'_> {
                 image.driver.filename()
             ))
         })?;
-        self.backing(
+        self.chain.extend(top_id);
+        let node = self.backing(
             &BlockdevRef::Definition(Box::new(opts)),
             ro,
             &join(path, "backing"),
-        )
-        .map_err(|e| e.context(format!("Could not open backing file '{full}'")))
+        );
+        if top_id.is_some() {
+            self.chain.pop();
+        }
+        node.map_err(|e| {
+            if e.to_string().starts_with(BACKING_FAILED) {
+                e
+            } else {
+                e.context(format!("{BACKING_FAILED} '{full}'"))
+            }
+        })
     }
 
     fn child(&mut self, r: &BlockdevRef, parent: &NodeOptions, path: &str) -> Result<Arc<Node>> {
@@ -582,6 +627,12 @@ impl Opener<'_> {
             }
         }
     }
+}
+
+/// (device, inode) of a path, following symlinks; None when it cannot be stat'ed.
+fn file_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn join(prefix: &str, key: &str) -> String {

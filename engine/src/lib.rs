@@ -6,6 +6,7 @@
 //! - [`drivers`]: the completion-based driver trait, one module per driver.
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
+//! - [`perm`]: may an operation change a node under its users (resize).
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
 //! - `testutil` (tests only): helpers shared by the unit tests.
 
@@ -17,6 +18,7 @@ pub mod graph;
 pub mod io;
 pub mod map;
 pub mod options;
+pub mod perm;
 pub mod policy;
 pub mod qmp;
 pub mod stats;

@@ -276,6 +276,10 @@ impl Filesystem for BlkFs {
         );
     }
 
+    /// FLUSH comes with every close() of a descriptor (a forked child's
+    /// too). It is not a durability point (fsync is), and blkfs keeps no
+    /// write cache of its own, so it answers at once: a close must never
+    /// wait behind a device the error policy stopped.
     fn flush(
         &self,
         _req: &Request,
@@ -284,7 +288,10 @@ impl Filesystem for BlkFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.fsync(_req, ino, _fh, false, reply)
+        match self.device(ino) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn fsync(
@@ -352,6 +359,16 @@ impl Filesystem for BlkFs {
         let in_range = offset
             .checked_add(length)
             .is_some_and(|end| end <= dev.size());
+        let zeroing = mode == PUNCH
+            || mode == libc::FALLOC_FL_ZERO_RANGE
+            || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if zeroing && !in_range {
+            // A device cannot grow through fallocate, nor be zeroed past its end.
+            return done(Err(Error::io(
+                libc::EINVAL,
+                "fallocate range crosses the end of the device",
+            )));
+        }
         match mode {
             // The range must read back as zeroes; it is deallocated only
             // when the device's discard option is unmap.

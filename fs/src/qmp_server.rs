@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Binds the control socket (mode 0600). A stale socket file is replaced;
@@ -30,17 +31,37 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// Most QMP clients connected at once: each costs two threads, and a
+/// management stack needs a handful. Past it a client gets an error and
+/// is closed, so a flood of idle connections cannot exhaust the daemon.
+pub const MAX_CLIENTS: usize = 128;
+
+/// Stack of a client thread: opening a backing chain recurses once per
+/// image (up to 1024). Reserved, not touched, unless a chain is that deep.
+const CLIENT_STACK: usize = 16 << 20;
+
 pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
+    let connected = Arc::new(AtomicUsize::new(0));
     let spawned = std::thread::Builder::new()
         .name("qmp-accept".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => {
+                    Ok(mut s) => {
+                        if connected.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                            connected.fetch_sub(1, Ordering::SeqCst);
+                            refuse(&mut s);
+                            continue;
+                        }
+                        let slot = Slot(connected.clone());
                         let engine = engine.clone();
                         if let Err(e) = std::thread::Builder::new()
                             .name("qmp-client".into())
-                            .spawn(move || client(s, engine))
+                            .stack_size(CLIENT_STACK)
+                            .spawn(move || {
+                                let _slot = slot;
+                                client(s, engine)
+                            })
                         {
                             log::error!("cannot start a QMP client thread: {e}");
                         }
@@ -52,6 +73,27 @@ pub fn serve(listener: UnixListener, engine: Arc<Engine>) {
     if let Err(e) = spawned {
         log::error!("cannot start the QMP accept thread: {e}");
     }
+}
+
+/// A connected client's place under [`MAX_CLIENTS`], given back on drop
+/// (also when its thread could not start).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Tells a client past the cap why it is closed. Non-blocking: a client
+/// that does not read must not stall the accept loop.
+fn refuse(s: &mut UnixStream) {
+    log::warn!("QMP: refusing a client: {MAX_CLIENTS} are connected");
+    let msg = json!({"error": {"class": "GenericError",
+        "desc": format!("Too many QMP connections: at most {MAX_CLIENTS} clients may be connected at once")}});
+    let _ = s.set_nonblocking(true);
+    let _ = s.write_all(format!("{msg}\n").as_bytes());
+    let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
 fn client(stream: UnixStream, engine: Arc<Engine>) {

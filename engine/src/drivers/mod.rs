@@ -78,6 +78,11 @@ pub trait Driver: Send + Sync {
     fn backing_child(&self) -> Option<&Arc<Node>> {
         None
     }
+    /// Whether the file child may be resized under this node (QEMU's shared
+    /// `resize` permission): true where this node's size follows its file's.
+    fn shares_file_resize(&self) -> bool {
+        false
+    }
     /// Leaves the image consistent before the daemon exits (no I/O may follow).
     fn close(&self) -> Result<()> {
         Ok(())

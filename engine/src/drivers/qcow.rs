@@ -303,7 +303,7 @@ impl QcowDriver {
     fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
         segments::plan(offset, len, self.cs, usize::MAX, |c| {
-            self.lookup(&mut meta, c)
+            self.lookup(&mut meta, c).map(|m| (m, 1))
         })
     }
 

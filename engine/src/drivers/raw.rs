@@ -56,6 +56,11 @@ impl Driver for RawDriver {
         Some(&self.file)
     }
 
+    /// A pass-through: its size is its file's.
+    fn shares_file_resize(&self) -> bool {
+        true
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         self.file.driver.resize(size)
     }

@@ -62,23 +62,27 @@ pub(crate) struct Segment<M> {
     pub map: M,
 }
 
-/// The segments of `offset..offset+len`, walked cluster by cluster with
-/// `lookup` (given the guest cluster index) and merged where
+/// The segments of `offset..offset+len`, walked with `lookup` (given the
+/// guest cluster index, it answers the mapping and how many clusters from
+/// that one map the same way with no offset to move: 1 for data, a whole
+/// unallocated table's span at once) and merged where
 /// [`ClusterMapping::continues`] allows; stops once `max` segments are complete.
 pub(crate) fn plan<M: ClusterMapping>(
     offset: u64,
     len: usize,
     cluster_size: u64,
     max: usize,
-    mut lookup: impl FnMut(u64) -> Result<M>,
+    mut lookup: impl FnMut(u64) -> Result<(M, u64)>,
 ) -> Result<Vec<Segment<M>>> {
     let mut segs: Vec<Segment<M>> = Vec::new();
     let mut at = 0usize;
     while at < len {
         let guest = offset + at as u64;
         let in_cluster = guest % cluster_size;
-        let n = ((cluster_size - in_cluster) as usize).min(len - at);
-        let map = lookup(guest / cluster_size)?.offset_by(in_cluster);
+        let (map, run) = lookup(guest / cluster_size)?;
+        let span = (cluster_size - in_cluster).saturating_add((run.max(1) - 1) * cluster_size);
+        let n = usize::try_from(span).unwrap_or(usize::MAX).min(len - at);
+        let map = map.offset_by(in_cluster);
         if let Some(last) = segs.last_mut() {
             if last.map.continues(last.len, &map) {
                 last.len += n;
@@ -126,12 +130,35 @@ mod tests {
     }
 
     /// Clusters 0-1 contiguous data, 2-3 holes, 4 data elsewhere.
-    fn lookup(c: u64) -> Result<Option<u64>> {
+    fn lookup(c: u64) -> Result<(Option<u64>, u64)> {
         Ok(match c {
-            0 | 1 => Some(0x1000 + c * 16),
-            4 => Some(0x9000),
-            _ => None,
+            0 | 1 => (Some(0x1000 + c * 16), 1),
+            4 => (Some(0x9000), 1),
+            _ => (None, 1),
         })
+    }
+
+    #[test]
+    fn a_run_of_holes_is_one_lookup() {
+        let mut calls = 0;
+        // Clusters 0..1000 unallocated in one answer, then data.
+        let segs = plan(8, 16 * 1001, 16, usize::MAX, |c| {
+            calls += 1;
+            Ok(if c < 1000 {
+                (None, 1000 - c)
+            } else {
+                (Some(0x100), 1)
+            })
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        assert_eq!(
+            runs(&segs),
+            [
+                (0, 16 * 1000 - 8, 8, None),
+                (16 * 1000 - 8, 16, 16000, Some(0x100))
+            ]
+        );
     }
 
     fn runs(segs: &[Segment<Option<u64>>]) -> Vec<(usize, usize, u64, Option<u64>)> {
@@ -172,7 +199,7 @@ mod tests {
     fn lookup_errors_propagate() {
         let r = plan(0, 64, 16, usize::MAX, |c| match c {
             2 => Err(crate::Error::generic("bad table")),
-            _ => Ok(None),
+            _ => Ok((None, 1)),
         });
         assert!(r.is_err());
     }

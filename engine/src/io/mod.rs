@@ -170,3 +170,30 @@ pub fn spawn_blocking(job: impl FnOnce() + Send + 'static) {
         (e.into_inner())();
     }
 }
+
+static DEFERRED: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
+
+/// Runs a completion later on a thread of its own: for completions that must
+/// not run inside their submitter's call (blkdebug's injected errors).
+/// Completions never block, so one thread serves them all; running them on
+/// the worker pool could starve it: a worker waiting for such a completion
+/// while every other worker waits for the same lock (issue 8, finding 5).
+pub fn defer(completion: impl FnOnce() + Send + 'static) {
+    let tx = DEFERRED.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let r = std::thread::Builder::new()
+            .name("blkfs-deferred".into())
+            .spawn(move || {
+                for job in rx.iter() {
+                    job();
+                }
+            });
+        if let Err(e) = r {
+            log::warn!("cannot start the deferred-completion thread: {e}");
+        }
+        tx
+    });
+    if let Err(e) = tx.send(Box::new(completion)) {
+        (e.into_inner())();
+    }
+}

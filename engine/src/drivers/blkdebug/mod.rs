@@ -121,7 +121,7 @@ impl BlkdebugDriver {
         if inj.immediately {
             done(Err(e));
         } else {
-            crate::io::spawn_blocking(move || done(Err(e)));
+            crate::io::defer(move || done(Err(e)));
         }
         None
     }
@@ -276,6 +276,11 @@ impl Driver for BlkdebugDriver {
 
     fn file_child(&self) -> Option<&Arc<Node>> {
         Some(&self.image)
+    }
+
+    /// A pass-through: its size is its file's.
+    fn shares_file_resize(&self) -> bool {
+        true
     }
 
     /// Events stop here (QEMU does not pass them on either).

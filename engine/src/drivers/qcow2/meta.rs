@@ -164,6 +164,19 @@ impl Meta {
         Ok(m)
     }
 
+    /// The mapping of one guest cluster and how many clusters from it map
+    /// alike without another lookup: the rest of an L2 table's span when
+    /// its L1 entry is empty (SEEK_DATA over an empty 64 TiB image is then
+    /// one step per L1 entry, not per cluster), else 1.
+    pub fn lookup_run(&mut self, guest_cluster: u64) -> Result<(Mapping, u64)> {
+        let per = self.l2_entries();
+        let l1e = self.l1.get((guest_cluster / per) as usize).copied();
+        if l1e.is_some_and(|e| e & OFFSET_MASK == 0) {
+            return Ok((Mapping::Unallocated, per - guest_cluster % per));
+        }
+        Ok((self.lookup(guest_cluster)?, 1))
+    }
+
     /// Points a guest cluster at `entry`, allocating its L2 table if needed.
     pub fn set_l2(&mut self, guest_cluster: u64, entry: u64) -> Result<()> {
         self.mark_dirty()?;

@@ -187,7 +187,7 @@ impl Qcow2Driver {
     /// Like `plan`, but stops once `max` segments are complete.
     fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
-        segments::plan(offset, len, self.cs, max, |c| meta.lookup(c))
+        segments::plan(offset, len, self.cs, max, |c| meta.lookup_run(c))
     }
 
     /// Reads one compressed cluster, whole.
@@ -417,6 +417,21 @@ impl Qcow2Driver {
     }
 }
 
+impl Qcow2Driver {
+    /// Zeroes or discards on a worker: metadata changes wait for I/O, and
+    /// the submitting thread (a FUSE reader) must not.
+    fn remap_later(self: &Arc<Self>, offset: u64, len: u64, discard: bool, done: Done<()>) {
+        let me = self.clone();
+        crate::io::spawn_blocking(move || {
+            let r = me
+                .refuse_if_corrupt()
+                .and_then(|()| me.key.cipher())
+                .and_then(|_| me.zero_or_discard(offset, len, discard));
+            done(r.inspect_err(|e| me.check_corruption(e)))
+        });
+    }
+}
+
 impl Driver for Arc<Qcow2Driver> {
     fn format_name(&self) -> &'static str {
         "qcow2"
@@ -504,19 +519,11 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
-        let r = self
-            .refuse_if_corrupt()
-            .and_then(|()| self.key.cipher())
-            .and_then(|_| self.zero_or_discard(offset, len, false));
-        done(r.inspect_err(|e| self.check_corruption(e)))
+        self.remap_later(offset, len, false, done)
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        let r = self
-            .refuse_if_corrupt()
-            .and_then(|()| self.key.cipher())
-            .and_then(|_| self.zero_or_discard(offset, len, true));
-        done(r.inspect_err(|e| self.check_corruption(e)))
+        self.remap_later(offset, len, true, done)
     }
 
     fn flush(&self, done: Done<()>) {

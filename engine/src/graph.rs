@@ -11,6 +11,7 @@ use crate::io::Buf;
 use crate::options::{
     Aio, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverName, DriverOptions, OnError,
 };
+use crate::perm;
 use crate::qmp::EventBus;
 use crate::stats::{accounted, Op, Stats};
 use parking_lot::RwLock;
@@ -251,6 +252,7 @@ impl Graph {
             next_auto: reg.next_auto,
             depth: 0,
             chain: Vec::new(),
+            refs: Vec::new(),
         };
         if let Some(id) = &opts.id {
             check_name(id, "id")?;
@@ -376,6 +378,18 @@ struct Opener<'r> {
     /// (device, inode) of the images of the chain being opened, top first:
     /// a backing file that is one of them is a loop.
     chain: Vec<(u64, u64)>,
+    /// Existing nodes this add uses by reference, and how.
+    refs: Vec<(Arc<Node>, perm::User)>,
+}
+
+/// How a parent uses a child it opens or references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Raw or a filter: passes writes and resizes through.
+    Shared,
+    /// A format's file, holding its metadata: no other writer.
+    Metadata,
+    Backing,
 }
 
 impl Opener<'_> {
@@ -426,7 +440,7 @@ impl Opener<'_> {
                 Box::new(drivers::file::FileDriver::open(filename, &opts)?)
             }
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.child(file, &opts, &join(path, "file"), Use::Shared)?;
                 Box::new(drivers::raw::RawDriver::new(child))
             }
             (
@@ -437,7 +451,7 @@ impl Opener<'_> {
                 },
                 DriverName::Qcow2,
             ) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.child(file, &opts, &join(path, "file"), Use::Metadata)?;
                 let header = drivers::qcow2::read_header(&child)
                     .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
@@ -466,7 +480,7 @@ impl Opener<'_> {
                 },
                 DriverName::Blkdebug,
             ) => {
-                let child = self.child(image, &opts, &join(path, "image"))?;
+                let child = self.child(image, &opts, &join(path, "image"), Use::Shared)?;
                 Box::new(drivers::blkdebug::BlkdebugDriver::open(
                     child,
                     config.as_deref(),
@@ -476,7 +490,7 @@ impl Opener<'_> {
                 )?)
             }
             (DriverOptions::Format { file, backing, .. }, DriverName::Qcow) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.child(file, &opts, &join(path, "file"), Use::Metadata)?;
                 let header = drivers::qcow::read_header(&child)
                     .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
@@ -548,7 +562,7 @@ impl Opener<'_> {
             }
             BlockdevRef::Reference(_) => r.clone(),
         };
-        let node = self.child(&r, ro, path);
+        let node = self.child(&r, ro, path, Use::Backing);
         self.depth -= 1;
         node
     }
@@ -611,7 +625,13 @@ impl Opener<'_> {
         })
     }
 
-    fn child(&mut self, r: &BlockdevRef, parent: &NodeOptions, path: &str) -> Result<Arc<Node>> {
+    fn child(
+        &mut self,
+        r: &BlockdevRef,
+        parent: &NodeOptions,
+        path: &str,
+        how: Use,
+    ) -> Result<Arc<Node>> {
         match r {
             BlockdevRef::Definition(o) => self.open(o, parent, path, false),
             BlockdevRef::Reference(name) => {
@@ -623,6 +643,27 @@ impl Opener<'_> {
                         "Node '{name}' is read-only and cannot be used as a writable '{path}'"
                     )));
                 }
+                // Users so far: registered ones, and this add's own earlier references.
+                let nodes: Vec<Arc<Node>> = self.reg.nodes.clone();
+                let mut existing = perm::users(&nodes, &self.reg.devices, &node);
+                existing.extend(
+                    self.refs
+                        .iter()
+                        .filter(|(n, _)| Arc::ptr_eq(n, &node))
+                        .map(|(_, u)| u.clone()),
+                );
+                let role = match how {
+                    Use::Backing => perm::Role::Backing,
+                    Use::Shared | Use::Metadata => perm::Role::File,
+                };
+                let user = perm::User::planned(
+                    if path.is_empty() { "new" } else { path },
+                    role,
+                    !parent.read_only,
+                    how != Use::Shared,
+                );
+                perm::check_new_user(&node, &existing, &user)?;
+                self.refs.push((node.clone(), user));
                 Ok(node)
             }
         }

@@ -873,14 +873,20 @@ fn cmd_resize(
             "/image/virtual-size",
         )
     };
-    let entry = find_in_query(client, query, key, &name)?;
-    let current = entry
-        .pointer(image)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Failure::Other(format!("{query} gives no size for '{name}'")))?;
-    let new_size = size.apply(current).map_err(Failure::Other)?;
+    let current = match (find_in_query(client, query, key, &name), &size) {
+        (Ok(entry), _) => Some(
+            entry
+                .pointer(image)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Failure::Other(format!("{query} gives no size for '{name}'")))?,
+        ),
+        // An absolute size needs no current one: block_resize names the error.
+        (Err(_), SizeChange::To(_)) => None,
+        (Err(e), _) => return Err(e),
+    };
+    let new_size = size.apply(current.unwrap_or(0)).map_err(Failure::Other)?;
     // As qemu-img resize: losing the end of a disk takes an explicit word.
-    if new_size < current && !shrink {
+    if let Some(current) = current.filter(|&c| new_size < c && !shrink) {
         return Err(Failure::Other(format!(
             "'{name}' is {current} bytes: use the --shrink option to shrink it to {new_size} bytes (data past that is lost)"
         )));

@@ -326,7 +326,7 @@ impl Device {
                 }
             }
         });
-        run(&root, completion)
+        run(&root, crate::drivers::completes_on_drop(completion))
     }
 
     /// Stops the device and holds `req` to be retried first on `cont`.

@@ -245,8 +245,20 @@ impl Graph {
     /// Opens a node tree (and a device when it has an `id`). Nothing is
     /// registered unless the whole tree opens.
     pub fn add(&self, opts: &BlockdevOptions) -> Result<Added> {
+        self.add_inner(opts, None)
+    }
+
+    /// `add` for an overlay that `device` moves onto once it is open: the
+    /// device's use of its current root does not count against the overlay
+    /// taking that root as its backing.
+    pub fn add_overlay(&self, opts: &BlockdevOptions, device: &Arc<Device>) -> Result<Added> {
+        self.add_inner(opts, Some(device))
+    }
+
+    fn add_inner(&self, opts: &BlockdevOptions, moving: Option<&Arc<Device>>) -> Result<Added> {
         let mut reg = self.reg.write();
         let mut opener = Opener {
+            moving: moving.cloned(),
             reg: &reg,
             new_nodes: Vec::new(),
             next_auto: reg.next_auto,
@@ -380,6 +392,8 @@ struct Opener<'r> {
     chain: Vec<(u64, u64)>,
     /// Existing nodes this add uses by reference, and how.
     refs: Vec<(Arc<Node>, perm::User)>,
+    /// A device that moves onto the new node (a snapshot's overlay).
+    moving: Option<Arc<Device>>,
 }
 
 /// How a parent uses a child it opens or references.
@@ -645,7 +659,14 @@ impl Opener<'_> {
                 }
                 // Users so far: registered ones, and this add's own earlier references.
                 let nodes: Vec<Arc<Node>> = self.reg.nodes.clone();
-                let mut existing = perm::users(&nodes, &self.reg.devices, &node);
+                let devices: Vec<Arc<Device>> = self
+                    .reg
+                    .devices
+                    .iter()
+                    .filter(|d| !self.moving.as_ref().is_some_and(|m| Arc::ptr_eq(d, m)))
+                    .cloned()
+                    .collect();
+                let mut existing = perm::users(&nodes, &devices, &node);
                 existing.extend(
                     self.refs
                         .iter()

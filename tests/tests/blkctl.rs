@@ -313,7 +313,7 @@ fn resize_absolute_relative_and_by_node() {
     assert_eq!(len(), 2 << 20);
     ctl_ok(&d.sock, &["resize", "d0", "+1M"]);
     assert_eq!(len(), 3 << 20);
-    ctl_ok(&d.sock, &["resize", "d0", "-512K"]);
+    ctl_ok(&d.sock, &["resize", "--shrink", "d0", "-512K"]);
     assert_eq!(len(), (5 << 20) / 2);
     // By node name, the option before or after the size.
     ctl_ok(&d.sock, &["resize", "--node", "n0", "+512K"]);

@@ -135,6 +135,30 @@ pub enum Encryption {
     },
 }
 
+/// `done`, called with EIO if it is dropped uncalled (a bug below, e.g. a
+/// panicking worker), so the caller is answered and in-flight counts settle
+/// instead of a request hanging for good.
+pub fn completes_on_drop<T: Send + 'static>(done: Done<T>) -> Done<T> {
+    struct Guard<T: Send + 'static>(Option<Done<T>>);
+    impl<T: Send + 'static> Drop for Guard<T> {
+        fn drop(&mut self) {
+            if let Some(done) = self.0.take() {
+                log::error!("a request was dropped without completion; failing it with EIO");
+                done(Err(Error::io(
+                    libc::EIO,
+                    "request was dropped without completion",
+                )));
+            }
+        }
+    }
+    let mut guard = Guard(Some(done));
+    Box::new(move |r| {
+        if let Some(done) = guard.0.take() {
+            done(r)
+        }
+    })
+}
+
 /// Runs a completion-based call and waits for its result. For slow paths
 /// and control commands only, never from inside a completion.
 pub fn wait<T: Send + 'static>(f: impl FnOnce(Done<T>)) -> Result<T> {

@@ -156,7 +156,12 @@ pub fn spawn_blocking(job: impl FnOnce() + Send + 'static) {
                 .name(format!("blkfs-worker-{i}"))
                 .spawn(move || {
                     for job in rx.iter() {
-                        job();
+                        // A panic is a bug, but it must not take a worker
+                        // with it: the job's completion is dropped, and
+                        // `drivers::completes_on_drop` answers it with EIO.
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            log::error!("a slow-path job panicked; its request fails with EIO");
+                        }
                     }
                 });
             if let Err(e) = r {

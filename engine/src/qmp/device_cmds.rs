@@ -179,7 +179,7 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     if let Some(n) = node_name {
         spec["node-name"] = json!(n);
     }
-    let added = BlockdevOptions::from_json(spec).and_then(|o| e.graph.add(&o));
+    let added = BlockdevOptions::from_json(spec).and_then(|o| e.graph.add_overlay(&o, &device));
     let added = match added {
         Ok(a) => a,
         Err(err) => {

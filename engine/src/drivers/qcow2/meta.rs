@@ -342,27 +342,36 @@ impl Meta {
         let cs = self.cs;
         let per_block = self.refblock_entries();
         let old_len = self.reftable.len() as u64;
-        let new_entries = (need_idx + 1).max(old_len * 2).next_multiple_of(cs / 8);
-        if new_entries * 8 > 8 << 20 {
-            return Err(Error::io(
-                libc::ENOSPC,
-                "qcow2: the refcount table would exceed 8 MiB",
-            ));
-        }
-        let table_clusters = new_entries * 8 / cs;
         let start = self.next_free;
-        // Blocks needed for slots the old table does not have: they describe
-        // the new region [start, end), themselves included.
-        let mut new_blocks = 0;
-        let end = loop {
-            let end = start + table_clusters + new_blocks;
-            let missing = (start / per_block..=(end - 1) / per_block)
-                .filter(|&k| k >= old_len || self.reftable[k as usize] & OFFSET_MASK == 0)
-                .count() as u64;
-            if missing == new_blocks {
-                break end;
+        // The new table must also cover its own region, which starts at the
+        // file's end: that may lie past `need_idx` (leaked clusters after
+        // failed allocations push the end out).
+        let mut new_entries = (need_idx + 1).max(old_len * 2).next_multiple_of(cs / 8);
+        let (table_clusters, end) = loop {
+            if new_entries * 8 > 8 << 20 {
+                return Err(Error::io(
+                    libc::ENOSPC,
+                    "qcow2: the refcount table would exceed 8 MiB",
+                ));
             }
-            new_blocks = missing;
+            let table_clusters = new_entries * 8 / cs;
+            // Blocks needed for slots the old table does not have: they
+            // describe the new region [start, end), themselves included.
+            let mut new_blocks = 0;
+            let end = loop {
+                let end = start + table_clusters + new_blocks;
+                let missing = (start / per_block..=(end - 1) / per_block)
+                    .filter(|&k| k >= old_len || self.reftable[k as usize] & OFFSET_MASK == 0)
+                    .count() as u64;
+                if missing == new_blocks {
+                    break end;
+                }
+                new_blocks = missing;
+            };
+            if (end - 1) / per_block < new_entries {
+                break (table_clusters, end);
+            }
+            new_entries = ((end - 1) / per_block + 1).next_multiple_of(cs / 8);
         };
         let mut table = self.reftable.clone();
         table.resize(new_entries as usize, 0);

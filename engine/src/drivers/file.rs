@@ -3,14 +3,19 @@
 //! With `cache.direct=on` the descriptor is O_DIRECT; requests that are not
 //! aligned go through an aligned bounce buffer (reads) or a serialised
 //! read-modify-write (writes), so callers may send any offset and length.
+//!
+//! The node locks its file as QEMU does (see [`super::lock`]) on its own
+//! descriptor at open, per `locking` (default `auto`); the locks go with the
+//! descriptor when the node closes.
 
 use super::{Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::graph::NodeOptions;
 use crate::io::{self, Backend, Buf, IoReq, OpKind};
+use crate::options::OnOffAuto;
 use parking_lot::RwLock;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,7 +40,11 @@ pub struct FileDriver {
 }
 
 impl FileDriver {
-    pub fn open(filename: &str, opts: &NodeOptions) -> Result<FileDriver> {
+    pub fn open(
+        filename: &str,
+        locking: Option<OnOffAuto>,
+        opts: &NodeOptions,
+    ) -> Result<FileDriver> {
         let cpath = CString::new(filename)
             .map_err(|_| Error::generic(format!("Invalid filename '{filename}'")))?;
         let mut flags = libc::O_CLOEXEC;
@@ -58,6 +67,12 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        super::lock::lock(
+            fd.as_fd(),
+            filename,
+            locking.unwrap_or(OnOffAuto::Auto),
+            super::lock::Perms::for_node(opts.read_only, opts.force_share),
+        )?;
         let (size, blockdev) = fd_size(&fd)
             .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
         let align = if opts.direct { dio_align(&fd) } else { 1 };
@@ -321,6 +336,30 @@ impl Driver for FileDriver {
         self.size.store(size, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Creates (or empties) the image file `path` as `qemu-img create` does: opened
+/// without truncation, locked for write and resize (refused while another
+/// user has the file open, see [`super::lock`]), then truncated to zero. The
+/// locks last until the returned file is closed.
+pub fn create_locked(path: &str) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::from_io(&e, format!("Could not create '{path}'")))?;
+    super::lock::lock(
+        f.as_fd(),
+        path,
+        OnOffAuto::Auto,
+        super::lock::Perms::for_create(),
+    )
+    .map_err(|e| e.context(format!("Could not create '{path}'")))?;
+    f.set_len(0)
+        .map_err(|e| Error::from_io(&e, format!("Could not empty '{path}'")))?;
+    Ok(f)
 }
 
 /// Writes `data` at `offset` of the file at `path` through a short-lived

@@ -14,6 +14,7 @@ pub(crate) mod bytes;
 pub mod deflate;
 pub mod file;
 pub mod join;
+pub mod lock;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;

@@ -37,6 +37,18 @@ pub struct FileDriver {
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
     rmw: Arc<RwLock<()>>,
+    /// The image locks are held on `fd`.
+    locked: bool,
+}
+
+impl Drop for FileDriver {
+    /// The node is closed: its image locks go now, even if the last
+    /// completions still hold the descriptor for a moment.
+    fn drop(&mut self) {
+        if self.locked {
+            super::lock::unlock_all(self.fd.as_fd());
+        }
+    }
 }
 
 impl FileDriver {
@@ -67,7 +79,7 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        super::lock::lock(
+        let locked = super::lock::lock(
             fd.as_fd(),
             filename,
             locking.unwrap_or(OnOffAuto::Auto),
@@ -87,6 +99,7 @@ impl FileDriver {
             blockdev,
             size: AtomicU64::new(size),
             rmw: Arc::new(RwLock::new(())),
+            locked,
         })
     }
 

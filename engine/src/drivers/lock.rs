@@ -126,9 +126,10 @@ fn ofd_supported(fd: BorrowedFd<'_>) -> bool {
     !matches!(byte_taken(fd, PERM_BASE), Err(e) if e.raw_os_error() == Some(libc::EINVAL))
 }
 
-/// Drops every lock byte `fd` holds (on a failed attempt; closing the
-/// descriptor does the same).
-fn unlock_all(fd: BorrowedFd<'_>) {
+/// Drops every lock byte `fd` holds: on a failed attempt, and when a node
+/// closes while requests in flight still hold its descriptor (closing the
+/// last descriptor does the same).
+pub fn unlock_all(fd: BorrowedFd<'_>) {
     let mut fl = flock(libc::F_UNLCK, PERM_BASE);
     fl.l_len = SHARED_BASE + 64 - PERM_BASE;
     // SAFETY: F_OFD_SETLK reads the flock struct we pass; the descriptor is open.

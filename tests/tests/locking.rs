@@ -433,3 +433,45 @@ fn a_backing_file_in_use_can_be_read_but_not_written() {
     );
     qemu_io_ro("qcow2", Path::new(&base), &["read -P 0x33 0 64k"]);
 }
+
+#[test]
+fn change_backing_file_of_a_backing_image_another_process_reads_is_refused() {
+    let dir = TestDir::new("lock-cbf");
+    let base = qcow2_image(&dir, "base.qcow2", "", "4M");
+    let mid = dir.file("mid.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
+    ]);
+    let top = dir.file("top.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top,
+    ]);
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    let spec = json!({"driver": "qcow2", "id": "d0", "node-name": "top", "file": file(&top),
+        "backing": {"driver": "qcow2", "node-name": "mid", "file": file(&mid),
+            "backing": {"driver": "qcow2", "node-name": "base", "file": file(&base)}}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let mut q = d.qmp();
+    // qemu-storage-daemon reads mid: rewriting its header would change the
+    // image under it, and QEMU refuses that.
+    let qsd = Qsd::start(&dir, &mid, true);
+    let args = json!({"device": "d0", "image-node-name": "mid", "backing-file": "base.qcow2"});
+    let (_, desc) = q.err("change-backing-file", args.clone());
+    assert_lock_error("change-backing-file", &desc, "\"write\"", &mid);
+    let info = qemu_img(&["info", "-U", "--output=json", "-f", "qcow2", &mid]);
+    assert!(
+        info.contains(&format!("\"backing-filename\": \"{base}\"")),
+        "{info}"
+    );
+    drop(qsd);
+    q.ok("change-backing-file", args);
+    // The temporary write permission went away with the write: a reader of
+    // mid gets in again.
+    qemu_io_ro("qcow2", Path::new(&mid), &["read 0 4k"]);
+    assert!(d.terminate().success());
+    let info = qemu_img(&["info", "--output=json", "-f", "qcow2", &mid]);
+    assert!(
+        info.contains("\"backing-filename\": \"base.qcow2\""),
+        "{info}"
+    );
+}

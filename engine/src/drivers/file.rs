@@ -37,15 +37,15 @@ pub struct FileDriver {
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
     rmw: Arc<RwLock<()>>,
-    /// The image locks are held on `fd`.
-    locked: bool,
+    /// The image locks held on `fd`, if any.
+    locked: Option<super::lock::Perms>,
 }
 
 impl Drop for FileDriver {
     /// The node is closed: its image locks go now, even if the last
     /// completions still hold the descriptor for a moment.
     fn drop(&mut self) {
-        if self.locked {
+        if self.locked.is_some() {
             super::lock::unlock_all(self.fd.as_fd());
         }
     }
@@ -79,12 +79,9 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let locked = super::lock::lock(
-            fd.as_fd(),
-            filename,
-            locking.unwrap_or(OnOffAuto::Auto),
-            super::lock::Perms::for_node(opts.read_only, opts.force_share),
-        )?;
+        let perms = super::lock::Perms::for_node(opts.read_only, opts.force_share);
+        let mode = locking.unwrap_or(OnOffAuto::Auto);
+        let locked = super::lock::lock(fd.as_fd(), filename, mode, perms)?.then_some(perms);
         let (size, blockdev) = fd_size(&fd)
             .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
         let align = if opts.direct { dio_align(&fd) } else { 1 };
@@ -321,6 +318,21 @@ impl Driver for FileDriver {
         self.filename.to_string()
     }
 
+    /// The node is read-only: it takes the write and resize permissions for
+    /// the duration, as QEMU's temporary read-write reopen does, so the
+    /// write is refused while another user does not share them.
+    fn write_through(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _perms = match self.locked {
+            Some(held) => Some(super::lock::Extra::take(
+                self.fd.as_fd(),
+                &self.filename,
+                (super::lock::WRITE | super::lock::RESIZE) & !held.perm,
+            )?),
+            None => None,
+        };
+        write_through_path(&self.filename, offset, data)
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::generic(format!(
@@ -376,9 +388,8 @@ pub fn create_locked(path: &str) -> Result<std::fs::File> {
 }
 
 /// Writes `data` at `offset` of the file at `path` through a short-lived
-/// read-write descriptor, then syncs it: for metadata updates of an image
-/// whose node is open read-only (e.g. a backing file's header).
-pub fn write_through_path(path: &str, offset: u64, data: &[u8]) -> Result<()> {
+/// read-write descriptor, then syncs it.
+fn write_through_path(path: &str, offset: u64, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)

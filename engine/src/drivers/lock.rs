@@ -152,14 +152,57 @@ pub fn lock(fd: BorrowedFd<'_>, filename: &str, mode: OnOffAuto, perms: Perms) -
         _ => {}
     }
     let r = apply(fd, perms).and_then(|()| check(fd, perms));
-    r.map(|()| true).map_err(|mut e| {
+    r.map(|()| true).map_err(|e| {
         unlock_all(fd);
-        e.msg = format!(
-            "{}. Is another process using the image [{filename}]?",
-            e.msg
-        );
-        e
+        hint(e, filename)
     })
+}
+
+fn hint(mut e: Error, filename: &str) -> Error {
+    e.msg = format!(
+        "{}. Is another process using the image [{filename}]?",
+        e.msg
+    );
+    e
+}
+
+/// Permissions a locked descriptor holds for a while on top of its own (as
+/// QEMU's temporary read-write reopen of a backing image); they go with the
+/// guard.
+pub struct Extra<'a> {
+    fd: BorrowedFd<'a>,
+    bytes: Vec<i64>,
+}
+
+impl<'a> Extra<'a> {
+    /// Takes `perm` (bits `fd` does not hold yet), or fails naming the lock
+    /// another user holds.
+    pub fn take(fd: BorrowedFd<'a>, filename: &str, perm: u64) -> Result<Extra<'a>> {
+        let mut extra = Extra {
+            fd,
+            bytes: Vec::new(),
+        };
+        for (i, _) in bits().filter(|(_, b)| perm & b != 0) {
+            lock_byte(fd, PERM_BASE + i).map_err(|e| {
+                let what = format!("Failed to lock byte {}", PERM_BASE + i);
+                hint(Error::from_io(&e, what), filename)
+            })?;
+            extra.bytes.push(PERM_BASE + i);
+        }
+        check(fd, Perms { perm, shared: ALL }).map_err(|e| hint(e, filename))?;
+        Ok(extra)
+    }
+}
+
+impl Drop for Extra<'_> {
+    fn drop(&mut self) {
+        for &byte in &self.bytes {
+            let fl = flock(libc::F_UNLCK, byte);
+            // SAFETY: F_OFD_SETLK reads the flock struct we pass; the descriptor is open.
+            // Unlocking cannot conflict; a failure leaves the byte locked until close.
+            unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        }
+    }
 }
 
 /// Step one: lock the bytes of our permissions and of what we do not share.
@@ -267,6 +310,34 @@ mod tests {
         );
         // locking=off takes and checks nothing.
         assert_eq!(lock(open(&p).as_fd(), &p, OnOffAuto::Off, rw), Ok(false));
+    }
+
+    #[test]
+    fn extra_permissions_for_a_while() {
+        let p = tmp("c");
+        let ro = Perms::for_node(true, false);
+        let (a, b) = (open(&p), open(&p));
+        take(&a, &p, ro).unwrap();
+        take(&b, &p, ro).unwrap();
+        // b reads and does not share write: a cannot write for a while.
+        let e = Extra::take(a.as_fd(), &p, WRITE | RESIZE).err().unwrap();
+        assert!(
+            e.msg.starts_with("Failed to get \"write\" lock"),
+            "{}",
+            e.msg
+        );
+        drop(b);
+        let c = open(&p);
+        {
+            let _w = Extra::take(a.as_fd(), &p, WRITE | RESIZE).unwrap();
+            assert!(byte_taken(c.as_fd(), PERM_BASE + 1).unwrap());
+            assert!(byte_taken(c.as_fd(), PERM_BASE + 3).unwrap());
+        }
+        // Back to what a held before: consistent read only.
+        assert!(!byte_taken(c.as_fd(), PERM_BASE + 1).unwrap());
+        assert!(!byte_taken(c.as_fd(), PERM_BASE + 3).unwrap());
+        assert!(byte_taken(c.as_fd(), PERM_BASE).unwrap());
+        assert!(byte_taken(c.as_fd(), SHARED_BASE + 1).unwrap());
     }
 
     #[test]

@@ -410,7 +410,7 @@ impl Opener<'_> {
                 DriverName::File | DriverName::HostDevice,
             ) => Box::new(drivers::file::FileDriver::open(filename, *locking, &opts)?),
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.file_child(file, &opts, &join(path, "file"))?;
                 Box::new(drivers::raw::RawDriver::new(child))
             }
             (
@@ -421,7 +421,7 @@ impl Opener<'_> {
                 },
                 DriverName::Qcow2,
             ) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.file_child(file, &opts, &join(path, "file"))?;
                 let header = drivers::qcow2::read_header(&child)
                     .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
@@ -450,7 +450,7 @@ impl Opener<'_> {
                 },
                 DriverName::Blkdebug,
             ) => {
-                let child = self.child(image, &opts, &join(path, "image"))?;
+                let child = self.file_child(image, &opts, &join(path, "image"))?;
                 Box::new(drivers::blkdebug::BlkdebugDriver::open(
                     child,
                     config.as_deref(),
@@ -460,7 +460,7 @@ impl Opener<'_> {
                 )?)
             }
             (DriverOptions::Format { file, backing, .. }, DriverName::Qcow) => {
-                let child = self.child(file, &opts, &join(path, "file"))?;
+                let child = self.file_child(file, &opts, &join(path, "file"))?;
                 let header = drivers::qcow::read_header(&child)
                     .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
@@ -574,6 +574,47 @@ impl Opener<'_> {
             &join(path, "backing"),
         )
         .map_err(|e| e.context(format!("Could not open backing file '{full}'")))
+    }
+
+    /// A file (or filtered) child. An existing node named here may have
+    /// other users; as QEMU's permissions (and the image locks between
+    /// descriptors) say, every user keeps others from writing, so a writer
+    /// is its only user.
+    fn file_child(
+        &mut self,
+        r: &BlockdevRef,
+        parent: &NodeOptions,
+        path: &str,
+    ) -> Result<Arc<Node>> {
+        let node = self.child(r, parent, path)?;
+        if let BlockdevRef::Reference(name) = r {
+            let nodes = self.reg.nodes.iter().chain(&self.new_nodes);
+            let users = nodes
+                .flat_map(|p| {
+                    let file = p.driver.file_child().filter(|c| Arc::ptr_eq(c, &node));
+                    let backing = p.driver.backing_child().filter(|c| Arc::ptr_eq(c, &node));
+                    let file = file.map(|_| (p.name.clone(), "file", !p.opts.read_only));
+                    file.into_iter()
+                        .chain(backing.map(|_| (p.name.clone(), "backing", false)))
+                })
+                .chain(self.reg.devices.iter().filter_map(|d| {
+                    let root = d.root();
+                    Arc::ptr_eq(&root, &node).then(|| (d.id.clone(), "root", !root.opts.read_only))
+                }));
+            let new = format!("the new '{path}'");
+            for (user, role, writes) in users {
+                let user = format!("'{user}' (uses it as '{role}')");
+                let (needs, unshares) = match (writes, parent.read_only) {
+                    (true, _) => (&user, &new),
+                    (false, false) => (&new, &user),
+                    (false, true) => continue,
+                };
+                return Err(Error::generic(format!(
+                    "Permission conflict on node '{name}': 'write' is required by {needs} and unshared by {unshares}"
+                )));
+            }
+        }
+        Ok(node)
     }
 
     fn child(&mut self, r: &BlockdevRef, parent: &NodeOptions, path: &str) -> Result<Arc<Node>> {

@@ -475,3 +475,60 @@ fn change_backing_file_of_a_backing_image_another_process_reads_is_refused() {
         "{info}"
     );
 }
+
+#[test]
+fn a_file_node_named_by_two_parents_has_at_most_one_writer() {
+    let dir = TestDir::new("lock-ref");
+    let img = qcow2_image(&dir, "a.qcow2", "", "16M");
+    let ro = qcow2_image(&dir, "b.qcow2", "", "16M");
+    let d = Daemon::start(&dir, &[]);
+    let mut q = d.qmp();
+    for (n, f) in [("f", &img), ("g", &ro)] {
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": n, "filename": f}),
+        );
+    }
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "id": "d0", "file": "f"}),
+    );
+    // The same finding through one descriptor: both qcow2 nodes would
+    // allocate at the same end of file. QEMU's permissions refuse it.
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "id": "d1", "file": "f"}),
+    );
+    assert!(
+        desc.starts_with("Permission conflict on node 'f': 'write' is required by '")
+            && desc.ends_with("(uses it as 'file') and unshared by the new 'file'"),
+        "{desc}"
+    );
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "raw", "id": "d1", "read-only": true, "file": "f"}),
+    );
+    assert!(
+        desc.contains("'write' is required by '")
+            && desc.ends_with("and unshared by the new 'file'"),
+        "{desc}"
+    );
+    // Readers share a node.
+    for id in ["r0", "r1"] {
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "id": id, "read-only": true, "file": "g"}),
+        );
+    }
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "id": "w", "file": "g"}),
+    );
+    assert!(
+        desc.contains("'write' is required by the new 'file'"),
+        "{desc}"
+    );
+    write_dev(&d, "d0", 0, &[9; 4096]);
+    assert!(d.terminate().success());
+    qemu_io_ro("qcow2", Path::new(&img), &["read -P 9 0 4k"]);
+}

@@ -40,15 +40,16 @@ fio --name=fill --filename="$img" --size=1G --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
 
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" \
-    --blockdev "driver=raw,id=d0,file.driver=file,file.filename=$img,file.aio=native,cache.direct=on" &
+    --blockdev "driver=raw,id=d0,file.driver=file,file.filename=$img,file.aio=native,file.locking=off,cache.direct=on" &
 pids+=($!)
 wait_for "$work/blkfs.sock"
 
 # qsd: a throttle filter over the image whose group limits are changed with qom-set.
+# Both daemons have the image open at once: image locks off on both.
 touch "$work/qsd.export"
 qemu-storage-daemon \
     --object throttle-group,id=tg0 \
-    --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=on,aio=io_uring" \
+    --blockdev "driver=file,node-name=f0,filename=$img,cache.direct=on,aio=io_uring,locking=off" \
     --blockdev "driver=raw,node-name=r0,file=f0" \
     --blockdev "driver=throttle,node-name=t0,throttle-group=tg0,file=r0" \
     --export "type=fuse,id=e0,node-name=t0,mountpoint=$work/qsd.export,writable=on" \

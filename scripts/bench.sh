@@ -83,10 +83,12 @@ esac
 
 wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
 
-# qemu-storage-daemon exporting the same image through its FUSE export.
+# qemu-storage-daemon exporting the same image through its FUSE export. Both
+# daemons have the image open at once (fio runs against one at a time), so
+# both turn their image locks off, or the second would be refused.
 touch "$work/qsd.export"
 qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$top,cache.direct=$direct,aio=$qsd_aio" \
+    --blockdev "driver=file,node-name=f0,filename=$top,cache.direct=$direct,aio=$qsd_aio,locking=off" \
     --blockdev "driver=$drv,node-name=r0,file=f0" \
     --export "type=fuse,id=e0,node-name=r0,mountpoint=$work/qsd.export,writable=on" \
     --chardev "socket,path=$work/qsd.sock,server=on,wait=off,id=m0" --monitor chardev=m0 &
@@ -94,7 +96,7 @@ pids+=($!)
 wait_for "$work/qsd.sock"
 
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" \
-    --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio$extra" &
+    --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio,file.locking=off$extra" &
 pids+=($!)
 wait_for "$work/blkfs.sock"
 sleep 0.5

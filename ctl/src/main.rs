@@ -155,13 +155,18 @@ enum Command {
     /// Resume the devices stopped by their error policy (cont)
     Cont,
     /// Check a qcow2 image's consistency, like `qemu-img check` (no daemon
-    /// needed; the image must not be in use). Exit 2 on corruption, 3 on leaks.
+    /// needed; refused while another process writes the image, and with -r
+    /// while anyone uses it). Exit 2 on corruption, 3 on leaks.
     Check {
         /// Image file
         image: String,
         /// Repair leaked clusters, or all errors
         #[arg(long, short = 'r', value_parser = ["leaks", "all"])]
         repair: Option<String>,
+        /// Open the image even if another process writes it (results may be
+        /// inconsistent; not with -r), like qemu-img's -U
+        #[arg(long = "force-share", short = 'U')]
+        force_share: bool,
     },
     /// Create an image, like `qemu-img create` (no daemon needed)
     Create {
@@ -183,13 +188,17 @@ enum Command {
         size: Option<String>,
     },
     /// Print the allocation map of an image and its backing chain, like
-    /// `qemu-img map` (opens the image read-only; no daemon needed)
+    /// `qemu-img map` (opens the image read-only; no daemon needed; refused
+    /// while another process writes the image unless -U)
     Map {
         /// Image file
         image: String,
         /// Image format (probed when absent)
         #[arg(long, short = 'f')]
         format: Option<String>,
+        /// Open the image even if another process writes it, like qemu-img's -U
+        #[arg(long = "force-share", short = 'U')]
+        force_share: bool,
     },
 }
 
@@ -280,8 +289,13 @@ fn main() -> ExitCode {
             .exit();
     }
 
-    if let Command::Map { image, format } = &cli.command {
-        return cmd_map(image, format.as_deref(), cli.json);
+    if let Command::Map {
+        image,
+        format,
+        force_share,
+    } = &cli.command
+    {
+        return cmd_map(image, format.as_deref(), *force_share, cli.json);
     }
     if let Command::Create {
         format,
@@ -307,8 +321,13 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Check { image, repair } = &cli.command {
-        return cmd_check(image, repair.as_deref(), cli.json);
+    if let Command::Check {
+        image,
+        repair,
+        force_share,
+    } = &cli.command
+    {
+        return cmd_check(image, repair.as_deref(), *force_share, cli.json);
     }
     let timeout = match cli.command {
         Command::Events => None,
@@ -402,14 +421,14 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
     }
 }
 
-fn cmd_check(image: &str, repair: Option<&str>, json: bool) -> ExitCode {
+fn cmd_check(image: &str, repair: Option<&str>, force_share: bool, json: bool) -> ExitCode {
     use blkfs_engine::drivers::qcow2::check::Repair;
     let mode = match repair {
         Some("leaks") => Repair::Leaks,
         Some("all") => Repair::All,
         _ => Repair::None,
     };
-    let r = match offline::check(image, mode) {
+    let r = match offline::check(image, mode, force_share) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("blkctl: {image}: {e}");
@@ -465,8 +484,8 @@ fn cmd_check(image: &str, repair: Option<&str>, json: bool) -> ExitCode {
     }
 }
 
-fn cmd_map(image: &str, format: Option<&str>, json: bool) -> ExitCode {
-    let entries = match offline::map(image, format) {
+fn cmd_map(image: &str, format: Option<&str>, force_share: bool, json: bool) -> ExitCode {
+    let entries = match offline::map(image, format, force_share) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("blkctl: {image}: {e}");

@@ -1,5 +1,7 @@
-//! Subcommands that open an image directly through the engine (read-only),
-//! without a daemon: `map`.
+//! Subcommands that open an image directly through the engine, without a
+//! daemon: `map`, `check`, `create`. They lock the image as qemu-img does:
+//! refused while another process writes it (or, for writes, uses it);
+//! `force_share` (`-U`) lets read-only inspection through.
 
 use crate::args::parse_size;
 use blkfs_engine::options::BlockdevOptions;
@@ -9,13 +11,17 @@ use std::sync::Arc;
 
 /// Opens IMAGE read-only, with its backing chain; the format is probed
 /// when not given.
-pub fn open(image: &str, format: Option<&str>) -> Result<Arc<blkfs_engine::graph::Node>, String> {
+pub fn open(
+    image: &str,
+    format: Option<&str>,
+    force_share: bool,
+) -> Result<Arc<blkfs_engine::graph::Node>, String> {
     let format = match format {
         Some(f) => f.to_string(),
         None => probe(image).map_err(|e| e.to_string())?.to_string(),
     };
-    let spec =
-        json!({"driver": format, "read-only": true, "file": {"driver": "file", "filename": image}});
+    let spec = json!({"driver": format, "read-only": true, "force-share": force_share,
+        "file": {"driver": "file", "filename": image}});
     let opts = BlockdevOptions::from_json(spec).map_err(|e| e.to_string())?;
     let engine = Engine::new();
     engine
@@ -26,8 +32,8 @@ pub fn open(image: &str, format: Option<&str>) -> Result<Arc<blkfs_engine::graph
 }
 
 /// The allocation map as `qemu-img map --output=json` prints it.
-pub fn map(image: &str, format: Option<&str>) -> Result<Vec<Value>, String> {
-    let node = open(image, format)?;
+pub fn map(image: &str, format: Option<&str>, force_share: bool) -> Result<Vec<Value>, String> {
+    let node = open(image, format, force_share)?;
     let entries = blkfs_engine::map::map(&node).map_err(|e| e.to_string())?;
     Ok(entries.iter().map(|e| e.to_json()).collect())
 }
@@ -36,14 +42,15 @@ pub fn map(image: &str, format: Option<&str>) -> Result<Vec<Value>, String> {
 pub fn check(
     image: &str,
     repair: blkfs_engine::drivers::qcow2::check::Repair,
+    force_share: bool,
 ) -> Result<Value, String> {
     use blkfs_engine::drivers::qcow2::{check, read_header};
     if probe(image).map_err(|e| e.to_string())? != "qcow2" {
         return Err("this image format does not support checks".into());
     }
     let read_only = repair == check::Repair::None;
-    let spec =
-        json!({"driver": "file", "node-name": "image", "read-only": read_only, "filename": image});
+    let spec = json!({"driver": "file", "node-name": "image", "read-only": read_only,
+        "force-share": force_share, "filename": image});
     let opts = BlockdevOptions::from_json(spec).map_err(|e| e.to_string())?;
     let engine = Engine::new();
     let file = engine.graph.add(&opts).map_err(|e| e.to_string())?.node;
@@ -77,7 +84,7 @@ pub fn create(
             } else {
                 dir.join(b).to_string_lossy().into_owned()
             };
-            open(&path, backing_format)?.size()
+            open(&path, backing_format, true)?.size()
         }
         (None, None) => return Err("a size is needed without a backing file".into()),
     };
@@ -86,7 +93,7 @@ pub fn create(
             if backing.is_some() || options.is_some() {
                 return Err("raw images take no backing file or options".into());
             }
-            let f = std::fs::File::create(image).map_err(|e| e.to_string())?;
+            let f = blkfs_engine::drivers::file::create_locked(image).map_err(|e| e.to_string())?;
             f.set_len(size).map_err(|e| e.to_string())
         }
         "qcow2" => {

@@ -21,6 +21,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeOptions {
     pub read_only: bool,
+    /// `force-share`: image locks share every permission (read-only only).
+    pub force_share: bool,
     pub writeback: bool,
     pub direct: bool,
     pub no_flush: bool,
@@ -33,6 +35,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         NodeOptions {
             read_only: false,
+            force_share: false,
             writeback: true,
             direct: false,
             no_flush: false,
@@ -47,6 +50,7 @@ impl NodeOptions {
     fn resolve(o: &BlockdevOptions, parent: &NodeOptions) -> NodeOptions {
         NodeOptions {
             read_only: o.read_only.unwrap_or(parent.read_only),
+            force_share: o.force_share.unwrap_or(parent.force_share),
             writeback: o.cache.writeback.unwrap_or(parent.writeback),
             direct: o.cache.direct.unwrap_or(parent.direct),
             no_flush: o.cache.no_flush.unwrap_or(parent.no_flush),
@@ -444,15 +448,21 @@ impl Opener<'_> {
                 "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
             ));
         }
+        if opts.force_share && !opts.read_only {
+            return Err(Error::generic(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
         if !top && parent.read_only != opts.read_only && !parent.read_only {
             return Err(Error::generic(format!(
                 "'{path}' is read-only but its parent needs write access"
             )));
         }
         let driver: Box<dyn Driver> = match (&o.specific, o.driver) {
-            (DriverOptions::File { filename }, DriverName::File | DriverName::HostDevice) => {
-                Box::new(drivers::file::FileDriver::open(filename, &opts)?)
-            }
+            (
+                DriverOptions::File { filename, locking },
+                DriverName::File | DriverName::HostDevice,
+            ) => Box::new(drivers::file::FileDriver::open(filename, *locking, &opts)?),
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
                 let child = self.child(file, &opts, &join(path, "file"), Use::Shared)?;
                 Box::new(drivers::raw::RawDriver::new(child))
@@ -677,12 +687,7 @@ impl Opener<'_> {
                     Use::Backing => perm::Role::Backing,
                     Use::Shared | Use::Metadata => perm::Role::File,
                 };
-                let user = perm::User::planned(
-                    if path.is_empty() { "new" } else { path },
-                    role,
-                    !parent.read_only,
-                    how != Use::Shared,
-                );
+                let user = perm::User::planned(parent, role, how == Use::Metadata);
                 perm::check_new_user(&node, &existing, &user)?;
                 self.refs.push((node.clone(), user));
                 Ok(node)

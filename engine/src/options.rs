@@ -34,6 +34,7 @@ string_enum!(DriverName {
 string_enum!(Discard { Ignore = "ignore", Unmap = "unmap" });
 string_enum!(DetectZeroes { Off = "off", On = "on", Unmap = "unmap" });
 string_enum!(Aio { Threads = "threads", Native = "native" });
+string_enum!(OnOffAuto { On = "on", Off = "off", Auto = "auto" });
 string_enum!(OnError { Report = "report", Ignore = "ignore", Enospc = "enospc", Stop = "stop" });
 string_enum!(BlkdebugEvent {
     L1Update = "l1_update", L1GrowAllocTable = "l1_grow.alloc_table",
@@ -93,6 +94,8 @@ pub enum DriverOptions {
     /// `BlockdevOptionsFile` (file, host_* and the network protocols).
     File {
         filename: String,
+        /// `locking` (file, host_device, host_cdrom only): QEMU's image locks.
+        locking: Option<OnOffAuto>,
     },
     Vvfat {
         dir: String,
@@ -145,6 +148,8 @@ pub struct BlockdevOptions {
     pub rerror: Option<OnError>,
     pub werror: Option<OnError>,
     pub read_only: Option<bool>,
+    /// `force-share`: share every permission with other users (read-only nodes only).
+    pub force_share: Option<bool>,
     pub detect_zeroes: Option<DetectZeroes>,
     pub specific: DriverOptions,
 }
@@ -203,6 +208,7 @@ impl BlockdevOptions {
             rerror: a.enumeration("rerror", OnError::ALL)?,
             werror: a.enumeration("werror", OnError::ALL)?,
             read_only: a.bool("read-only")?,
+            force_share: a.bool("force-share")?,
             detect_zeroes: a.enumeration("detect-zeroes", DetectZeroes::ALL)?,
             specific: parse_specific(driver, &mut a)?,
         };
@@ -267,6 +273,10 @@ fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
         File | HostDevice | HostCdrom | HostFloppy | Http | Https | Ftp | Ftps | Tftp => {
             DriverOptions::File {
                 filename: a.req("filename", Args::str)?,
+                locking: match driver {
+                    File | HostDevice | HostCdrom => a.enumeration("locking", OnOffAuto::ALL)?,
+                    _ => None,
+                },
             }
         }
         Vvfat => DriverOptions::Vvfat {
@@ -491,6 +501,43 @@ mod tests {
         assert_eq!(
             e(json!({"driver": "raw", "file": "f", "backing": "b"})),
             "Parameter 'backing' is unexpected"
+        );
+    }
+
+    #[test]
+    fn locking_and_force_share() {
+        let o = BlockdevOptions::from_keyval(
+            "driver=raw,read-only=on,force-share=on,file.driver=file,file.filename=a,file.locking=off",
+        )
+        .unwrap();
+        assert_eq!(o.force_share, Some(true));
+        let DriverOptions::Format {
+            file: BlockdevRef::Definition(f),
+            ..
+        } = &o.specific
+        else {
+            panic!("raw must parse as a format");
+        };
+        assert_eq!(
+            f.specific,
+            DriverOptions::File {
+                filename: "a".into(),
+                locking: Some(OnOffAuto::Off)
+            }
+        );
+        let e = |v| BlockdevOptions::from_json(v).unwrap_err().msg;
+        assert_eq!(
+            e(json!({"driver": "file", "filename": "x", "locking": "maybe"})),
+            "Parameter 'locking' does not accept value 'maybe'"
+        );
+        assert_eq!(
+            e(json!({"driver": "file", "filename": "x", "locking": true})),
+            e(json!({"driver": "file", "filename": "x", "locking": 1}))
+        );
+        // Not a key of the curl protocols.
+        assert_eq!(
+            e(json!({"driver": "http", "filename": "x", "locking": "on"})),
+            "Parameter 'locking' is unexpected"
         );
     }
 

@@ -3,15 +3,16 @@
 //! system does for the cases blkfs meets.
 //!
 //! A node is used by devices (as their root) and by parent nodes, as their
-//! `file` or `backing` child. A format with metadata (qcow2, qcow) shares
-//! neither `write` nor `resize` on its file: what it wrote there is its
-//! metadata, and the file's end is where it allocates. Raw and filters share
-//! both (their size follows the file's). A backing child shares neither: the
-//! overlay relies on what lies below it.
+//! `file` or `backing` child. Every user refuses other writers unless it
+//! has `force-share` (QEMU's default, and what the image locks between
+//! processes say): a writer is a node's only user. A format with metadata
+//! (qcow2, qcow) and a backing user also refuse `resize` (the file's end is
+//! where the format allocates; the overlay relies on what lies below it);
+//! raw and filters follow their file's size, so their users decide.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::graph::Node;
+use crate::graph::{Node, NodeOptions};
 use std::sync::Arc;
 
 /// How a user uses a node.
@@ -36,39 +37,40 @@ impl Role {
 /// One user of a node and what it needs and refuses.
 #[derive(Clone)]
 pub struct User {
-    /// "node 'x'" or "device 'd'".
+    /// "'x' (uses it as 'file')", or "the new 'file'" for a user being opened.
     pub who: String,
     pub role: Role,
     pub writes: bool,
-    /// Refuses writers and resizes by anyone else.
+    /// `force-share`: lets others write (a read-only inspector). Every other
+    /// user refuses writers besides itself, as QEMU's users do by default
+    /// (and as the image locks between processes say).
+    pub shares_write: bool,
+    /// Refuses resizes by anyone else: a format's metadata file, a backing file.
     pub exclusive: bool,
     /// The parent node, when the user is one.
     pub parent: Option<Arc<Node>>,
 }
 
 impl User {
-    /// A node `parent` about to use or using a child in `role`.
+    /// A node `parent` using a child in `role`.
     pub fn node(parent: &Arc<Node>, role: Role) -> User {
-        Self::planned(&parent.name, role, !parent.opts.read_only, {
-            role == Role::Backing || !parent.driver.shares_file_resize()
-        })
-        .with_parent(parent)
+        let mut u = Self::planned(&parent.opts, role, !parent.driver.shares_file_resize());
+        u.who = format!("'{}' (uses it as '{}')", parent.name, role.as_str());
+        u.parent = Some(parent.clone());
+        u
     }
 
-    /// A parent that is not open yet: its name, role and needs.
-    pub fn planned(name: &str, role: Role, writes: bool, exclusive: bool) -> User {
+    /// A parent being opened with options `opts`; `metadata`: the child
+    /// holds its metadata (qcow2, qcow).
+    pub fn planned(opts: &NodeOptions, role: Role, metadata: bool) -> User {
         User {
-            who: format!("node '{name}'"),
+            who: format!("the new '{}'", role.as_str()),
             role,
-            writes: writes && role != Role::Backing,
-            exclusive,
+            writes: !opts.read_only && role != Role::Backing,
+            shares_write: opts.force_share,
+            exclusive: role == Role::Backing || metadata,
             parent: None,
         }
-    }
-
-    fn with_parent(mut self, parent: &Arc<Node>) -> User {
-        self.parent = Some(parent.clone());
-        self
     }
 }
 
@@ -78,9 +80,10 @@ pub fn users(nodes: &[Arc<Node>], devices: &[Arc<Device>], node: &Arc<Node>) -> 
         .iter()
         .filter(|d| Arc::ptr_eq(&d.root(), node))
         .map(|d| User {
-            who: format!("device '{}'", d.id),
+            who: format!("'{}' (uses it as 'root')", d.id),
             role: Role::Root,
             writes: !d.read_only(),
+            shares_write: node.opts.force_share,
             exclusive: false,
             parent: None,
         })
@@ -101,20 +104,16 @@ pub fn users(nodes: &[Arc<Node>], devices: &[Arc<Device>], node: &Arc<Node>) -> 
 /// writers, nor refuse writers where one already writes.
 pub fn check_new_user(node: &Node, existing: &[User], new: &User) -> Result<()> {
     for u in existing {
-        let (blocker, perm_holder) = if new.writes && u.exclusive {
+        let (needs, unshares) = if u.writes && !new.shares_write {
             (u, new)
-        } else if new.exclusive && u.writes {
+        } else if new.writes && !u.shares_write {
             (new, u)
         } else {
             continue;
         };
         return Err(Error::generic(format!(
-            "Conflicts with use by {} as '{}', which does not allow 'write' on '{}' (needed by {} as '{}')",
-            blocker.who,
-            blocker.role.as_str(),
-            node.name,
-            perm_holder.who,
-            perm_holder.role.as_str()
+            "Permission conflict on node '{}': 'write' is required by {} and unshared by {}",
+            node.name, needs.who, unshares.who
         )));
     }
     Ok(())
@@ -131,11 +130,14 @@ pub fn check_resize(nodes: &[Arc<Node>], devices: &[Arc<Device>], node: &Arc<Nod
                 continue;
             }
             return Err(Error::generic(format!(
-                "Permission conflict on node '{}': permissions 'resize' are unshared by {} (uses node '{}' as '{}' child)",
+                "Permission conflict on node '{}': 'resize' is unshared by {}{}",
                 node.name,
                 user.who,
-                n.name,
-                user.role.as_str()
+                if Arc::ptr_eq(&n, node) {
+                    String::new()
+                } else {
+                    format!(" of node '{}' above it", n.name)
+                }
             )));
         }
     }

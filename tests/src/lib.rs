@@ -356,10 +356,11 @@ pub fn qemu_img_check(img: &str) -> Value {
     })
 }
 
-/// `qemu-img compare` of two images; true when identical.
+/// `qemu-img compare` of two images; true when identical. With `-U`
+/// (force share): either may be an image a running daemon has open.
 pub fn images_identical(a: &Path, fmt_a: &str, b: &Path, fmt_b: &str) -> bool {
     Command::new("qemu-img")
-        .args(["compare", "-f", fmt_a, "-F", fmt_b])
+        .args(["compare", "-U", "-f", fmt_a, "-F", fmt_b])
         .arg(a)
         .arg(b)
         .status()
@@ -514,19 +515,29 @@ pub fn with_timeout<T: Send + 'static>(
     }
 }
 
-/// `qemu-img map --output=json -f raw` of a file: the list of extents.
+/// `qemu-img map -U --output=json -f raw` of a file (which a running daemon
+/// may have open): the list of extents.
 pub fn qemu_img_map(file: &Path) -> Vec<Value> {
-    let out = qemu_img(&["map", "--output=json", "-f", "raw", &file.to_string_lossy()]);
+    let out = qemu_img(&[
+        "map",
+        "-U",
+        "--output=json",
+        "-f",
+        "raw",
+        &file.to_string_lossy(),
+    ]);
     match serde_json::from_str(&out) {
         Ok(Value::Array(v)) => v,
         other => panic!("qemu-img map output is not a JSON list ({other:?}): {out}"),
     }
 }
 
-/// `qemu-img info --output=json -f raw` of a file.
+/// `qemu-img info -U --output=json -f raw` of a file (which a running
+/// daemon may have open).
 pub fn qemu_img_info(file: &Path) -> Value {
     let out = qemu_img(&[
         "info",
+        "-U",
         "--output=json",
         "-f",
         "raw",
@@ -590,6 +601,12 @@ pub fn obj(v: &Value) -> &serde_json::Map<String, Value> {
 /// Like [`qemu_io`], but opens the file read-only (`qemu-io -r`).
 pub fn qemu_io_ro(fmt: &str, file: &Path, cmds: &[&str]) -> String {
     qemu_io_with(&["-r"], fmt, file, cmds)
+}
+
+/// Like [`qemu_io_ro`], with `-U` (force share): reads an image a running
+/// daemon writes, which QEMU's image locks otherwise refuse.
+pub fn qemu_io_shared(fmt: &str, file: &Path, cmds: &[&str]) -> String {
+    qemu_io_with(&["-r", "-U"], fmt, file, cmds)
 }
 
 /// A device's entry in `query-block`.

@@ -551,6 +551,7 @@ fn passwd_from_stdin_and_file_unlocks_aes_images_then_cont() {
         "qemu-io",
         &[
             "-r",
+            "-U",
             "--object",
             "secret,id=sec0,data=PW",
             "--image-opts",

@@ -202,7 +202,7 @@ fn failed_adds_report_clearly_and_register_nothing() {
         .unwrap();
     f.write_all_at(&[7u8; 512], 0).unwrap();
     drop(f);
-    qemu_io("raw", img.as_ref(), &["read -P 7 0 512"]);
+    qemu_io_shared("raw", img.as_ref(), &["read -P 7 0 512"]);
 }
 
 #[test]

@@ -124,7 +124,7 @@ fn truncate_to_another_size_is_refused() {
     drop(f);
     assert_eq!(std::fs::metadata(d.dev("d0")).unwrap().len(), 4 << 20);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 20);
-    qemu_io(
+    qemu_io_shared(
         "raw",
         img.as_ref(),
         &["read -P 0x5c 4032k 64k", "read -P 0 0 4032k"],
@@ -164,7 +164,8 @@ fn read_only_devices_refuse_opening_for_write() {
     drop(f);
     let e = File::options().write(true).open(d.dev("ro")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-    qemu_io("raw", img.as_ref(), &["read -P 0x6e 0 2M"]);
+    // A reader coexists with a read-only device (no -U needed).
+    qemu_io_ro("raw", img.as_ref(), &["read -P 0x6e 0 2M"]);
 }
 
 /// 16 MiB image, fully written with a pattern.
@@ -240,7 +241,7 @@ fn punch_hole_with_discard_unmap_deallocates() {
         "getattr shows the new allocation"
     );
     // The image reads zero there and qemu-img map calls the range a hole.
-    qemu_io(
+    qemu_io_shared(
         "raw",
         img.as_ref(),
         &["read -P 0xaa 0 4M", "read -P 0 4M 4M", "read -P 0xaa 8M 8M"],
@@ -335,7 +336,7 @@ fn fallocate_mode_0_is_accepted_inside_and_refused_beyond_the_end() {
     // Nothing changed: same size, same data.
     assert_eq!(std::fs::metadata(d.dev("d0")).unwrap().len(), 16 << 20);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 16 << 20);
-    qemu_io("raw", img.as_ref(), &["read -P 0xaa 0 16M"]);
+    qemu_io_shared("raw", img.as_ref(), &["read -P 0xaa 0 16M"]);
 }
 
 /// What SEEK_DATA / SEEK_HOLE must answer at `off`, from a qemu-img map.

@@ -60,7 +60,7 @@ fn roundtrip(aio: &str, direct: bool) {
 
     // The image itself, checked by the oracle against an expected copy.
     let expected = dir.file("expected.img");
-    qemu_img(&["convert", "-f", "raw", "-O", "raw", &img, &expected]);
+    qemu_img(&["convert", "-U", "-f", "raw", "-O", "raw", &img, &expected]);
     let e = OpenOptions::new().write(true).open(&expected).unwrap();
     e.write_all_at(&data, 12_345).unwrap();
     e.write_all_at(&big, 40 << 20).unwrap();

@@ -514,11 +514,11 @@ fn wait_for_writes(q: &mut Qmp, n: u64) {
     panic!("fio did not start writing");
 }
 
-/// A node that a qcow2 keeps its metadata in has no other writer: a raw
-/// device or a second qcow2 over the same file node is refused (two nodes
-/// on one image lost fsync'ed data); a read-only user may share it.
+/// A node that a qcow2 writes has no other user but a force-share reader:
+/// a raw device or a second qcow2 over the same file node is refused (two
+/// nodes on one image lost fsync'ed data), as QEMU's permissions refuse it.
 #[test]
-fn a_format_file_has_no_other_writer() {
+fn a_written_node_has_no_other_writer_or_reader() {
     let dir = TestDir::new("sf-perm");
     let img = qcow2_image(&dir, "a.qcow2", "", "64M");
     let d = Daemon::start(
@@ -528,28 +528,27 @@ fn a_format_file_has_no_other_writer() {
         .to_string()],
     );
     let mut q = d.qmp();
-    let (_, desc) = q.err(
-        "blockdev-add",
+    for add in [
         json!({"driver": "raw", "id": "d1", "file": "proto"}),
-    );
-    assert!(
-        desc.contains("Conflicts with use by") && desc.contains("'write'"),
-        "{desc}"
-    );
-    let (_, desc) = q.err(
-        "blockdev-add",
         json!({"driver": "qcow2", "id": "d2", "file": "proto"}),
-    );
-    assert!(desc.contains("Conflicts with use by"), "{desc}");
-    // Nothing half-registered: the names are free again.
+        json!({"driver": "raw", "id": "d1", "read-only": true, "file": "proto"}),
+    ] {
+        let (_, desc) = q.err("blockdev-add", add.clone());
+        assert!(
+            desc.starts_with("Permission conflict on node 'proto': 'write' is required by "),
+            "{add}: {desc}"
+        );
+    }
+    // A force-share reader may look; nothing of the refused adds stayed.
     q.ok(
         "blockdev-add",
-        json!({"driver": "raw", "id": "d1", "read-only": true, "file": "proto"}),
+        json!({"driver": "raw", "id": "d1", "read-only": true, "force-share": true,
+               "file": "proto"}),
     );
     let mut names: Vec<String> = list_dir(&d.mnt);
     names.sort();
     assert_eq!(names, ["d0", "d1"]);
-    // One add cannot use a node both as a writer and as a format's file.
+    // One add cannot use a node both as a writer and as a backing file.
     let b = qcow2_image(&dir, "b.qcow2", "", "64M");
     q.ok(
         "blockdev-add",
@@ -561,7 +560,10 @@ fn a_format_file_has_no_other_writer() {
                "file": {"driver": "blkdebug", "image": "free"},
                "backing": {"driver": "qcow2", "file": "free"}}),
     );
-    assert!(desc.contains("Conflicts with use by"), "{desc}");
+    assert!(
+        desc.starts_with("Permission conflict on node 'free'"),
+        "{desc}"
+    );
     q.ok(
         "blockdev-add",
         json!({"driver": "qcow2", "id": "d3", "file": "free"}),

@@ -3,14 +3,19 @@
 //! With `cache.direct=on` the descriptor is O_DIRECT; requests that are not
 //! aligned go through an aligned bounce buffer (reads) or a serialised
 //! read-modify-write (writes), so callers may send any offset and length.
+//!
+//! The node locks its file as QEMU does (see [`super::lock`]) on its own
+//! descriptor at open, per `locking` (default `auto`); the locks go with the
+//! descriptor when the node closes.
 
 use super::{Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::graph::NodeOptions;
 use crate::io::{self, Backend, Buf, IoReq, OpKind};
+use crate::options::OnOffAuto;
 use parking_lot::RwLock;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -32,10 +37,26 @@ pub struct FileDriver {
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
     rmw: Arc<RwLock<()>>,
+    /// The image locks held on `fd`, if any.
+    locked: Option<super::lock::Perms>,
+}
+
+impl Drop for FileDriver {
+    /// The node is closed: its image locks go now, even if the last
+    /// completions still hold the descriptor for a moment.
+    fn drop(&mut self) {
+        if self.locked.is_some() {
+            super::lock::unlock_all(self.fd.as_fd());
+        }
+    }
 }
 
 impl FileDriver {
-    pub fn open(filename: &str, opts: &NodeOptions) -> Result<FileDriver> {
+    pub fn open(
+        filename: &str,
+        locking: Option<OnOffAuto>,
+        opts: &NodeOptions,
+    ) -> Result<FileDriver> {
         let cpath = CString::new(filename)
             .map_err(|_| Error::generic(format!("Invalid filename '{filename}'")))?;
         let mut flags = libc::O_CLOEXEC;
@@ -58,6 +79,9 @@ impl FileDriver {
         }
         // SAFETY: raw is a fresh descriptor that nothing else owns.
         let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let perms = super::lock::Perms::for_node(opts.read_only, opts.force_share);
+        let mode = locking.unwrap_or(OnOffAuto::Auto);
+        let locked = super::lock::lock(fd.as_fd(), filename, mode, perms)?.then_some(perms);
         let (size, blockdev) = fd_size(&fd)
             .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
         let align = if opts.direct { dio_align(&fd) } else { 1 };
@@ -72,6 +96,7 @@ impl FileDriver {
             blockdev,
             size: AtomicU64::new(size),
             rmw: Arc::new(RwLock::new(())),
+            locked,
         })
     }
 
@@ -293,6 +318,21 @@ impl Driver for FileDriver {
         self.filename.to_string()
     }
 
+    /// The node is read-only: it takes the write and resize permissions for
+    /// the duration, as QEMU's temporary read-write reopen does, so the
+    /// write is refused while another user does not share them.
+    fn write_through(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _perms = match self.locked {
+            Some(held) => Some(super::lock::Extra::take(
+                self.fd.as_fd(),
+                &self.filename,
+                (super::lock::WRITE | super::lock::RESIZE) & !held.perm,
+            )?),
+            None => None,
+        };
+        write_through_path(&self.filename, offset, data)
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::generic(format!(
@@ -323,10 +363,33 @@ impl Driver for FileDriver {
     }
 }
 
+/// Creates (or empties) the image file `path` as `qemu-img create` does: opened
+/// without truncation, locked for write and resize (refused while another
+/// user has the file open, see [`super::lock`]), then truncated to zero. The
+/// locks last until the returned file is closed.
+pub fn create_locked(path: &str) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::from_io(&e, format!("Could not create '{path}'")))?;
+    super::lock::lock(
+        f.as_fd(),
+        path,
+        OnOffAuto::Auto,
+        super::lock::Perms::for_create(),
+    )
+    .map_err(|e| e.context(format!("Could not create '{path}'")))?;
+    f.set_len(0)
+        .map_err(|e| Error::from_io(&e, format!("Could not empty '{path}'")))?;
+    Ok(f)
+}
+
 /// Writes `data` at `offset` of the file at `path` through a short-lived
-/// read-write descriptor, then syncs it: for metadata updates of an image
-/// whose node is open read-only (e.g. a backing file's header).
-pub fn write_through_path(path: &str, offset: u64, data: &[u8]) -> Result<()> {
+/// read-write descriptor, then syncs it.
+fn write_through_path(path: &str, offset: u64, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)

@@ -14,6 +14,7 @@ pub(crate) mod bytes;
 pub mod deflate;
 pub mod file;
 pub mod join;
+pub mod lock;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;
@@ -108,6 +109,18 @@ pub trait Driver: Send + Sync {
             "Driver '{}' does not record a backing file",
             self.format_name()
         )))
+    }
+    /// Writes `data` at `offset` of a node opened read-only, through a
+    /// short-lived read-write descriptor, then syncs it (a backing image's
+    /// header). The protocol driver does it; others pass it to their file.
+    fn write_through(&self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.file_child() {
+            Some(f) => f.driver.write_through(offset, data),
+            None => Err(Error::generic(format!(
+                "Driver '{}' cannot write through a read-only node",
+                self.format_name()
+            ))),
+        }
     }
     /// Encryption state of this layer.
     fn encryption(&self) -> Encryption {

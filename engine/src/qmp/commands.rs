@@ -184,7 +184,11 @@ mod tests {
         execute(&e, "blockdev-add", seed.clone()).unwrap();
         let err = execute(&e, "blockdev-add", seed).unwrap_err();
         assert_eq!(err.msg, "Duplicate ID 'd0' for drive");
-        let flat = json!({"driver": "raw", "id": "d1", "node-name": "n1", "file": {"driver": "file", "filename": f}});
+        // A second writer of a.img would be refused by its image locks.
+        let img_b = dir.join("b.img");
+        std::fs::write(&img_b, vec![0u8; 1 << 20]).unwrap();
+        let fb = img_b.to_str().unwrap();
+        let flat = json!({"driver": "raw", "id": "d1", "node-name": "n1", "file": {"driver": "file", "filename": fb}});
         execute(&e, "blockdev-add", flat).unwrap();
         let blocks = execute(&e, "query-block", empty()).unwrap();
         assert_eq!(blocks[1]["device"], "d1");

@@ -128,8 +128,7 @@ pub fn create(path: &str, o: &CreateOptions) -> Result<()> {
     for c in 0..total {
         rc_set(&mut refblocks, c as usize, 1 << o.refcount_order, 1);
     }
-    let f = std::fs::File::create(path)
-        .map_err(|e| Error::from_io(&e, format!("Could not create '{path}'")))?;
+    let f = crate::drivers::file::create_locked(path)?;
     let io = |r: std::io::Result<()>| {
         r.map_err(|e| Error::from_io(&e, format!("Could not write '{path}'")))
     };

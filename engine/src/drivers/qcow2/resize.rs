@@ -5,7 +5,7 @@ use super::entry::Mapping;
 use super::header::{check_backing_name, check_virtual_size, l1_entries_for};
 use super::meta::{read_at, write_at};
 use super::Qcow2Driver;
-use crate::drivers::{file, wait};
+use crate::drivers::wait;
 use crate::error::{Error, Result};
 use crate::io::Buf;
 use std::sync::atomic::Ordering;
@@ -135,7 +135,7 @@ impl Qcow2Driver {
         first.resize(self.cs as usize, 0);
         let out = self.header.with_backing(&first, name, format)?;
         if self.file.opts.read_only {
-            file::write_through_path(&self.file.driver.filename(), 0, &out)?;
+            self.file.driver.write_through(0, &out)?;
         } else {
             write_at(&self.file, 0, &out)?;
             wait(|d| self.file.flush(d))?;

@@ -316,8 +316,13 @@ fn inactive_l2_with_all() {
     refuse_all("inactive L2 table", |l| l.inactive_l2, true, Some("all"));
 }
 
-/// Writes through one device; returns the result and the events seen.
-fn write_once(dir: &TestDir, img: &str, overlap: Option<&str>) -> (Result<(), i32>, Vec<Value>) {
+/// Writes through one device; returns the result, the events seen and the
+/// daemon's log.
+fn write_once(
+    dir: &TestDir,
+    img: &str,
+    overlap: Option<&str>,
+) -> (Result<(), i32>, Vec<Value>, String) {
     let d = Daemon::start(dir, &[spec("d0", img, overlap)]);
     let mut q = d.qmp();
     let dev = OpenOptions::new()
@@ -330,8 +335,9 @@ fn write_once(dir: &TestDir, img: &str, overlap: Option<&str>) -> (Result<(), i3
     // Events are sent before the reply they precede; query-block flushes them.
     q.ok("query-block", json!({}));
     let events: Vec<Value> = q.events.drain(..).collect();
+    let log = d.stderr();
     assert!(d.terminate().success());
-    (r, events)
+    (r, events, log)
 }
 
 #[test]
@@ -339,7 +345,7 @@ fn inactive_l2_is_not_checked_by_cached() {
     let dir = TestDir::new("overlap-inactive-l2-cached");
     let (img, lay) = make_image(&dir, true);
     corrupt(&img, &lay, Case::Write, lay.inactive_l2);
-    let (r, events) = write_once(&dir, &img, None);
+    let (r, events, _) = write_once(&dir, &img, None);
     assert_eq!(r, Ok(()));
     assert!(events.is_empty(), "{events:?}");
     assert!(!corrupt_bit(&img));
@@ -354,11 +360,29 @@ fn l1_entry_pointing_at_the_l1_table() {
     let dir = TestDir::new("overlap-l1-self");
     let (img, lay) = make_image(&dir, false);
     let none = dir.file("none.qcow2");
+    let oracle = dir.file("qemu.qcow2");
     put64(&img, lay.l1, lay.l1 | COPIED);
     std::fs::copy(&img, &none).expect("copy image");
+    std::fs::copy(&img, &oracle).expect("copy image");
+    // QEMU refuses the same write.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 512", &oracle])
+        .output()
+        .expect("run qemu-io");
+    let qemu_log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let refusal = "Preventing invalid write on metadata (overlaps with active L1 table)";
+    assert!(qemu_log.contains(refusal), "{qemu_log}");
+    assert!(corrupt_bit(&oracle));
     let before = cluster(&img, lay.l1);
-    let (r, events) = write_once(&dir, &img, None);
+    let (r, events, log) = write_once(&dir, &img, None);
     assert_eq!(r, Err(libc::EIO));
+    assert!(
+        log.contains(&format!(
+            "qcow2: Marking image as corrupt: {refusal}; further corruption events will be suppressed"
+        )),
+        "{log}"
+    );
     let ev: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "BLOCK_IMAGE_CORRUPTED")
@@ -366,13 +390,12 @@ fn l1_entry_pointing_at_the_l1_table() {
     assert_eq!(ev.len(), 1, "{events:?}");
     assert_eq!(
         ev[0]["data"],
-        json!({"device": "d0", "msg": "Preventing invalid write on metadata (overlaps with active L1 table)",
-               "offset": lay.l1, "size": 512, "fatal": true})
+        json!({"device": "d0", "msg": refusal, "offset": lay.l1, "size": 512, "fatal": true})
     );
     assert!(corrupt_bit(&img));
     assert!(cluster(&img, lay.l1) == before, "the L1 table changed");
     let dir2 = TestDir::new("overlap-l1-self-none");
-    let (r, events) = write_once(&dir2, &none, Some("none"));
+    let (r, events, _) = write_once(&dir2, &none, Some("none"));
     assert_eq!(r, Ok(()));
     assert!(events.is_empty(), "{events:?}");
     assert!(!corrupt_bit(&none));

@@ -107,7 +107,7 @@ impl Hasher for ClusterHasher {
 
 /// How many tables of each kind occupy one host cluster (more than one
 /// only in a corrupt image), and the kinds present as a bit mask.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Owners {
     mask: u8,
     counts: [u32; 8],
@@ -378,6 +378,73 @@ mod tests {
         // Removing what is not there changes nothing.
         o.remove(Kind::RefcountBlock, 21 * CS, 1);
         assert_eq!(o.find(NEW, 21 * CS, 1), Some(Kind::RefcountTable));
+    }
+
+    /// The map kept up to date while tables are allocated and move (L2
+    /// tables, refcount blocks, a refcount table that grows, an L1 table
+    /// that grows, L1 entries cleared by a shrink) equals the map built
+    /// from the image on disk afterwards.
+    #[test]
+    fn map_follows_metadata_as_it_moves() {
+        use super::super::create::{create, CreateOptions};
+        use super::super::meta::Meta;
+        use super::super::{read_header, Qcow2Driver};
+        use crate::drivers::{wait, Driver};
+        use crate::io::Buf;
+        use crate::options::{BlockdevOptions, Qcow2Options};
+        use std::sync::Arc;
+
+        let dir = std::env::temp_dir().join(format!("blkfs-overlap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.qcow2");
+        let path_str = path.to_str().unwrap();
+        // 512-byte clusters and 64-bit refcounts: a refcount block covers
+        // 32 KiB and the first refcount table 2 MiB of file.
+        let o = CreateOptions {
+            size: 4 << 20,
+            cluster_bits: 9,
+            refcount_order: 6,
+            ..CreateOptions::default()
+        };
+        create(path_str, &o).unwrap();
+        let graph = crate::graph::Graph::new(Default::default());
+        let file = graph
+            .add(
+                &BlockdevOptions::from_json(
+                    serde_json::json!({"driver": "file", "node-name": "f", "filename": path_str}),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+            .node;
+        let h0 = read_header(&file).unwrap();
+        let opts = Qcow2Options {
+            overlap_check: Some(ALL),
+            ..Qcow2Options::default()
+        };
+        let drv =
+            Arc::new(Qcow2Driver::open(file.clone(), h0.clone(), None, &opts, false).unwrap());
+        let write = |off: u64, len: usize| {
+            wait(|d| drv.write(off, Buf::from_slice(&vec![0x33; len]), d)).unwrap();
+        };
+        for off in (0..4u64 << 20).step_by(1 << 20) {
+            write(off, 1 << 20);
+        }
+        drv.resize_image(16 << 20).unwrap();
+        write(12 << 20, 64 << 10);
+        wait(|d| drv.discard(1 << 20, 256 << 10, d)).unwrap();
+        drv.resize_image(2 << 20).unwrap();
+        write(0, 4096);
+
+        let h = read_header(&file).unwrap();
+        assert_ne!(h.refcount_table_offset, h0.refcount_table_offset);
+        assert_ne!(h.l1_table_offset, h0.l1_table_offset);
+        let live = drv.meta.lock().overlap().clusters.clone();
+        let mut fresh = Meta::load(file.clone(), &h).unwrap();
+        fresh.set_overlap(Overlap::new(ALL, 9));
+        assert_eq!(live.len(), fresh.overlap().clusters.len());
+        assert!(live == fresh.overlap().clusters);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -434,3 +434,87 @@ fn per_kind_switches() {
     assert!(corrupt_bit(&img));
     assert!(!corrupt_bit(&off));
 }
+
+/// An allocation that would hand out a metadata cluster is refused before
+/// anything is written: here a refcount table entry points at the end of
+/// the file, where the next cluster would be allocated.
+#[test]
+fn allocation_onto_metadata_is_refused() {
+    let dir = TestDir::new("overlap-alloc");
+    let (img, lay) = make_image(&dir, false);
+    let end = std::fs::metadata(&img).expect("stat image").len();
+    assert_eq!(end % CS, 0);
+    put64(&img, lay.reftable + 8, end);
+    let l2_before = cluster(&img, lay.l2);
+    let d = Daemon::start(&dir, &[spec("d0", &img, None)]);
+    let mut q = d.qmp();
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.dev("d0"))
+        .expect("open device");
+    // Guest cluster 1 is unallocated: the write needs a new cluster.
+    let r = dev.write_all_at(&[0x77; 4096], CS);
+    assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+    let ev = q.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(20));
+    assert_eq!(
+        ev["data"],
+        json!({"device": "d0", "msg": "Preventing invalid allocation on metadata (overlaps with refcount block)",
+               "offset": end, "size": CS, "fatal": true})
+    );
+    let mut buf = vec![0u8; 4096];
+    dev.read_exact_at(&mut buf, 0).expect("read after refusal");
+    assert_eq!(buf, vec![0x11; 4096]);
+    drop(dev);
+    assert!(d.terminate().success());
+    assert!(corrupt_bit(&img));
+    assert!(cluster(&img, lay.l2) == l2_before, "the L2 table changed");
+    assert_eq!(std::fs::metadata(&img).expect("stat image").len(), end);
+}
+
+/// Version 2 images have no corrupt bit: the write is refused and reported
+/// the same, and writes stay refused while the image is open.
+#[test]
+fn version_2_image() {
+    let dir = TestDir::new("overlap-v2");
+    let img = qcow2_image(&dir, "v2.qcow2", "compat=0.10", "64M");
+    qemu_io("qcow2", img.as_ref(), &["write -P 0x11 0 64k"]);
+    let f = File::open(&img).expect("open image");
+    let (l1, reftable) = (be64(&f, 40), be64(&f, 48));
+    drop(f);
+    let l2 = {
+        let f = File::open(&img).expect("open image");
+        be64(&f, l1) & MASK
+    };
+    // Guest cluster 0 points at the refcount table.
+    put64(&img, l2, reftable | COPIED);
+    let before = cluster(&img, reftable);
+    let header = cluster(&img, 0);
+    let d = Daemon::start(&dir, &[spec("d0", &img, None)]);
+    let mut q = d.qmp();
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.dev("d0"))
+        .expect("open device");
+    assert_eq!(perform(&dev, Case::Write), Err(libc::EIO));
+    let ev = q.wait_event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(20));
+    assert_eq!(
+        ev["data"]["msg"],
+        "Preventing invalid write on metadata (overlaps with refcount table)"
+    );
+    assert_eq!(ev["data"]["offset"], reftable);
+    assert_eq!(
+        dev.write_all_at(&[1u8; 512], 4 * CS)
+            .map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO))
+    );
+    drop(dev);
+    assert!(d.terminate().success());
+    assert!(
+        cluster(&img, reftable) == before,
+        "the refcount table changed"
+    );
+    // No corrupt bit to set: the header (extensions after byte 72) is as it was.
+    assert!(cluster(&img, 0) == header, "the header changed");
+}

@@ -284,7 +284,13 @@ impl Device {
                 Err(e) => e,
             };
             if e.kind == ErrorKind::Corrupt {
-                events.emit("BLOCK_IMAGE_CORRUPTED", json!({"device": id, "msg": e.msg}));
+                let mut data = json!({"device": id, "msg": e.msg});
+                if let Some(c) = e.corruption {
+                    data["offset"] = json!(c.offset);
+                    data["size"] = json!(c.size);
+                    data["fatal"] = json!(c.fatal);
+                }
+                events.emit("BLOCK_IMAGE_CORRUPTED", data);
             }
             let (policy, op) = match kind {
                 Kind::Read => (self.rerror, "read"),

@@ -23,6 +23,18 @@ pub enum ErrorKind {
 pub struct Error {
     pub kind: ErrorKind,
     pub msg: String,
+    /// For `Corrupt`: the image access that found it, when there was one
+    /// (BLOCK_IMAGE_CORRUPTED's `offset`, `size` and `fatal`).
+    pub corruption: Option<Corruption>,
+}
+
+/// The offending image access of a corruption, and whether the image was
+/// marked corrupt for it (QEMU's `fatal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Corruption {
+    pub offset: u64,
+    pub size: u64,
+    pub fatal: bool,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -32,6 +44,7 @@ impl Error {
         Error {
             kind,
             msg: msg.into(),
+            corruption: None,
         }
     }
 

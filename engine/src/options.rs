@@ -135,6 +135,74 @@ pub struct Qcow2Options {
     pub pass_discard_request: Option<bool>,
     pub pass_discard_snapshot: Option<bool>,
     pub pass_discard_other: Option<bool>,
+    /// `overlap-check` (an extension key, as in later QEMU): the kinds of
+    /// metadata writes are checked against, bit `i` for `OVERLAP_KINDS[i]`
+    /// (QEMU's `QCOW2_OL_*_BITNR`); `None` means the `cached` template.
+    pub overlap_check: Option<u8>,
+}
+
+string_enum!(OverlapMode { None = "none", Constant = "constant", Cached = "cached", All = "all" });
+
+/// The per-kind keys of `overlap-check`, in QEMU's bit order.
+pub const OVERLAP_KINDS: [&str; 8] = [
+    "main-header",
+    "active-l1",
+    "active-l2",
+    "refcount-table",
+    "refcount-block",
+    "snapshot-table",
+    "inactive-l1",
+    "inactive-l2",
+];
+
+impl OverlapMode {
+    /// The kinds the template checks: `constant` is the header, active L1,
+    /// refcount table and snapshot table; `cached` adds active L2, refcount
+    /// blocks and inactive L1; `all` adds inactive L2.
+    pub fn mask(self) -> u8 {
+        match self {
+            OverlapMode::None => 0,
+            OverlapMode::Constant => 0b0010_1011,
+            OverlapMode::Cached => 0b0111_1111,
+            OverlapMode::All => 0xff,
+        }
+    }
+}
+
+/// `overlap-check`: a template name, or an object with an optional
+/// `template` and a boolean per kind overriding it (QEMU's
+/// `Qcow2OverlapChecks`).
+fn parse_overlap_check(a: &mut Args) -> Result<Option<u8>> {
+    let path = a.path("overlap-check");
+    match a.take("overlap-check") {
+        None => Ok(None),
+        Some(Value::String(s)) => OverlapMode::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, m)| Some(m.mask()))
+            .ok_or_else(|| {
+                Error::generic(format!(
+                    "Unsupported value '{s}' for qcow2 option '{path}'. Allowed are any of the following: none, constant, cached, all"
+                ))
+            }),
+        Some(v @ Value::Object(_)) => {
+            let mut o = Args::new(v, &path, a.is_lenient())?;
+            let template = o.enumeration("template", OverlapMode::ALL)?;
+            let mut mask = template.unwrap_or(OverlapMode::Cached).mask();
+            for (i, key) in OVERLAP_KINDS.iter().enumerate() {
+                match o.bool(key)? {
+                    Some(true) => mask |= 1 << i,
+                    Some(false) => mask &= !(1 << i),
+                    None => {}
+                }
+            }
+            o.finish()?;
+            Ok(Some(mask))
+        }
+        Some(_) => Err(Error::generic(format!(
+            "Invalid parameter type for '{path}', expected: string or object"
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -330,6 +398,7 @@ fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
                     pass_discard_request: a.bool("pass-discard-request")?,
                     pass_discard_snapshot: a.bool("pass-discard-snapshot")?,
                     pass_discard_other: a.bool("pass-discard-other")?,
+                    overlap_check: parse_overlap_check(a)?,
                 }
             } else {
                 Qcow2Options::default()
@@ -538,6 +607,80 @@ mod tests {
         assert_eq!(
             e(json!({"driver": "http", "filename": "x", "locking": "on"})),
             "Parameter 'locking' is unexpected"
+        );
+    }
+
+    #[test]
+    fn qcow2_overlap_check() {
+        let mask = |v: serde_json::Value| {
+            let mut o = json!({"driver": "qcow2", "file": "f"});
+            if !v.is_null() {
+                o["overlap-check"] = v;
+            }
+            match BlockdevOptions::from_json(o).map(|o| o.specific) {
+                Ok(DriverOptions::Format { qcow2, .. }) => Ok(qcow2.overlap_check),
+                Ok(_) => panic!("qcow2 must parse as a format"),
+                Err(e) => Err(e.msg),
+            }
+        };
+        assert_eq!(mask(Value::Null), Ok(None));
+        assert_eq!(mask(json!("none")), Ok(Some(0)));
+        assert_eq!(mask(json!("constant")), Ok(Some(0b0010_1011)));
+        assert_eq!(mask(json!("cached")), Ok(Some(0x7f)));
+        assert_eq!(mask(json!("all")), Ok(Some(0xff)));
+        assert_eq!(mask(json!({"inactive-l2": true})), Ok(Some(0xff)));
+        assert_eq!(
+            mask(json!({"template": "none", "active-l1": true, "refcount-block": true})),
+            Ok(Some(0b1_0010))
+        );
+        assert_eq!(
+            mask(json!({"template": "all", "main-header": false})),
+            Ok(Some(0xfe))
+        );
+        assert_eq!(
+            mask(json!("some")),
+            Err("Unsupported value 'some' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all".into())
+        );
+        assert_eq!(
+            mask(json!({"template": "x"})),
+            Err("Parameter 'overlap-check.template' does not accept value 'x'".into())
+        );
+        assert_eq!(
+            mask(json!({"active-l3": true})),
+            Err("Parameter 'overlap-check.active-l3' is unexpected".into())
+        );
+        assert_eq!(
+            mask(json!({"active-l1": "on"})),
+            Err("Invalid parameter type for 'overlap-check.active-l1', expected: boolean".into())
+        );
+        assert_eq!(
+            mask(json!(3)),
+            Err("Invalid parameter type for 'overlap-check', expected: string or object".into())
+        );
+        // The dotted forms.
+        let k = |s: &str| match BlockdevOptions::from_keyval(s).map(|o| o.specific) {
+            Ok(DriverOptions::Format { qcow2, .. }) => Ok(qcow2.overlap_check),
+            Ok(_) => panic!("qcow2 must parse as a format"),
+            Err(e) => Err(e.msg),
+        };
+        assert_eq!(k("driver=qcow2,file=f,overlap-check=all"), Ok(Some(0xff)));
+        assert_eq!(
+            k("driver=qcow2,file=f,overlap-check.template=none,overlap-check.active-l1=on"),
+            Ok(Some(0b10))
+        );
+        assert_eq!(
+            k("driver=qcow2,file=f,overlap-check.inactive-l2=yes"),
+            Ok(Some(0xff))
+        );
+        assert!(k("driver=qcow2,file=f,overlap-check=all,overlap-check.active-l1=on").is_err());
+        // Only qcow2 has it.
+        assert_eq!(
+            BlockdevOptions::from_json(
+                json!({"driver": "raw", "file": "f", "overlap-check": "all"})
+            )
+            .unwrap_err()
+            .msg,
+            "Parameter 'overlap-check' is unexpected"
         );
     }
 

@@ -9,6 +9,7 @@
 
 use super::entry::{Mapping, COPIED, OFFSET_MASK};
 use super::header::Header;
+use super::overlap::{self, Kind, Overlap};
 use crate::drivers::bytes::be64;
 use crate::drivers::wait;
 use crate::error::{Error, Result};
@@ -39,6 +40,8 @@ pub struct Meta {
     /// dirty bit is already on disk. Refcounts are then not written at
     /// all; they are rebuilt on close or on the next read-write open.
     lazy: Option<(u64, bool)>,
+    /// Where the metadata is, for the overlap checks of every write.
+    overlap: Overlap,
 }
 
 pub fn read_at(file: &Node, offset: u64, len: usize) -> Result<Buf> {
@@ -79,6 +82,7 @@ impl Meta {
             refblocks: HashMap::new(),
             refcount_bits: h.refcount_bits(),
             lazy: None,
+            overlap: Overlap::new(0, h.cluster_bits),
         })
     }
 
@@ -89,6 +93,28 @@ impl Meta {
 
     pub fn is_lazy(&self) -> bool {
         self.lazy.is_some()
+    }
+
+    /// Starts checking writes against metadata (`overlap`): `ov` holds the
+    /// snapshot tables, the active tables are added here.
+    pub fn set_overlap(&mut self, mut ov: Overlap) {
+        ov.add(Kind::ActiveL1, self.l1_offset, self.l1.len() as u64 * 8);
+        ov.add_entries(Kind::ActiveL2, &self.l1);
+        let rt_len = self.reftable.len() as u64 * 8;
+        ov.add(Kind::RefcountTable, self.reftable_offset, rt_len);
+        ov.add_entries(Kind::RefcountBlock, &self.reftable);
+        self.overlap = ov;
+    }
+
+    pub fn overlap(&self) -> &Overlap {
+        &self.overlap
+    }
+
+    /// Writes metadata after the overlap check; `own` is the kind being
+    /// written (not checked against itself), `overlap::NEW` for a new table.
+    fn write_meta(&self, own: u8, off: u64, data: &[u8]) -> Result<()> {
+        self.overlap.check(own, off, data.len() as u64)?;
+        write_at(&self.file, off, data)
     }
 
     /// Before the first metadata change in lazy mode: the dirty bit goes to
@@ -192,11 +218,13 @@ impl Meta {
         if l2_off == 0 {
             l2_off = self.alloc_cluster()?;
             self.file.debug_event(Ev::L2AllocWrite);
-            write_at(&self.file, l2_off, &Buf::zeroed(self.cs as usize))?;
+            self.write_meta(overlap::NEW, l2_off, &Buf::zeroed(self.cs as usize))?;
             let e = l2_off | COPIED;
             self.file.debug_event(Ev::L1Update);
-            write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
+            let at = self.l1_offset + l1_idx * 8;
+            self.write_meta(Kind::ActiveL1.bit(), at, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
+            self.overlap.replace_entry(Kind::ActiveL2, l1e, e);
             self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
         } else if l1e & COPIED == 0 {
             // Shared with a snapshot: write a private copy, point L1 at it,
@@ -206,11 +234,13 @@ impl Meta {
             let copy = self.alloc_cluster()?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.file.debug_event(Ev::L2AllocWrite);
-            write_at(&self.file, copy, &bytes)?;
+            self.write_meta(overlap::NEW, copy, &bytes)?;
             let e = copy | COPIED;
             self.file.debug_event(Ev::L1Update);
-            write_at(&self.file, self.l1_offset + l1_idx * 8, &e.to_be_bytes())?;
+            let at = self.l1_offset + l1_idx * 8;
+            self.write_meta(Kind::ActiveL1.bit(), at, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
+            self.overlap.replace_entry(Kind::ActiveL2, l1e, e);
             self.l2.insert(copy, table);
             self.release(l2_off, self.cs)?;
             l2_off = copy;
@@ -225,7 +255,7 @@ impl Meta {
             .flat_map(|e| e.to_be_bytes())
             .collect();
         self.file.debug_event(Ev::L2Update);
-        write_at(&self.file, l2_off + first as u64, &bytes)
+        self.write_meta(Kind::ActiveL2.bit(), l2_off + first as u64, &bytes)
     }
 
     /// Metadata is written in aligned chunks of this size (from the cache),
@@ -293,7 +323,7 @@ impl Meta {
             self.file.debug_event(Ev::RefblockUpdatePart);
         }
         self.file.debug_event(Ev::RefblockUpdate);
-        write_at(&self.file, rb_off + first as u64, &bytes)
+        self.write_meta(Kind::RefcountBlock.bit(), rb_off + first as u64, &bytes)
     }
 
     /// Writes a new refcount block for table slot `rt_idx` at the end of the
@@ -315,16 +345,14 @@ impl Meta {
             );
         }
         self.file.debug_event(Ev::RefblockAllocWrite);
-        write_at(&self.file, off, &block)?;
+        self.write_meta(overlap::NEW, off, &block)?;
         self.refblocks.insert(off, block);
         self.file.debug_event(Ev::RefblockAllocHookup);
         self.file.debug_event(Ev::ReftableUpdate);
-        write_at(
-            &self.file,
-            self.reftable_offset_of(rt_idx)?,
-            &off.to_be_bytes(),
-        )?;
-        self.reftable[rt_idx as usize] = off;
+        let at = self.reftable_offset_of(rt_idx)?;
+        self.write_meta(Kind::RefcountTable.bit(), at, &off.to_be_bytes())?;
+        let old = std::mem::replace(&mut self.reftable[rt_idx as usize], off);
+        self.overlap.replace_entry(Kind::RefcountBlock, old, off);
         if !covers_itself {
             self.set_refcount(idx, 1)?;
         }
@@ -399,11 +427,11 @@ impl Meta {
         }
         self.file.debug_event(Ev::RefblockAllocWriteBlocks);
         for (off, block) in &fresh {
-            write_at(&self.file, *off, block)?;
+            self.write_meta(overlap::NEW, *off, block)?;
         }
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file.debug_event(Ev::RefblockAllocWriteTable);
-        write_at(&self.file, start * cs, &bytes)?;
+        self.write_meta(overlap::NEW, start * cs, &bytes)?;
         self.next_free = end;
         // Clusters of the new region that existing blocks describe.
         for c in start..end {
@@ -419,9 +447,14 @@ impl Meta {
         self.file.debug_event(Ev::RefblockAllocSwitchTable);
         write_at(&self.file, 48, &hdr)?;
         let (old_off, old_clusters) = (self.reftable_offset, (old_len * 8).div_ceil(cs));
+        self.overlap
+            .remove(Kind::RefcountTable, old_off, old_len * 8);
+        self.overlap
+            .add(Kind::RefcountTable, start * cs, new_entries * 8);
         self.reftable = table;
         self.reftable_offset = start * cs;
         for (off, block) in fresh {
+            self.overlap.add(Kind::RefcountBlock, off, cs);
             self.refblocks.insert(off, block);
         }
         self.release(old_off, old_clusters * cs)
@@ -443,6 +476,8 @@ impl Meta {
         self.mark_dirty()?;
         self.file.debug_event(Ev::ClusterAlloc);
         let first = self.next_free;
+        self.overlap
+            .check_op(overlap::Op::Allocation, first * self.cs, n * self.cs)?;
         self.next_free += n;
         if self.lazy.is_none() {
             for idx in first..first + n {
@@ -478,7 +513,7 @@ impl Meta {
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize((clusters * self.cs) as usize, 0);
         self.file.debug_event(Ev::L1GrowWriteTable);
-        write_at(&self.file, off, &bytes)?;
+        self.write_meta(overlap::NEW, off, &bytes)?;
         wait(|d| self.file.flush(d))?;
         self.file.debug_event(Ev::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
@@ -487,6 +522,8 @@ impl Meta {
         write_at(&self.file, 36, &hdr)?;
         wait(|d| self.file.flush(d))?;
         let old_off = std::mem::replace(&mut self.l1_offset, off);
+        self.overlap.remove(Kind::ActiveL1, old_off, old_len * 8);
+        self.overlap.add(Kind::ActiveL1, off, entries * 8);
         self.l1 = table;
         if old_len > 0 {
             self.release(old_off, old_len * 8)?;
@@ -516,8 +553,10 @@ impl Meta {
         } else {
             Vec::new()
         };
-        write_at(&self.file, self.l1_offset + l1_idx * 8, &0u64.to_be_bytes())?;
+        let at = self.l1_offset + l1_idx * 8;
+        self.write_meta(Kind::ActiveL1.bit(), at, &0u64.to_be_bytes())?;
         self.l1[l1_idx as usize] = 0;
+        self.overlap.replace_entry(Kind::ActiveL2, l1e, 0);
         self.l2.remove(&l2_off);
         Ok(Some((l2_off, mappings)))
     }

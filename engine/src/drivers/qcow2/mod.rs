@@ -3,6 +3,8 @@
 //! - [`header`]: header and extensions, validated at open.
 //! - [`entry`]: L1/L2 entry decoding into a [`entry::Mapping`].
 //! - [`meta`]: cached tables, refcounts, allocation, update ordering.
+//! - [`overlap`]: where the metadata is, so every write is checked against
+//!   it first (`overlap-check`).
 //! - `resize`: `block_resize` and `change-backing-file`.
 //! - this module: the driver; it turns a guest range into a plan of
 //!   segments (`super::segments`) and does the data I/O outside the
@@ -18,6 +20,7 @@ pub mod create;
 pub mod entry;
 pub mod header;
 pub mod meta;
+pub mod overlap;
 mod resize;
 pub mod snapshot;
 
@@ -29,10 +32,11 @@ use super::{wait, Done, Driver, Encryption, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
-use crate::options::{BlkdebugEvent as Ev, Qcow2Options};
+use crate::options::{BlkdebugEvent as Ev, OverlapMode, Qcow2Options};
 use entry::{Mapping, COPIED, ZERO};
 use header::Header;
 use meta::{corrupt, read_at, write_at, Meta};
+use overlap::Overlap;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,6 +121,12 @@ impl Qcow2Driver {
             meta.set_lazy(&header);
         }
         let snapshots = snapshot::read_table(&file, &header)?;
+        if !read_only {
+            let checks = opts.overlap_check.unwrap_or(OverlapMode::Cached.mask());
+            let mut ov = Overlap::new(checks, header.cluster_bits);
+            ov.add_snapshots(&file, &header, &snapshots)?;
+            meta.set_overlap(ov);
+        }
         let key = Key::new(header.crypt_method == 1);
         Ok(Qcow2Driver {
             cs: header.cluster_size(),
@@ -151,7 +161,7 @@ impl Qcow2Driver {
             return;
         }
         log::error!(
-            "{}: {e}; marking the image corrupt",
+            "{}: qcow2: Marking image as corrupt: {e}; further corruption events will be suppressed",
             self.file.driver.filename()
         );
         if !self.read_only && self.header.version >= 3 {
@@ -182,6 +192,22 @@ impl Qcow2Driver {
     /// they map alike (and contiguously, for data).
     fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
         self.plan_upto(offset, len, usize::MAX)
+    }
+
+    /// `plan` for a write. When the range is one owned data run (the fast
+    /// path writes it in place) that host range is checked for metadata
+    /// overlaps under the same lock.
+    fn write_plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+        let mut meta = self.meta.lock();
+        let segs = segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup_run(c))?;
+        if let [Segment {
+            map: Mapping::Data { host, copied: true },
+            ..
+        }] = segs[..]
+        {
+            meta.overlap().check(overlap::NEW, host, len as u64)?;
+        }
+        Ok(segs)
     }
 
     /// Like `plan`, but stops once `max` segments are complete.
@@ -249,7 +275,24 @@ impl Qcow2Driver {
         let _claim = self.claim(cluster);
         let in_cluster = (guest % self.cs) as usize;
         let cipher = self.key.cipher()?;
-        let old = self.meta.lock().lookup(cluster)?;
+        let old = {
+            let mut meta = self.meta.lock();
+            let old = meta.lookup(cluster)?;
+            match old {
+                Mapping::Data { host, copied: true } => {
+                    let at = host + in_cluster as u64;
+                    meta.overlap().check(overlap::NEW, at, data.len() as u64)?
+                }
+                // Rewritten in place below.
+                Mapping::Zero {
+                    host: Some(_),
+                    copied: true,
+                } => {}
+                // Released once the new cluster is in place: refuse before anything is written.
+                m => check_free(meta.overlap(), m, self.cs)?,
+            }
+            old
+        };
         if let Mapping::Data { host, copied: true } = old {
             self.file.debug_event(Ev::WriteAio);
             let host = host + in_cluster as u64;
@@ -306,9 +349,15 @@ impl Qcow2Driver {
             } => Some(h),
             _ => None,
         };
-        let host = match reuse {
-            Some(h) => h,
-            None => self.meta.lock().alloc_cluster()?,
+        let host = {
+            let mut meta = self.meta.lock();
+            let host = match reuse {
+                Some(h) => h,
+                None => meta.alloc_cluster()?,
+            };
+            meta.overlap()
+                .check(overlap::NEW, host, payload.len() as u64)?;
+            host
         };
         // Data first, then the mapping, then the old cluster's release.
         if !full {
@@ -337,6 +386,9 @@ impl Qcow2Driver {
 
     /// Drops the reference an L2 entry held, once nothing points there.
     fn release_old(&self, meta: &mut Meta, old: Mapping, reused: bool) -> Result<()> {
+        if !reused {
+            check_free(meta.overlap(), old, self.cs)?;
+        }
         match old {
             Mapping::Data { host, .. }
             | Mapping::Zero {
@@ -362,6 +414,8 @@ impl Qcow2Driver {
             if old == Mapping::Unallocated && entry == 0 {
                 continue;
             }
+            // Refused before the L2 entry changes.
+            check_free(meta.overlap(), old, self.cs)?;
             meta.set_l2(c, entry)?;
             self.release_old(&mut meta, old, false)?;
         }
@@ -490,7 +544,10 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        let segs = match self.checked_plan(offset, buf.len()) {
+        let segs = match self
+            .write_plan(offset, buf.len())
+            .inspect_err(|e| self.check_corruption(e))
+        {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
@@ -608,6 +665,20 @@ impl Driver for Arc<Qcow2Driver> {
         if !self.snapshots.is_empty() {
             v["snapshots"] = self.snapshots.iter().map(|s| s.to_json()).collect();
         }
+    }
+}
+
+/// A mapping's host clusters are about to lose the reference it held: they
+/// must not be metadata (a corrupt L2 entry pointing into a table would
+/// otherwise free the table, and the next allocation overwrite it).
+fn check_free(ov: &Overlap, m: Mapping, cs: u64) -> Result<()> {
+    match m {
+        Mapping::Data { host, .. }
+        | Mapping::Zero {
+            host: Some(host), ..
+        } => ov.check_op(overlap::Op::Free, host, cs),
+        Mapping::Compressed { host, len } => ov.check_op(overlap::Op::Free, host, len),
+        Mapping::Zero { host: None, .. } | Mapping::Unallocated => Ok(()),
     }
 }
 

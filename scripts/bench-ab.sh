@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A/B of two blkfs option sets on one workload: two devices of one daemon
+# over two copies of one fully allocated 1 GiB image (qcow2 by default),
+# fio 4k QD32 runs interleaved (the order swapped every round), the median
+# of each side and their ratio printed. Sharing the daemon and the time
+# window makes the comparison far less noisy than two bench.sh runs.
+#
+#   scripts/bench-ab.sh [--rounds N] [--runtime SECONDS] [--format raw|qcow2] OPTS_A OPTS_B
+#
+# OPTS_*: extra dotted options of the device (e.g. overlap-check=none), or
+# "" for the defaults. fio: libaio, direct=1, randread and randwrite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rounds=6
+runtime=5
+format=qcow2
+while [ $# -gt 2 ]; do
+    case "$1" in
+        --rounds) rounds=$2; shift 2 ;;
+        --runtime) runtime=$2; shift 2 ;;
+        --format) format=$2; shift 2 ;;
+        *) break ;;
+    esac
+done
+[ $# -eq 2 ] || { echo "usage: $0 [--rounds N] [--runtime S] [--format raw|qcow2] OPTS_A OPTS_B" >&2; exit 2; }
+opts_a=${1:+,$1}
+opts_b=${2:+,$2}
+for tool in fio qemu-img python3; do
+    command -v "$tool" >/dev/null || { echo "bench-ab: $tool is required" >&2; exit 1; }
+done
+cargo build --release -q -p blkfs
+
+work=$(mktemp -d "$PWD/target/bench-ab.XXXXXX")
+pid=
+cleanup() {
+    [ -z "$pid" ] || kill "$pid" 2>/dev/null || true
+    sleep 0.3
+    umount -l "$work/mnt" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+fio --name=fill --filename="$work/d.raw" --size=1G --rw=write --bs=1M --direct=1 \
+    --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
+qemu-img convert -f raw -O "$format" "$work/d.raw" "$work/a.img"
+rm -f "$work/d.raw"
+cp "$work/a.img" "$work/b.img"
+dev() { echo "driver=$format,id=$1,cache.direct=on,file.driver=file,file.filename=$work/$1.img,file.aio=native$2"; }
+target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads 2 \
+    --blockdev "$(dev a "$opts_a")" --blockdev "$(dev b "$opts_b")" &
+pid=$!
+for _ in $(seq 200); do [ -S "$work/blkfs.sock" ] && break; sleep 0.05; done
+[ -S "$work/blkfs.sock" ] || { echo "bench-ab: blkfs did not start" >&2; exit 1; }
+
+run_fio() { # device rw -> iops
+    fio --name=b --filename="$work/mnt/$1" --rw="$2" --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+        --size=1G --runtime="$runtime" --time_based --ramp_time=1 --norandommap --randrepeat=0 \
+        --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f" % d["iops"])'
+}
+
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); format=$format, runtime ${runtime}s x $rounds rounds (median); A: ${1:-defaults}; B: ${2:-defaults}"
+for rw in randread randwrite; do
+    a=() b=()
+    for r in $(seq "$rounds"); do
+        if [ $((r % 2)) = 1 ]; then
+            a+=("$(run_fio a $rw)"); b+=("$(run_fio b $rw)")
+        else
+            b+=("$(run_fio b $rw)"); a+=("$(run_fio a $rw)")
+        fi
+    done
+    python3 - "$rw-4k-qd32" "${a[*]}" "${b[*]}" <<'PY'
+import statistics, sys
+name, a, b = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+ma, mb = statistics.median(a), statistics.median(b)
+print(f"{name:<18} A {ma:>8.0f}  B {mb:>8.0f}  B/A {mb/ma:.3f}  iops   (A: {' '.join('%.0f' % x for x in a)}; B: {' '.join('%.0f' % x for x in b)})")
+PY
+done

@@ -175,6 +175,14 @@ pub fn completes_on_drop<T: Send + 'static>(done: Done<T>) -> Done<T> {
 /// Runs a completion-based call and waits for its result. For slow paths
 /// and control commands only, never from inside a completion.
 pub fn wait<T: Send + 'static>(f: impl FnOnce(Done<T>)) -> Result<T> {
+    if crate::io::on_completer() {
+        // The completion may need this thread: waiting here could hang for good.
+        log::error!("a wait for I/O on an I/O completion thread was refused");
+        return Err(Error::io(
+            libc::EDEADLK,
+            "refused to wait for I/O on an I/O completion thread",
+        ));
+    }
     let (tx, rx) = crossbeam_channel::bounded(1);
     f(Box::new(move |r| {
         let _ = tx.send(r);

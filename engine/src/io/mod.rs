@@ -141,6 +141,23 @@ fn env_count(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+thread_local! {
+    static COMPLETER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that runs I/O completions (a ring
+/// thread, an `aio=threads` pool thread, the deferred-completion thread).
+pub(crate) fn mark_completer() {
+    COMPLETER.with(|c| c.set(true));
+}
+
+/// Whether the calling thread runs I/O completions: it must never wait for
+/// I/O, since the completion it would wait for may need this very thread
+/// (`drivers::wait` refuses there instead of deadlocking).
+pub fn on_completer() -> bool {
+    COMPLETER.with(|c| c.get())
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 static WORKERS: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
 const WORKER_THREADS: usize = 8;
@@ -189,6 +206,7 @@ pub fn defer(completion: impl FnOnce() + Send + 'static) {
         let r = std::thread::Builder::new()
             .name("blkfs-deferred".into())
             .spawn(move || {
+                mark_completer();
                 for job in rx.iter() {
                     job();
                 }

@@ -18,6 +18,7 @@ impl Pool {
             let spawned = std::thread::Builder::new()
                 .name(format!("blkfs-pool-{i}"))
                 .spawn(move || {
+                    super::mark_completer();
                     for (mut req, done) in rx.iter() {
                         let r = run(&mut req);
                         done(req, r);

@@ -75,7 +75,10 @@ impl Ring {
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("blkfs-uring".into())
-            .spawn(move || RingThread::new(ring, rx, thread_shared, depth as usize).run())?;
+            .spawn(move || {
+                super::mark_completer();
+                RingThread::new(ring, rx, thread_shared, depth as usize).run()
+            })?;
         Ok(Ring { tx, shared })
     }
 }

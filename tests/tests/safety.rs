@@ -14,6 +14,18 @@ use std::time::Duration;
 
 const IO: Duration = Duration::from_secs(30);
 
+/// A 64 MiB qcow2 as device d0 over a file node named `proto`.
+fn qcow2_over_named_file(dir: &TestDir) -> (String, Daemon) {
+    let img = qcow2_image(dir, "a.qcow2", "", "64M");
+    let d = Daemon::start(
+        dir,
+        &[json!({"driver": "qcow2", "id": "d0",
+            "file": {"driver": "file", "node-name": "proto", "filename": img}})
+        .to_string()],
+    );
+    (img, d)
+}
+
 fn qcow2_spec(id: &str, file: &str) -> String {
     json!({"driver": "qcow2", "id": id, "file": {"driver": "file", "filename": file}}).to_string()
 }
@@ -116,13 +128,7 @@ fn fallocate_across_the_end_is_einval() {
 #[test]
 fn resize_has_guard_rails() {
     let dir = TestDir::new("sf-resize");
-    let img = qcow2_image(&dir, "a.qcow2", "", "64M");
-    let d = Daemon::start(
-        &dir,
-        &[json!({"driver": "qcow2", "id": "d0",
-            "file": {"driver": "file", "node-name": "proto", "filename": img}})
-        .to_string()],
-    );
+    let (img, d) = qcow2_over_named_file(&dir);
     let (code, _, err) = blkctl(&d.sock, &["resize", "d0", "-16M"]);
     assert_ne!(code, 0);
     assert!(err.contains("--shrink"), "{err}");
@@ -520,13 +526,7 @@ fn wait_for_writes(q: &mut Qmp, n: u64) {
 #[test]
 fn a_written_node_has_no_other_writer_or_reader() {
     let dir = TestDir::new("sf-perm");
-    let img = qcow2_image(&dir, "a.qcow2", "", "64M");
-    let d = Daemon::start(
-        &dir,
-        &[json!({"driver": "qcow2", "id": "d0",
-            "file": {"driver": "file", "node-name": "proto", "filename": img}})
-        .to_string()],
-    );
+    let (_img, d) = qcow2_over_named_file(&dir);
     let mut q = d.qmp();
     for add in [
         json!({"driver": "raw", "id": "d1", "file": "proto"}),

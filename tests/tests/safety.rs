@@ -569,3 +569,40 @@ fn a_written_node_has_no_other_writer_or_reader() {
         json!({"driver": "qcow2", "id": "d3", "file": "free"}),
     );
 }
+
+/// close() of a descriptor (here a forked child's, closed on exec) raises
+/// no flush event: it once armed an injected error for an unrelated write,
+/// which made `blkdebug::qcow2_raises_its_events` fail under a parallel test
+/// that spawned a process. fsync still raises it.
+#[test]
+fn close_raises_no_flush_event() {
+    let dir = TestDir::new("sf-flushev");
+    let img = qcow2_image(&dir, "a.qcow2", "", "4M");
+    let spec = json!({"driver": "qcow2", "id": "d0",
+        "file": {"driver": "blkdebug",
+                 "inject-error": [{"event": "flush_to_disk", "errno": 5, "once": true}],
+                 "image": {"driver": "file", "filename": img}}})
+    .to_string();
+    let d = Daemon::start(&dir, &[spec]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.dev("d0"))
+        .expect("open");
+    for _ in 0..3 {
+        assert!(Command::new("true").status().expect("run true").success());
+        drop(
+            OpenOptions::new()
+                .read(true)
+                .open(d.dev("d0"))
+                .expect("open"),
+        );
+    }
+    f.write_all_at(&pattern(7, 4096), 0)
+        .expect("no flush event was raised by a close");
+    // fsync raises it: the flush itself passes, the error hits the next write.
+    f.sync_all().expect("fsync");
+    let e = f.write_all_at(&pattern(8, 4096), 8192).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    f.write_all_at(&pattern(8, 4096), 8192).expect("once");
+}

@@ -428,6 +428,7 @@ impl Opener<'_> {
                     backing,
                     qcow2,
                     opts.read_only,
+                    opts.discard == Discard::Unmap,
                 )?))
             }
             (

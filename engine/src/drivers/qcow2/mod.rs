@@ -13,6 +13,7 @@
 //! buffer. Everything else (allocation, copy-on-write, compressed data,
 //! backing reads) takes the slow path; allocating writes are serialised.
 
+pub mod cache;
 pub mod check;
 pub mod create;
 pub mod entry;
@@ -32,7 +33,7 @@ use crate::io::Buf;
 use crate::options::{BlkdebugEvent as Ev, Qcow2Options};
 use entry::{Mapping, COPIED, ZERO};
 use header::Header;
-use meta::{corrupt, read_at, write_at, Meta};
+use meta::{corrupt, read_at, write_at, FreeKind, IoTicket, Meta, PassDiscard};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,7 +53,6 @@ pub struct Qcow2Driver {
     claims: Mutex<HashSet<u64>>,
     released: Condvar,
     cs: u64,
-    pass_discard: bool,
     read_only: bool,
     snapshots: Vec<snapshot::Snapshot>,
     /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
@@ -77,7 +77,9 @@ impl Qcow2Driver {
         backing: Option<Arc<Node>>,
         opts: &Qcow2Options,
         read_only: bool,
+        unmap: bool,
     ) -> Result<Self> {
+        let sizes = cache::CacheSizes::new(opts, header.size, header.cluster_size())?;
         if !read_only {
             if header.incompatible & header::INCOMPAT_CORRUPT != 0 {
                 return Err(Error::generic(
@@ -104,6 +106,13 @@ impl Qcow2Driver {
             }
         }
         let mut meta = Meta::load(file.clone(), &header)?;
+        meta.set_cache_sizes(sizes);
+        // QEMU's defaults: guest requests pass when the node unmaps.
+        meta.set_pass_discard(PassDiscard {
+            request: opts.pass_discard_request.unwrap_or(unmap),
+            snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+            other: opts.pass_discard_other.unwrap_or(false),
+        });
         let lazy = header.version >= 3
             && opts
                 .lazy_refcounts
@@ -128,7 +137,6 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             claims: Mutex::new(HashSet::new()),
             released: Condvar::new(),
-            pass_discard: opts.pass_discard_request.unwrap_or(false),
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
@@ -172,19 +180,19 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// `plan`, recording corruption it finds.
-    fn checked_plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        self.plan(offset, len)
+    /// The plan of a data request, recording corruption it finds, with the
+    /// ticket that keeps the clusters it maps from being reused until the
+    /// request is done.
+    fn checked_plan(&self, offset: u64, len: usize) -> Result<(Vec<Segment>, IoTicket)> {
+        let mut meta = self.meta.lock();
+        segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup(c))
+            .map(|segs| (segs, meta.start_io()))
             .inspect_err(|e| self.check_corruption(e))
     }
 
     /// The segments of `offset..offset+len`, adjacent clusters merged when
-    /// they map alike (and contiguously, for data).
-    fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        self.plan_upto(offset, len, usize::MAX)
-    }
-
-    /// Like `plan`, but stops once `max` segments are complete.
+    /// they map alike (and contiguously, for data); stops once `max`
+    /// segments are complete.
     fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
         segments::plan(offset, len, self.cs, max, |c| meta.lookup(c))
@@ -318,7 +326,8 @@ impl Qcow2Driver {
         write_at(&self.file, host, payload)?;
         let mut meta = self.meta.lock();
         meta.set_l2(cluster, host | COPIED)?;
-        self.release_old(&mut meta, old, reuse.is_some())?;
+        // As QEMU: copy-on-write releases are not discarded (soon reused).
+        self.release_old(&mut meta, old, reuse.is_some(), FreeKind::Never)?;
         content.truncate(0);
         Ok(())
     }
@@ -336,34 +345,51 @@ impl Qcow2Driver {
     }
 
     /// Drops the reference an L2 entry held, once nothing points there.
-    fn release_old(&self, meta: &mut Meta, old: Mapping, reused: bool) -> Result<()> {
+    fn release_old(
+        &self,
+        meta: &mut Meta,
+        old: Mapping,
+        reused: bool,
+        kind: FreeKind,
+    ) -> Result<()> {
         match old {
             Mapping::Data { host, .. }
             | Mapping::Zero {
                 host: Some(host), ..
-            } if !reused => {
-                meta.release(host, self.cs)?;
-                if self.pass_discard && !meta.is_lazy() && meta.refcount(host / self.cs)? == 0 {
-                    let _ = wait(|d| self.file.discard(host, self.cs, d));
-                }
-                Ok(())
-            }
-            Mapping::Compressed { host, len } => meta.release(host, len),
+            } if !reused => meta.release(host, self.cs, kind),
+            Mapping::Compressed { host, len } => meta.release(host, len, kind),
             _ => Ok(()),
         }
     }
 
-    /// Sets whole clusters to `entry` (zero flag or unallocated).
-    fn remap_clusters(&self, offset: u64, len: u64, entry: u64) -> Result<()> {
+    /// Sets whole clusters to `entry` (zero flag or unallocated). With
+    /// `keep`, clusters with data keep their host cluster under the zero
+    /// flag (QEMU's zero write without unmap); others are released as
+    /// guest requests.
+    fn remap_clusters(&self, offset: u64, len: u64, entry: u64, keep: bool) -> Result<()> {
+        let r = self.remap_each(offset, len, entry, keep);
+        self.meta.lock().process_discards();
+        r
+    }
+
+    fn remap_each(&self, offset: u64, len: u64, entry: u64, keep: bool) -> Result<()> {
         for c in offset / self.cs..(offset + len) / self.cs {
             let _claim = self.claim(c);
             let mut meta = self.meta.lock();
             let old = meta.lookup(c)?;
-            if old == Mapping::Unallocated && entry == 0 {
-                continue;
+            let new = match old {
+                Mapping::Unallocated if entry == 0 => continue,
+                Mapping::Zero { host: None, .. } if entry == ZERO => continue,
+                Mapping::Zero { host: Some(_), .. } if keep => continue,
+                Mapping::Data { host, copied } if keep => {
+                    host | ZERO | if copied { COPIED } else { 0 }
+                }
+                _ => entry,
+            };
+            meta.set_l2(c, new)?;
+            if new == entry {
+                self.release_old(&mut meta, old, false, FreeKind::Request)?;
             }
-            meta.set_l2(c, entry)?;
-            self.release_old(&mut meta, old, false)?;
         }
         Ok(())
     }
@@ -383,8 +409,9 @@ impl Qcow2Driver {
     }
 
     /// Zeroes or discards: whole clusters are remapped, the edges written
-    /// unless they already read as zeroes.
-    fn zero_or_discard(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+    /// unless they already read as zeroes. A zero write without `unmap`
+    /// keeps the clusters allocated (v3).
+    fn zero_or_discard(&self, offset: u64, len: u64, discard: bool, unmap: bool) -> Result<()> {
         let v3 = self.header.version >= 3;
         let start = offset.next_multiple_of(self.cs).min(offset + len);
         let end = ((offset + len) / self.cs * self.cs).max(start);
@@ -401,9 +428,9 @@ impl Qcow2Driver {
         }
         if end > start {
             if v3 {
-                self.remap_clusters(start, end - start, ZERO)?;
+                self.remap_clusters(start, end - start, ZERO, !discard && !unmap)?;
             } else if self.backing.is_none() {
-                self.remap_clusters(start, end - start, 0)?;
+                self.remap_clusters(start, end - start, 0, false)?;
             } else {
                 let mut o = start;
                 while o < end {
@@ -431,10 +458,11 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        let segs = match self.checked_plan(offset, buf.len()) {
+        let (segs, ticket) = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
+        let done = holding(ticket, done);
         // One segment (the common case): no gathering, the caller's buffer goes down.
         if let [seg] = segs[..] {
             match seg.map {
@@ -475,7 +503,7 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        let segs = match self.checked_plan(offset, buf.len()) {
+        let (segs, ticket) = match self.checked_plan(offset, buf.len()) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
@@ -486,13 +514,16 @@ impl Driver for Arc<Qcow2Driver> {
         {
             self.file.debug_event(Ev::WriteAio);
             match cipher {
-                None => return self.file.write(host, buf, done),
+                None => return self.file.write(host, buf, holding(ticket, done)),
                 Some(c) if aes_legacy::whole_sectors(offset, buf.len()) => {
-                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done)
+                    let done = holding(ticket, done);
+                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done);
                 }
                 Some(_) => {}
             }
         }
+        // The slow path looks its clusters up again under their claims.
+        drop(ticket);
         let me = self.clone();
         crate::io::spawn_blocking(move || {
             let r = me.write_range(offset, &buf);
@@ -503,11 +534,11 @@ impl Driver for Arc<Qcow2Driver> {
         });
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
         let r = self
             .refuse_if_corrupt()
             .and_then(|()| self.key.cipher())
-            .and_then(|_| self.zero_or_discard(offset, len, false));
+            .and_then(|_| self.zero_or_discard(offset, len, false, unmap));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
@@ -515,7 +546,7 @@ impl Driver for Arc<Qcow2Driver> {
         let r = self
             .refuse_if_corrupt()
             .and_then(|()| self.key.cipher())
-            .and_then(|_| self.zero_or_discard(offset, len, true));
+            .and_then(|_| self.zero_or_discard(offset, len, true, true));
         done(r.inspect_err(|e| self.check_corruption(e)))
     }
 
@@ -602,6 +633,14 @@ impl Driver for Arc<Qcow2Driver> {
             v["snapshots"] = self.snapshots.iter().map(|s| s.to_json()).collect();
         }
     }
+}
+
+/// `done`, keeping `ticket` until the request completes.
+fn holding(ticket: IoTicket, done: Done<Buf>) -> Done<Buf> {
+    Box::new(move |r| {
+        drop(ticket);
+        done(r)
+    })
 }
 
 /// A claimed guest cluster, released (and waiters woken) on drop.

@@ -408,6 +408,35 @@ impl Qcow2Driver {
         })
     }
 
+    /// A zero write with unmap over part of a cluster of ours whose rest
+    /// reads as zeroes already frees the whole cluster (a big request split
+    /// at unaligned places would otherwise keep its edge clusters).
+    /// Returns whether it did.
+    fn unmap_edge(&self, guest: u64, len: u64) -> Result<bool> {
+        let v3 = self.header.version >= 3;
+        if self.key.is_encrypted() || !(v3 || self.backing.is_none()) {
+            return Ok(false);
+        }
+        let cluster = guest / self.cs;
+        let _claim = self.claim(cluster);
+        let old = self.meta.lock().lookup(cluster)?;
+        let Mapping::Data { host, copied: true } = old else {
+            return Ok(false);
+        };
+        let data = read_at(&self.file, host, self.cs as usize)?;
+        let at = (guest % self.cs) as usize;
+        if !(data[..at].iter().all(|&b| b == 0)
+            && data[at + len as usize..].iter().all(|&b| b == 0))
+        {
+            return Ok(false);
+        }
+        let mut meta = self.meta.lock();
+        meta.set_l2(cluster, if v3 { ZERO } else { 0 })?;
+        self.release_old(&mut meta, old, false, FreeKind::Request)?;
+        meta.process_discards();
+        Ok(true)
+    }
+
     /// Zeroes or discards: whole clusters are remapped, the edges written
     /// unless they already read as zeroes. A zero write without `unmap`
     /// keeps the clusters allocated (v3).
@@ -421,7 +450,7 @@ impl Qcow2Driver {
         }
         if !discard {
             for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
-                if l > 0 && !self.reads_as_zero(o)? {
+                if l > 0 && !self.reads_as_zero(o)? && !(unmap && self.unmap_edge(o, l)?) {
                     self.write_range(o, &Buf::zeroed(l as usize))?;
                 }
             }

@@ -17,6 +17,11 @@ const MAX_CLASS: u32 = 20;
 const KEEP_PER_CLASS: usize = 64;
 const KEEP_BYTES: usize = 16 << 20;
 
+/// Buffers from this size up are mapped and unmapped directly: freed, they
+/// go back to the kernel at once (the allocator would keep them in its
+/// per-thread arenas, where a busy device's RSS grew by hundreds of MiB).
+const MMAP_MIN: usize = 128 << 10;
+
 /// Bytes held by the pool.
 static POOLED: AtomicUsize = AtomicUsize::new(0);
 
@@ -64,6 +69,29 @@ impl Buf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Buf {
         let cap = len.max(1).next_multiple_of(ALIGN);
+        if cap >= MMAP_MIN {
+            // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            // Anonymous mappings are zero-filled and page-aligned.
+            let ptr = (raw != libc::MAP_FAILED)
+                .then(|| NonNull::new(raw.cast::<u8>()))
+                .flatten();
+            let Some(ptr) = ptr else {
+                alloc::handle_alloc_error(
+                    Layout::from_size_align(cap, ALIGN).unwrap_or(Layout::new::<u8>()),
+                );
+            };
+            return Buf { ptr, len, cap };
+        }
         let Ok(layout) = Layout::from_size_align(cap, ALIGN) else {
             // Only reachable for sizes near usize::MAX, which callers cap far below.
             alloc::handle_alloc_error(Layout::new::<u8>());
@@ -138,6 +166,11 @@ impl Drop for Buf {
                 }
                 POOLED.fetch_sub(self.cap, Ordering::Relaxed);
             }
+        }
+        if self.cap >= MMAP_MIN {
+            // SAFETY: mapped in `zeroed` with exactly this length, owned by us alone.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+            return;
         }
         // SAFETY: allocated in `zeroed` with exactly this layout.
         unsafe {

@@ -189,6 +189,14 @@ impl Meta {
         self.pass = pass;
     }
 
+    /// Whether no data request is in flight.
+    pub fn idle(&self) -> bool {
+        self.inflight
+            .0
+            .iter()
+            .all(|c| c.load(Ordering::SeqCst) == 0)
+    }
+
     /// Registers a data request planned from the mappings looked up now.
     pub fn start_io(&self) -> IoTicket {
         let bucket = (self.epoch & 1) as usize;

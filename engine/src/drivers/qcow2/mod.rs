@@ -411,7 +411,9 @@ impl Qcow2Driver {
     /// A zero write with unmap over part of a cluster of ours whose rest
     /// reads as zeroes already frees the whole cluster (a big request split
     /// at unaligned places would otherwise keep its edge clusters).
-    /// Returns whether it did.
+    /// Returns whether it did. Only done with no data request in flight
+    /// (a write to the rest of the cluster, which takes no claim, would be
+    /// lost), checked and done under the metadata lock so none starts.
     fn unmap_edge(&self, guest: u64, len: u64) -> Result<bool> {
         let v3 = self.header.version >= 3;
         if self.key.is_encrypted() || !(v3 || self.backing.is_none()) {
@@ -419,7 +421,11 @@ impl Qcow2Driver {
         }
         let cluster = guest / self.cs;
         let _claim = self.claim(cluster);
-        let old = self.meta.lock().lookup(cluster)?;
+        let mut meta = self.meta.lock();
+        if !meta.idle() {
+            return Ok(false);
+        }
+        let old = meta.lookup(cluster)?;
         let Mapping::Data { host, copied: true } = old else {
             return Ok(false);
         };
@@ -430,7 +436,6 @@ impl Qcow2Driver {
         {
             return Ok(false);
         }
-        let mut meta = self.meta.lock();
         meta.set_l2(cluster, if v3 { ZERO } else { 0 })?;
         self.release_old(&mut meta, old, false, FreeKind::Request)?;
         meta.process_discards();

@@ -15,5 +15,5 @@ export BLKFS_CHURN_SECS="$secs"
 if [ -n "${2:-}" ]; then
     export BLKFS_CHURN_SEED="$2"
 fi
-cargo test --release -p blkfs-tests --test churn -- --nocapture 2>&1 |
+cargo test --release -p blkfs-tests --test churn churn_keeps -- --nocapture 2>&1 |
     grep -E '^churn:|^test |panicked|assert|test result'

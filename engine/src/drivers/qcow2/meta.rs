@@ -627,6 +627,9 @@ impl Meta {
     /// Records that cluster `c` reached refcount 0.
     fn freed(&mut self, c: u64, kind: FreeKind) {
         self.unflushed_frees = true;
+        // Were it an L2 table, its slices must not outlive it (the cluster
+        // may become another table).
+        self.forget_l2_table(c * self.cs);
         self.quarantined.insert(c);
         match self.quarantine.back_mut() {
             Some((e, first, n)) if *e == self.epoch && *first + *n == c => *n += 1,

@@ -849,6 +849,36 @@ mod tests {
         assert_eq!(m.alloc_cluster().unwrap() / cs, end + 9);
     }
 
+    #[test]
+    fn freed_clusters_are_queued_for_discard_by_kind() {
+        let o = create::CreateOptions {
+            size: 64 << 20,
+            ..Default::default()
+        };
+        let (_e, _f, mut m) = image("discard", o);
+        let cs = m.cs;
+        m.set_pass_discard(PassDiscard {
+            request: true,
+            snapshot: false,
+            other: false,
+        });
+        let first = m.alloc_clusters(8).unwrap();
+        // Adjacent frees merge into one range.
+        m.release(first, cs, FreeKind::Request).unwrap();
+        m.release(first + cs, cs, FreeKind::Always).unwrap();
+        m.release(first + 2 * cs, cs, FreeKind::Other).unwrap();
+        m.release(first + 3 * cs, cs, FreeKind::Snapshot).unwrap();
+        m.release(first + 4 * cs, cs, FreeKind::Never).unwrap();
+        m.release(first + 6 * cs, cs, FreeKind::Request).unwrap();
+        assert_eq!(m.discards, vec![(first, 2 * cs), (first + 6 * cs, cs)]);
+        // A shared cluster is not freed by dropping one reference.
+        m.set_refcount(first / cs + 7, 2).unwrap();
+        m.release(first + 7 * cs, cs, FreeKind::Request).unwrap();
+        assert_eq!(m.discards.len(), 2);
+        m.process_discards();
+        assert!(m.discards.is_empty());
+    }
+
     /// Random allocations and releases on an image with tiny refcount
     /// blocks (refcount blocks and a growing refcount table allocated on
     /// the way): no cluster is handed out twice or overlaps metadata, and

@@ -492,6 +492,7 @@ impl Opener<'_> {
                     backing,
                     qcow2,
                     opts.read_only,
+                    opts.discard == Discard::Unmap,
                 )?))
             }
             (

@@ -135,6 +135,11 @@ pub struct Qcow2Options {
     pub pass_discard_request: Option<bool>,
     pub pass_discard_snapshot: Option<bool>,
     pub pass_discard_other: Option<bool>,
+    /// Bytes of the metadata caches (QEMU's `l2-cache-size`,
+    /// `refcount-cache-size` and their sum `cache-size`).
+    pub l2_cache_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_size: Option<u64>,
     /// `overlap-check` (an extension key, as in later QEMU): the kinds of
     /// metadata writes are checked against, bit `i` for `OVERLAP_KINDS[i]`
     /// (QEMU's `QCOW2_OL_*_BITNR`); `None` means the `cached` template.
@@ -399,6 +404,9 @@ fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
                     pass_discard_snapshot: a.bool("pass-discard-snapshot")?,
                     pass_discard_other: a.bool("pass-discard-other")?,
                     overlap_check: parse_overlap_check(a)?,
+                    l2_cache_size: size(a, "l2-cache-size")?,
+                    refcount_cache_size: size(a, "refcount-cache-size")?,
+                    cache_size: size(a, "cache-size")?,
                 }
             } else {
                 Qcow2Options::default()
@@ -410,6 +418,46 @@ fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
             }
         }
     })
+}
+
+/// A QAPI `size`: a non-negative integer; in key=value form also with
+/// QEMU's suffixes (`64k`, `1M`, `2G`, `1T`, powers of 1024).
+fn size(a: &mut Args, key: &str) -> Result<Option<u64>> {
+    let bad = |a: &Args| {
+        Error::generic(format!(
+            "Parameter '{}' expects a non-negative number below 2^64",
+            a.path(key)
+        ))
+    };
+    match a.take(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| bad(a)),
+        Some(Value::String(s)) if a.is_lenient() => {
+            let s = s.trim();
+            let (digits, shift) = match s.char_indices().last() {
+                Some((i, c)) if c.is_ascii_alphabetic() => {
+                    let shift = match c.to_ascii_lowercase() {
+                        'b' => 0,
+                        'k' => 10,
+                        'm' => 20,
+                        'g' => 30,
+                        't' => 40,
+                        'p' => 50,
+                        'e' => 60,
+                        _ => return Err(bad(a)),
+                    };
+                    (&s[..i], shift)
+                }
+                _ => (s, 0),
+            };
+            let n: u64 = digits.parse().map_err(|_| bad(a))?;
+            n.checked_mul(1u64 << shift).map(Some).ok_or_else(|| bad(a))
+        }
+        Some(_) => Err(Error::generic(format!(
+            "Invalid parameter type for '{}', expected: integer",
+            a.path(key)
+        ))),
+    }
 }
 
 /// Keyval has no arrays: `children.0.driver=...` arrives as an object with
@@ -681,6 +729,49 @@ mod tests {
             .unwrap_err()
             .msg,
             "Parameter 'overlap-check' is unexpected"
+        );
+    }
+
+    #[test]
+    fn qcow2_cache_sizes() {
+        let q = |o: BlockdevOptions| match o.specific {
+            DriverOptions::Format { qcow2, .. } => qcow2,
+            _ => panic!("not a format"),
+        };
+        let o = BlockdevOptions::from_keyval(
+            "driver=qcow2,file=f,l2-cache-size=4M,refcount-cache-size=262144,cache-size=1g",
+        )
+        .unwrap();
+        let o = q(o);
+        assert_eq!(o.l2_cache_size, Some(4 << 20));
+        assert_eq!(o.refcount_cache_size, Some(262144));
+        assert_eq!(o.cache_size, Some(1 << 30));
+        let o = BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "file": "f", "l2-cache-size": 65536}),
+        )
+        .unwrap();
+        assert_eq!(q(o).l2_cache_size, Some(65536));
+        let e = |v| BlockdevOptions::from_json(v).unwrap_err().msg;
+        assert_eq!(
+            e(json!({"driver": "qcow2", "file": "f", "cache-size": "1M"})),
+            "Invalid parameter type for 'cache-size', expected: integer"
+        );
+        assert_eq!(
+            e(json!({"driver": "qcow2", "file": "f", "cache-size": -1})),
+            "Parameter 'cache-size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(
+            e(json!({"driver": "raw", "file": "f", "cache-size": 1})),
+            "Parameter 'cache-size' is unexpected"
+        );
+        let e = |s| BlockdevOptions::from_keyval(s).unwrap_err().msg;
+        assert_eq!(
+            e("driver=qcow2,file=f,l2-cache-size=1X"),
+            "Parameter 'l2-cache-size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(
+            e("driver=qcow2,file=f,l2-cache-size=99999999999T"),
+            "Parameter 'l2-cache-size' expects a non-negative number below 2^64"
         );
     }
 

@@ -4,14 +4,26 @@
 use parking_lot::Mutex;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const ALIGN: usize = 4096;
 
 /// Freed buffers of power-of-two sizes from 4 KiB to 1 MiB are kept for
-/// reuse: the data path allocates one per request.
+/// reuse: the data path allocates one per request. The pool holds at most
+/// `KEEP_PER_CLASS` buffers of a size and `KEEP_BYTES` in all; beyond that
+/// freed buffers go back to the allocator.
 const MIN_CLASS: u32 = 12;
 const MAX_CLASS: u32 = 20;
 const KEEP_PER_CLASS: usize = 64;
+const KEEP_BYTES: usize = 16 << 20;
+
+/// Buffers from this size up are mapped and unmapped directly: freed, they
+/// go back to the kernel at once (the allocator would keep them in its
+/// per-thread arenas, where a busy device's RSS grew by hundreds of MiB).
+const MMAP_MIN: usize = 128 << 10;
+
+/// Bytes held by the pool.
+static POOLED: AtomicUsize = AtomicUsize::new(0);
 
 struct FreeBuf(NonNull<u8>);
 // SAFETY: a free buffer is owned by the pool alone.
@@ -44,6 +56,7 @@ impl Buf {
         let cap = len.max(1).next_multiple_of(ALIGN).next_power_of_two();
         if let Some(class) = class_of(cap) {
             if let Some(FreeBuf(ptr)) = POOL[class].lock().pop() {
+                POOLED.fetch_sub(cap, Ordering::Relaxed);
                 return Buf { ptr, len, cap };
             }
             let mut b = Buf::zeroed(cap);
@@ -56,6 +69,29 @@ impl Buf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Buf {
         let cap = len.max(1).next_multiple_of(ALIGN);
+        if cap >= MMAP_MIN {
+            // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            // Anonymous mappings are zero-filled and page-aligned.
+            let ptr = (raw != libc::MAP_FAILED)
+                .then(|| NonNull::new(raw.cast::<u8>()))
+                .flatten();
+            let Some(ptr) = ptr else {
+                alloc::handle_alloc_error(
+                    Layout::from_size_align(cap, ALIGN).unwrap_or(Layout::new::<u8>()),
+                );
+            };
+            return Buf { ptr, len, cap };
+        }
         let Ok(layout) = Layout::from_size_align(cap, ALIGN) else {
             // Only reachable for sizes near usize::MAX, which callers cap far below.
             alloc::handle_alloc_error(Layout::new::<u8>());
@@ -124,9 +160,17 @@ impl Drop for Buf {
         if let Some(class) = class_of(self.cap) {
             let mut free = POOL[class].lock();
             if free.len() < KEEP_PER_CLASS {
-                free.push(FreeBuf(self.ptr));
-                return;
+                if POOLED.fetch_add(self.cap, Ordering::Relaxed) + self.cap <= KEEP_BYTES {
+                    free.push(FreeBuf(self.ptr));
+                    return;
+                }
+                POOLED.fetch_sub(self.cap, Ordering::Relaxed);
             }
+        }
+        if self.cap >= MMAP_MIN {
+            // SAFETY: mapped in `zeroed` with exactly this length, owned by us alone.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+            return;
         }
         // SAFETY: allocated in `zeroed` with exactly this layout.
         unsafe {
@@ -164,5 +208,16 @@ mod tests {
         assert_eq!(r.as_ptr() as usize % ALIGN, 0);
         let big = Buf::recycled(3 << 20);
         assert_eq!(big.len(), 3 << 20);
+    }
+
+    #[test]
+    fn the_pool_is_bounded_in_bytes() {
+        // Free 64 MiB of 1 MiB buffers at once: the pool keeps at most KEEP_BYTES.
+        let bufs: Vec<Buf> = (0..64).map(|_| Buf::recycled(1 << 20)).collect();
+        drop(bufs);
+        assert!(POOLED.load(Ordering::Relaxed) <= KEEP_BYTES);
+        let held: usize = POOL.iter().map(|p| p.lock().len()).sum();
+        assert!(held <= KEEP_BYTES / ALIGN);
+        assert!(POOL[(MAX_CLASS - MIN_CLASS) as usize].lock().len() <= KEEP_BYTES >> 20);
     }
 }

@@ -6,7 +6,28 @@
 //! clusters, never corrupt): a refcount is raised before anything points to
 //! the cluster, a new L2 table is written before the L1 entry that points to
 //! it, and a cluster is released only after nothing points to it any more.
+//!
+//! Released clusters are reused (QEMU's `free_cluster_index`): allocation
+//! searches forward from the lowest index that may be free for a run of
+//! clusters with refcount 0, and appends at the end of the file when there
+//! is none. A released cluster is reusable only once
+//! - no data I/O planned before its release is still in flight (a read or
+//!   write that looked up the old mapping must not meet the new owner's
+//!   data): requests hold an [`IoTicket`] of the epoch they were planned in,
+//!   and a cluster released in epoch E is reusable from epoch E + 2 on,
+//!   which is reached only once every request of epoch E has finished;
+//! - the release itself is flushed: the first reuse after a release flushes
+//!   the file, so the old L2 entry's removal is on disk before the cluster
+//!   holds other data.
+//!
+//! Freed clusters are discarded in the file (after their refcount drop is
+//! written) when the `pass-discard-*` option of the release's kind says so.
+//! In lazy-refcount mode refcounts are not kept, so allocation appends.
+//!
+//! L2 tables and refcount blocks are cached in bounded LRU caches
+//! ([`super::cache`]); both are write-through, so the file is always current.
 
+use super::cache::{CacheSizes, Lru};
 use super::entry::{Mapping, COPIED, OFFSET_MASK};
 use super::header::Header;
 use super::overlap::{self, Kind, Overlap};
@@ -16,11 +37,61 @@ use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent as Ev;
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// L2 tables and refcount blocks kept in memory, per kind.
-const CACHE_TABLES: usize = 512;
+/// Why a cluster is released: decides whether it is discarded in the file
+/// (QEMU's `enum qcow2_discard_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreeKind {
+    /// Never discarded (copy-on-write releases: the next write reuses them).
+    Never,
+    /// Always discarded (shrinking).
+    Always,
+    /// A guest discard or zero write with unmap (`pass-discard-request`).
+    Request,
+    /// Snapshot bookkeeping (`pass-discard-snapshot`).
+    Snapshot,
+    /// Metadata moves: L1, L2 copy-on-write, refcount table (`pass-discard-other`).
+    Other,
+}
+
+/// The `pass-discard-*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PassDiscard {
+    pub request: bool,
+    pub snapshot: bool,
+    pub other: bool,
+}
+
+impl PassDiscard {
+    fn passes(&self, kind: FreeKind) -> bool {
+        match kind {
+            FreeKind::Never => false,
+            FreeKind::Always => true,
+            FreeKind::Request => self.request,
+            FreeKind::Snapshot => self.snapshot,
+            FreeKind::Other => self.other,
+        }
+    }
+}
+
+/// Data requests in flight, counted per epoch parity (see the module doc).
+#[derive(Default)]
+pub struct InFlight([AtomicU64; 2]);
+
+/// A data request planned from the current mappings; dropped when it is done.
+pub struct IoTicket {
+    inflight: Arc<InFlight>,
+    bucket: usize,
+}
+
+impl Drop for IoTicket {
+    fn drop(&mut self) {
+        self.inflight.0[self.bucket].fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 pub struct Meta {
     file: Arc<Node>,
@@ -29,13 +100,28 @@ pub struct Meta {
     v3: bool,
     l1: Vec<u64>,
     l1_offset: u64,
-    l2: HashMap<u64, Vec<u64>>,
+    /// L2 table slices (or whole tables) by their file offset.
+    l2: Lru<Vec<u64>>,
+    /// Entries of one cached L2 slice.
+    slice_entries: u64,
     reftable: Vec<u64>,
     reftable_offset: u64,
-    refblocks: HashMap<u64, Vec<u8>>,
+    refblocks: Lru<Vec<u8>>,
     refcount_bits: u32,
-    /// Host cluster index where the next allocation goes (the file's end).
+    /// Host cluster index of the file's end: appending allocations go there.
     next_free: u64,
+    /// The lowest host cluster index that may be free.
+    free_hint: u64,
+    /// Released clusters not reusable yet: (epoch of release, first, count).
+    quarantine: VecDeque<(u64, u64, u64)>,
+    quarantined: HashSet<u64>,
+    inflight: Arc<InFlight>,
+    epoch: u64,
+    /// A cluster was released since the file was last flushed.
+    unflushed_frees: bool,
+    pass: PassDiscard,
+    /// Freed byte ranges waiting to be discarded in the file.
+    discards: Vec<(u64, u64)>,
     /// Lazy refcounts: the header's incompatible bits, and whether the
     /// dirty bit is already on disk. Refcounts are then not written at
     /// all; they are rebuilt on close or on the next read-write open.
@@ -68,6 +154,7 @@ impl Meta {
         let rt_raw = read_at(&file, h.refcount_table_offset, rt_len)?;
         let reftable = rt_raw.chunks_exact(8).map(|e| be64(e, 0)).collect();
         let cs = h.cluster_size();
+        let sizes = CacheSizes::default_for(h.size, cs);
         Ok(Meta {
             next_free: file.size().div_ceil(cs),
             file,
@@ -76,14 +163,52 @@ impl Meta {
             v3: h.version >= 3,
             l1,
             l1_offset: h.l1_table_offset,
-            l2: HashMap::new(),
+            l2: Lru::new(sizes.l2_entries),
+            slice_entries: sizes.l2_entry_bytes / 8,
             reftable,
             reftable_offset: h.refcount_table_offset,
-            refblocks: HashMap::new(),
+            refblocks: Lru::new(sizes.refcount_blocks),
             refcount_bits: h.refcount_bits(),
+            free_hint: 0,
+            quarantine: VecDeque::new(),
+            quarantined: HashSet::new(),
+            inflight: Arc::new(InFlight::default()),
+            epoch: 0,
+            unflushed_frees: false,
+            pass: PassDiscard::default(),
+            discards: Vec::new(),
             lazy: None,
             overlap: Overlap::new(0, h.cluster_bits),
         })
+    }
+
+    /// Resizes the caches (empties them).
+    pub fn set_cache_sizes(&mut self, sizes: CacheSizes) {
+        self.l2 = Lru::new(sizes.l2_entries);
+        self.slice_entries = sizes.l2_entry_bytes / 8;
+        self.refblocks = Lru::new(sizes.refcount_blocks);
+    }
+
+    pub fn set_pass_discard(&mut self, pass: PassDiscard) {
+        self.pass = pass;
+    }
+
+    /// Whether no data request is in flight.
+    pub fn idle(&self) -> bool {
+        self.inflight
+            .0
+            .iter()
+            .all(|c| c.load(Ordering::SeqCst) == 0)
+    }
+
+    /// Registers a data request planned from the mappings looked up now.
+    pub fn start_io(&self) -> IoTicket {
+        let bucket = (self.epoch & 1) as usize;
+        self.inflight.0[bucket].fetch_add(1, Ordering::SeqCst);
+        IoTicket {
+            inflight: self.inflight.clone(),
+            bucket,
+        }
     }
 
     /// Switches to lazy refcount updates (see `lazy`).
@@ -141,20 +266,35 @@ impl Meta {
         Ok(())
     }
 
-    fn l2_table(&mut self, l2_off: u64) -> Result<&mut Vec<u64>> {
-        if !self.l2.contains_key(&l2_off) {
+    /// The cached slice of the L2 table at `l2_off` holding entry `l2_idx`,
+    /// and the index of that entry in it.
+    fn l2_slice(&mut self, l2_off: u64, l2_idx: u64) -> Result<(&mut Vec<u64>, usize)> {
+        let first = l2_idx / self.slice_entries * self.slice_entries;
+        let key = l2_off + first * 8;
+        if !self.l2.contains(key) {
             self.check_host(l2_off, "L2 table")?;
             self.file.debug_event(Ev::L2Load);
-            let raw = read_at(&self.file, l2_off, self.cs as usize)?;
-            if self.l2.len() >= CACHE_TABLES {
-                if let Some(k) = self.l2.keys().next().copied() {
-                    self.l2.remove(&k);
-                }
-            }
+            let raw = read_at(&self.file, key, self.slice_entries as usize * 8)?;
             self.l2
-                .insert(l2_off, raw.chunks_exact(8).map(|e| be64(e, 0)).collect());
+                .insert(key, raw.chunks_exact(8).map(|e| be64(e, 0)).collect());
         }
-        self.l2.get_mut(&l2_off).ok_or_else(|| corrupt("L2 cache"))
+        let slice = self.l2.get_mut(key).ok_or_else(|| corrupt("L2 cache"))?;
+        Ok((slice, (l2_idx - first) as usize))
+    }
+
+    /// A whole L2 table, read from the file (the cache is write-through).
+    fn read_l2_table(&mut self, l2_off: u64) -> Result<Vec<u64>> {
+        self.check_host(l2_off, "L2 table")?;
+        let raw = read_at(&self.file, l2_off, self.cs as usize)?;
+        Ok(raw.chunks_exact(8).map(|e| be64(e, 0)).collect())
+    }
+
+    /// Drops every cached slice of the L2 table at `l2_off`.
+    fn forget_l2_table(&mut self, l2_off: u64) {
+        let step = self.slice_entries * 8;
+        for key in (l2_off..l2_off + self.cs).step_by(step as usize) {
+            self.l2.remove(key);
+        }
     }
 
     /// The mapping of one guest cluster.
@@ -173,8 +313,8 @@ impl Meta {
             return Ok(Mapping::Unallocated);
         }
         let (bits, v3) = (self.cluster_bits, self.v3);
-        let e = self.l2_table(l2_off)?[l2_idx];
-        let m = Mapping::decode(e, bits, v3);
+        let (slice, i) = self.l2_slice(l2_off, l2_idx as u64)?;
+        let m = Mapping::decode(slice[i], bits, v3);
         match m {
             Mapping::Data { host, .. }
             | Mapping::Zero {
@@ -225,12 +365,14 @@ impl Meta {
             self.write_meta(Kind::ActiveL1.bit(), at, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
             self.overlap.replace_entry(Kind::ActiveL2, l1e, e);
-            self.l2.insert(l2_off, vec![0; self.l2_entries() as usize]);
+            let first = l2_idx / self.slice_entries * self.slice_entries;
+            self.l2
+                .insert(l2_off + first * 8, vec![0; self.slice_entries as usize]);
         } else if l1e & COPIED == 0 {
             // Shared with a snapshot: write a private copy, point L1 at it,
             // then drop our reference to the shared one.
             self.file.debug_event(Ev::L2AllocCowRead);
-            let table = self.l2_table(l2_off)?.clone();
+            let table = self.read_l2_table(l2_off)?;
             let copy = self.alloc_cluster()?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.file.debug_event(Ev::L2AllocWrite);
@@ -241,16 +383,17 @@ impl Meta {
             self.write_meta(Kind::ActiveL1.bit(), at, &e.to_be_bytes())?;
             self.l1[l1_idx as usize] = e;
             self.overlap.replace_entry(Kind::ActiveL2, l1e, e);
-            self.l2.insert(copy, table);
-            self.release(l2_off, self.cs)?;
+            self.release(l2_off, self.cs, FreeKind::Other)?;
             l2_off = copy;
         }
         let chunk = self.chunk();
-        let table = self.l2_table(l2_off)?;
-        table[l2_idx as usize] = entry;
-        // Whole aligned chunks from the cached table: no read-modify-write below.
+        let (slice, i) = self.l2_slice(l2_off, l2_idx)?;
+        slice[i] = entry;
+        // Whole aligned chunks from the cached slice (a slice is at least
+        // one chunk): no read-modify-write below.
+        let in_slice = i * 8 / chunk * chunk;
         let first = (l2_idx as usize * 8) / chunk * chunk;
-        let bytes: Vec<u8> = table[first / 8..(first + chunk) / 8]
+        let bytes: Vec<u8> = slice[in_slice / 8..(in_slice + chunk) / 8]
             .iter()
             .flat_map(|e| e.to_be_bytes())
             .collect();
@@ -282,19 +425,14 @@ impl Meta {
     }
 
     fn refblock(&mut self, rb_off: u64) -> Result<&mut Vec<u8>> {
-        if !self.refblocks.contains_key(&rb_off) {
+        if !self.refblocks.contains(rb_off) {
             self.check_host(rb_off, "refcount block")?;
             self.file.debug_event(Ev::RefblockLoad);
             let raw = read_at(&self.file, rb_off, self.cs as usize)?;
-            if self.refblocks.len() >= CACHE_TABLES {
-                if let Some(k) = self.refblocks.keys().next().copied() {
-                    self.refblocks.remove(&k);
-                }
-            }
             self.refblocks.insert(rb_off, raw.to_vec());
         }
         self.refblocks
-            .get_mut(&rb_off)
+            .get_mut(rb_off)
             .ok_or_else(|| corrupt("refcount cache"))
     }
 
@@ -457,7 +595,7 @@ impl Meta {
             self.overlap.add(Kind::RefcountBlock, off, cs);
             self.refblocks.insert(off, block);
         }
-        self.release(old_off, old_clusters * cs)
+        self.release(old_off, old_clusters * cs, FreeKind::Other)
     }
 
     fn reftable_offset_of(&self, rt_idx: u64) -> Result<u64> {
@@ -469,22 +607,110 @@ impl Meta {
         self.alloc_clusters(1)
     }
 
-    /// `n` contiguous new clusters at the end of the file, their refcounts
-    /// already 1. They are reserved before any refcount is set, so refcount
-    /// blocks allocated on the way land after them.
+    /// `n` contiguous free clusters (the lowest run found, or at the end of
+    /// the file), their refcounts already 1. They are reserved before any
+    /// refcount is set, so refcount blocks and tables allocated on the way
+    /// (always at the file's end) land after them.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         self.mark_dirty()?;
         self.file.debug_event(Ev::ClusterAlloc);
-        let first = self.next_free;
+        if self.lazy.is_some() {
+            let first = self.next_free;
+            self.overlap
+                .check_op(overlap::Op::Allocation, first * self.cs, n * self.cs)?;
+            self.next_free += n;
+            return Ok(first * self.cs);
+        }
+        // Pending discards first: a reused cluster must not be punched later.
+        self.process_discards();
+        self.reclaim();
+        let (first, gap) = self.find_free(n)?;
         self.overlap
             .check_op(overlap::Op::Allocation, first * self.cs, n * self.cs)?;
-        self.next_free += n;
-        if self.lazy.is_none() {
-            for idx in first..first + n {
-                self.set_refcount(idx, 1)?;
-            }
+        let end = first + n;
+        if first < self.next_free && self.unflushed_frees {
+            // The release that freed it (and the L2 change before that) must
+            // be on disk before the cluster holds anything else.
+            wait(|d| self.file.flush(d))?;
+            self.unflushed_frees = false;
+        }
+        self.free_hint = gap.unwrap_or(end);
+        self.next_free = self.next_free.max(end);
+        for idx in first..end {
+            self.set_refcount(idx, 1)?;
         }
         Ok(first * self.cs)
+    }
+
+    /// The first run of `n` clusters from `free_hint` on with refcount 0
+    /// and not quarantined (past the file's end everything is free), and
+    /// the first free cluster skipped because its run was too short.
+    fn find_free(&mut self, n: u64) -> Result<(u64, Option<u64>)> {
+        let mut start = self.free_hint;
+        let mut gap = None;
+        let mut c = start;
+        while c < start + n && c < self.next_free {
+            if self.quarantined.contains(&c) || self.refcount(c)? != 0 {
+                if c > start {
+                    gap = gap.or(Some(start));
+                }
+                start = c + 1;
+            }
+            c += 1;
+        }
+        Ok((start, gap))
+    }
+
+    /// Advances the epoch as far as finished requests allow and makes the
+    /// clusters released two epochs ago reusable.
+    fn reclaim(&mut self) {
+        for _ in 0..2 {
+            // The previous epoch's requests share the next epoch's bucket.
+            if self.inflight.0[((self.epoch + 1) & 1) as usize].load(Ordering::SeqCst) != 0 {
+                break;
+            }
+            self.epoch += 1;
+        }
+        while let Some(&(e, first, n)) = self.quarantine.front() {
+            if e + 2 > self.epoch {
+                break;
+            }
+            self.quarantine.pop_front();
+            for c in first..first + n {
+                self.quarantined.remove(&c);
+            }
+            self.free_hint = self.free_hint.min(first);
+        }
+    }
+
+    /// Records that cluster `c` reached refcount 0.
+    fn freed(&mut self, c: u64, kind: FreeKind) {
+        self.unflushed_frees = true;
+        // Were it an L2 table, its slices must not outlive it (the cluster
+        // may become another table).
+        self.forget_l2_table(c * self.cs);
+        self.quarantined.insert(c);
+        match self.quarantine.back_mut() {
+            Some((e, first, n)) if *e == self.epoch && *first + *n == c => *n += 1,
+            _ => self.quarantine.push_back((self.epoch, c, 1)),
+        }
+        if self.pass.passes(kind) {
+            let off = c * self.cs;
+            match self.discards.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += self.cs,
+                _ => self.discards.push((off, self.cs)),
+            }
+        }
+    }
+
+    /// Discards the freed clusters queued so far in the file. Their refcount
+    /// drops are written; discards are advisory, so failures are only logged.
+    pub fn process_discards(&mut self) {
+        for (off, len) in std::mem::take(&mut self.discards) {
+            if let Err(e) = wait(|d| self.file.discard(off, len, d)) {
+                log::debug!("qcow2: discard of freed clusters at {off:#x}+{len:#x}: {e}");
+            }
+        }
     }
 
     /// Entries of the L1 table.
@@ -526,7 +752,7 @@ impl Meta {
         self.overlap.add(Kind::ActiveL1, off, entries * 8);
         self.l1 = table;
         if old_len > 0 {
-            self.release(old_off, old_len * 8)?;
+            self.release(old_off, old_len * 8, FreeKind::Other)?;
         }
         Ok(())
     }
@@ -546,7 +772,7 @@ impl Meta {
         self.mark_dirty()?;
         let (bits, v3) = (self.cluster_bits, self.v3);
         let mappings = if l1e & COPIED != 0 {
-            self.l2_table(l2_off)?
+            self.read_l2_table(l2_off)?
                 .iter()
                 .map(|&e| Mapping::decode(e, bits, v3))
                 .collect()
@@ -557,12 +783,13 @@ impl Meta {
         self.write_meta(Kind::ActiveL1.bit(), at, &0u64.to_be_bytes())?;
         self.l1[l1_idx as usize] = 0;
         self.overlap.replace_entry(Kind::ActiveL2, l1e, 0);
-        self.l2.remove(&l2_off);
+        self.forget_l2_table(l2_off);
         Ok(Some((l2_off, mappings)))
     }
 
-    /// Drops one reference of every host cluster in `off..off+len`.
-    pub fn release(&mut self, off: u64, len: u64) -> Result<()> {
+    /// Drops one reference of every host cluster in `off..off+len`; those
+    /// that reach zero become free (see the module doc).
+    pub fn release(&mut self, off: u64, len: u64, kind: FreeKind) -> Result<()> {
         self.file.debug_event(Ev::ClusterFree);
         if self.lazy.is_some() {
             return self.mark_dirty();
@@ -577,6 +804,9 @@ impl Meta {
                 )));
             }
             self.set_refcount(c, rc - 1)?;
+            if rc == 1 {
+                self.freed(c, kind);
+            }
         }
         Ok(())
     }
@@ -614,6 +844,163 @@ pub fn rc_set(block: &mut [u8], idx: usize, bits: u32, value: u64) -> (usize, us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drivers::qcow2::{check, create, read_header};
+    use crate::options::BlockdevOptions;
+
+    /// A fresh image's metadata over a file node, and the engine behind it.
+    fn image(name: &str, o: create::CreateOptions) -> (Arc<crate::Engine>, Arc<Node>, Meta) {
+        let dir = std::env::temp_dir().join(format!("blkfs-meta-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img.qcow2").to_string_lossy().into_owned();
+        create::create(&path, &o).unwrap();
+        let engine = crate::Engine::new();
+        let spec = serde_json::json!({"driver": "file", "node-name": "f", "filename": path});
+        let file = engine
+            .graph
+            .add(&BlockdevOptions::from_json(spec).unwrap())
+            .unwrap()
+            .node;
+        let h = read_header(&file).unwrap();
+        let meta = Meta::load(file.clone(), &h).unwrap();
+        // The open node keeps the file alive.
+        std::fs::remove_dir_all(&dir).unwrap();
+        (engine, file, meta)
+    }
+
+    #[test]
+    fn free_cluster_search_reuses_the_lowest_run() {
+        let o = create::CreateOptions {
+            size: 64 << 20,
+            ..Default::default()
+        };
+        let (_e, _f, mut m) = image("search", o);
+        let cs = m.cs;
+        let end = m.next_free;
+        let a = m.alloc_cluster().unwrap() / cs;
+        assert_eq!(a, end, "a fresh image appends");
+        let b = m.alloc_clusters(3).unwrap() / cs;
+        assert_eq!(b, end + 1);
+        let c = m.alloc_cluster().unwrap() / cs;
+        assert_eq!(c, end + 4);
+        // A request planned before the release keeps the clusters quarantined.
+        let t = m.start_io();
+        m.release(b * cs, 3 * cs, FreeKind::Never).unwrap();
+        assert_eq!(m.refcount(b).unwrap(), 0);
+        assert_eq!(
+            m.alloc_cluster().unwrap() / cs,
+            end + 5,
+            "in-flight request"
+        );
+        drop(t);
+        // Now the lowest run of two is reused; the third freed cluster stays
+        // the search start.
+        assert_eq!(m.alloc_clusters(2).unwrap() / cs, b);
+        assert_eq!(
+            m.alloc_clusters(2).unwrap() / cs,
+            end + 6,
+            "a one-cluster hole is too short"
+        );
+        assert_eq!(
+            m.alloc_cluster().unwrap() / cs,
+            b + 2,
+            "the hole is still found"
+        );
+        assert_eq!(m.alloc_cluster().unwrap() / cs, end + 8);
+        // Lazy refcounts: always the end.
+        m.release(a * cs, cs, FreeKind::Never).unwrap();
+        m.lazy = Some((0, true));
+        assert_eq!(m.alloc_cluster().unwrap() / cs, end + 9);
+    }
+
+    #[test]
+    fn freed_clusters_are_queued_for_discard_by_kind() {
+        let o = create::CreateOptions {
+            size: 64 << 20,
+            ..Default::default()
+        };
+        let (_e, _f, mut m) = image("discard", o);
+        let cs = m.cs;
+        m.set_pass_discard(PassDiscard {
+            request: true,
+            snapshot: false,
+            other: false,
+        });
+        let first = m.alloc_clusters(8).unwrap();
+        // Adjacent frees merge into one range.
+        m.release(first, cs, FreeKind::Request).unwrap();
+        m.release(first + cs, cs, FreeKind::Always).unwrap();
+        m.release(first + 2 * cs, cs, FreeKind::Other).unwrap();
+        m.release(first + 3 * cs, cs, FreeKind::Snapshot).unwrap();
+        m.release(first + 4 * cs, cs, FreeKind::Never).unwrap();
+        m.release(first + 6 * cs, cs, FreeKind::Request).unwrap();
+        assert_eq!(m.discards, vec![(first, 2 * cs), (first + 6 * cs, cs)]);
+        // A shared cluster is not freed by dropping one reference.
+        m.set_refcount(first / cs + 7, 2).unwrap();
+        m.release(first + 7 * cs, cs, FreeKind::Request).unwrap();
+        assert_eq!(m.discards.len(), 2);
+        m.process_discards();
+        assert!(m.discards.is_empty());
+    }
+
+    /// Random allocations and releases on an image with tiny refcount
+    /// blocks (refcount blocks and a growing refcount table allocated on
+    /// the way): no cluster is handed out twice or overlaps metadata, and
+    /// the refcounts stay exact (check sees only the clusters we hold).
+    #[test]
+    fn allocations_never_overlap() {
+        let o = create::CreateOptions {
+            size: 64 << 20,
+            cluster_bits: 9,
+            refcount_order: 6,
+            ..Default::default()
+        };
+        let (_e, file, mut m) = image("overlap", o);
+        let cs = m.cs;
+        let mut next = crate::testutil::xorshift(0x5EED_0FC1_A57E_1234);
+        let mut held: Vec<(u64, u64)> = Vec::new();
+        let mut owner = std::collections::HashMap::new();
+        for _ in 0..5000 {
+            if held.is_empty() || !next().is_multiple_of(3) {
+                let n = 1 + next() % 4;
+                let first = m.alloc_clusters(n).unwrap() / cs;
+                for c in first..first + n {
+                    assert!(
+                        owner.insert(c, first).is_none(),
+                        "cluster {c} handed out twice"
+                    );
+                    assert_eq!(m.refcount(c).unwrap(), 1);
+                }
+                held.push((first, n));
+            } else {
+                let (first, n) = held.swap_remove((next() % held.len() as u64) as usize);
+                for c in first..first + n {
+                    owner.remove(&c);
+                }
+                m.release(first * cs, n * cs, FreeKind::Other).unwrap();
+            }
+            // Nothing we hold is metadata.
+            let rt = m.reftable_offset / cs;
+            let rt_len = (m.reftable.len() as u64 * 8).div_ceil(cs);
+            for c in rt..rt + rt_len {
+                assert!(!owner.contains_key(&c), "cluster {c} of the refcount table");
+            }
+            for e in &m.reftable {
+                assert!(!owner.contains_key(&((e & OFFSET_MASK) / cs)));
+            }
+        }
+        assert!(m.reftable.len() > 64, "the refcount table grew");
+        // Held clusters were never written: extend the file over them.
+        write_at(&file, (m.next_free - 1) * cs, &vec![0; cs as usize]).unwrap();
+        wait(|d| file.flush(d)).unwrap();
+        let h = read_header(&file).unwrap();
+        let r = check::check(&file, &h, check::Repair::None).unwrap();
+        assert_eq!(r.corruptions, 0);
+        assert_eq!(
+            r.leaks,
+            owner.len() as u64,
+            "held clusters are the only leaks"
+        );
+    }
 
     #[test]
     fn refcount_entries_of_every_width() {

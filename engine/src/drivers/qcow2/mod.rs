@@ -15,6 +15,7 @@
 //! buffer. Everything else (allocation, copy-on-write, compressed data,
 //! backing reads) takes the slow path; allocating writes are serialised.
 
+pub mod cache;
 pub mod check;
 pub mod create;
 pub mod entry;
@@ -35,7 +36,7 @@ use crate::io::Buf;
 use crate::options::{BlkdebugEvent as Ev, OverlapMode, Qcow2Options};
 use entry::{Mapping, COPIED, ZERO};
 use header::Header;
-use meta::{corrupt, read_at, write_at, Meta};
+use meta::{corrupt, read_at, write_at, FreeKind, IoTicket, Meta, PassDiscard};
 use overlap::Overlap;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
@@ -56,7 +57,6 @@ pub struct Qcow2Driver {
     claims: Mutex<HashSet<u64>>,
     released: Condvar,
     cs: u64,
-    pass_discard: bool,
     read_only: bool,
     snapshots: Vec<snapshot::Snapshot>,
     /// Set once corruption was found: the corrupt bit is on disk and writes are refused.
@@ -81,7 +81,9 @@ impl Qcow2Driver {
         backing: Option<Arc<Node>>,
         opts: &Qcow2Options,
         read_only: bool,
+        unmap: bool,
     ) -> Result<Self> {
+        let sizes = cache::CacheSizes::new(opts, header.size, header.cluster_size())?;
         if !read_only {
             if header.incompatible & header::INCOMPAT_CORRUPT != 0 {
                 return Err(Error::generic(
@@ -108,6 +110,13 @@ impl Qcow2Driver {
             }
         }
         let mut meta = Meta::load(file.clone(), &header)?;
+        meta.set_cache_sizes(sizes);
+        // QEMU's defaults: guest requests pass when the node unmaps.
+        meta.set_pass_discard(PassDiscard {
+            request: opts.pass_discard_request.unwrap_or(unmap),
+            snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+            other: opts.pass_discard_other.unwrap_or(false),
+        });
         let lazy = header.version >= 3
             && opts
                 .lazy_refcounts
@@ -138,7 +147,6 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             claims: Mutex::new(HashSet::new()),
             released: Condvar::new(),
-            pass_discard: opts.pass_discard_request.unwrap_or(false),
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
@@ -182,35 +190,41 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// `plan`, recording corruption it finds.
-    fn checked_plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        self.plan(offset, len)
-            .inspect_err(|e| self.check_corruption(e))
+    /// The plan of a data request, recording corruption it finds, with the
+    /// ticket that keeps the clusters it maps from being reused until the
+    /// request is done.
+    /// For a write (`write`), when the range is one owned data run (the
+    /// fast path writes it in place), that host range is checked for
+    /// metadata overlaps under the same lock.
+    fn checked_plan(
+        &self,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(Vec<Segment>, IoTicket)> {
+        let mut meta = self.meta.lock();
+        let r = segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup_run(c)).and_then(
+            |segs| {
+                if let (
+                    true,
+                    [Segment {
+                        map: Mapping::Data { host, copied: true },
+                        ..
+                    }],
+                ) = (write, &segs[..])
+                {
+                    meta.overlap().check(overlap::NEW, *host, len as u64)?;
+                }
+                Ok((segs, meta.start_io()))
+            },
+        );
+        drop(meta);
+        r.inspect_err(|e| self.check_corruption(e))
     }
 
     /// The segments of `offset..offset+len`, adjacent clusters merged when
-    /// they map alike (and contiguously, for data).
-    fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        self.plan_upto(offset, len, usize::MAX)
-    }
-
-    /// `plan` for a write. When the range is one owned data run (the fast
-    /// path writes it in place) that host range is checked for metadata
-    /// overlaps under the same lock.
-    fn write_plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        let mut meta = self.meta.lock();
-        let segs = segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup_run(c))?;
-        if let [Segment {
-            map: Mapping::Data { host, copied: true },
-            ..
-        }] = segs[..]
-        {
-            meta.overlap().check(overlap::NEW, host, len as u64)?;
-        }
-        Ok(segs)
-    }
-
-    /// Like `plan`, but stops once `max` segments are complete.
+    /// they map alike (and contiguously, for data); stops once `max`
+    /// segments are complete.
     fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
         let mut meta = self.meta.lock();
         segments::plan(offset, len, self.cs, max, |c| meta.lookup_run(c))
@@ -367,7 +381,8 @@ impl Qcow2Driver {
         write_at(&self.file, host, payload)?;
         let mut meta = self.meta.lock();
         meta.set_l2(cluster, host | COPIED)?;
-        self.release_old(&mut meta, old, reuse.is_some())?;
+        // As QEMU: copy-on-write releases are not discarded (soon reused).
+        self.release_old(&mut meta, old, reuse.is_some(), FreeKind::Never)?;
         content.truncate(0);
         Ok(())
     }
@@ -385,7 +400,13 @@ impl Qcow2Driver {
     }
 
     /// Drops the reference an L2 entry held, once nothing points there.
-    fn release_old(&self, meta: &mut Meta, old: Mapping, reused: bool) -> Result<()> {
+    fn release_old(
+        &self,
+        meta: &mut Meta,
+        old: Mapping,
+        reused: bool,
+        kind: FreeKind,
+    ) -> Result<()> {
         if !reused {
             check_free(meta.overlap(), old, self.cs)?;
         }
@@ -393,31 +414,44 @@ impl Qcow2Driver {
             Mapping::Data { host, .. }
             | Mapping::Zero {
                 host: Some(host), ..
-            } if !reused => {
-                meta.release(host, self.cs)?;
-                if self.pass_discard && !meta.is_lazy() && meta.refcount(host / self.cs)? == 0 {
-                    let _ = wait(|d| self.file.discard(host, self.cs, d));
-                }
-                Ok(())
-            }
-            Mapping::Compressed { host, len } => meta.release(host, len),
+            } if !reused => meta.release(host, self.cs, kind),
+            Mapping::Compressed { host, len } => meta.release(host, len, kind),
             _ => Ok(()),
         }
     }
 
-    /// Sets whole clusters to `entry` (zero flag or unallocated).
-    fn remap_clusters(&self, offset: u64, len: u64, entry: u64) -> Result<()> {
+    /// Sets whole clusters to `entry` (zero flag or unallocated). With
+    /// `keep`, clusters with data keep their host cluster under the zero
+    /// flag (QEMU's zero write without unmap); others are released as
+    /// guest requests.
+    fn remap_clusters(&self, offset: u64, len: u64, entry: u64, keep: bool) -> Result<()> {
+        let r = self.remap_each(offset, len, entry, keep);
+        self.meta.lock().process_discards();
+        r
+    }
+
+    fn remap_each(&self, offset: u64, len: u64, entry: u64, keep: bool) -> Result<()> {
         for c in offset / self.cs..(offset + len) / self.cs {
             let _claim = self.claim(c);
             let mut meta = self.meta.lock();
             let old = meta.lookup(c)?;
-            if old == Mapping::Unallocated && entry == 0 {
-                continue;
-            }
-            // Refused before the L2 entry changes.
+            let new = match old {
+                Mapping::Unallocated if entry == 0 => continue,
+                Mapping::Zero { host: None, .. } if entry == ZERO => continue,
+                Mapping::Zero { host: Some(_), .. } if keep => continue,
+                Mapping::Data { host, copied } if keep => {
+                    host | ZERO | if copied { COPIED } else { 0 }
+                }
+                _ => entry,
+            };
+            // Refused before the L2 entry changes: a mapping into metadata is
+            // neither released nor kept under the zero flag (a later write
+            // would reuse it).
             check_free(meta.overlap(), old, self.cs)?;
-            meta.set_l2(c, entry)?;
-            self.release_old(&mut meta, old, false)?;
+            meta.set_l2(c, new)?;
+            if new == entry {
+                self.release_old(&mut meta, old, false, FreeKind::Request)?;
+            }
         }
         Ok(())
     }
@@ -436,9 +470,44 @@ impl Qcow2Driver {
         })
     }
 
+    /// A zero write with unmap over part of a cluster of ours whose rest
+    /// reads as zeroes already frees the whole cluster (a big request split
+    /// at unaligned places would otherwise keep its edge clusters).
+    /// Returns whether it did. Only done with no data request in flight
+    /// (a write to the rest of the cluster, which takes no claim, would be
+    /// lost), checked and done under the metadata lock so none starts.
+    fn unmap_edge(&self, guest: u64, len: u64) -> Result<bool> {
+        let v3 = self.header.version >= 3;
+        if self.key.is_encrypted() || !(v3 || self.backing.is_none()) {
+            return Ok(false);
+        }
+        let cluster = guest / self.cs;
+        let _claim = self.claim(cluster);
+        let mut meta = self.meta.lock();
+        if !meta.idle() {
+            return Ok(false);
+        }
+        let old = meta.lookup(cluster)?;
+        let Mapping::Data { host, copied: true } = old else {
+            return Ok(false);
+        };
+        let data = read_at(&self.file, host, self.cs as usize)?;
+        let at = (guest % self.cs) as usize;
+        if !(data[..at].iter().all(|&b| b == 0)
+            && data[at + len as usize..].iter().all(|&b| b == 0))
+        {
+            return Ok(false);
+        }
+        meta.set_l2(cluster, if v3 { ZERO } else { 0 })?;
+        self.release_old(&mut meta, old, false, FreeKind::Request)?;
+        meta.process_discards();
+        Ok(true)
+    }
+
     /// Zeroes or discards: whole clusters are remapped, the edges written
-    /// unless they already read as zeroes.
-    fn zero_or_discard(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+    /// unless they already read as zeroes. A zero write without `unmap`
+    /// keeps the clusters allocated (v3).
+    fn zero_or_discard(&self, offset: u64, len: u64, discard: bool, unmap: bool) -> Result<()> {
         let v3 = self.header.version >= 3;
         let start = offset.next_multiple_of(self.cs).min(offset + len);
         let end = ((offset + len) / self.cs * self.cs).max(start);
@@ -448,16 +517,16 @@ impl Qcow2Driver {
         }
         if !discard {
             for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
-                if l > 0 && !self.reads_as_zero(o)? {
+                if l > 0 && !self.reads_as_zero(o)? && !(unmap && self.unmap_edge(o, l)?) {
                     self.write_range(o, &Buf::zeroed(l as usize))?;
                 }
             }
         }
         if end > start {
             if v3 {
-                self.remap_clusters(start, end - start, ZERO)?;
+                self.remap_clusters(start, end - start, ZERO, !discard && !unmap)?;
             } else if self.backing.is_none() {
-                self.remap_clusters(start, end - start, 0)?;
+                self.remap_clusters(start, end - start, 0, false)?;
             } else {
                 let mut o = start;
                 while o < end {
@@ -474,13 +543,20 @@ impl Qcow2Driver {
 impl Qcow2Driver {
     /// Zeroes or discards on a worker: metadata changes wait for I/O, and
     /// the submitting thread (a FUSE reader) must not.
-    fn remap_later(self: &Arc<Self>, offset: u64, len: u64, discard: bool, done: Done<()>) {
+    fn remap_later(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        discard: bool,
+        unmap: bool,
+        done: Done<()>,
+    ) {
         let me = self.clone();
         crate::io::spawn_blocking(move || {
             let r = me
                 .refuse_if_corrupt()
                 .and_then(|()| me.key.cipher())
-                .and_then(|_| me.zero_or_discard(offset, len, discard));
+                .and_then(|_| me.zero_or_discard(offset, len, discard, unmap));
             done(r.inspect_err(|e| me.check_corruption(e)))
         });
     }
@@ -500,10 +576,11 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        let segs = match self.checked_plan(offset, buf.len()) {
+        let (segs, ticket) = match self.checked_plan(offset, buf.len(), false) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
+        let done = holding(ticket, done);
         // One segment (the common case): no gathering, the caller's buffer goes down.
         if let [seg] = segs[..] {
             match seg.map {
@@ -544,10 +621,7 @@ impl Driver for Arc<Qcow2Driver> {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
-        let segs = match self
-            .write_plan(offset, buf.len())
-            .inspect_err(|e| self.check_corruption(e))
-        {
+        let (segs, ticket) = match self.checked_plan(offset, buf.len(), true) {
             Ok(s) => s,
             Err(e) => return done(Err(e)),
         };
@@ -558,13 +632,16 @@ impl Driver for Arc<Qcow2Driver> {
         {
             self.file.debug_event(Ev::WriteAio);
             match cipher {
-                None => return self.file.write(host, buf, done),
+                None => return self.file.write(host, buf, holding(ticket, done)),
                 Some(c) if aes_legacy::whole_sectors(offset, buf.len()) => {
-                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done)
+                    let done = holding(ticket, done);
+                    return aes_legacy::write_sectors(&self.file, &c, offset, host, buf, done);
                 }
                 Some(_) => {}
             }
         }
+        // The slow path looks its clusters up again under their claims.
+        drop(ticket);
         let me = self.clone();
         crate::io::spawn_blocking(move || {
             let r = me.write_range(offset, &buf);
@@ -575,12 +652,12 @@ impl Driver for Arc<Qcow2Driver> {
         });
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool, done: Done<()>) {
-        self.remap_later(offset, len, false, done)
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
+        self.remap_later(offset, len, false, unmap, done)
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        self.remap_later(offset, len, true, done)
+        self.remap_later(offset, len, true, true, done)
     }
 
     fn flush(&self, done: Done<()>) {
@@ -680,6 +757,14 @@ fn check_free(ov: &Overlap, m: Mapping, cs: u64) -> Result<()> {
         Mapping::Compressed { host, len } => ov.check_op(overlap::Op::Free, host, len),
         Mapping::Zero { host: None, .. } | Mapping::Unallocated => Ok(()),
     }
+}
+
+/// `done`, keeping `ticket` until the request completes.
+fn holding(ticket: IoTicket, done: Done<Buf>) -> Done<Buf> {
+    Box::new(move |r| {
+        drop(ticket);
+        done(r)
+    })
 }
 
 /// A claimed guest cluster, released (and waiters woken) on drop.

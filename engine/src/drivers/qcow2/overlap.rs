@@ -422,8 +422,9 @@ mod tests {
             overlap_check: Some(ALL),
             ..Qcow2Options::default()
         };
-        let drv =
-            Arc::new(Qcow2Driver::open(file.clone(), h0.clone(), None, &opts, false).unwrap());
+        let drv = Arc::new(
+            Qcow2Driver::open(file.clone(), h0.clone(), None, &opts, false, true).unwrap(),
+        );
         let write = |off: u64, len: usize| {
             wait(|d| drv.write(off, Buf::from_slice(&vec![0x33; len]), d)).unwrap();
         };

@@ -3,7 +3,7 @@
 
 use super::entry::Mapping;
 use super::header::{check_backing_name, check_virtual_size, l1_entries_for};
-use super::meta::{read_at, write_at};
+use super::meta::{read_at, write_at, FreeKind};
 use super::Qcow2Driver;
 use crate::drivers::wait;
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ impl Qcow2Driver {
         let start = old.next_multiple_of(cs);
         let end = new.min(backing_len).next_multiple_of(cs);
         if end > start {
-            self.zero_or_discard(start, end - start, false)?;
+            self.zero_or_discard(start, end - start, false, true)?;
         }
         Ok(())
     }
@@ -102,11 +102,12 @@ impl Qcow2Driver {
         // Nothing may point to a cluster once its refcount drops.
         wait(|d| self.file.flush(d))?;
         for m in freed {
-            self.release_old(&mut meta, m, false)?;
+            self.release_old(&mut meta, m, false, FreeKind::Always)?;
         }
         for t in tables {
-            meta.release(t, self.cs)?;
+            meta.release(t, self.cs, FreeKind::Always)?;
         }
+        meta.process_discards();
         drop(meta);
         self.set_size(new)
     }

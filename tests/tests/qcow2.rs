@@ -430,6 +430,18 @@ fn corruption_found_at_run_time_is_reported_and_contained() {
         ev["data"]["msg"].as_str().unwrap().contains("corrupt"),
         "{ev}"
     );
+    // Found again: still EIO, but the event is not repeated (QEMU: "further
+    // corruption events will be suppressed").
+    let e = dev.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    q.ok("query-version", json!({}));
+    assert!(
+        q.events
+            .iter()
+            .all(|e| e["event"] != "BLOCK_IMAGE_CORRUPTED"),
+        "{:?}",
+        q.events
+    );
     // Other clusters still read; writes are refused from now on; the daemon is up.
     dev.read_exact_at(&mut buf, 65536).unwrap();
     assert!(buf.iter().all(|&x| x == 0x42));

@@ -164,9 +164,14 @@ impl Qcow2Driver {
 
     /// On the first corruption found: set the corrupt bit (v3) so no tool
     /// writes the image before it is repaired, and refuse writes from now on.
-    fn check_corruption(&self, e: &Error) {
-        if e.kind != crate::error::ErrorKind::Corrupt || self.corrupt.swap(true, Ordering::SeqCst) {
-            return;
+    /// Later ones are plain EIO: as QEMU says, further corruption events
+    /// (BLOCK_IMAGE_CORRUPTED, raised for `Corrupt` errors) are suppressed.
+    fn signal_corruption(&self, e: Error) -> Error {
+        if e.kind != crate::error::ErrorKind::Corrupt {
+            return e;
+        }
+        if self.corrupt.swap(true, Ordering::SeqCst) {
+            return Error::io(libc::EIO, e.msg);
         }
         log::error!(
             "{}: qcow2: Marking image as corrupt: {e}; further corruption events will be suppressed",
@@ -178,6 +183,7 @@ impl Qcow2Driver {
                 log::error!("cannot set the corrupt bit: {w}");
             }
         }
+        e
     }
 
     fn refuse_if_corrupt(&self) -> Result<()> {
@@ -219,7 +225,7 @@ impl Qcow2Driver {
             },
         );
         drop(meta);
-        r.inspect_err(|e| self.check_corruption(e))
+        r.map_err(|e| self.signal_corruption(e))
     }
 
     /// The segments of `offset..offset+len`, adjacent clusters merged when
@@ -557,7 +563,7 @@ impl Qcow2Driver {
                 .refuse_if_corrupt()
                 .and_then(|()| me.key.cipher())
                 .and_then(|_| me.zero_or_discard(offset, len, discard, unmap));
-            done(r.inspect_err(|e| me.check_corruption(e)))
+            done(r.map_err(|e| me.signal_corruption(e)))
         });
     }
 }
@@ -645,10 +651,7 @@ impl Driver for Arc<Qcow2Driver> {
         let me = self.clone();
         crate::io::spawn_blocking(move || {
             let r = me.write_range(offset, &buf);
-            if let Err(e) = &r {
-                me.check_corruption(e);
-            }
-            done(r.map(|()| buf));
+            done(r.map(|()| buf).map_err(|e| me.signal_corruption(e)));
         });
     }
 

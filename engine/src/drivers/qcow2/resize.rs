@@ -36,7 +36,7 @@ impl Qcow2Driver {
         } else {
             Ok(())
         };
-        r.inspect_err(|e| self.check_corruption(e))
+        r.map_err(|e| self.signal_corruption(e))
     }
 
     fn grow(&self, old: u64, new: u64) -> Result<()> {

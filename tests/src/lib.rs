@@ -411,6 +411,24 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A xorshift generator for seeded random operation sequences (a failing
+/// seed reproduces); the seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// Runs blkctl with arguments; returns (exit code, stdout, stderr).
 pub fn blkctl(sock: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin("blkctl"))

@@ -15,21 +15,6 @@ use std::sync::Arc;
 const SIZE: usize = 3 << 20;
 const BACKING: usize = 2 << 20;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn open(img: &str) -> (Arc<Engine>, Arc<Device>) {
     let engine = Engine::new();
     // No image locks: the test reopens the image in-process while the old

@@ -315,6 +315,24 @@ fn seek_over_a_huge_empty_qcow2_is_immediate() {
     assert_eq!(hole, Ok((40 << 40) + 65536));
 }
 
+/// fio 4k QD32 with two jobs, libaio, O_DIRECT, for `secs` seconds.
+fn fio_args(name: &str, dev: &str, rw: &str, secs: u32, size: &str) -> Vec<String> {
+    [
+        format!("--name={name}"),
+        format!("--filename={dev}"),
+        format!("--rw={rw}"),
+        "--bs=4k".into(),
+        "--iodepth=32".into(),
+        "--numjobs=2".into(),
+        "--ioengine=libaio".into(),
+        "--direct=1".into(),
+        "--time_based".into(),
+        format!("--runtime={secs}"),
+        format!("--size={size}"),
+    ]
+    .into()
+}
+
 fn fio_available() -> bool {
     Command::new("fio").arg("--version").output().is_ok()
 }
@@ -402,18 +420,8 @@ fn injected_errors_under_load_never_hang() {
         let dev = d.dev("d0").to_string_lossy().into_owned();
         let out = with_timeout(Duration::from_secs(60), move || {
             Command::new("fio")
+                .args(fio_args("inject", &dev, "randrw", 1, "32M"))
                 .args([
-                    "--name=inject",
-                    &format!("--filename={dev}"),
-                    "--rw=randrw",
-                    "--bs=4k",
-                    "--iodepth=32",
-                    "--numjobs=2",
-                    "--ioengine=libaio",
-                    "--direct=1",
-                    "--time_based",
-                    "--runtime=1",
-                    "--size=32M",
                     "--continue_on_error=all",
                     "--fsync=64",
                     "--output-format=terse",
@@ -462,20 +470,7 @@ fn quit_during_writes_leaks_nothing() {
         let d = Daemon::start(&dir, &[qcow2_spec("d0", &img)]);
         let dev = d.dev("d0").to_string_lossy().into_owned();
         let fio = Command::new("fio")
-            .args([
-                "--name=alloc",
-                &format!("--filename={dev}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=32",
-                "--numjobs=2",
-                "--ioengine=libaio",
-                "--direct=1",
-                "--time_based",
-                "--runtime=30",
-                "--size=1G",
-                "--output-format=terse",
-            ])
+            .args(fio_args("alloc", &dev, "randwrite", 30, "1G"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

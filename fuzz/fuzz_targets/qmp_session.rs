@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = s.handle(&msg);
     }
+    // The daemon's --blockdev parser (JSON or dotted keys, throttling keys),
+    // which covers every driver's options (overlap-check, cache sizes, locking).
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = blkfs_engine::options::BlockdevOptions::from_cli(text);
+        let _ = blkfs_engine::options::BlockdevOptions::from_daemon_cli(text);
     }
 });

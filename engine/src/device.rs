@@ -389,6 +389,18 @@ impl Device {
     /// with no allocation half done (QEMU drains before it closes; exiting
     /// mid-request leaked clusters). Bounded by the quiesce timeout.
     pub fn drain(&self) {
+        if !self.pause_until_idle() {
+            log::warn!(
+                "device '{}': {} requests still in flight at shutdown",
+                self.id,
+                self.inflight.load(Ordering::SeqCst)
+            );
+        }
+    }
+
+    /// Closes the gate (new requests wait) and waits, at most the quiesce
+    /// timeout, for the requests in flight; false when some are left.
+    fn pause_until_idle(&self) -> bool {
         {
             let mut g = self.gate.lock();
             g.paused += 1;
@@ -397,15 +409,11 @@ impl Device {
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
         while self.inflight.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {
-                log::warn!(
-                    "device '{}': {} requests still in flight at shutdown",
-                    self.id,
-                    self.inflight.load(Ordering::SeqCst)
-                );
-                return;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        true
     }
 
     /// Resumes a stopped device: io-status is reset and held requests run
@@ -447,23 +455,13 @@ impl Device {
 
     /// Runs `f` with no request of this device in flight; new requests wait.
     pub fn quiesced<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        {
-            let mut g = self.gate.lock();
-            g.paused += 1;
-            self.blocked.store(true, Ordering::SeqCst);
-        }
-        let deadline = Instant::now() + QUIESCE_TIMEOUT;
-        let r = loop {
-            if self.inflight.load(Ordering::SeqCst) == 0 {
-                break f();
-            }
-            if Instant::now() > deadline {
-                break Err(Error::generic(format!(
-                    "Device '{}' still has requests in flight",
-                    self.id
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let r = if self.pause_until_idle() {
+            f()
+        } else {
+            Err(Error::generic(format!(
+                "Device '{}' still has requests in flight",
+                self.id
+            )))
         };
         self.gate.lock().paused -= 1;
         self.release();

@@ -398,6 +398,20 @@ pub fn raw_spec(id: &str, file: &str, extra_file_opts: Value) -> String {
     json!({"driver": "raw", "id": id, "file": file_opts}).to_string()
 }
 
+/// `--blockdev` JSON for a qcow2 device over a file.
+pub fn qcow2_spec(id: &str, file: &str) -> String {
+    json!({"driver": "qcow2", "id": id, "file": {"driver": "file", "filename": file}}).to_string()
+}
+
+/// A device file of `d` opened for reading and writing.
+pub fn rw(d: &Daemon, id: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.dev(id))
+        .expect("open the device file")
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -21,14 +21,6 @@ fn spec(format: &str, id: &str, file: &str, opts: Value) -> String {
         .to_string()
 }
 
-fn rw(d: &Daemon, id: &str) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(d.dev(id))
-        .unwrap()
-}
-
 fn read_errno(f: &File, len: usize, off: u64) -> Option<i32> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, off).err().map(|e| {

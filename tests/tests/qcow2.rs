@@ -10,10 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-fn qcow2_spec(id: &str, file: &str) -> String {
-    json!({"driver": "qcow2", "id": id, "file": {"driver": "file", "filename": file}}).to_string()
-}
-
 /// `qemu-img check` must report no corruption and no leak.
 fn assert_clean(img: &str) {
     let v = qemu_img_check(img);

@@ -26,10 +26,6 @@ fn qcow2_over_named_file(dir: &TestDir) -> (String, Daemon) {
     (img, d)
 }
 
-fn qcow2_spec(id: &str, file: &str) -> String {
-    json!({"driver": "qcow2", "id": id, "file": {"driver": "file", "filename": file}}).to_string()
-}
-
 /// A write held by a stopped device does not hold up close(): a process
 /// that forks while it has the file open (its child closes the inherited
 /// descriptor on exec, which sends FUSE FLUSH) returns at once.

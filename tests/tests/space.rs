@@ -4,7 +4,7 @@
 
 use blkfs_tests::*;
 use serde_json::{json, Value};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 fn spec(id: &str, file: &str, extra: Value) -> String {
@@ -26,14 +26,6 @@ fn assert_clean(img: &str) {
 
 fn allocated(path: &str) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
-}
-
-fn rw(d: &Daemon, id: &str) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(d.dev(id))
-        .unwrap()
 }
 
 /// The case: 2 MiB of allocated data zeroed with detect-zeroes=unmap.

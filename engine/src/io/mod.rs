@@ -162,35 +162,47 @@ type Job = Box<dyn FnOnce() + Send>;
 static WORKERS: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
 const WORKER_THREADS: usize = 8;
 
+/// Starts `threads` threads named `name-N` running the jobs sent to the
+/// returned channel; `completer`: they run I/O completions
+/// ([`mark_completer`]). A panicking job is a bug, but it must not take its
+/// thread with it: its completion is dropped, and
+/// `drivers::completes_on_drop` answers that with EIO.
+fn job_threads(name: &str, threads: usize, completer: bool) -> crossbeam_channel::Sender<Job> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+    for i in 0..threads {
+        let rx = rx.clone();
+        let r = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                if completer {
+                    mark_completer();
+                }
+                for job in rx.iter() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        log::error!("a job panicked; its request fails with EIO");
+                    }
+                }
+            });
+        if let Err(e) = r {
+            log::warn!("cannot start thread {name}-{i}: {e}");
+        }
+    }
+    tx
+}
+
+/// Sends `job` to `tx`, or runs it here when no thread could start
+/// rather than lose it.
+fn send_job(tx: &crossbeam_channel::Sender<Job>, job: Job) {
+    if let Err(e) = tx.send(job) {
+        (e.into_inner())();
+    }
+}
+
 /// Runs a slow-path job (metadata allocation, copy-on-write) on a worker
 /// thread, so FUSE reader threads never wait for it.
 pub fn spawn_blocking(job: impl FnOnce() + Send + 'static) {
-    let tx = WORKERS.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        for i in 0..WORKER_THREADS {
-            let rx = rx.clone();
-            let r = std::thread::Builder::new()
-                .name(format!("blkfs-worker-{i}"))
-                .spawn(move || {
-                    for job in rx.iter() {
-                        // A panic is a bug, but it must not take a worker
-                        // with it: the job's completion is dropped, and
-                        // `drivers::completes_on_drop` answers it with EIO.
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                            log::error!("a slow-path job panicked; its request fails with EIO");
-                        }
-                    }
-                });
-            if let Err(e) = r {
-                log::warn!("cannot start worker thread {i}: {e}");
-            }
-        }
-        tx
-    });
-    if let Err(e) = tx.send(Box::new(job)) {
-        // No worker could start: run it here rather than lose it.
-        (e.into_inner())();
-    }
+    let tx = WORKERS.get_or_init(|| job_threads("blkfs-worker", WORKER_THREADS, false));
+    send_job(tx, Box::new(job));
 }
 
 static DEFERRED: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
@@ -201,22 +213,6 @@ static DEFERRED: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
 /// the worker pool could starve it: a worker waiting for such a completion
 /// while every other worker waits for the same lock (issue 8, finding 5).
 pub fn defer(completion: impl FnOnce() + Send + 'static) {
-    let tx = DEFERRED.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let r = std::thread::Builder::new()
-            .name("blkfs-deferred".into())
-            .spawn(move || {
-                mark_completer();
-                for job in rx.iter() {
-                    job();
-                }
-            });
-        if let Err(e) = r {
-            log::warn!("cannot start the deferred-completion thread: {e}");
-        }
-        tx
-    });
-    if let Err(e) = tx.send(Box::new(completion)) {
-        (e.into_inner())();
-    }
+    let tx = DEFERRED.get_or_init(|| job_threads("blkfs-deferred", 1, true));
+    send_job(tx, Box::new(completion));
 }

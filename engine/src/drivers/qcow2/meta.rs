@@ -299,10 +299,16 @@ impl Meta {
 
     /// The mapping of one guest cluster.
     pub fn lookup(&mut self, guest_cluster: u64) -> Result<Mapping> {
-        let (l1_idx, l2_idx) = (
-            guest_cluster / self.l2_entries(),
-            (guest_cluster % self.l2_entries()) as usize,
-        );
+        self.lookup_run(guest_cluster).map(|(m, _)| m)
+    }
+
+    /// The mapping of one guest cluster and how many clusters from it map
+    /// alike without another lookup: the rest of an L2 table's span when
+    /// its L1 entry is empty (SEEK_DATA over an empty 64 TiB image is then
+    /// one step per L1 entry, not per cluster), else 1.
+    pub fn lookup_run(&mut self, guest_cluster: u64) -> Result<(Mapping, u64)> {
+        let per = self.l2_entries();
+        let (l1_idx, l2_idx) = (guest_cluster / per, guest_cluster % per);
         let Some(&l1e) = self.l1.get(l1_idx as usize) else {
             return Err(corrupt(format!(
                 "guest cluster {guest_cluster} is beyond the L1 table"
@@ -310,10 +316,10 @@ impl Meta {
         };
         let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
-            return Ok(Mapping::Unallocated);
+            return Ok((Mapping::Unallocated, per - l2_idx));
         }
         let (bits, v3) = (self.cluster_bits, self.v3);
-        let (slice, i) = self.l2_slice(l2_off, l2_idx as u64)?;
+        let (slice, i) = self.l2_slice(l2_off, l2_idx)?;
         let m = Mapping::decode(slice[i], bits, v3);
         match m {
             Mapping::Data { host, .. }
@@ -327,20 +333,7 @@ impl Meta {
             }
             _ => {}
         }
-        Ok(m)
-    }
-
-    /// The mapping of one guest cluster and how many clusters from it map
-    /// alike without another lookup: the rest of an L2 table's span when
-    /// its L1 entry is empty (SEEK_DATA over an empty 64 TiB image is then
-    /// one step per L1 entry, not per cluster), else 1.
-    pub fn lookup_run(&mut self, guest_cluster: u64) -> Result<(Mapping, u64)> {
-        let per = self.l2_entries();
-        let l1e = self.l1.get((guest_cluster / per) as usize).copied();
-        if l1e.is_some_and(|e| e & OFFSET_MASK == 0) {
-            return Ok((Mapping::Unallocated, per - guest_cluster % per));
-        }
-        Ok((self.lookup(guest_cluster)?, 1))
+        Ok((m, 1))
     }
 
     /// Points a guest cluster at `entry`, allocating its L2 table if needed.

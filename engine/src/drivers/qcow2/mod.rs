@@ -406,6 +406,8 @@ impl Qcow2Driver {
     }
 
     /// Drops the reference an L2 entry held, once nothing points there.
+    /// The caller has refused a mapping into metadata ([`check_free`])
+    /// before the entry changed.
     fn release_old(
         &self,
         meta: &mut Meta,
@@ -413,9 +415,6 @@ impl Qcow2Driver {
         reused: bool,
         kind: FreeKind,
     ) -> Result<()> {
-        if !reused {
-            check_free(meta.overlap(), old, self.cs)?;
-        }
         match old {
             Mapping::Data { host, .. }
             | Mapping::Zero {
@@ -497,6 +496,7 @@ impl Qcow2Driver {
         let Mapping::Data { host, copied: true } = old else {
             return Ok(false);
         };
+        check_free(meta.overlap(), old, self.cs)?;
         let data = read_at(&self.file, host, self.cs as usize)?;
         let at = (guest % self.cs) as usize;
         if !(data[..at].iter().all(|&b| b == 0)
@@ -508,6 +508,26 @@ impl Qcow2Driver {
         self.release_old(&mut meta, old, false, FreeKind::Request)?;
         meta.process_discards();
         Ok(true)
+    }
+
+    /// Zeroes or discards on a worker: metadata changes wait for I/O, and
+    /// the submitting thread (a FUSE reader) must not.
+    fn remap_later(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        discard: bool,
+        unmap: bool,
+        done: Done<()>,
+    ) {
+        let me = self.clone();
+        crate::io::spawn_blocking(move || {
+            let r = me
+                .refuse_if_corrupt()
+                .and_then(|()| me.key.cipher())
+                .and_then(|_| me.zero_or_discard(offset, len, discard, unmap));
+            done(r.map_err(|e| me.signal_corruption(e)))
+        });
     }
 
     /// Zeroes or discards: whole clusters are remapped, the edges written
@@ -543,28 +563,6 @@ impl Qcow2Driver {
             }
         }
         Ok(())
-    }
-}
-
-impl Qcow2Driver {
-    /// Zeroes or discards on a worker: metadata changes wait for I/O, and
-    /// the submitting thread (a FUSE reader) must not.
-    fn remap_later(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-        discard: bool,
-        unmap: bool,
-        done: Done<()>,
-    ) {
-        let me = self.clone();
-        crate::io::spawn_blocking(move || {
-            let r = me
-                .refuse_if_corrupt()
-                .and_then(|()| me.key.cipher())
-                .and_then(|_| me.zero_or_discard(offset, len, discard, unmap));
-            done(r.map_err(|e| me.signal_corruption(e)))
-        });
     }
 }
 

@@ -102,6 +102,7 @@ impl Qcow2Driver {
         // Nothing may point to a cluster once its refcount drops.
         wait(|d| self.file.flush(d))?;
         for m in freed {
+            super::check_free(meta.overlap(), m, self.cs)?;
             self.release_old(&mut meta, m, false, FreeKind::Always)?;
         }
         for t in tables {

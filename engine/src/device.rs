@@ -57,6 +57,16 @@ impl<T: Send + 'static> Pending for Queued<T> {
     }
 }
 
+/// What a block job sees of the device's writes: mirror marks them dirty,
+/// backup copies the old data first, stream keeps them off the range it copies.
+pub trait WriteHook: Send + Sync {
+    /// Calls `go` once the write (or discard) of `offset..offset+len` may
+    /// proceed, or with the error that fails it.
+    fn before(&self, offset: u64, len: u64, go: Done<()>);
+    /// The write has finished, successfully or not.
+    fn after(&self, offset: u64, len: u64);
+}
+
 pub struct Device {
     pub id: String,
     root: RwLock<Arc<Node>>,
@@ -72,6 +82,7 @@ pub struct Device {
     /// Requests past the gate and not completed; counted before the gate is
     /// checked (see [`Device::admit`]).
     inflight: AtomicUsize,
+    hook: RwLock<Option<Arc<dyn WriteHook>>>,
 }
 
 /// A re-runnable request: called again when a stopped request is retried.
@@ -97,6 +108,7 @@ impl Device {
             gate: Mutex::default(),
             io_status: AtomicU8::new(IoStatus::Ok as u8),
             inflight: AtomicUsize::new(0),
+            hook: RwLock::new(None),
         })
     }
 
@@ -139,6 +151,7 @@ impl Device {
             Arc::new(move |root, d| root.read(offset, Buf::recycled(len), d));
         self.submit(
             Kind::Read,
+            None,
             len as u64,
             attempt,
             |n| Buf::zeroed(n as usize),
@@ -170,7 +183,8 @@ impl Device {
             let unmap = dz == DetectZeroes::Unmap;
             root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
         });
-        self.submit(Kind::Write, len, attempt, |_| Buf::zeroed(0), done);
+        let changes = Some((offset, len));
+        self.submit(Kind::Write, changes, len, attempt, |_| Buf::zeroed(0), done);
     }
 
     pub fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64, unmap: bool, done: Done<()>) {
@@ -180,7 +194,8 @@ impl Device {
         let done = accounted(&self.stats, Op::Write, offset, len, done);
         let attempt: Attempt<()> =
             Arc::new(move |root, d| root.write_zeroes(offset, len, unmap, d));
-        self.submit(Kind::Write, len, attempt, |_| (), done);
+        let changes = Some((offset, len));
+        self.submit(Kind::Write, changes, len, attempt, |_| (), done);
     }
 
     pub fn discard(self: &Arc<Self>, offset: u64, len: u64, done: Done<()>) {
@@ -188,13 +203,14 @@ impl Device {
             return done(Err(e));
         }
         let attempt: Attempt<()> = Arc::new(move |root, d| root.discard(offset, len, d));
-        self.submit(Kind::Other, 0, attempt, |_| (), done);
+        let changes = Some((offset, len));
+        self.submit(Kind::Other, changes, 0, attempt, |_| (), done);
     }
 
     pub fn flush(self: &Arc<Self>, done: Done<()>) {
         let done = accounted(&self.stats, Op::Flush, 0, 0, done);
         let attempt: Attempt<()> = Arc::new(|root, d| root.flush(d));
-        self.submit(Kind::Other, 0, attempt, |_| (), done);
+        self.submit(Kind::Other, None, 0, attempt, |_| (), done);
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
@@ -215,9 +231,11 @@ impl Device {
     }
 
     /// Throttle, then gate, then the attempt itself.
+    #[allow(clippy::too_many_arguments)]
     fn submit<T: Send + 'static>(
         self: &Arc<Self>,
         kind: Kind,
+        changes: Option<(u64, u64)>,
         bytes: u64,
         attempt: Attempt<T>,
         ignored: fn(u64) -> T,
@@ -225,6 +243,7 @@ impl Device {
     ) {
         let req = Request {
             kind,
+            changes,
             bytes,
             attempt,
             ignored,
@@ -269,6 +288,7 @@ impl Device {
     fn attempt<T: Send + 'static>(self: Arc<Self>, req: Request<T>) {
         let Request {
             kind,
+            changes,
             bytes,
             attempt,
             ignored,
@@ -276,6 +296,7 @@ impl Device {
         } = req;
         let run = attempt.clone();
         let root = self.root();
+        let hook = changes.and_then(|c| Some((c, self.hook.read().clone()?)));
         let (events, id) = (self.events.clone(), self.id.clone());
         let completion: Done<T> = Box::new(move |r: Result<T>| {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -321,6 +342,7 @@ impl Device {
                     let dev = self.clone();
                     let req = Request {
                         kind,
+                        changes,
                         bytes,
                         attempt,
                         ignored,
@@ -332,7 +354,33 @@ impl Device {
                 }
             }
         });
-        run(&root, crate::drivers::completes_on_drop(completion))
+        let completion = crate::drivers::completes_on_drop(completion);
+        let Some(((offset, len), hook)) = hook else {
+            return run(&root, completion);
+        };
+        hook.clone().before(
+            offset,
+            len,
+            Box::new(move |r| {
+                let done: Done<T> = Box::new(move |r| {
+                    hook.after(offset, len);
+                    completion(r)
+                });
+                match r {
+                    Ok(()) => run(&root, done),
+                    Err(e) => done(Err(e)),
+                }
+            }),
+        )
+    }
+
+    /// Installs (or removes) a block job's write hook, with no request in
+    /// flight, so that no write slips past it.
+    pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) -> Result<()> {
+        self.quiesced(|| {
+            *self.hook.write() = hook;
+            Ok(())
+        })
     }
 
     /// Stops the device and holds `req` to be retried first on `cont`.
@@ -485,6 +533,8 @@ enum Kind {
 /// One device request, kept whole so a stopped request can run again.
 struct Request<T> {
     kind: Kind,
+    /// The range a write or discard changes (for the write hook).
+    changes: Option<(u64, u64)>,
     bytes: u64,
     attempt: Attempt<T>,
     /// The result an ignored failure gives the caller (zeroes for a read).

@@ -149,10 +149,10 @@ impl Node {
     /// Number of backing files below this node.
     pub fn backing_depth(&self) -> usize {
         let mut depth = 0;
-        let mut cur = self.driver.backing_child().cloned();
+        let mut cur = self.driver.backing_child();
         while let Some(n) = cur {
             depth += 1;
-            cur = n.driver.backing_child().cloned();
+            cur = n.driver.backing_child();
         }
         depth
     }
@@ -304,6 +304,39 @@ impl Graph {
             d
         });
         Ok(Added { node, device })
+    }
+
+    /// Drops from the registry the nodes a job took out of a chain: `top`
+    /// and its backing chain down to `base` (exclusive), with their file
+    /// children, as far as nothing else uses them. They close once their
+    /// last request is done.
+    pub fn forget_chain(&self, top: Option<Arc<Node>>, base: Option<&Arc<Node>>) {
+        let mut candidates = Vec::new();
+        let mut cur = top;
+        while let Some(n) = cur {
+            if base.is_some_and(|b| Arc::ptr_eq(b, &n)) {
+                break;
+            }
+            cur = n.driver.backing_child();
+            let mut f = Some(n);
+            while let Some(x) = f {
+                f = x.driver.file_child().cloned();
+                candidates.push(x);
+            }
+        }
+        let mut reg = self.reg.write();
+        loop {
+            let unused = candidates.iter().position(|c| {
+                reg.nodes.iter().any(|n| Arc::ptr_eq(n, c))
+                    && perm::users(&reg.nodes, &reg.devices, c).is_empty()
+            });
+            let Some(i) = unused else { break };
+            let node = candidates.swap_remove(i);
+            if let Err(e) = node.driver.close() {
+                log::warn!("closing node '{}': {e}", node.name);
+            }
+            reg.nodes.retain(|n| !Arc::ptr_eq(n, &node));
+        }
     }
 
     /// Closes every node, top-down (after the last request); used at shutdown.

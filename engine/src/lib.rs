@@ -6,6 +6,7 @@
 //! - [`drivers`]: the completion-based driver trait, one module per driver.
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
+//! - [`jobs`]: block jobs (stream, commit, mirror, backup) and their control.
 //! - [`perm`]: may an operation change a node under its users (resize).
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
 //! - `testutil` (tests only): helpers shared by the unit tests.
@@ -16,6 +17,7 @@ pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod io;
+pub mod jobs;
 pub mod map;
 pub mod options;
 pub mod perm;
@@ -32,7 +34,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 pub struct Engine {
-    pub graph: graph::Graph,
+    pub graph: Arc<graph::Graph>,
+    pub jobs: Arc<jobs::Jobs>,
     pub events: Arc<qmp::EventBus>,
     quit_tx: Sender<()>,
     quit_rx: Receiver<()>,
@@ -43,7 +46,8 @@ impl Engine {
         let (quit_tx, quit_rx) = crossbeam_channel::unbounded();
         let events = Arc::new(qmp::EventBus::default());
         Arc::new(Engine {
-            graph: graph::Graph::new(events.clone()),
+            graph: Arc::new(graph::Graph::new(events.clone())),
+            jobs: Arc::new(jobs::Jobs::new(events.clone())),
             events,
             quit_tx,
             quit_rx,

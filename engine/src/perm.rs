@@ -93,7 +93,7 @@ pub fn users(nodes: &[Arc<Node>], devices: &[Arc<Device>], node: &Arc<Node>) -> 
         if d.file_child().is_some_and(|c| Arc::ptr_eq(c, node)) {
             out.push(User::node(p, Role::File));
         }
-        if d.backing_child().is_some_and(|c| Arc::ptr_eq(c, node)) {
+        if d.backing_child().is_some_and(|c| Arc::ptr_eq(&c, node)) {
             out.push(User::node(p, Role::Backing));
         }
     }

@@ -106,6 +106,9 @@ fn run(mut cli: Cli) -> Result<(), String> {
     );
 
     let _ = engine.quit_requests().recv();
+    // Jobs first: a cancelled job leaves its images consistent (a mirror
+    // stays on its source) before the devices drain.
+    engine.jobs.cancel_all(std::time::Duration::from_secs(30));
     engine.graph.shut_down();
     for e in engine.graph.flush_all() {
         eprintln!("blkfs: flush failed: {e}");

@@ -277,7 +277,12 @@ impl Qmp {
 
     /// Waits for an event by name (events seen earlier count too).
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Value {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+        self.wait_event_where(timeout, |e| e["event"] == name)
+    }
+
+    /// Waits for the first event `pick` accepts (events seen earlier count too).
+    pub fn wait_event_where(&mut self, timeout: Duration, pick: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.events.iter().position(&pick) {
             return self.events.remove(i).unwrap_or_default();
         }
         self.reader
@@ -287,14 +292,30 @@ impl Qmp {
         loop {
             let m = self
                 .read_msg()
-                .unwrap_or_else(|| panic!("connection closed waiting for {name}"));
-            if m["event"] == name {
+                .unwrap_or_else(|| panic!("connection closed waiting for an event"));
+            if pick(&m) {
                 return m;
             }
             if m.get("event").is_some() {
                 self.events.push_back(m);
             }
         }
+    }
+
+    /// Waits for the end of the block job on `device`: its
+    /// BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED event.
+    pub fn wait_job_end(&mut self, device: &str) -> Value {
+        self.wait_event_where(Duration::from_secs(120), |e| {
+            (e["event"] == "BLOCK_JOB_COMPLETED" || e["event"] == "BLOCK_JOB_CANCELLED")
+                && e["data"]["device"] == device
+        })
+    }
+
+    /// The events received so far with this name, in order (taken out).
+    pub fn take_events(&mut self, name: &str) -> Vec<Value> {
+        let (hit, rest): (Vec<_>, Vec<_>) = self.events.drain(..).partition(|e| e["event"] == name);
+        self.events = rest.into();
+        hit
     }
 }
 
@@ -657,4 +678,36 @@ fn device_entry(q: &mut Qmp, cmd: &str, id: &str) -> Value {
         .and_then(|a| a.iter().find(|b| b["device"] == id))
         .cloned()
         .unwrap_or_else(|| panic!("no device {id} in {cmd}: {all}"))
+}
+
+/// A qcow2 overlay made by qemu-img, backed by `backing` (format given).
+pub fn qcow2_overlay(dir: &TestDir, name: &str, backing: &str, backing_fmt: &str) -> String {
+    let f = dir.file(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        &f,
+    ]);
+    f
+}
+
+/// `qemu-img convert` of an image to raw: the bytes a guest sees, to compare later.
+pub fn snapshot_raw(dir: &TestDir, img: &str, fmt: &str, name: &str) -> String {
+    let out = dir.file(name);
+    qemu_img(&["convert", "-U", "-f", fmt, "-O", "raw", img, &out]);
+    out
+}
+
+/// Asserts `qemu-img check` finds neither corruption nor leaks.
+pub fn assert_check_clean(img: &str) {
+    let c = qemu_img_check(img);
+    assert_eq!(c["corruptions"].as_u64().unwrap_or(0), 0, "{img}: {c}");
+    assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{img}: {c}");
+    assert!(c.get("check-errors").is_none_or(|e| e == 0), "{img}: {c}");
 }

@@ -3,7 +3,36 @@
 use super::Done;
 use crate::graph::Node;
 use crate::io::Buf;
+use parking_lot::RwLock;
 use std::sync::Arc;
+
+/// A format's backing node; block jobs change it on a live node (stream
+/// and commit drop layers), so it is read per request.
+#[derive(Default)]
+pub struct Slot(RwLock<Option<Arc<Node>>>);
+
+impl Slot {
+    pub fn new(node: Option<Arc<Node>>) -> Slot {
+        Slot(RwLock::new(node))
+    }
+
+    pub fn get(&self) -> Option<Arc<Node>> {
+        self.0.read().clone()
+    }
+
+    pub fn is_some(&self) -> bool {
+        self.0.read().is_some()
+    }
+
+    pub fn set(&self, node: Option<Arc<Node>>) {
+        *self.0.write() = node;
+    }
+
+    /// [`read`] from the current backing node.
+    pub fn read(&self, guest: u64, buf: Buf, done: Done<Buf>) {
+        read(self.get().as_ref(), guest, buf, done)
+    }
+}
 
 /// Reads the guest range from the backing chain; zeroes where there is no
 /// backing file or past its end.

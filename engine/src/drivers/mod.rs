@@ -76,8 +76,16 @@ pub trait Driver: Send + Sync {
     fn file_child(&self) -> Option<&Arc<Node>> {
         None
     }
-    fn backing_child(&self) -> Option<&Arc<Node>> {
+    fn backing_child(&self) -> Option<Arc<Node>> {
         None
+    }
+    /// Replaces the backing node (block jobs, with the node's users quiesced);
+    /// the image header is rewritten separately (`change_backing_file`).
+    fn set_backing(&self, _backing: Option<Arc<Node>>) -> Result<()> {
+        Err(Error::generic(format!(
+            "Driver '{}' has no backing file",
+            self.format_name()
+        )))
     }
     /// Whether the file child may be resized under this node (QEMU's shared
     /// `resize` permission): true where this node's size follows its file's.
@@ -103,7 +111,8 @@ pub trait Driver: Send + Sync {
     fn backing_file_name(&self) -> Option<String> {
         None
     }
-    /// Rewrites the backing file name (and format) recorded in the image.
+    /// Rewrites the backing file name (and format) recorded in the image;
+    /// an empty name records none (a stream of the whole chain).
     fn change_backing_file(&self, _name: &str, _format: Option<&str>) -> Result<()> {
         Err(Error::generic(format!(
             "Driver '{}' does not record a backing file",

@@ -218,7 +218,7 @@ struct Meta {
 
 pub struct QcowDriver {
     file: Arc<Node>,
-    backing: Option<Arc<Node>>,
+    backing: super::backing::Slot,
     header: Header,
     cs: u64,
     meta: Mutex<Meta>,
@@ -241,7 +241,7 @@ impl QcowDriver {
         let key = Key::new(header.crypt_method == 1);
         Ok(QcowDriver {
             file,
-            backing,
+            backing: super::backing::Slot::new(backing),
             cs,
             meta: Mutex::new(Meta {
                 l1,
@@ -326,7 +326,7 @@ impl QcowDriver {
                 }
                 None => self.file.read(host, buf, done),
             },
-            Mapping::Unallocated => super::backing::read(self.backing.as_ref(), s.guest, buf, done),
+            Mapping::Unallocated => self.backing.read(s.guest, buf, done),
             Mapping::Compressed { host, len } => {
                 let at = (s.guest % self.cs) as usize;
                 done(self.read_compressed(host, len).map(|c| {
@@ -361,9 +361,7 @@ impl QcowDriver {
             _ => {
                 let len = self.cs.min(self.header.size - base) as usize;
                 let mut b = Buf::zeroed(self.cs as usize);
-                let src = wait(|d| {
-                    super::backing::read(self.backing.as_ref(), base, Buf::zeroed(len), d)
-                })?;
+                let src = wait(|d| self.backing.read(base, Buf::zeroed(len), d))?;
                 b[..len].copy_from_slice(&src);
                 b
             }
@@ -539,8 +537,13 @@ impl Driver for Arc<QcowDriver> {
         Some(&self.file)
     }
 
-    fn backing_child(&self) -> Option<&Arc<Node>> {
-        self.backing.as_ref()
+    fn backing_child(&self) -> Option<Arc<Node>> {
+        self.backing.get()
+    }
+
+    fn set_backing(&self, backing: Option<Arc<Node>>) -> Result<()> {
+        self.backing.set(backing);
+        Ok(())
     }
 
     fn backing_file_name(&self) -> Option<String> {

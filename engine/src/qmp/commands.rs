@@ -1,7 +1,7 @@
 //! The command table: name -> handler. Handlers read their arguments
 //! strictly (unknown, missing and mistyped members are errors).
 
-use super::{device_cmds, info, policy_cmds};
+use super::{device_cmds, info, job_cmds, policy_cmds};
 use crate::args::Args;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::BlockdevOptions;
@@ -27,21 +27,17 @@ const COMMANDS: &[(&str, Handler)] = &[
     ),
     ("block_set_io_throttle", policy_cmds::block_set_io_throttle),
     ("cont", policy_cmds::cont),
+    ("block-stream", job_cmds::block_stream),
+    ("query-block-jobs", job_cmds::query_block_jobs),
+    ("block-job-set-speed", job_cmds::block_job_set_speed),
+    ("block-job-cancel", job_cmds::block_job_cancel),
+    ("block-job-pause", job_cmds::block_job_pause),
+    ("block-job-resume", job_cmds::block_job_resume),
+    ("block-job-complete", job_cmds::block_job_complete),
 ];
 
 /// Commands of block-core.json whose implementation has not landed yet.
-const PENDING: &[&str] = &[
-    "query-block-jobs",
-    "block-commit",
-    "drive-backup",
-    "drive-mirror",
-    "block-stream",
-    "block-job-set-speed",
-    "block-job-cancel",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-complete",
-];
+const PENDING: &[&str] = &["block-commit", "drive-backup", "drive-mirror"];
 
 pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
     if let Some((_, h)) = COMMANDS.iter().find(|(n, _)| *n == name) {
@@ -159,7 +155,7 @@ mod tests {
         let e = Engine::new();
         let err = execute(&e, "frobnicate", empty()).unwrap_err();
         assert_eq!(err.class(), "CommandNotFound");
-        let err = execute(&e, "block-stream", empty()).unwrap_err();
+        let err = execute(&e, "drive-backup", empty()).unwrap_err();
         assert_eq!(err.class(), "GenericError");
         assert!(err.msg.contains("not implemented"));
         let err = execute(&e, "query-block", json!({"x": 1})).unwrap_err();

@@ -33,6 +33,7 @@ pub fn block_resize(e: &Engine, mut a: Args) -> Result<Value> {
     let (name, node) = device_or_node(e, &mut a)?;
     let size = a.req("size", Args::int)?;
     a.finish()?;
+    e.jobs.check_node_idle(&node)?;
     if size < 0 {
         return Err(Error::generic("Parameter 'size' expects a >0 size"));
     }
@@ -50,6 +51,9 @@ pub fn change_backing_file(e: &Engine, mut a: Args) -> Result<Value> {
     let backing_file = a.req("backing-file", Args::str)?;
     a.finish()?;
     let root = e.graph.device(&device)?.root();
+    if backing_file.is_empty() {
+        return Err(Error::generic("the backing file name is empty"));
+    }
     let node = e
         .graph
         .node(&image)
@@ -59,6 +63,7 @@ pub fn change_backing_file(e: &Engine, mut a: Args) -> Result<Value> {
             "not allowing backing file change on an image without a backing file",
         ));
     };
+    e.jobs.check_node_idle(&node)?;
     if !chain(&root).any(|n| Arc::ptr_eq(&n, &node)) {
         return Err(Error::generic(format!(
             "'{device}' and image file are not in the same chain"
@@ -95,7 +100,7 @@ pub fn block_passwd(e: &Engine, mut a: Args) -> Result<Value> {
 
 /// A node and its backing nodes, top first.
 pub fn chain(top: &Arc<Node>) -> impl Iterator<Item = Arc<Node>> {
-    std::iter::successors(Some(top.clone()), |n| n.driver.backing_child().cloned())
+    std::iter::successors(Some(top.clone()), |n| n.driver.backing_child())
 }
 
 /// `blockdev-snapshot-sync`: a new overlay on top of a device, whose old
@@ -107,6 +112,7 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     let format = a.str("format")?.unwrap_or_else(|| "qcow2".into());
     let mode = a.enumeration("mode", &[("existing", false), ("absolute-paths", true)])?;
     a.finish()?;
+    e.jobs.check_node_idle(&top)?;
     let device = e
         .graph
         .devices()

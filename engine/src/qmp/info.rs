@@ -52,7 +52,7 @@ pub fn block_device_info(n: &Node) -> Value {
         "image": image_info(n),
     });
     if let Some(b) = n.driver.backing_child() {
-        v["backing_file"] = json!(backing_name(n, b));
+        v["backing_file"] = json!(backing_name(n, &b));
     }
     v
 }
@@ -74,10 +74,10 @@ pub fn image_info(n: &Node) -> Value {
         v["actual-size"] = json!(a);
     }
     if let Some(b) = n.driver.backing_child() {
-        v["backing-filename"] = json!(backing_name(n, b));
+        v["backing-filename"] = json!(backing_name(n, &b));
         v["full-backing-filename"] = json!(b.driver.filename());
         v["backing-filename-format"] = json!(b.driver.format_name());
-        v["backing-image"] = image_info(b);
+        v["backing-image"] = image_info(&b);
     }
     n.driver.image_info(&mut v);
     v
@@ -97,7 +97,7 @@ fn node_stats(n: &Node) -> Value {
         v["parent"] = node_stats(f);
     }
     if let Some(b) = n.driver.backing_child() {
-        v["backing"] = node_stats(b);
+        v["backing"] = node_stats(&b);
     }
     v
 }

@@ -6,6 +6,7 @@ pub mod device_cmds;
 pub mod events;
 pub mod framing;
 pub mod info;
+pub mod job_cmds;
 pub mod policy_cmds;
 pub mod session;
 

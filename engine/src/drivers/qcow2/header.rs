@@ -193,8 +193,14 @@ impl Header {
     /// `format`, laid out as QEMU's qcow2_update_header does: the header, the
     /// backing format extension, the other extensions in their order, the
     /// end marker, then the name; the rest of the cluster is zero.
+    /// An empty `name` removes the backing file (and its format).
     pub fn with_backing(&self, first: &[u8], name: &str, format: Option<&str>) -> Result<Vec<u8>> {
-        check_backing_name(name)?;
+        let format = if name.is_empty() {
+            None
+        } else {
+            check_backing_name(name)?;
+            format
+        };
         let cs = self.cluster_size() as usize;
         let start = self.extensions_start();
         if first.len() < start {
@@ -218,6 +224,7 @@ impl Header {
                 "the header, its extensions and the backing file name do not fit in the first cluster",
             ));
         }
+        let name_at = if name.is_empty() { 0 } else { name_at };
         out[8..16].copy_from_slice(&name_at.to_be_bytes());
         out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
         out.resize(cs, 0);
@@ -543,13 +550,18 @@ pub(crate) mod tests {
         // Without a format the extension goes away.
         let out = h.with_backing(&b, "x", None).unwrap();
         assert_eq!(Header::parse(&out, FILE).unwrap().backing_format, None);
+        // An empty name removes the backing file and its format.
+        let out = h.with_backing(&b, "", Some("qcow2")).unwrap();
+        let back = Header::parse(&out, FILE).unwrap();
+        assert_eq!((back.backing_file, back.backing_format), (None, None));
+        assert_eq!(out[8..20], [0; 12]);
     }
 
     #[test]
     fn backing_rewrite_refusals() {
         let b = v3_fixture();
         let h = Header::parse(&b, FILE).unwrap();
-        for bad in ["", "a\0b", &"n".repeat(1024)] {
+        for bad in ["a\0b", &"n".repeat(1024)] {
             assert!(h.with_backing(&b, bad, None).is_err(), "{bad:?}");
         }
         assert!(h.with_backing(&b, &"n".repeat(1023), None).is_ok());

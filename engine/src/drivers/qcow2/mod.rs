@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 pub struct Qcow2Driver {
     file: Arc<Node>,
-    backing: Option<Arc<Node>>,
+    backing: crate::drivers::backing::Slot,
     header: Header,
     /// The virtual size (`header.size` at open; `block_resize` changes it).
     size: AtomicU64,
@@ -142,7 +142,7 @@ impl Qcow2Driver {
             size: AtomicU64::new(header.size),
             backing_name: Mutex::new((header.backing_file.clone(), header.backing_format.clone())),
             file,
-            backing,
+            backing: crate::drivers::backing::Slot::new(backing),
             header,
             meta: Mutex::new(meta),
             claims: Mutex::new(HashSet::new()),
@@ -271,7 +271,7 @@ impl Qcow2Driver {
         if self.backing.is_some() {
             self.file.debug_event(Ev::ReadBackingAio);
         }
-        super::backing::read(self.backing.as_ref(), guest, buf, done)
+        self.backing.read(guest, buf, done)
     }
 
     /// Waits until no other request changes `cluster`, then holds it.
@@ -469,7 +469,7 @@ impl Qcow2Driver {
             Mapping::Zero { .. } => true,
             Mapping::Unallocated => self
                 .backing
-                .as_ref()
+                .get()
                 .is_none_or(|b| b.size() <= cluster * self.cs),
             _ => false,
         })
@@ -483,7 +483,7 @@ impl Qcow2Driver {
     /// lost), checked and done under the metadata lock so none starts.
     fn unmap_edge(&self, guest: u64, len: u64) -> Result<bool> {
         let v3 = self.header.version >= 3;
-        if self.key.is_encrypted() || !(v3 || self.backing.is_none()) {
+        if self.key.is_encrypted() || (!v3 && self.backing.is_some()) {
             return Ok(false);
         }
         let cluster = guest / self.cs;
@@ -551,7 +551,7 @@ impl Qcow2Driver {
         if end > start {
             if v3 {
                 self.remap_clusters(start, end - start, ZERO, !discard && !unmap)?;
-            } else if self.backing.is_none() {
+            } else if !self.backing.is_some() {
                 self.remap_clusters(start, end - start, 0, false)?;
             } else {
                 let mut o = start;
@@ -688,8 +688,13 @@ impl Driver for Arc<Qcow2Driver> {
         self.key.set_password(password)
     }
 
-    fn backing_child(&self) -> Option<&Arc<Node>> {
-        self.backing.as_ref()
+    fn backing_child(&self) -> Option<Arc<Node>> {
+        self.backing.get()
+    }
+
+    fn set_backing(&self, backing: Option<Arc<Node>>) -> Result<()> {
+        self.backing.set(backing);
+        Ok(())
     }
 
     fn resize(&self, size: u64) -> Result<()> {

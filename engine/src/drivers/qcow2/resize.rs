@@ -54,7 +54,7 @@ impl Qcow2Driver {
     /// (QEMU zeroes them too, which costs metadata for nothing).
     fn zero_new_area(&self, old: u64, new: u64) -> Result<()> {
         let cs = self.cs;
-        let backing_len = self.backing.as_ref().map_or(0, |b| b.size());
+        let backing_len = self.backing.get().map_or(0, |b| b.size());
         let head_end = old.next_multiple_of(cs).min(new);
         if head_end > old {
             let stale = match self.meta.lock().lookup(old / cs)? {
@@ -128,7 +128,9 @@ impl Qcow2Driver {
     /// backing image's node is read-only: the header then goes through a
     /// short-lived read-write descriptor of the same file.
     pub(super) fn rewrite_backing(&self, name: &str, format: Option<&str>) -> Result<()> {
-        check_backing_name(name)?;
+        if !name.is_empty() {
+            check_backing_name(name)?;
+        }
         self.refuse_if_corrupt()?;
         // Header writes (dirty bit, size) are made under the metadata lock.
         let _meta = self.meta.lock();
@@ -142,7 +144,11 @@ impl Qcow2Driver {
             write_at(&self.file, 0, &out)?;
             wait(|d| self.file.flush(d))?;
         }
-        *self.backing_name.lock() = (Some(name.to_string()), format.map(str::to_string));
+        *self.backing_name.lock() = if name.is_empty() {
+            (None, None)
+        } else {
+            (Some(name.to_string()), format.map(str::to_string))
+        };
         Ok(())
     }
 }

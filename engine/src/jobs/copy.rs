@@ -50,6 +50,11 @@ impl<T: Send + 'static> Window<T> {
         self.ops
     }
 
+    /// Bytes of the copies in flight.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Waits until a copy of `len` bytes fits; returns the copies that
     /// finished meanwhile (and any that had finished before).
     pub fn room(&mut self, len: u64) -> Vec<Finished<T>> {
@@ -137,10 +142,19 @@ pub fn copy(src: &Source, dst: &Arc<Node>, offset: u64, len: u64, done: CopyDone
             let wrote = move |r: crate::error::Result<()>| {
                 done(r.map_err(|err| CopyError { read: false, err }))
             };
-            if buf.is_zero() {
-                dst.write_zeroes(offset, len, false, Box::new(wrote));
+            let write = move || {
+                if buf.is_zero() {
+                    dst.write_zeroes(offset, len, true, Box::new(wrote));
+                } else {
+                    dst.write(offset, buf, Box::new(move |r| wrote(r.map(|_| ()))));
+                }
+            };
+            // A write may take a format's slow path, which waits for
+            // metadata I/O: never on the completion thread of the read.
+            if crate::io::on_completer() {
+                crate::io::spawn_blocking(write);
             } else {
-                dst.write(offset, buf, Box::new(move |r| wrote(r.map(|_| ()))));
+                write();
             }
         }),
     )

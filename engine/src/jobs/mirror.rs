@@ -1,1 +1,263 @@
-//! (in progress)
+//! `drive-mirror`, and the active-layer `block-commit` (a mirror into the
+//! base, as in QEMU): copies the device to a target while a dirty bitmap
+//! records the guest's writes; once in sync it sends BLOCK_JOB_READY and
+//! keeps copying until `block-job-complete` switches the device to the
+//! target, or a cancel leaves both equal and the device on its source.
+//!
+//! The last dirty chunks are copied with the device quiesced, so the switch
+//! (or the cancel after READY) leaves nothing behind.
+
+use super::bitmap::Bitmap;
+use super::copy::{copy, Source, Window};
+use super::{allocated_above, Ending, Failures, Job};
+use crate::device::WriteHook;
+use crate::drivers::{wait, Done};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Node};
+use crate::options::OnError;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most copies in flight (QEMU's MAX_IN_FLIGHT).
+const MAX_OPS: usize = 16;
+/// Largest single copy.
+const MAX_COPY: u64 = 1 << 20;
+
+/// What the first pass copies.
+pub enum Scan {
+    /// What the chain shows above this node (None: the whole chain).
+    Above(Option<Arc<Node>>),
+    /// Nothing (`sync=none`): only the guest's new writes.
+    Nothing,
+}
+
+/// What the device runs on once the job completes.
+pub enum Switch {
+    /// `drive-mirror`: the target, with this backing node (None: as opened).
+    Target(Option<Arc<Node>>),
+    /// Active commit: the base (the target), with the layers above it dropped.
+    Base,
+}
+
+pub struct Mirror {
+    pub graph: Arc<Graph>,
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub scan: Scan,
+    /// The target reads as zeroes where nothing was copied (a new image):
+    /// zeroes need no copy in the first pass.
+    pub zero_init: bool,
+    pub granularity: u64,
+    pub buf_size: u64,
+    pub on_source_error: OnError,
+    pub on_target_error: OnError,
+    pub switch: Switch,
+    /// Forgotten (closed) when the job ends without switching to it.
+    pub forget_target: bool,
+}
+
+/// The guest's writes since the copy of a chunk began.
+struct Dirty(Mutex<Bitmap>);
+
+impl WriteHook for Dirty {
+    fn before(&self, _offset: u64, _len: u64, go: Done<()>) {
+        go(Ok(()))
+    }
+
+    fn after(&self, offset: u64, len: u64) {
+        self.0.lock().set_range(offset, len, true)
+    }
+}
+
+enum Exit {
+    Complete,
+    Cancelled,
+    /// Cancelled after READY: source and target are left equal.
+    CancelledInSync,
+}
+
+impl Mirror {
+    pub fn run(self, job: &Arc<Job>) -> Ending {
+        let dirty = Arc::new(Dirty(Mutex::new(Bitmap::new(
+            self.source.size(),
+            self.granularity,
+        ))));
+        let ending = match job.device.set_write_hook(Some(dirty.clone())) {
+            Ok(()) => self.scan(&dirty).and_then(|()| self.copy_loop(job, &dirty)),
+            Err(e) => Err(e),
+        };
+        let mut switched = false;
+        let ending = match ending {
+            Ok(Exit::Complete) => self.switch_over(job, &dirty).map(|()| {
+                switched = true;
+                Ending::Completed
+            }),
+            Ok(Exit::CancelledInSync) => job
+                .device
+                .quiesced(|| self.last_copies(&dirty))
+                .map(|()| Ending::Completed),
+            Ok(Exit::Cancelled) => Ok(Ending::Cancelled),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = job.device.set_write_hook(None) {
+            log::error!("mirror on '{}': {e}", job.device.id);
+        }
+        if !switched && self.forget_target {
+            self.graph.forget_chain(Some(self.target.clone()), None);
+        }
+        ending.unwrap_or_else(Ending::Failed)
+    }
+
+    /// Marks what the first pass copies.
+    fn scan(&self, dirty: &Dirty) -> Result<()> {
+        let Scan::Above(base) = &self.scan else {
+            return Ok(());
+        };
+        let len = self.source.size();
+        let mut pos = 0;
+        while pos < len {
+            let want = (len - pos).min(1 << 30);
+            let (above, n) = allocated_above(Some(self.source.clone()), base.as_ref(), pos, want)?;
+            match above {
+                Some(zero) if !(zero && self.zero_init) => dirty.0.lock().set_range(pos, n, true),
+                None if !self.zero_init && base.is_none() => dirty.0.lock().set_range(pos, n, true),
+                _ => {}
+            }
+            pos += n.max(1);
+        }
+        Ok(())
+    }
+
+    /// Takes the next run of dirty chunks from `cursor` on (wrapping),
+    /// clearing them: (offset, length).
+    fn take_dirty(&self, dirty: &Dirty, cursor: u64) -> Option<(u64, u64)> {
+        let mut map = dirty.0.lock();
+        let g = map.granularity();
+        let first = map.next_set(cursor / g).or_else(|| map.next_set(0))?;
+        let max = (MAX_COPY.min(self.buf_size) / g).max(1);
+        let mut n = 0;
+        while n < max && map.get(first + n) {
+            map.set(first + n, false);
+            n += 1;
+        }
+        let offset = first * g;
+        let len = (n * g).min(self.source.size() - offset);
+        Some((offset, len))
+    }
+
+    fn copy_loop(&self, job: &Arc<Job>, dirty: &Dirty) -> Result<Exit> {
+        let src = Source::Node(self.source.clone());
+        let policy = (self.on_source_error, self.on_target_error);
+        let mut window: Window<u64> = Window::new(MAX_OPS, self.buf_size);
+        let mut f = Failures::default();
+        let mut copied = 0u64;
+        let mut cursor = 0;
+        let settle =
+            |done: Vec<(u64, u64, super::copy::CopyResult)>, f: &mut Failures, copied: &mut u64| {
+                for (at, n, r) in done {
+                    if r.is_ok() {
+                        *copied += n;
+                    } else {
+                        // Copied again later, whatever the policy says now.
+                        dirty.0.lock().set_range(at, n, true);
+                    }
+                    f.settle(job, policy, at, r);
+                }
+                f.retry_from = None;
+            };
+        let exit = loop {
+            settle(window.finished(), &mut f, &mut copied);
+            if let Some(e) = f.failed.take() {
+                settle(window.drain(), &mut f, &mut copied);
+                return Err(e);
+            }
+            let pending = dirty.0.lock().count() * self.granularity;
+            job.set_len(copied + pending + window.bytes());
+            job.set_offset(copied);
+            if !job.pause_point() {
+                break if job.is_ready() {
+                    Exit::CancelledInSync
+                } else {
+                    Exit::Cancelled
+                };
+            }
+            match self.take_dirty(dirty, cursor) {
+                Some((at, n)) => {
+                    if !job.throttle(n) {
+                        dirty.0.lock().set_range(at, n, true);
+                        continue;
+                    }
+                    settle(window.room(n), &mut f, &mut copied);
+                    let target = self.target.clone();
+                    window.start(at, n, |done| copy(&src, &target, at, n, done));
+                    cursor = at + n;
+                }
+                None if window.in_flight() > 0 => settle(window.drain(), &mut f, &mut copied),
+                None => {
+                    job.set_ready();
+                    if job.completion_requested() {
+                        break Exit::Complete;
+                    }
+                    job.sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        settle(window.drain(), &mut f, &mut copied);
+        job.set_offset(copied);
+        Ok(exit)
+    }
+
+    /// With the device quiesced: copies what is still dirty and flushes
+    /// the target, so it equals the source.
+    fn last_copies(&self, dirty: &Dirty) -> Result<()> {
+        let src = Source::Node(self.source.clone());
+        let mut window: Window<u64> = Window::new(MAX_OPS, self.buf_size);
+        while let Some((at, n)) = self.take_dirty(dirty, 0) {
+            let target = self.target.clone();
+            window.start(at, n, |done| copy(&src, &target, at, n, done));
+            for (_, _, r) in window.room(0) {
+                r.map_err(|e| e.err)?;
+            }
+        }
+        for (_, _, r) in window.drain() {
+            r.map_err(|e| e.err)?;
+        }
+        wait(|d| self.target.flush(d))
+    }
+
+    /// The device moves onto the target with nothing left to copy.
+    fn switch_over(&self, job: &Job, dirty: &Dirty) -> Result<()> {
+        job.device.quiesced(|| {
+            self.last_copies(dirty)?;
+            match &self.switch {
+                Switch::Target(Some(b)) => self.target.driver.set_backing(Some(b.clone()))?,
+                Switch::Target(None) | Switch::Base => {}
+            }
+            job.device.replace_root(self.target.clone());
+            Ok(())
+        })?;
+        match &self.switch {
+            Switch::Base => self
+                .graph
+                .forget_chain(Some(self.source.clone()), Some(&self.target)),
+            Switch::Target(_) => self.graph.forget_chain(Some(self.source.clone()), None),
+        }
+        Ok(())
+    }
+}
+
+/// `granularity` as QEMU 2.1 checks it, or the default for `target`:
+/// its cluster size within 4 KiB..64 KiB.
+pub fn granularity(arg: Option<u64>, target_cluster: Option<u64>) -> Result<u64> {
+    match arg {
+        None | Some(0) => Ok(target_cluster.unwrap_or(65536).clamp(4096, 65536)),
+        Some(g) if !(512..=64 << 20).contains(&g) => Err(Error::generic(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        )),
+        Some(g) if !g.is_power_of_two() => {
+            Err(Error::generic("Parameter 'granularity' expects power of 2"))
+        }
+        Some(g) => Ok(g),
+    }
+}

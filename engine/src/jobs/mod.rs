@@ -498,13 +498,14 @@ fn error_text(e: &Error) -> String {
 }
 
 /// Whether data above `base` (exclusive) in the chain from `top` is
-/// allocated at `offset`, and for how many bytes (at most `len`) that holds.
+/// allocated at `offset` (Some, saying whether it reads as zeroes), and for
+/// how many bytes (at most `len`) that holds.
 pub fn allocated_above(
     top: Option<Arc<Node>>,
     base: Option<&Arc<Node>>,
     offset: u64,
     len: u64,
-) -> Result<(bool, u64)> {
+) -> Result<(Option<bool>, u64)> {
     let mut n = len;
     let mut cur = top;
     while let Some(node) = cur {
@@ -513,12 +514,12 @@ pub fn allocated_above(
         }
         let st = node.block_status(offset, n.min(node.size() - offset))?;
         if st.allocated {
-            return Ok((true, st.len.min(n)));
+            return Ok((Some(st.zero), st.len.min(n)));
         }
         n = n.min(st.len);
         cur = node.driver.backing_child();
     }
-    Ok((false, n))
+    Ok((None, n))
 }
 
 /// The node of `top`'s backing chain (below `top`) that `name` names, by

@@ -153,7 +153,7 @@ impl Stream {
         }
         let backing = top.driver.backing_child();
         let (above, n) = allocated_above(backing, self.base.as_ref(), pos, st.len.min(want))?;
-        if !above {
+        if above.is_none() {
             return Ok(Next::Skip(n));
         }
         if !job.throttle(n) || !lock.job_lock(pos, n, || job.is_cancelled()) {

@@ -1,1 +1,113 @@
-//! (in progress)
+//! The target of a mirror or backup: created (`mode=absolute-paths`) or
+//! opened as it is (`mode=existing`), and registered as a node the job
+//! writes directly.
+
+use crate::drivers::qcow2::create::{create, CreateOptions};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Node};
+use crate::options::{BlockdevOptions, DriverName};
+use serde_json::json;
+use std::sync::Arc;
+
+/// Formats whose images record a backing file.
+pub fn has_backing(format: &str) -> bool {
+    matches!(format, "qcow2" | "qcow" | "qed" | "vmdk" | "cow")
+}
+
+/// Creates the image at `path` as `qemu-img create` would for a job's
+/// target: `size` bytes, backed by `backing` (file name, format) if given.
+pub fn create_image(
+    path: &str,
+    format: &str,
+    size: u64,
+    backing: Option<(String, String)>,
+) -> Result<()> {
+    match format {
+        "raw" => {
+            if backing.is_some() {
+                return Err(Error::generic(format!(
+                    "Format 'raw' cannot have a backing file, so '{path}' cannot be created with one"
+                )));
+            }
+            let f = crate::drivers::file::create_locked(path)?;
+            f.set_len(size)
+                .map_err(|e| Error::from_io(&e, format!("Could not resize '{path}'")))
+        }
+        "qcow2" => {
+            let (backing_file, backing_format) = backing.unzip();
+            let o = CreateOptions {
+                size,
+                backing_file,
+                backing_format,
+                ..CreateOptions::default()
+            };
+            create(path, &o)
+        }
+        _ => {
+            if !DriverName::ALL.iter().any(|(n, _)| *n == format) {
+                return Err(Error::generic(format!("Invalid block format '{format}'")));
+            }
+            Err(Error::generic(format!(
+                "Creating '{format}' images is not supported by blkfs (raw and qcow2 are)"
+            )))
+        }
+    }
+}
+
+/// Opens the target image as a registered node with `source`'s cache and
+/// aio options. A new image opens without its backing file (the job
+/// attaches the source's node when it completes); an existing one
+/// (`with_backing`) with the chain its header names. Zero writes punch
+/// holes in it.
+pub fn open(
+    graph: &Graph,
+    source: &Node,
+    path: &str,
+    format: &str,
+    node_name: Option<&str>,
+    with_backing: bool,
+) -> Result<Arc<Node>> {
+    let o = &source.opts;
+    let mut spec = json!({
+        "driver": format,
+        "file": {"driver": "file", "filename": path},
+        "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
+        "aio": o.aio.as_str(),
+        "discard": "unmap",
+    });
+    if has_backing(format) && !with_backing {
+        spec["backing"] = json!("");
+    }
+    if let Some(n) = node_name {
+        spec["node-name"] = json!(n);
+    }
+    let opts = BlockdevOptions::from_json(spec)?;
+    Ok(graph.add(&opts)?.node)
+}
+
+/// The node that has `path` open (the same file, by device and inode), if any.
+pub fn node_using(graph: &Graph, path: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let target = id(path)?;
+    graph
+        .nodes()
+        .into_iter()
+        .filter(|n| n.driver.file_child().is_none())
+        .find(|n| id(&n.driver.filename()) == Some(target))
+        .map(|n| n.name.clone())
+}
+
+/// The target's cluster size, where its format has one.
+pub fn cluster_size(node: &Node) -> Option<u64> {
+    let mut v = json!({});
+    node.driver.image_info(&mut v);
+    v["cluster-size"].as_u64()
+}
+
+/// Whether `a` and `b` name the same file.
+pub fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(a).is_some() && id(a) == id(b)
+}

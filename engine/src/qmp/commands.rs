@@ -28,6 +28,7 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block_set_io_throttle", policy_cmds::block_set_io_throttle),
     ("cont", policy_cmds::cont),
     ("block-stream", job_cmds::block_stream),
+    ("drive-mirror", job_cmds::drive_mirror),
     ("query-block-jobs", job_cmds::query_block_jobs),
     ("block-job-set-speed", job_cmds::block_job_set_speed),
     ("block-job-cancel", job_cmds::block_job_cancel),
@@ -37,7 +38,7 @@ const COMMANDS: &[(&str, Handler)] = &[
 ];
 
 /// Commands of block-core.json whose implementation has not landed yet.
-const PENDING: &[&str] = &["block-commit", "drive-backup", "drive-mirror"];
+const PENDING: &[&str] = &["block-commit", "drive-backup"];
 
 pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
     if let Some((_, h)) = COMMANDS.iter().find(|(n, _)| *n == name) {

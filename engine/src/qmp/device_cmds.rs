@@ -148,7 +148,7 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     }
     // Creating (or opening a second time for writing) an image a node has
     // open would destroy it: QEMU refuses through its image locks.
-    if let Some(n) = node_using(e, &file) {
+    if let Some(n) = crate::jobs::target::node_using(&e.graph, &file) {
         return Err(Error::generic(format!(
             "Could not use '{file}' as the snapshot file: it is in use by node '{n}'"
         )));
@@ -201,17 +201,4 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
         Ok(())
     })?;
     Ok(json!({}))
-}
-
-/// The node that has `path` open (the same file, by device and inode), if any.
-fn node_using(e: &Engine, path: &str) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let target = id(path)?;
-    e.graph
-        .nodes()
-        .into_iter()
-        .filter(|n| n.driver.file_child().is_none())
-        .find(|n| id(&n.driver.filename()) == Some(target))
-        .map(|n| n.name.clone())
 }

@@ -3,10 +3,13 @@
 
 use crate::args::Args;
 use crate::error::{Error, Result};
-use crate::jobs::{self, check_speed, find_in_chain, JobType};
+use crate::graph::Node;
+use crate::jobs::mirror::{self, Mirror, Scan, Switch};
+use crate::jobs::{self, check_speed, find_in_chain, target, JobType};
 use crate::options::OnError;
 use crate::Engine;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 pub const ON_ERROR: &[(&str, OnError)] = &[
     ("report", OnError::Report),
@@ -101,5 +104,184 @@ pub fn block_job_resume(e: &Engine, a: Args) -> Result<Value> {
 
 pub fn block_job_complete(e: &Engine, a: Args) -> Result<Value> {
     e.jobs.complete(&device_arg(a)?)?;
+    Ok(json!({}))
+}
+
+const SYNC: &[(&str, Sync)] = &[
+    ("top", Sync::Top),
+    ("full", Sync::Full),
+    ("none", Sync::None),
+];
+const MODE: &[(&str, bool)] = &[("existing", false), ("absolute-paths", true)];
+
+/// `MirrorSyncMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    Top,
+    Full,
+    None,
+}
+
+/// A job target named by the command: its path, format, and whether blkfs
+/// creates it (`mode=absolute-paths`, the default).
+struct TargetArgs {
+    path: String,
+    format: Option<String>,
+    create: bool,
+}
+
+impl TargetArgs {
+    /// Creates (when asked) and opens the target for a copy of `source`
+    /// with `sync`; returns the node, whether it reads as zeroes where
+    /// nothing was copied, and the backing node it gets on completion.
+    fn open(
+        &self,
+        e: &Engine,
+        source: &Arc<Node>,
+        sync: Sync,
+        node_name: Option<&str>,
+    ) -> Result<(Arc<Node>, bool, Option<Arc<Node>>)> {
+        if let Some(n) = target::node_using(&e.graph, &self.path) {
+            return Err(Error::generic(format!(
+                "Could not use '{}' as the target: it is in use by node '{n}'",
+                self.path
+            )));
+        }
+        if let Some(n) = node_name {
+            if e.graph.node(n).is_some() || e.graph.device(n).is_ok() {
+                return Err(Error::generic(format!("Duplicate node name '{n}'")));
+            }
+        }
+        // sync=top of an image without backing file is a full copy.
+        let backing = match sync {
+            Sync::Full => None,
+            Sync::Top => source.driver.backing_child(),
+            Sync::None => Some(source.clone()),
+        };
+        if !self.create {
+            let format = match &self.format {
+                Some(f) => f.clone(),
+                None => crate::drivers::probe::probe(&self.path)?.to_string(),
+            };
+            let node = target::open(&e.graph, source, &self.path, &format, node_name, true)?;
+            if node.size() != source.size() {
+                e.graph.forget_chain(Some(node), None);
+                return Err(Error::generic(
+                    "Source and target image have different sizes",
+                ));
+            }
+            return Ok((node, false, None));
+        }
+        let format = self
+            .format
+            .clone()
+            .unwrap_or_else(|| source.driver.format_name().to_string());
+        let backing_file = match &backing {
+            Some(b) if target::has_backing(&format) => {
+                let path = std::fs::canonicalize(b.driver.filename())
+                    .map_err(|err| Error::from_io(&err, b.driver.filename()))?;
+                Some((
+                    path.to_string_lossy().into_owned(),
+                    b.driver.format_name().to_string(),
+                ))
+            }
+            Some(_) => {
+                return Err(Error::generic(format!(
+                    "Format '{format}' cannot have a backing file: use sync=full"
+                )))
+            }
+            None => None,
+        };
+        let zero_init = backing_file.is_none();
+        target::create_image(&self.path, &format, source.size(), backing_file)?;
+        match target::open(&e.graph, source, &self.path, &format, node_name, false) {
+            Ok(node) => Ok((node, zero_init, backing)),
+            Err(err) => {
+                let _ = std::fs::remove_file(&self.path);
+                Err(err)
+            }
+        }
+    }
+}
+
+pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
+    let device = a.req("device", Args::str)?;
+    let t = TargetArgs {
+        path: a.req("target", Args::str)?,
+        format: a.str("format")?,
+        create: true,
+    };
+    let node_name = a.str("node-name")?;
+    let replaces = a.str("replaces")?;
+    let sync = a.req("sync", |a, k| a.enumeration(k, SYNC))?;
+    let create = a.enumeration("mode", MODE)?.unwrap_or(true);
+    let speed = check_speed(a.int("speed")?)?;
+    let granularity = a.uint("granularity")?;
+    let buf_size = a.int("buf-size")?;
+    let on_source_error = a
+        .enumeration("on-source-error", ON_ERROR)?
+        .unwrap_or(OnError::Report);
+    let on_target_error = a
+        .enumeration("on-target-error", ON_ERROR)?
+        .unwrap_or(OnError::Report);
+    a.finish()?;
+    let t = TargetArgs { create, ..t };
+    let dev = e.graph.device(&device)?;
+    e.jobs.check_idle(&device)?;
+    let source = dev.root();
+    if let Some(g) = granularity {
+        mirror::granularity(Some(g), None)?;
+    }
+    let buf_size = match buf_size {
+        None => 10 << 20,
+        Some(b) if b > 0 => b as u64,
+        Some(_) => return Err(Error::generic("Invalid parameter 'buf-size'")),
+    };
+    if let Some(r) = &replaces {
+        if node_name.is_none() {
+            return Err(Error::generic(
+                "a node-name must be provided when replacing a named node of the graph",
+            ));
+        }
+        let node = e.graph.node(r).ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::DeviceNotFound,
+                format!("Cannot find device= nor node_name={r}"),
+            )
+        })?;
+        if !Arc::ptr_eq(&node, &source) {
+            return Err(Error::generic("Only top most non filter can be replaced"));
+        }
+    }
+    let (target, zero_init, backing) = t.open(e, &source, sync, node_name.as_deref())?;
+    let granularity = mirror::granularity(granularity, target::cluster_size(&target))?;
+    let scan = match sync {
+        Sync::Full => Scan::Above(None),
+        Sync::Top => Scan::Above(source.driver.backing_child()),
+        Sync::None => Scan::Nothing,
+    };
+    let body = Mirror {
+        graph: e.graph.clone(),
+        source,
+        target: target.clone(),
+        scan,
+        zero_init,
+        granularity,
+        buf_size: buf_size.max(granularity),
+        on_source_error,
+        on_target_error,
+        switch: Switch::Target(backing),
+        forget_target: true,
+    };
+    let started = e.jobs.start(
+        JobType::Mirror,
+        dev,
+        speed,
+        Box::new(move |job| body.run(job)),
+    );
+    if let Err(err) = started {
+        e.graph.forget_chain(Some(target), None);
+        return Err(err);
+    }
     Ok(json!({}))
 }

@@ -281,6 +281,46 @@ impl Drop for Client {
     }
 }
 
+/// A fake QMP server for tests.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// A client (past the handshake) over a socket pair whose server
+    /// answers each command with the messages `handler` returns for it (in
+    /// order, so events can come before or after the reply); the server
+    /// closes the connection when `handler` returns `None`.
+    pub fn server(
+        mut handler: impl FnMut(&Value) -> Option<Vec<Value>> + Send + 'static,
+    ) -> Client {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        std::thread::spawn(move || {
+            let Ok(mut w) = theirs.try_clone() else {
+                return;
+            };
+            for line in BufReader::new(theirs).lines() {
+                let Ok(line) = line else { return };
+                let Ok(cmd) = serde_json::from_str::<Value>(&line) else {
+                    return;
+                };
+                let Some(answer) = handler(&cmd) else { return };
+                for m in answer {
+                    if w.write_all(format!("{m}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Client::over(ours, Some(Duration::from_secs(5))).expect("client")
+    }
+
+    /// The reply to `cmd` returning `ret`.
+    pub fn reply(cmd: &Value, ret: Value) -> Value {
+        json!({"return": ret, "id": cmd["id"]})
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

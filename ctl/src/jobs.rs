@@ -28,6 +28,10 @@ const LINE_EVERY: Duration = Duration::from_secs(1);
 /// How long a job may be missing from query-block-jobs before its end event
 /// is given up on.
 const GONE_GRACE: Duration = Duration::from_secs(3);
+/// How long `job wait` listens for the end event of a job that the first
+/// query-block-jobs no longer lists (the daemon may send it after the
+/// reply).
+const NOJOB_GRACE: Duration = Duration::from_millis(500);
 /// The rate is measured over about this much recent progress.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Exit status when the job's result cannot be known.
@@ -670,8 +674,14 @@ pub fn verdict(device: &str, end: &End) -> Result<String, (String, u8)> {
 /// lines with --json.
 enum Output {
     Bar(ProgressBar),
-    Lines { last: Option<(Instant, Snapshot)> },
-    Json { last: Option<(Instant, Value)> },
+    Lines {
+        last: Option<(Instant, Snapshot)>,
+        /// Where the lines go instead of stdout (for tests).
+        captured: Option<Vec<String>>,
+    },
+    Json {
+        last: Option<(Instant, Value)>,
+    },
 }
 
 impl Output {
@@ -688,7 +698,10 @@ impl Output {
             bar.set_style(style);
             Output::Bar(bar)
         } else {
-            Output::Lines { last: None }
+            Output::Lines {
+                last: None,
+                captured: None,
+            }
         }
     }
 
@@ -716,7 +729,7 @@ impl Output {
                 }
                 bar.set_message(msg);
             }
-            Output::Lines { last } => {
+            Output::Lines { last, captured } => {
                 if last.as_ref().is_none_or(|(at, s)| *s != snap && due(at)) {
                     let line = progress_line(
                         device,
@@ -724,7 +737,10 @@ impl Output {
                         meter.rate(),
                         meter.eta(snap.offset, snap.len),
                     );
-                    emit(&format!("{line}\n"))?;
+                    match captured {
+                        Some(lines) => lines.push(line),
+                        None => emit(&format!("{line}\n"))?,
+                    }
                     *last = Some((now, snap));
                 }
             }
@@ -756,9 +772,16 @@ impl Output {
 
     /// Clears the bar and prints the final line (not with --json, where the
     /// final event was printed).
-    fn finish(&self, line: Option<&str>) -> io::Result<()> {
+    fn finish(&mut self, line: Option<&str>) -> io::Result<()> {
         match self {
             Output::Bar(bar) => bar.finish_and_clear(),
+            Output::Lines {
+                captured: Some(lines),
+                ..
+            } => {
+                lines.extend(line.map(str::to_string));
+                return Ok(());
+            }
             Output::Lines { .. } => {}
             Output::Json { .. } => return Ok(()),
         }
@@ -804,8 +827,9 @@ fn wait_job(
                 }
                 None if first && must_exist => {
                     // The job ended before the wait began: an end event read
-                    // meanwhile still tells how.
-                    while let Some(raw) = client.wait_event(now)? {
+                    // since the connection was made still tells how.
+                    let deadline = Instant::now() + NOJOB_GRACE;
+                    while let Some(raw) = client.wait_event(deadline)? {
                         if let Some(ev) = classify(&raw, device) {
                             out.event(&raw)?;
                             if let Step::Stop(end) = decide(device, until, true, ev) {
@@ -848,7 +872,7 @@ fn wait_job(
 }
 
 /// Turns how a wait ended into the output and exit status.
-fn report(out: &Output, device: &str, end: &End) -> Outcome {
+fn report(out: &mut Output, device: &str, end: &End) -> Outcome {
     match verdict(device, end) {
         Ok(line) => {
             out.finish(Some(&line))?;
@@ -876,7 +900,7 @@ pub fn cmd_start<J: StartJob>(client: &mut Client, job: &J, json: bool) -> Outco
     };
     let mut out = Output::new(json);
     let end = wait_job(client, device, until, false, &mut out)?;
-    report(&out, device, &end)
+    report(&mut out, device, &end)
 }
 
 pub fn cmd_job(client: &mut Client, action: JobAction, json: bool) -> Outcome {
@@ -886,7 +910,7 @@ pub fn cmd_job(client: &mut Client, action: JobAction, json: bool) -> Outcome {
         };
         let mut out = Output::new(json);
         let end = wait_job(client, &device, Until::End, true, &mut out)?;
-        return report(&out, &device, &end);
+        return report(&mut out, &device, &end);
     };
     let ret = client.execute(command, Some(Value::Object(args)))?;
     if json {
@@ -1411,5 +1435,209 @@ mod tests {
                 "nospace"
             ]
         );
+    }
+
+    use crate::client::fake;
+    use std::sync::{Arc, Mutex};
+
+    fn captured() -> Output {
+        Output::Lines {
+            last: None,
+            captured: Some(Vec::new()),
+        }
+    }
+
+    fn lines(out: &Output) -> Vec<String> {
+        match out {
+            Output::Lines {
+                captured: Some(l), ..
+            } => l.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn job(offset: u64, len: u64) -> Value {
+        json!({"type": "stream", "device": "d0", "len": len, "offset": offset,
+            "busy": true, "paused": false, "speed": 0, "io-status": "ok"})
+    }
+
+    fn end_data(kind: &str, offset: u64, len: u64) -> Value {
+        json!({"type": kind, "device": "d0", "len": len, "offset": offset, "speed": 0})
+    }
+
+    /// A server whose query-block-jobs replies come from `polls` in turn
+    /// (the last one repeating), each followed by the events listed with it.
+    /// Other commands are recorded in the returned log and answered `{}`.
+    fn server(
+        polls: Vec<(Value, Vec<Value>)>,
+        on_command: impl Fn(&str) -> Vec<Value> + Send + 'static,
+    ) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = log.clone();
+        let mut polls = polls.into_iter().peekable();
+        let client = fake::server(move |cmd| {
+            let name = cmd["execute"].as_str().unwrap_or("?").to_string();
+            if name != "query-block-jobs" {
+                let mut answer = vec![fake::reply(cmd, json!({}))];
+                answer.extend(on_command(&name));
+                seen.lock().ok()?.push(name);
+                return Some(answer);
+            }
+            let (jobs, events) = match polls.next() {
+                Some(p) if polls.peek().is_none() => {
+                    // Keep answering with the last list, without its events.
+                    polls = vec![(p.0.clone(), Vec::new())].into_iter().peekable();
+                    p
+                }
+                Some(p) => p,
+                None => (json!([]), Vec::new()),
+            };
+            let mut answer = vec![fake::reply(cmd, jobs)];
+            answer.extend(events);
+            Some(answer)
+        });
+        (client, log)
+    }
+
+    #[test]
+    fn waits_for_completion_with_progress_lines() {
+        let (mut c, _) = server(
+            vec![
+                (json!([job(0, 100)]), vec![]),
+                (
+                    json!([job(50, 100)]),
+                    vec![
+                        // Another device's end is no concern.
+                        event(
+                            "BLOCK_JOB_COMPLETED",
+                            json!({"type": "stream", "device": "d1",
+                            "len": 1, "offset": 1, "speed": 0, "error": "x"}),
+                        ),
+                        event("BLOCK_JOB_COMPLETED", end_data("stream", 100, 100)),
+                    ],
+                ),
+            ],
+            |_| vec![],
+        );
+        let mut out = captured();
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut out);
+        assert_eq!(end.ok(), Some(End::Completed(snap("stream", 100, 100))));
+        // The second poll came before a line was due.
+        assert_eq!(lines(&out), ["d0: stream 0/100 (0%)"]);
+        assert!(report(&mut out, "d0", &End::Completed(snap("stream", 100, 100))).is_ok());
+        assert_eq!(
+            lines(&out).last().map(String::as_str),
+            Some("d0: stream job completed, 100/100 (100%)")
+        );
+    }
+
+    #[test]
+    fn a_job_that_ended_before_the_wait_is_unknown_unless_its_event_was_read() {
+        // Nothing listed, nothing heard: exit 2.
+        let (mut c, _) = server(vec![(json!([]), vec![])], |_| vec![]);
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        assert_eq!(end.ok(), Some(End::NoJob));
+
+        // The end event came before the reply that no longer lists the job.
+        let mut c = fake::server(|cmd| {
+            Some(vec![
+                event("BLOCK_JOB_COMPLETED", end_data("stream", 9, 9)),
+                fake::reply(cmd, json!([])),
+            ])
+        });
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        assert_eq!(end.ok(), Some(End::Completed(snap("stream", 9, 9))));
+
+        // Or just after it.
+        let (mut c, _) = server(
+            vec![(
+                json!([]),
+                vec![event("BLOCK_JOB_CANCELLED", end_data("backup", 7, 9))],
+            )],
+            |_| vec![],
+        );
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        assert_eq!(end.ok(), Some(End::Cancelled(snap("backup", 7, 9))));
+    }
+
+    #[test]
+    fn a_started_job_missing_from_the_list_is_waited_for() {
+        // The job just started is not listed yet; its events count.
+        let (mut c, _) = server(
+            vec![
+                (json!([]), vec![]),
+                (
+                    json!([]),
+                    vec![event(
+                        "BLOCK_JOB_COMPLETED",
+                        json!({"type": "stream", "device": "d0", "len": 9, "offset": 3,
+                            "speed": 0, "error": "Input/output error"}),
+                    )],
+                ),
+            ],
+            |_| vec![],
+        );
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, false, &mut captured());
+        assert_eq!(
+            end.ok(),
+            Some(End::Failed(
+                snap("stream", 3, 9),
+                "Input/output error".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_job_gone_without_an_event_is_reported_after_a_grace_time() {
+        let (mut c, _) = server(
+            vec![(json!([job(1, 2)]), vec![]), (json!([]), vec![])],
+            |_| vec![],
+        );
+        let start = Instant::now();
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        assert_eq!(end.ok(), Some(End::Vanished));
+        assert!(start.elapsed() >= GONE_GRACE);
+    }
+
+    #[test]
+    fn mirror_wait_stops_at_ready_and_complete_sends_block_job_complete_once() {
+        let mirror = |o: u64| {
+            json!([{"type": "mirror", "device": "d0", "len": 8, "offset": o,
+            "busy": false, "paused": false, "speed": 0, "io-status": "ok"}])
+        };
+        let ready = || event("BLOCK_JOB_READY", end_data("mirror", 8, 8));
+        let (mut c, log) = server(vec![(mirror(8), vec![ready()])], |_| vec![]);
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, false, &mut captured());
+        assert_eq!(end.ok(), Some(End::Ready(snap("mirror", 8, 8))));
+        assert!(log.lock().is_ok_and(|l| l.is_empty()));
+
+        // READY twice: block-job-complete goes out once; then COMPLETED.
+        let (mut c, log) = server(vec![(mirror(8), vec![ready(), ready()])], |name| {
+            if name == "block-job-complete" {
+                vec![event("BLOCK_JOB_COMPLETED", end_data("mirror", 8, 8))]
+            } else {
+                vec![]
+            }
+        });
+        let end = wait_job(&mut c, "d0", Until::CompleteAtReady, false, &mut captured());
+        assert_eq!(end.ok(), Some(End::Completed(snap("mirror", 8, 8))));
+        assert_eq!(
+            log.lock().map(|l| l.clone()).unwrap_or_default(),
+            ["block-job-complete"]
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_ends_the_wait_with_an_error() {
+        let mut polls = 0;
+        let mut c = fake::server(move |cmd| {
+            polls += 1;
+            (polls < 2).then(|| vec![fake::reply(cmd, json!([job(0, 10)]))])
+        });
+        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        assert!(matches!(
+            end,
+            Err(Failure::Qmp(crate::client::QmpError::Closed))
+        ));
     }
 }

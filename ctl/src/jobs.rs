@@ -14,7 +14,7 @@ use crate::format::{bool_cell, cell, human_size};
 use crate::table::{Align, Table};
 use crate::{emit, emit_json, list_query, Failure, Outcome};
 use clap::{Args, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal};
@@ -673,7 +673,7 @@ pub fn verdict(device: &str, end: &End) -> Result<String, (String, u8)> {
 /// Where progress goes: a bar on a terminal, plain lines otherwise, JSON
 /// lines with --json.
 enum Output {
-    Bar(ProgressBar),
+    Bar(Option<ProgressBar>),
     Lines {
         last: Option<(Instant, Snapshot)>,
         /// Where the lines go instead of stdout (for tests).
@@ -689,20 +689,24 @@ impl Output {
         if json {
             Output::Json { last: None }
         } else if io::stdout().is_terminal() {
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent}%) {msg}",
-            )
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stdout());
-            bar.set_style(style);
-            Output::Bar(bar)
+            Output::Bar(None)
         } else {
             Output::Lines {
                 last: None,
                 captured: None,
             }
         }
+    }
+
+    /// The bar, drawn from the first progress on (before, its length is
+    /// unknown).
+    fn new_bar(len: u64) -> ProgressBar {
+        let style = ProgressStyle::with_template(
+            "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes} ({percent}%) {msg}",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stdout()).with_style(style)
     }
 
     /// A query-block-jobs entry of the job.
@@ -716,13 +720,14 @@ impl Output {
         let snap = Snapshot::of(info);
         let due = |at: &Instant| now.saturating_duration_since(*at) >= LINE_EVERY;
         match self {
-            Output::Bar(bar) => {
+            Output::Bar(slot) => {
+                let bar = slot.get_or_insert_with(|| Output::new_bar(snap.len));
                 bar.set_prefix(format!("{device}: {}", snap.kind));
                 bar.set_length(snap.len);
                 bar.set_position(snap.offset);
                 let mut msg = meter
                     .rate()
-                    .map(|r| format!("{}/s", human_size(r as u64)))
+                    .map(|r| format!("{}/s", BinaryBytes(r as u64)))
                     .unwrap_or_default();
                 if let Some(eta) = meter.eta(snap.offset, snap.len) {
                     msg.push_str(&format!(" ETA {}", duration_text(eta)));
@@ -765,7 +770,7 @@ impl Output {
     /// A remark on stderr.
     fn note(&self, msg: &str) {
         match self {
-            Output::Bar(bar) => bar.suspend(|| eprintln!("blkctl: {msg}")),
+            Output::Bar(Some(bar)) => bar.suspend(|| eprintln!("blkctl: {msg}")),
             _ => eprintln!("blkctl: {msg}"),
         }
     }
@@ -774,7 +779,11 @@ impl Output {
     /// final event was printed).
     fn finish(&mut self, line: Option<&str>) -> io::Result<()> {
         match self {
-            Output::Bar(bar) => bar.finish_and_clear(),
+            Output::Bar(bar) => {
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+            }
             Output::Lines {
                 captured: Some(lines),
                 ..

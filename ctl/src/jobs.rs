@@ -129,7 +129,8 @@ pub struct StreamArgs {
     /// What to do on an I/O error
     #[arg(long, value_enum, value_name = "POLICY")]
     on_error: Option<OnError>,
-    /// Wait until the job ends, showing its progress
+    /// Wait until the job ends, showing its progress (exit 1 when it fails
+    /// or is cancelled)
     #[arg(long)]
     wait: bool,
 }
@@ -303,7 +304,8 @@ pub struct BackupArgs {
     /// What to do on a write error of the target
     #[arg(long, value_enum, value_name = "POLICY")]
     on_target_error: Option<OnError>,
-    /// Wait until the job ends, showing its progress
+    /// Wait until the job ends, showing its progress (exit 1 when it fails
+    /// or is cancelled)
     #[arg(long)]
     wait: bool,
 }
@@ -345,7 +347,10 @@ pub enum JobAction {
     ///
     /// Exits 0 when the job completes, 1 when it fails or is cancelled, 2
     /// when the device has no job (it may have ended already: its result
-    /// is then unknown).
+    /// is then unknown). A ready mirror or active commit ends only once
+    /// completed or cancelled. With --json, prints the job's
+    /// query-block-jobs entry as a JSON line about once a second while it
+    /// changes, and each of the job's events.
     Wait {
         /// Device
         device: String,
@@ -913,13 +918,13 @@ pub fn cmd_start<J: StartJob>(client: &mut Client, job: &J, json: bool) -> Outco
 }
 
 pub fn cmd_job(client: &mut Client, action: JobAction, json: bool) -> Outcome {
-    let Some((command, args, message)) = action.command() else {
-        let JobAction::Wait { device } = action else {
-            unreachable!("only wait has no command")
-        };
+    if let JobAction::Wait { device } = &action {
         let mut out = Output::new(json);
-        let end = wait_job(client, &device, Until::End, true, &mut out)?;
-        return report(&mut out, &device, &end);
+        let end = wait_job(client, device, Until::End, true, &mut out)?;
+        return report(&mut out, device, &end);
+    }
+    let Some((command, args, message)) = action.command() else {
+        return Ok(ExitCode::SUCCESS);
     };
     let ret = client.execute(command, Some(Value::Object(args)))?;
     if json {

@@ -3,6 +3,7 @@
 mod args;
 mod client;
 mod format;
+mod jobs;
 mod keyval;
 mod offline;
 mod table;
@@ -154,6 +155,35 @@ enum Command {
     },
     /// Resume the devices stopped by their error policy (cont)
     Cont,
+    /// Copy the data of a device's backing chain into its image, so the
+    /// image no longer needs it (block-stream)
+    ///
+    /// Without --wait, returns once the job has started (`blkctl jobs`
+    /// lists it, `blkctl job wait` waits for it).
+    Stream(jobs::StreamArgs),
+    /// Merge images of a device's backing chain into a lower one
+    /// (block-commit)
+    ///
+    /// Without --top, this is an active commit: once the data is merged it
+    /// becomes ready and lasts until `blkctl job complete` (or --complete).
+    Commit(jobs::CommitArgs),
+    /// Copy a device to a new image while it stays in use (drive-mirror)
+    ///
+    /// Once the target is in sync the job becomes ready and keeps it in
+    /// sync until `blkctl job complete` (the device switches to the target,
+    /// or --complete) or `blkctl job cancel` (it does not).
+    Mirror(jobs::MirrorArgs),
+    /// Copy a point-in-time image of a device while it stays in use
+    /// (drive-backup)
+    Backup(jobs::BackupArgs),
+    /// List block jobs (query-block-jobs)
+    Jobs,
+    /// Wait for, pause, resume, complete or cancel a device's block job, or
+    /// change its speed
+    Job {
+        #[command(subcommand)]
+        action: jobs::JobAction,
+    },
     /// Check a qcow2 image's consistency, like `qemu-img check` (no daemon
     /// needed; refused while another process writes the image, and with -r
     /// while anyone uses it). Exit 2 on corruption, 3 on leaks.
@@ -246,6 +276,11 @@ enum Failure {
     },
     /// Anything else, e.g. a device missing from a query reply.
     Other(String),
+    /// A message and the exit status to end with.
+    Exit {
+        message: String,
+        code: u8,
+    },
 }
 
 impl From<QmpError> for Failure {
@@ -366,6 +401,10 @@ fn main() -> ExitCode {
             eprintln!("blkctl: {msg}");
             ExitCode::from(1)
         }
+        Err(Failure::Exit { message, code }) => {
+            eprintln!("blkctl: {message}");
+            ExitCode::from(code)
+        }
     }
 }
 
@@ -415,6 +454,12 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
             password_file,
         } => cmd_passwd(client, target, password, password_file, json),
         Command::Cont => simple_command(client, "cont", json!({}), "resumed", json),
+        Command::Stream(job) => jobs::cmd_start(client, &job, json),
+        Command::Commit(job) => jobs::cmd_start(client, &job, json),
+        Command::Mirror(job) => jobs::cmd_start(client, &job, json),
+        Command::Backup(job) => jobs::cmd_start(client, &job, json),
+        Command::Jobs => jobs::cmd_jobs(client, json),
+        Command::Job { action } => jobs::cmd_job(client, action, json),
         Command::Map { .. } | Command::Check { .. } | Command::Create { .. } => {
             unreachable!("runs without a daemon")
         }

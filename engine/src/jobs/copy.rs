@@ -130,6 +130,11 @@ impl Source {
 /// offset; all-zero data becomes a zero write (no allocation where the
 /// target can avoid it).
 pub fn copy(src: &Source, dst: &Arc<Node>, offset: u64, len: u64, done: CopyDone) {
+    if crate::io::on_completer() {
+        // The read may take a format's slow path too (see below).
+        let (src, dst) = (src.clone(), dst.clone());
+        return crate::io::spawn_blocking(move || copy(&src, &dst, offset, len, done));
+    }
     let dst = dst.clone();
     src.read(
         offset,

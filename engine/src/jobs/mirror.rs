@@ -34,8 +34,8 @@ pub enum Scan {
 
 /// What the device runs on once the job completes.
 pub enum Switch {
-    /// `drive-mirror`: the target, with this backing node (None: as opened).
-    Target(Option<Arc<Node>>),
+    /// `drive-mirror`: the target (its backing chain attached when it opened).
+    Target,
     /// Active commit: the base (the target), with the layers above it dropped.
     Base,
 }
@@ -230,10 +230,6 @@ impl Mirror {
     fn switch_over(&self, job: &Job, dirty: &Dirty) -> Result<()> {
         job.device.quiesced(|| {
             self.last_copies(dirty)?;
-            match &self.switch {
-                Switch::Target(Some(b)) => self.target.driver.set_backing(Some(b.clone()))?,
-                Switch::Target(None) | Switch::Base => {}
-            }
             job.device.replace_root(self.target.clone());
             Ok(())
         })?;
@@ -241,7 +237,7 @@ impl Mirror {
             Switch::Base => self
                 .graph
                 .forget_chain(Some(self.source.clone()), Some(&self.target)),
-            Switch::Target(_) => self.graph.forget_chain(Some(self.source.clone()), None),
+            Switch::Target => self.graph.forget_chain(Some(self.source.clone()), None),
         }
         Ok(())
     }

@@ -29,6 +29,7 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("cont", policy_cmds::cont),
     ("block-stream", job_cmds::block_stream),
     ("drive-mirror", job_cmds::drive_mirror),
+    ("drive-backup", job_cmds::drive_backup),
     ("query-block-jobs", job_cmds::query_block_jobs),
     ("block-job-set-speed", job_cmds::block_job_set_speed),
     ("block-job-cancel", job_cmds::block_job_cancel),
@@ -38,7 +39,7 @@ const COMMANDS: &[(&str, Handler)] = &[
 ];
 
 /// Commands of block-core.json whose implementation has not landed yet.
-const PENDING: &[&str] = &["block-commit", "drive-backup"];
+const PENDING: &[&str] = &["block-commit"];
 
 pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
     if let Some((_, h)) = COMMANDS.iter().find(|(n, _)| *n == name) {
@@ -156,7 +157,7 @@ mod tests {
         let e = Engine::new();
         let err = execute(&e, "frobnicate", empty()).unwrap_err();
         assert_eq!(err.class(), "CommandNotFound");
-        let err = execute(&e, "drive-backup", empty()).unwrap_err();
+        let err = execute(&e, "block-commit", empty()).unwrap_err();
         assert_eq!(err.class(), "GenericError");
         assert!(err.msg.contains("not implemented"));
         let err = execute(&e, "query-block", json!({"x": 1})).unwrap_err();

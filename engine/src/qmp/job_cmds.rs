@@ -4,6 +4,7 @@
 use crate::args::Args;
 use crate::error::{Error, Result};
 use crate::graph::Node;
+use crate::jobs::backup::{self, Backup};
 use crate::jobs::mirror::{self, Mirror, Scan, Switch};
 use crate::jobs::{self, check_speed, find_in_chain, target, JobType};
 use crate::options::OnError;
@@ -132,15 +133,16 @@ struct TargetArgs {
 
 impl TargetArgs {
     /// Creates (when asked) and opens the target for a copy of `source`
-    /// with `sync`; returns the node, whether it reads as zeroes where
-    /// nothing was copied, and the backing node it gets on completion.
+    /// with `sync`; returns the node and whether it reads as zeroes where
+    /// nothing was copied. A new target's backing file is the node the
+    /// source already has open (its backing for `top`, itself for `none`).
     fn open(
         &self,
         e: &Engine,
         source: &Arc<Node>,
         sync: Sync,
         node_name: Option<&str>,
-    ) -> Result<(Arc<Node>, bool, Option<Arc<Node>>)> {
+    ) -> Result<(Arc<Node>, bool)> {
         if let Some(n) = target::node_using(&e.graph, &self.path) {
             return Err(Error::generic(format!(
                 "Could not use '{}' as the target: it is in use by node '{n}'",
@@ -170,7 +172,7 @@ impl TargetArgs {
                     "Source and target image have different sizes",
                 ));
             }
-            return Ok((node, false, None));
+            return Ok((node, false));
         }
         let format = self
             .format
@@ -194,13 +196,18 @@ impl TargetArgs {
         };
         let zero_init = backing_file.is_none();
         target::create_image(&self.path, &format, source.size(), backing_file)?;
-        match target::open(&e.graph, source, &self.path, &format, node_name, false) {
-            Ok(node) => Ok((node, zero_init, backing)),
-            Err(err) => {
-                let _ = std::fs::remove_file(&self.path);
-                Err(err)
-            }
+        let node = target::open(&e.graph, source, &self.path, &format, node_name, false).and_then(
+            |node| {
+                if backing.is_some() {
+                    node.driver.set_backing(backing)?;
+                }
+                Ok(node)
+            },
+        );
+        if node.is_err() {
+            let _ = std::fs::remove_file(&self.path);
         }
+        Ok((node?, zero_init))
     }
 }
 
@@ -253,7 +260,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
             return Err(Error::generic("Only top most non filter can be replaced"));
         }
     }
-    let (target, zero_init, backing) = t.open(e, &source, sync, node_name.as_deref())?;
+    let (target, zero_init) = t.open(e, &source, sync, node_name.as_deref())?;
     let granularity = mirror::granularity(granularity, target::cluster_size(&target))?;
     let scan = match sync {
         Sync::Full => Scan::Above(None),
@@ -270,11 +277,64 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         buf_size: buf_size.max(granularity),
         on_source_error,
         on_target_error,
-        switch: Switch::Target(backing),
+        switch: Switch::Target,
         forget_target: true,
     };
     let started = e.jobs.start(
         JobType::Mirror,
+        dev,
+        speed,
+        Box::new(move |job| body.run(job)),
+    );
+    if let Err(err) = started {
+        e.graph.forget_chain(Some(target), None);
+        return Err(err);
+    }
+    Ok(json!({}))
+}
+
+pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
+    let device = a.req("device", Args::str)?;
+    let path = a.req("target", Args::str)?;
+    let format = a.str("format")?;
+    let sync = a.req("sync", |a, k| a.enumeration(k, SYNC))?;
+    let create = a.enumeration("mode", MODE)?.unwrap_or(true);
+    let speed = check_speed(a.int("speed")?)?;
+    let on_source_error = a
+        .enumeration("on-source-error", ON_ERROR)?
+        .unwrap_or(OnError::Report);
+    let on_target_error = a
+        .enumeration("on-target-error", ON_ERROR)?
+        .unwrap_or(OnError::Report);
+    a.finish()?;
+    let dev = e.graph.device(&device)?;
+    e.jobs.check_idle(&device)?;
+    let source = dev.root();
+    let t = TargetArgs {
+        path,
+        format,
+        create,
+    };
+    let (target, zero_init) = t.open(e, &source, sync, None)?;
+    let cluster = target::cluster_size(&target)
+        .unwrap_or(0)
+        .max(backup::CLUSTER);
+    let body = Backup {
+        graph: e.graph.clone(),
+        sync: match sync {
+            Sync::Full => backup::Sync::Above(None),
+            Sync::Top => backup::Sync::Above(source.driver.backing_child()),
+            Sync::None => backup::Sync::Nothing,
+        },
+        source,
+        target: target.clone(),
+        zero_init,
+        cluster,
+        on_source_error,
+        on_target_error,
+    };
+    let started = e.jobs.start(
+        JobType::Backup,
         dev,
         speed,
         Box::new(move |job| body.run(job)),

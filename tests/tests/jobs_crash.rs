@@ -135,19 +135,36 @@ fn read_raw(dir: &TestDir, img: &str, name: &str) -> Vec<u8> {
 }
 
 /// Every 4 KiB sector of `got` equals the same sector of one of `allowed`.
-fn assert_sectors_among(what: &str, got: &[u8], allowed: &[(&str, &[u8])]) {
-    for (i, s) in got.chunks(SECTOR).enumerate() {
-        let r = i * SECTOR..(i + 1) * SECTOR;
-        if !allowed.iter().any(|(_, a)| a[r.clone()] == *s) {
-            let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
-            panic!(
-                "{what}: sector at {:#x} (first byte {:#04x}) is none of {names:?} \
-                 (their first bytes: {:?})",
-                r.start,
-                s[0],
-                allowed.iter().map(|(_, a)| a[r.start]).collect::<Vec<_>>()
-            );
-        }
+/// `known` are other references a bad sector is compared with, to name it.
+fn assert_sectors_among(
+    what: &str,
+    got: &[u8],
+    allowed: &[(&str, &[u8])],
+    known: &[(&str, &[u8])],
+) {
+    let bad: Vec<usize> = got
+        .chunks(SECTOR)
+        .enumerate()
+        .filter(|(i, s)| {
+            let r = i * SECTOR..(i + 1) * SECTOR;
+            !allowed.iter().any(|(_, a)| a[r.clone()] == **s)
+        })
+        .map(|(i, _)| i * SECTOR)
+        .collect();
+    if let Some(&at) = bad.first() {
+        let r = at..at + SECTOR;
+        let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
+        let like: Vec<&str> = known
+            .iter()
+            .filter(|(_, k)| k[r.clone()] == got[r.clone()])
+            .map(|(n, _)| *n)
+            .collect();
+        panic!(
+            "{what}: {} sectors are none of {names:?}; the first, at {at:#x} \
+             (first byte {:#04x}), equals {like:?}",
+            bad.len(),
+            got[at],
+        );
     }
 }
 
@@ -333,6 +350,7 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
         &format!("{ctx}: top"),
         &top_after,
         &[("acked", &acked_view), ("attempted", &attempted_view)],
+        &[("base before", &base_before), ("top at start", &start)],
     );
     let base_after = read_raw(&dir, &im.base, "base-after.raw");
     match job {
@@ -345,6 +363,7 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
                 &format!("{ctx}: base"),
                 &base_after,
                 &[("base before", &base_before), ("mid before", mid_before)],
+                &[("top with writes", &attempted_view)],
             );
         }
         Job::ActiveCommit => assert_sectors_among(
@@ -355,6 +374,7 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
                 ("top at start", &start),
                 ("top with writes", &attempted_view),
             ],
+            &[],
         ),
     }
     if let (Some(mid), Some(before)) = (&im.mid, &mid_before) {
@@ -374,7 +394,15 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
         if job == Job::Mirror {
             allowed.push(("source with writes", &attempted_view));
         }
-        assert_sectors_among(&format!("{ctx}: target"), &target_after, &allowed);
+        assert_sectors_among(
+            &format!("{ctx}: target"),
+            &target_after,
+            &allowed,
+            &[
+                ("source with writes", &attempted_view),
+                ("base before", &base_before),
+            ],
+        );
     }
     Outcome { job_listed, acked }
 }
@@ -420,7 +448,6 @@ fn kill_9_during_mirror() {
 }
 
 #[test]
-#[ignore = "needs drive-backup (not merged yet)"]
 fn kill_9_during_backup() {
     crash_loop(Job::Backup, 16 * M, &progress_kills(13, 4));
 }

@@ -302,6 +302,12 @@ run_daemon() {
     daemon_pid=$!
     wait_for "$sock"
     t=$(python3 "$work/qmpjob.py" "$sock" "$(job_cmd "$job")" "$(job_args "$job" "$d" "$who")" 2>"$work/skip") || rc=$?
+    if [ "$rc" != 0 ] && [ "$rc" != 3 ]; then
+        echo "bench-jobs: $who $job failed:" >&2
+        cat "$work/skip" >&2
+        tail -n 20 "$work/$who.log" >&2
+        exit 1 # the trap kills the daemon
+    fi
     if ! wait "$daemon_pid"; then
         echo "bench-jobs: $who exited with a failure after $job:" >&2
         tail -n 20 "$work/$who.log" >&2
@@ -309,14 +315,7 @@ run_daemon() {
         exit 1
     fi
     daemon_pid=
-    if [ "$rc" = 3 ]; then
-        return 0
-    elif [ "$rc" != 0 ]; then
-        echo "bench-jobs: $who $job failed:" >&2
-        cat "$work/skip" >&2
-        tail -n 20 "$work/$who.log" >&2
-        exit 1
-    fi
+    [ "$rc" = 3 ] && return 0
     verify "$who" "$job" "$d"
     result=$t
 }

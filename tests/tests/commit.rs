@@ -140,7 +140,7 @@ fn active_commit_then_complete_moves_onto_base() {
     let f = rw(&d, "d0");
     for i in 0..32u64 {
         let data = pattern(100 + i, 4096);
-        let off = i * 509 * 1024 & !4095;
+        let off = (i * 509 * 1024) & !4095;
         f.write_all_at(&data, off).unwrap();
         model[off as usize..off as usize + 4096].copy_from_slice(&data);
     }

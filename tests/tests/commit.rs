@@ -21,13 +21,6 @@ fn info(img: &str) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn canonical(p: &str) -> String {
-    std::fs::canonicalize(p)
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// base <- mid <- top (16 MiB), data in every layer.
 fn chain(dir: &TestDir, base_size: &str) -> (String, String, String) {
     let base = qcow2_image(dir, "base.qcow2", "", base_size);

@@ -164,11 +164,16 @@ fn active_commit_cancelled_after_ready_stays_on_top() {
     let want = snapshot_raw(&dir, &top, "qcow2", "want.raw");
     let d = Daemon::start(&dir, &[qcow2_spec("d0", &top)]);
     let mut q = d.qmp();
+    let mut watch = d.qmp();
     q.ok("block-commit", json!({"device": "d0"}));
     let ev = q.wait_event("BLOCK_JOB_READY", Duration::from_secs(60));
     assert_eq!(ev["data"]["device"], "d0");
     q.ok("block-job-cancel", json!({"device": "d0"}));
     completed(&q.wait_job_end("d0"));
+    assert_eq!(
+        watch.job_events("d0"),
+        ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]
+    );
     let inserted = &query_block(&mut q, "d0")["inserted"];
     assert_eq!(inserted["file"], top.as_str(), "{inserted}");
     assert_eq!(inserted["backing_file_depth"], 2, "{inserted}");

@@ -62,8 +62,14 @@ fn report_fails_the_job_and_keeps_the_chain() {
     let (d, base, top) = stream_setup(&dir, 5, false);
     let mut q = d.qmp();
     q.ok("block-stream", json!({"device": "d0"}));
+    let mut watch = d.qmp();
     assert_eq!(job_error(&mut q)["data"]["action"], "report");
     let ev = q.wait_job_end("d0");
+    // In order, as another client sees them.
+    assert_eq!(
+        watch.job_events("d0"),
+        ["BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED"]
+    );
     assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{ev}");
     assert_eq!(ev["data"]["error"], "Input/output error", "{ev}");
     assert_eq!(

@@ -298,7 +298,16 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", kind.as_str()))
             .spawn(move || {
-                let ending = body(&j);
+                let run = std::panic::AssertUnwindSafe(|| body(&j));
+                let ending = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    // A bug, not an I/O error: the job still ends, and its
+                    // hook no longer holds the device's writes.
+                    log::error!("block job on '{}' panicked", j.device.id);
+                    if let Err(e) = j.device.set_write_hook(None) {
+                        log::error!("block job on '{}': {e}", j.device.id);
+                    }
+                    Ending::Failed(Error::generic("the block job failed unexpectedly"))
+                });
                 jobs.finish(&j, ending);
             });
         if let Err(e) = spawned {

@@ -74,6 +74,10 @@ impl Stream {
     /// The top's backing becomes `base`, in the graph and in its header.
     fn finish(&self, job: &Job) -> Result<()> {
         let old = self.top.driver.backing_child();
+        if old.is_none() {
+            // Nothing was below the top: nothing to change (QEMU completes too).
+            return Ok(());
+        }
         let format = self.base.as_ref().map(|b| b.driver.format_name());
         job.device.quiesced(|| {
             self.top

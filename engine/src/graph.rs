@@ -260,8 +260,18 @@ impl Graph {
     }
 
     fn add_inner(&self, opts: &BlockdevOptions, moving: Option<&Arc<Device>>) -> Result<Added> {
+        self.add_replacing(opts, moving, None)
+    }
+
+    fn add_replacing(
+        &self,
+        opts: &BlockdevOptions,
+        moving: Option<&Arc<Device>>,
+        replacing: Option<&Arc<Node>>,
+    ) -> Result<Added> {
         let mut reg = self.reg.write();
         let mut opener = Opener {
+            replacing: replacing.cloned(),
             moving: moving.cloned(),
             reg: &reg,
             new_nodes: Vec::new(),
@@ -290,6 +300,9 @@ impl Graph {
         }
         let node = opener.open(opts, &NodeOptions::default(), "", true)?;
         let (new_nodes, next_auto) = (opener.new_nodes, opener.next_auto);
+        if let Some(old) = replacing {
+            reg.nodes.retain(|n| !Arc::ptr_eq(n, old));
+        }
         reg.nodes.extend(new_nodes);
         reg.next_auto = next_auto;
         let device = opts.id.as_ref().map(|id| {
@@ -304,6 +317,103 @@ impl Graph {
             d
         });
         Ok(Added { node, device })
+    }
+
+    /// Reopens a format node over a file read-only or read-write, as QEMU's
+    /// bdrv_reopen does for a commit's base: a new node of the same name on
+    /// a new descriptor (with the image's rw open checks and locks) takes
+    /// the old one's place under its parents, with `device` quiesced.
+    pub fn reopen(&self, node: &Arc<Node>, read_only: bool, device: &Device) -> Result<Arc<Node>> {
+        if node.opts.read_only == read_only {
+            return Ok(node.clone());
+        }
+        let refuse = |why: &str| {
+            Error::generic(format!(
+                "Cannot reopen node '{}' {}: {why}",
+                node.name,
+                if read_only { "read-only" } else { "read-write" }
+            ))
+        };
+        let file = node
+            .driver
+            .file_child()
+            .cloned()
+            .ok_or_else(|| refuse("it has no file"))?;
+        if file.driver.file_child().is_some() || file.driver.backing_child().is_some() {
+            return Err(refuse("only a format over a plain file can be reopened"));
+        }
+        // Its overlay (one) and `device` may use it; anyone else would see
+        // it change under them.
+        let users = {
+            let reg = self.reg.read();
+            perm::users(&reg.nodes, &reg.devices, node)
+        };
+        let mut allowed = [
+            (perm::Role::Backing, 1),
+            (
+                perm::Role::Root,
+                usize::from(Arc::ptr_eq(&device.root(), node)),
+            ),
+        ];
+        let others: Vec<String> = users
+            .into_iter()
+            .filter(
+                |u| match allowed.iter_mut().find(|(r, n)| *r == u.role && *n > 0) {
+                    Some((_, n)) => {
+                        *n -= 1;
+                        false
+                    }
+                    None => true,
+                },
+            )
+            .map(|u| u.who)
+            .collect();
+        if !others.is_empty() {
+            return Err(refuse(&format!("it is also used by {}", others.join(", "))));
+        }
+        let o = &node.opts;
+        let mut spec = serde_json::json!({
+            "driver": node.driver.format_name(),
+            "read-only": read_only,
+            "file": {"driver": file.driver.format_name(), "filename": file.driver.filename()},
+            "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
+            "aio": o.aio.as_str(),
+            "discard": o.discard.as_str(),
+            "detect-zeroes": o.detect_zeroes.as_str(),
+        });
+        if let Some(b) = node.driver.backing_child() {
+            spec["backing"] = serde_json::json!(b.name);
+        } else if crate::jobs::target::has_backing(node.driver.format_name()) {
+            spec["backing"] = serde_json::json!("");
+        }
+        let opts = BlockdevOptions::from_json(spec)?;
+        let new = device.quiesced(|| {
+            drivers::wait(|d| node.flush(d))?;
+            node.driver.set_locks(false)?;
+            let new = match self.add_replacing(&opts, None, Some(node)) {
+                Ok(a) => a.node,
+                Err(e) => {
+                    if let Err(l) = node.driver.set_locks(true) {
+                        log::error!("node '{}' could not take its locks again: {l}", node.name);
+                    }
+                    return Err(e);
+                }
+            };
+            for p in self.nodes() {
+                if p.driver
+                    .backing_child()
+                    .is_some_and(|b| Arc::ptr_eq(&b, node))
+                {
+                    p.driver.set_backing(Some(new.clone()))?;
+                }
+            }
+            if Arc::ptr_eq(&device.root(), node) {
+                device.replace_root(new.clone());
+            }
+            Ok(new)
+        })?;
+        self.forget_chain(Some(node.clone()), new.driver.backing_child().as_ref());
+        Ok(new)
     }
 
     /// Drops from the registry the nodes a job took out of a chain: `top`
@@ -431,6 +541,8 @@ struct Opener<'r> {
     refs: Vec<(Arc<Node>, perm::User)>,
     /// A device that moves onto the new node (a snapshot's overlay).
     moving: Option<Arc<Device>>,
+    /// A node the new one replaces (a reopen): its name is free.
+    replacing: Option<Arc<Node>>,
 }
 
 /// How a parent uses a child it opens or references.
@@ -445,6 +557,9 @@ enum Use {
 
 impl Opener<'_> {
     fn name_taken(&self, name: &str) -> bool {
+        if self.replacing.as_ref().is_some_and(|r| r.name == name) {
+            return false;
+        }
         self.reg.node(name).is_some()
             || self.reg.device(name).is_some()
             || self.new_nodes.iter().any(|n| n.name == name)
@@ -470,6 +585,12 @@ impl Opener<'_> {
                 }
                 n.clone()
             }
+            // A reopened node keeps its name, automatic ones too.
+            None if top && self.replacing.is_some() => self
+                .replacing
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default(),
             None => {
                 self.next_auto += 1;
                 format!("#block{:03}", self.next_auto)

@@ -311,6 +311,27 @@ impl Qmp {
         })
     }
 
+    /// The names of the BLOCK_JOB_* events of `device`, in the order they
+    /// came, up to and including the job's end (COMPLETED or CANCELLED).
+    pub fn job_events(&mut self, device: &str) -> Vec<String> {
+        let mine = |e: &Value| {
+            e["event"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("BLOCK_JOB_"))
+                && e["data"]["device"] == device
+        };
+        let mut names = Vec::new();
+        loop {
+            let e = self.wait_event_where(Duration::from_secs(120), mine);
+            let name = e["event"].as_str().unwrap_or_default().to_string();
+            let end = name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED";
+            names.push(name);
+            if end {
+                return names;
+            }
+        }
+    }
+
     /// The events received so far with this name, in order (taken out).
     pub fn take_events(&mut self, name: &str) -> Vec<Value> {
         let (hit, rest): (Vec<_>, Vec<_>) = self.events.drain(..).partition(|e| e["event"] == name);

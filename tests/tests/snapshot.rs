@@ -549,3 +549,46 @@ fn the_overlay_keeps_the_old_top_options() {
     );
     assert!(first["length"].as_u64().unwrap() >= M - (64 << 10), "{map}");
 }
+
+/// After a snapshot the old top is a read-only backing file: its write
+/// lock is given back, so tools may open it again without `-U`.
+#[test]
+fn the_old_top_is_reopened_read_only() {
+    let dir = TestDir::new("snap-reopen");
+    let top = qcow2_image(&dir, "top.qcow2", "", "4M");
+    qemu_io("qcow2", top.as_ref(), &["write -P 0x17 0 1M"]);
+    let d = Daemon::start(&dir, &[qcow2_spec("d0", &top)]);
+    let mut q = d.qmp();
+    let held = std::process::Command::new("qemu-img")
+        .args(["info", &top])
+        .output()
+        .unwrap();
+    assert!(
+        !held.status.success(),
+        "qemu-img opened an image blkfs writes"
+    );
+    snapshot(
+        &mut q,
+        json!({"device": "d0", "snapshot-file": dir.file("over.qcow2")}),
+    );
+    let out = qemu_img(&["info", "--output=json", &top]);
+    assert!(out.contains("\"virtual-size\": 4194304"), "{out}");
+    qemu_io_ro("qcow2", top.as_ref(), &["read -P 0x17 0 1M"]);
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let old = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "qcow2" && n["file"] == top.as_str())
+        .unwrap_or_else(|| panic!("{nodes}"));
+    assert_eq!(old["ro"], true, "{old}");
+    // Writing it from outside stays refused: it is still our backing file.
+    let w = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 4k", &top])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&w.stderr);
+    assert!(!w.status.success() && err.contains("lock"), "{err}");
+    write_dev(&d, "d0", 0, &pattern(9, 4096));
+    quit(d);
+}

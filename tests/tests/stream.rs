@@ -336,3 +336,14 @@ fn speed_limits_the_rate() {
         "qcow2"
     ));
 }
+
+#[test]
+fn stream_of_an_image_without_backing_completes() {
+    let dir = TestDir::new("stream-alone");
+    let img = raw_image(&dir, "a.raw", "4M");
+    let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
+    let mut q = d.qmp();
+    q.ok("block-stream", json!({"device": "d0"}));
+    completed_ok(&q.wait_job_end("d0"), "stream", "d0");
+    quit(d);
+}

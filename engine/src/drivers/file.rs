@@ -333,6 +333,18 @@ impl Driver for FileDriver {
         write_through_path(&self.filename, offset, data)
     }
 
+    fn set_locks(&self, on: bool) -> Result<()> {
+        let Some(perms) = self.locked else {
+            return Ok(());
+        };
+        if on {
+            super::lock::lock(self.fd.as_fd(), &self.filename, OnOffAuto::On, perms)?;
+        } else {
+            super::lock::unlock_all(self.fd.as_fd());
+        }
+        Ok(())
+    }
+
     fn resize(&self, size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::generic(format!(

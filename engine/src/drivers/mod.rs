@@ -131,6 +131,14 @@ pub trait Driver: Send + Sync {
             ))),
         }
     }
+    /// Drops (`on` false) or takes again the image locks of the protocol
+    /// node below, around a reopen whose new descriptor takes them itself.
+    fn set_locks(&self, on: bool) -> Result<()> {
+        match self.file_child() {
+            Some(f) => f.driver.set_locks(on),
+            None => Ok(()),
+        }
+    }
     /// Encryption state of this layer.
     fn encryption(&self) -> Encryption {
         Encryption::None

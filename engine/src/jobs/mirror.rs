@@ -52,9 +52,9 @@ pub struct Mirror {
     pub buf_size: u64,
     pub on_source_error: OnError,
     pub on_target_error: OnError,
+    /// Also what becomes of the target when the job ends without switching:
+    /// a mirror's is closed, a commit's base is read-only again.
     pub switch: Switch,
-    /// Forgotten (closed) when the job ends without switching to it.
-    pub forget_target: bool,
 }
 
 /// The guest's writes since the copy of a chunk began.
@@ -103,8 +103,16 @@ impl Mirror {
         if let Err(e) = job.device.set_write_hook(None) {
             log::error!("mirror on '{}': {e}", job.device.id);
         }
-        if !switched && self.forget_target {
-            self.graph.forget_chain(Some(self.target.clone()), None);
+        if !switched {
+            match self.switch {
+                Switch::Target => self.graph.forget_chain(Some(self.target.clone()), None),
+                // The base was reopened read-write for the commit.
+                Switch::Base => {
+                    if let Err(e) = self.graph.reopen(&self.target, true, &job.device) {
+                        log::warn!("commit on '{}': base stays read-write: {e}", job.device.id);
+                    }
+                }
+            }
         }
         ending.unwrap_or_else(Ending::Failed)
     }

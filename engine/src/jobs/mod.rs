@@ -2,7 +2,8 @@
 //!
 //! - [`stream`], [`commit`] (intermediate layers), [`mirror`] (also the
 //!   active commit), [`backup`]: one module per job.
-//! - [`copy`]: the window of copies in flight every job uses.
+//! - [`copy`]: the window of copies in flight every job uses; [`above`]:
+//!   the copy of what a chain shows above a base (stream and commit).
 //! - [`rate`]: the `speed` limit. [`bitmap`]: dirty / copied chunks.
 //! - [`ranges`]: keeps guest writes off the range a stream is copying.
 //! - [`target`]: opening or creating a mirror's or backup's target.
@@ -12,6 +13,7 @@
 //! It reaches the device's writes through the device's write hook. The
 //! registry here answers the control commands and sends the events.
 
+pub mod above;
 pub mod backup;
 pub mod bitmap;
 pub mod commit;
@@ -296,7 +298,16 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", kind.as_str()))
             .spawn(move || {
-                let ending = body(&j);
+                let run = std::panic::AssertUnwindSafe(|| body(&j));
+                let ending = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    // A bug, not an I/O error: the job still ends, and its
+                    // hook no longer holds the device's writes.
+                    log::error!("block job on '{}' panicked", j.device.id);
+                    if let Err(e) = j.device.set_write_hook(None) {
+                        log::error!("block job on '{}': {e}", j.device.id);
+                    }
+                    Ending::Failed(Error::generic("the block job failed unexpectedly"))
+                });
                 jobs.finish(&j, ending);
             });
         if let Err(e) = spawned {

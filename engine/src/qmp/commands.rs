@@ -30,6 +30,7 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block-stream", job_cmds::block_stream),
     ("drive-mirror", job_cmds::drive_mirror),
     ("drive-backup", job_cmds::drive_backup),
+    ("block-commit", job_cmds::block_commit),
     ("query-block-jobs", job_cmds::query_block_jobs),
     ("block-job-set-speed", job_cmds::block_job_set_speed),
     ("block-job-cancel", job_cmds::block_job_cancel),
@@ -38,17 +39,9 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block-job-complete", job_cmds::block_job_complete),
 ];
 
-/// Commands of block-core.json whose implementation has not landed yet.
-const PENDING: &[&str] = &["block-commit"];
-
 pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {
     if let Some((_, h)) = COMMANDS.iter().find(|(n, _)| *n == name) {
         return h(engine, Args::new(args, "", false)?);
-    }
-    if PENDING.contains(&name) {
-        return Err(Error::generic(format!(
-            "The command {name} is not implemented in blkfs yet"
-        )));
     }
     Err(Error::new(
         ErrorKind::CommandNotFound,
@@ -153,13 +146,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_pending_and_bad_arguments() {
+    fn unknown_commands_and_bad_arguments() {
         let e = Engine::new();
         let err = execute(&e, "frobnicate", empty()).unwrap_err();
         assert_eq!(err.class(), "CommandNotFound");
         let err = execute(&e, "block-commit", empty()).unwrap_err();
         assert_eq!(err.class(), "GenericError");
-        assert!(err.msg.contains("not implemented"));
+        assert_eq!(err.msg, "Parameter 'device' is missing");
         let err = execute(&e, "query-block", json!({"x": 1})).unwrap_err();
         assert_eq!(err.msg, "Parameter 'x' is unexpected");
         let cmds = execute(&e, "query-commands", empty()).unwrap();

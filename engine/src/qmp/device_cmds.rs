@@ -200,5 +200,10 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
         device.replace_root(added.node.clone());
         Ok(())
     })?;
+    // The old top is a backing file now: read-only, its write lock given
+    // back, as QEMU reopens it (other tools may read it again).
+    if let Err(err) = e.graph.reopen(&top, true, &device) {
+        log::warn!("snapshot of '{name}': the old top stays read-write: {err}");
+    }
     Ok(json!({}))
 }

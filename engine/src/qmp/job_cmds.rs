@@ -5,6 +5,7 @@ use crate::args::Args;
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::jobs::backup::{self, Backup};
+use crate::jobs::commit::Commit;
 use crate::jobs::mirror::{self, Mirror, Scan, Switch};
 use crate::jobs::{self, check_speed, find_in_chain, target, JobType};
 use crate::options::OnError;
@@ -278,7 +279,6 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         on_source_error,
         on_target_error,
         switch: Switch::Target,
-        forget_target: true,
     };
     let started = e.jobs.start(
         JobType::Mirror,
@@ -343,5 +343,101 @@ pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
         e.graph.forget_chain(Some(target), None);
         return Err(err);
     }
+    Ok(json!({}))
+}
+
+/// `block-commit`: of an intermediate image (a commit job), or of the
+/// active layer (a mirror into the base that waits for `block-job-complete`).
+pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
+    let device = a.req("device", Args::str)?;
+    let base = a.str("base")?;
+    let top = a.str("top")?;
+    let backing_file = a.str("backing-file")?;
+    let speed = check_speed(a.int("speed")?)?;
+    a.finish()?;
+    let dev = e.graph.device(&device)?;
+    e.jobs.check_idle(&device)?;
+    let active = dev.root();
+    if active.opts.read_only {
+        return Err(Error::generic(format!("Device '{device}' is read only")));
+    }
+    let top_node = match &top {
+        Some(t) if *t != active.name && !target::same_file(t, &active.driver.filename()) => {
+            find_in_chain(&active, t)
+                .ok_or_else(|| Error::generic(format!("Top image file {t} not found")))?
+        }
+        _ => active.clone(),
+    };
+    let base_node = match &base {
+        Some(b) => find_in_chain(&top_node, b)
+            .ok_or_else(|| Error::generic(format!("Base '{b}' not found")))?,
+        None => crate::qmp::device_cmds::chain(&top_node)
+            .last()
+            .unwrap_or_else(|| top_node.clone()),
+    };
+    if Arc::ptr_eq(&top_node, &base_node) {
+        return Err(Error::generic("cannot commit an image into itself"));
+    }
+    let is_active = Arc::ptr_eq(&top_node, &active);
+    if is_active && backing_file.is_some() {
+        return Err(Error::generic(
+            "'backing-file' specified, but 'top' is the active layer",
+        ));
+    }
+    let overlay = crate::qmp::device_cmds::chain(&active).find(|n| {
+        n.driver
+            .backing_child()
+            .is_some_and(|b| Arc::ptr_eq(&b, &top_node))
+    });
+    let base_node = e.graph.reopen(&base_node, false, &dev)?;
+    let restore = |err: Error| {
+        if let Err(r) = e.graph.reopen(&base_node, true, &dev) {
+            log::warn!("commit on '{device}': base stays read-write: {r}");
+        }
+        err
+    };
+    // A smaller base grows to the top's size.
+    if base_node.size() < top_node.size() {
+        base_node.driver.resize(top_node.size()).map_err(|err| {
+            restore(Error::generic(format!(
+                "Top image {} is larger than base image {}, and resize of base image failed: {err}",
+                top_node.driver.filename(),
+                base_node.driver.filename()
+            )))
+        })?;
+    }
+    let body: jobs::Body = if is_active {
+        let m = Mirror {
+            graph: e.graph.clone(),
+            source: active,
+            target: base_node.clone(),
+            scan: Scan::Above(Some(base_node.clone())),
+            zero_init: false,
+            granularity: mirror::granularity(None, target::cluster_size(&base_node))?,
+            buf_size: 10 << 20,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            switch: Switch::Base,
+        };
+        Box::new(move |job| m.run(job))
+    } else {
+        let Some(overlay) = overlay else {
+            return Err(restore(Error::generic(format!(
+                "Could not find the image above '{}'",
+                top_node.name
+            ))));
+        };
+        let c = Commit {
+            graph: e.graph.clone(),
+            backing_name: backing_file.unwrap_or_else(|| base_node.driver.filename()),
+            top: top_node,
+            base: base_node.clone(),
+            overlay,
+        };
+        Box::new(move |job| c.run(job))
+    };
+    e.jobs
+        .start(JobType::Commit, dev.clone(), speed, body)
+        .map_err(restore)?;
     Ok(json!({}))
 }

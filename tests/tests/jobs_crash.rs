@@ -41,6 +41,9 @@ enum Kill {
     Ready,
     /// Right after sending block-job-complete, without waiting for its reply.
     Completing,
+    /// As soon as the offset reaches the length: the job is finishing
+    /// (stream and commit rewrite a backing string then), or has just ended.
+    AtEnd,
 }
 
 struct Images {
@@ -291,6 +294,13 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        Kill::AtEnd => loop {
+            match job_progress(&mut q) {
+                None => break false,
+                Some((off, len)) if len > 0 && off >= len => break true,
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        },
         Kill::Ready | Kill::Completing => {
             let ev = q.wait_event_where(Duration::from_secs(30), |e| {
                 e["data"]["device"] == "d0"
@@ -317,6 +327,7 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
             listed
         }
     };
+    let killed_after = t_job.elapsed();
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
     drop(q);
@@ -327,7 +338,10 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
     }
     let acked = acked.load(Ordering::SeqCst);
     let attempted = attempted.load(Ordering::SeqCst);
-    eprintln!("{ctx}: killed {:?} after the job started; scratch blocks attempted {attempted}, acked {acked}", t_job.elapsed());
+    eprintln!(
+        "{ctx}: killed {killed_after:?} after the job started (job listed: {job_listed}); \
+         scratch blocks attempted {attempted}, acked {acked}"
+    );
     let ctx = format!("{ctx} (scratch blocks attempted {attempted}, acked {acked})");
 
     let mut images = vec![im.base.clone(), im.top.clone()];
@@ -433,8 +447,9 @@ fn crash_loop(job: Job, speed: u64, kills: &[Kill]) {
     for (i, &kill) in kills.iter().enumerate() {
         let seed = (job as u64 + 1) * 100 + i as u64 + 1;
         let out = one_round(job, seed, kill, speed);
-        // The kill must have hit a running job (Completing may race the switch).
-        if !matches!(kill, Kill::Completing) {
+        // The kill must have hit a running job (Completing and AtEnd race
+        // the job's last steps on purpose).
+        if !matches!(kill, Kill::Completing | Kill::AtEnd) {
             assert!(
                 out.job_listed,
                 "{job:?} seed {seed} {kill:?}: the job had ended before the kill"
@@ -458,7 +473,9 @@ fn progress_kills(seed: u64, n: usize) -> Vec<Kill> {
 
 #[test]
 fn kill_9_during_stream() {
-    crash_loop(Job::Stream, 12 * M, &progress_kills(11, 4));
+    let mut kills = progress_kills(11, 4);
+    kills.push(Kill::AtEnd);
+    crash_loop(Job::Stream, 12 * M, &kills);
 }
 
 #[test]
@@ -470,12 +487,16 @@ fn kill_9_during_mirror() {
 
 #[test]
 fn kill_9_during_backup() {
-    crash_loop(Job::Backup, 16 * M, &progress_kills(13, 4));
+    let mut kills = progress_kills(13, 4);
+    kills.push(Kill::AtEnd);
+    crash_loop(Job::Backup, 16 * M, &kills);
 }
 
 #[test]
 fn kill_9_during_intermediate_commit() {
-    crash_loop(Job::Commit, 8 * M, &progress_kills(14, 4));
+    let mut kills = progress_kills(14, 4);
+    kills.push(Kill::AtEnd);
+    crash_loop(Job::Commit, 8 * M, &kills);
 }
 
 #[test]

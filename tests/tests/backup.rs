@@ -178,3 +178,34 @@ fn backup_refusals() {
     );
     quit(d);
 }
+
+/// A write made the moment `drive-backup` returns is already behind the
+/// copy-before-write (the hook is in place before the reply): the target
+/// keeps the old data. The window was too short to hit from here; the
+/// kill -9 loop (jobs_crash) found it.
+#[test]
+fn a_write_right_after_the_command_is_copied_before() {
+    let dir = TestDir::new("backup-race");
+    let src = qcow2_image(&dir, "src.qcow2", "", "8M");
+    qemu_io("qcow2", src.as_ref(), &["write -P 0x31 0 8M"]);
+    let at_start = snapshot_raw(&dir, &src, "qcow2", "start.raw");
+    let d = Daemon::start(&dir, &[qcow2_spec("d0", &src)]);
+    let mut q = d.qmp();
+    let f = rw(&d, "d0");
+    let target = dir.file("t.qcow2");
+    q.ok(
+        "drive-backup",
+        json!({"device": "d0", "target": target, "sync": "full", "speed": 4 * M}),
+    );
+    // The job copies from the start: the end is a second and more away.
+    f.write_all_at(&pattern(3, 64 << 10), 7 * M).unwrap();
+    f.sync_all().unwrap();
+    completed(&q.wait_job_end("d0"));
+    quit(d);
+    assert!(images_identical(
+        target.as_ref(),
+        "qcow2",
+        at_start.as_ref(),
+        "raw"
+    ));
+}

@@ -41,6 +41,8 @@ pub struct Backup {
     pub cluster: u64,
     pub on_source_error: OnError,
     pub on_target_error: OnError,
+    /// Shared with the device's write hook (copy-before-write).
+    pub cbw: Arc<Cbw>,
 }
 
 type Waiter = Box<dyn FnOnce() + Send>;
@@ -51,7 +53,7 @@ struct State {
 }
 
 /// The clusters copied so far, and those being copied.
-struct Cbw {
+pub struct Cbw {
     source: Arc<Node>,
     target: Arc<Node>,
     cluster: u64,
@@ -66,6 +68,19 @@ enum Claim {
 }
 
 impl Cbw {
+    pub fn new(source: Arc<Node>, target: Arc<Node>, cluster: u64) -> Arc<Cbw> {
+        let done = Bitmap::new(source.size(), cluster);
+        Arc::new(Cbw {
+            source,
+            target,
+            cluster,
+            state: Mutex::new(State {
+                done,
+                busy: HashMap::new(),
+            }),
+        })
+    }
+
     /// Claims the first run of clusters of `offset..offset+len` not copied yet.
     fn claim(&self, offset: u64, len: u64) -> Claim {
         let mut s = self.state.lock();
@@ -170,25 +185,14 @@ impl WriteHook for Hook {
 }
 
 impl Backup {
+    /// What guest writes go through while the job runs.
+    pub fn hook(&self) -> Arc<dyn WriteHook> {
+        Arc::new(Hook(self.cbw.clone()))
+    }
+
     pub fn run(self, job: &Arc<Job>) -> Ending {
-        let size = self.source.size();
-        job.set_len(size);
-        let cbw = Arc::new(Cbw {
-            source: self.source.clone(),
-            target: self.target.clone(),
-            cluster: self.cluster,
-            state: Mutex::new(State {
-                done: Bitmap::new(size, self.cluster),
-                busy: HashMap::new(),
-            }),
-        });
-        let ending = match job.device.set_write_hook(Some(Arc::new(Hook(cbw.clone())))) {
-            Ok(()) => self.copy_all(job, &cbw),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = job.device.set_write_hook(None) {
-            log::error!("backup on '{}': {e}", job.device.id);
-        }
+        job.set_len(self.source.size());
+        let ending = self.copy_all(job, &self.cbw);
         let ending = ending.and_then(|done| {
             crate::drivers::wait(|d| self.target.flush(d))?;
             Ok(done)

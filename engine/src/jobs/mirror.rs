@@ -55,10 +55,19 @@ pub struct Mirror {
     /// Also what becomes of the target when the job ends without switching:
     /// a mirror's is closed, a commit's base is read-only again.
     pub switch: Switch,
+    /// Filled by the device's write hook.
+    pub dirty: Arc<Dirty>,
 }
 
 /// The guest's writes since the copy of a chunk began.
-struct Dirty(Mutex<Bitmap>);
+pub struct Dirty(Mutex<Bitmap>);
+
+impl Dirty {
+    /// A clean bitmap of `size` bytes in chunks of `granularity`.
+    pub fn new(size: u64, granularity: u64) -> Arc<Dirty> {
+        Arc::new(Dirty(Mutex::new(Bitmap::new(size, granularity))))
+    }
+}
 
 impl WriteHook for Dirty {
     fn before(&self, _offset: u64, _len: u64, go: Done<()>) {
@@ -78,15 +87,14 @@ enum Exit {
 }
 
 impl Mirror {
+    /// What guest writes go through while the job runs.
+    pub fn hook(&self) -> Arc<dyn WriteHook> {
+        self.dirty.clone()
+    }
+
     pub fn run(self, job: &Arc<Job>) -> Ending {
-        let dirty = Arc::new(Dirty(Mutex::new(Bitmap::new(
-            self.source.size(),
-            self.granularity,
-        ))));
-        let ending = match job.device.set_write_hook(Some(dirty.clone())) {
-            Ok(()) => self.scan(&dirty).and_then(|()| self.copy_loop(job, &dirty)),
-            Err(e) => Err(e),
-        };
+        let dirty = self.dirty.clone();
+        let ending = self.scan(&dirty).and_then(|()| self.copy_loop(job, &dirty));
         let mut switched = false;
         let ending = match ending {
             Ok(Exit::Complete) => self.switch_over(job, &dirty).map(|()| {
@@ -100,9 +108,6 @@ impl Mirror {
             Ok(Exit::Cancelled) => Ok(Ending::Cancelled),
             Err(e) => Err(e),
         };
-        if let Err(e) = job.device.set_write_hook(None) {
-            log::error!("mirror on '{}': {e}", job.device.id);
-        }
         if !switched {
             match self.switch {
                 Switch::Target => self.graph.forget_chain(Some(self.target.clone()), None),

@@ -24,7 +24,7 @@ pub mod rate;
 pub mod stream;
 pub mod target;
 
-use crate::device::Device;
+use crate::device::{Device, WriteHook};
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::Node;
 use crate::options::OnError;
@@ -266,12 +266,16 @@ impl Jobs {
         Ok(())
     }
 
-    /// Starts a job on `device`; `body` runs on a thread of its own.
+    /// Starts a job on `device`; `body` runs on a thread of its own. The
+    /// job's write hook is in place before this returns, so no guest write
+    /// the client makes after the command escapes the job; it goes once
+    /// the body has returned.
     pub fn start(
         self: &Arc<Self>,
         kind: JobType,
         device: Arc<Device>,
         speed: u64,
+        hook: Option<Arc<dyn WriteHook>>,
         body: Body,
     ) -> Result<()> {
         let job = Arc::new(Job {
@@ -293,6 +297,11 @@ impl Jobs {
             }
             list.push(job.clone());
         }
+        let hooked = hook.is_some();
+        if let Err(e) = device.set_write_hook(hook) {
+            self.list.lock().retain(|x| !Arc::ptr_eq(x, &job));
+            return Err(e);
+        }
         let jobs = self.clone();
         let j = job.clone();
         let spawned = std::thread::Builder::new()
@@ -300,18 +309,22 @@ impl Jobs {
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| body(&j));
                 let ending = std::panic::catch_unwind(run).unwrap_or_else(|_| {
-                    // A bug, not an I/O error: the job still ends, and its
-                    // hook no longer holds the device's writes.
+                    // A bug, not an I/O error: the job still ends.
                     log::error!("block job on '{}' panicked", j.device.id);
+                    Ending::Failed(Error::generic("the block job failed unexpectedly"))
+                });
+                if hooked {
                     if let Err(e) = j.device.set_write_hook(None) {
                         log::error!("block job on '{}': {e}", j.device.id);
                     }
-                    Ending::Failed(Error::generic("the block job failed unexpectedly"))
-                });
+                }
                 jobs.finish(&j, ending);
             });
         if let Err(e) = spawned {
             self.list.lock().retain(|x| !Arc::ptr_eq(x, &job));
+            if hooked {
+                let _ = device.set_write_hook(None);
+            }
             return Err(Error::from_io(&e, "Could not start the block job thread"));
         }
         Ok(())

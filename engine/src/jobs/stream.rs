@@ -22,6 +22,8 @@ pub struct Stream {
     /// The backing file name written into the top's header ("" for none).
     pub backing_name: String,
     pub on_error: OnError,
+    /// Shared with the device's write hook.
+    pub lock: Arc<RangeLock>,
 }
 
 struct Hook(Arc<RangeLock>);
@@ -37,14 +39,13 @@ impl WriteHook for Hook {
 }
 
 impl Stream {
+    /// What guest writes go through while the job runs.
+    pub fn hook(&self) -> Arc<dyn WriteHook> {
+        Arc::new(Hook(self.lock.clone()))
+    }
+
     pub fn run(self, job: &Arc<Job>) -> Ending {
-        let lock = Arc::new(RangeLock::default());
-        if let Err(e) = job
-            .device
-            .set_write_hook(Some(Arc::new(Hook(lock.clone()))))
-        {
-            return Ending::Failed(e);
-        }
+        let lock = &self.lock;
         let above = Above {
             src: Source::BackingOf(self.top.clone()),
             chain: self.top.driver.backing_child(),
@@ -56,9 +57,6 @@ impl Stream {
         let mut f = Failures::default();
         let done = above.run(job, &mut f);
         lock.release_all();
-        if let Err(e) = job.device.set_write_hook(None) {
-            log::error!("stream on '{}': {e}", job.device.id);
-        }
         if let Some(e) = f.failed.or(f.ignored) {
             return Ending::Failed(e);
         }

@@ -56,11 +56,14 @@ pub fn block_stream(e: &Engine, mut a: Args) -> Result<Value> {
         base,
         backing_name,
         on_error,
+        lock: Default::default(),
     };
+    let hook = Some(body.hook());
     e.jobs.start(
         JobType::Stream,
         dev,
         speed,
+        hook,
         Box::new(move |job| body.run(job)),
     )?;
     Ok(json!({}))
@@ -270,6 +273,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
     };
     let body = Mirror {
         graph: e.graph.clone(),
+        dirty: mirror::Dirty::new(source.size(), granularity),
         source,
         target: target.clone(),
         scan,
@@ -280,10 +284,12 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         on_target_error,
         switch: Switch::Target,
     };
+    let hook = Some(body.hook());
     let started = e.jobs.start(
         JobType::Mirror,
         dev,
         speed,
+        hook,
         Box::new(move |job| body.run(job)),
     );
     if let Err(err) = started {
@@ -326,6 +332,7 @@ pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
             Sync::Top => backup::Sync::Above(source.driver.backing_child()),
             Sync::None => backup::Sync::Nothing,
         },
+        cbw: backup::Cbw::new(source.clone(), target.clone(), cluster),
         source,
         target: target.clone(),
         zero_init,
@@ -333,10 +340,12 @@ pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
         on_source_error,
         on_target_error,
     };
+    let hook = Some(body.hook());
     let started = e.jobs.start(
         JobType::Backup,
         dev,
         speed,
+        hook,
         Box::new(move |job| body.run(job)),
     );
     if let Err(err) = started {
@@ -406,20 +415,22 @@ pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
             )))
         })?;
     }
-    let body: jobs::Body = if is_active {
+    let (hook, body): (_, jobs::Body) = if is_active {
+        let granularity = mirror::granularity(None, target::cluster_size(&base_node))?;
         let m = Mirror {
             graph: e.graph.clone(),
+            dirty: mirror::Dirty::new(active.size(), granularity),
             source: active,
             target: base_node.clone(),
             scan: Scan::Above(Some(base_node.clone())),
             zero_init: false,
-            granularity: mirror::granularity(None, target::cluster_size(&base_node))?,
+            granularity,
             buf_size: 10 << 20,
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             switch: Switch::Base,
         };
-        Box::new(move |job| m.run(job))
+        (Some(m.hook()), Box::new(move |job| m.run(job)))
     } else {
         let Some(overlay) = overlay else {
             return Err(restore(Error::generic(format!(
@@ -434,10 +445,10 @@ pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
             base: base_node.clone(),
             overlay,
         };
-        Box::new(move |job| c.run(job))
+        (None, Box::new(move |job| c.run(job)))
     };
     e.jobs
-        .start(JobType::Commit, dev.clone(), speed, body)
+        .start(JobType::Commit, dev.clone(), speed, hook, body)
         .map_err(restore)?;
     Ok(json!({}))
 }

@@ -536,3 +536,45 @@ fn refcount_table_grows_when_metadata_outgrows_it() {
         );
     }
 }
+
+/// Big writes into unallocated space take one allocation, one data write
+/// and one L2 update per run of clusters; with caches of one slice and one
+/// refcount chunk the runs cross L2 tables and refcount blocks, and every
+/// change still reaches the image.
+#[test]
+fn multi_cluster_runs_with_tiny_caches() {
+    let dir = TestDir::new("qcow2-runs");
+    let img = qcow2_image(&dir, "a.qcow2", "cluster_size=4096", "64M");
+    let spec = json!({"driver": "qcow2", "id": "d0", "l2-cache-size": 4096,
+                      "refcount-cache-size": 4096,
+                      "file": {"driver": "file", "filename": img}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let f = rw(&d, "d0");
+    let mut model = vec![0u8; 64 << 20];
+    let mut rng = Rng(5);
+    for i in 0..40u64 {
+        let len = (1 + rng.below(256)) as usize * 4096;
+        let off = (rng.below((64 << 20) - len as u64) & !4095) + if i % 3 == 0 { 512 } else { 0 };
+        let off = off.min((64 << 20) - len as u64);
+        let data = pattern(i, len);
+        f.write_all_at(&data, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    f.sync_all().unwrap();
+    let mut back = vec![0u8; 64 << 20];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back == model, "the device reads back other data");
+    drop(f);
+    d.terminate();
+    let want = dir.file("want.raw");
+    std::fs::write(&want, &model).unwrap();
+    assert!(images_identical(
+        img.as_ref(),
+        "qcow2",
+        want.as_ref(),
+        "raw"
+    ));
+    let c = qemu_img_check(&img);
+    assert_eq!(c["corruptions"].as_u64().unwrap_or(0), 0, "{c}");
+    assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{c}");
+}

@@ -338,6 +338,43 @@ impl Meta {
 
     /// Points a guest cluster at `entry`, allocating its L2 table if needed.
     pub fn set_l2(&mut self, guest_cluster: u64, entry: u64) -> Result<()> {
+        self.set_l2_run(guest_cluster, &[entry])
+    }
+
+    /// Points consecutive guest clusters at `entries`, writing each
+    /// touched chunk of their L2 tables once.
+    pub fn set_l2_run(&mut self, first: u64, entries: &[u64]) -> Result<()> {
+        let per = self.l2_entries();
+        let mut i = 0;
+        while i < entries.len() {
+            let gc = first + i as u64;
+            let n = ((per - gc % per) as usize).min(entries.len() - i);
+            let l2_off = self.l2_table_for_write(gc)?;
+            let chunk = self.chunk() as u64;
+            // The chunk of entry `p`, changed in the cache, not yet written.
+            // Written before another slice is loaded: a write-through cache
+            // may evict a slice to load the next, losing the change.
+            let mut pending: Option<u64> = None;
+            for (k, &e) in entries[i..i + n].iter().enumerate() {
+                let l2_idx = (gc + k as u64) % per;
+                if let Some(p) = pending.filter(|p| p * 8 / chunk != l2_idx * 8 / chunk) {
+                    self.write_l2_chunk(l2_off, p)?;
+                }
+                let (slice, j) = self.l2_slice(l2_off, l2_idx)?;
+                slice[j] = e;
+                pending = Some(l2_idx);
+            }
+            if let Some(p) = pending {
+                self.write_l2_chunk(l2_off, p)?;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// The L2 table of a guest cluster, ready to be written: allocated if
+    /// missing, copied if shared with a snapshot.
+    fn l2_table_for_write(&mut self, guest_cluster: u64) -> Result<u64> {
         self.mark_dirty()?;
         let (l1_idx, l2_idx) = (
             guest_cluster / self.l2_entries(),
@@ -379,9 +416,13 @@ impl Meta {
             self.release(l2_off, self.cs, FreeKind::Other)?;
             l2_off = copy;
         }
+        Ok(l2_off)
+    }
+
+    /// Writes the chunk of an L2 table holding entry `l2_idx`, from the cache.
+    fn write_l2_chunk(&mut self, l2_off: u64, l2_idx: u64) -> Result<()> {
         let chunk = self.chunk();
         let (slice, i) = self.l2_slice(l2_off, l2_idx)?;
-        slice[i] = entry;
         // Whole aligned chunks from the cached slice (a slice is at least
         // one chunk): no read-modify-write below.
         let in_slice = i * 8 / chunk * chunk;
@@ -432,9 +473,33 @@ impl Meta {
     /// Sets a refcount, allocating (and hooking up) a refcount block when
     /// the cluster is not covered yet.
     pub fn set_refcount(&mut self, host_cluster: u64, value: u64) -> Result<()> {
+        self.set_refcounts(host_cluster..host_cluster + 1, value)
+    }
+
+    /// Sets the refcount of a run of clusters, writing each touched chunk
+    /// of their refcount blocks once (before another block is loaded).
+    pub fn set_refcounts(&mut self, clusters: std::ops::Range<u64>, value: u64) -> Result<()> {
+        let mut pending = None;
+        for c in clusters {
+            self.refcount_in_cache(c, value, &mut pending)?;
+        }
+        self.write_pending_refcounts(&mut pending)
+    }
+
+    /// Sets one refcount in the cached block. `pending` is the chunk
+    /// (block offset, byte offset) changed and not yet written: it is
+    /// written before any other block is touched (the cache could evict
+    /// it) and when the chunk changes.
+    fn refcount_in_cache(
+        &mut self,
+        host_cluster: u64,
+        value: u64,
+        pending: &mut Option<(u64, usize)>,
+    ) -> Result<()> {
         let per_block = self.refblock_entries();
         let (rt_idx, rb_idx) = (host_cluster / per_block, host_cluster % per_block);
         if rt_idx as usize >= self.reftable.len() {
+            self.write_pending_refcounts(pending)?;
             self.grow_reftable(rt_idx)?;
         }
         let bits = self.refcount_bits;
@@ -442,13 +507,33 @@ impl Meta {
             return Err(Error::io(libc::EOVERFLOW, "qcow2: refcount overflow"));
         }
         let mut rb_off = self.reftable[rt_idx as usize] & OFFSET_MASK;
+        if rb_off == 0 || pending.is_some_and(|p| p.0 != rb_off) {
+            self.write_pending_refcounts(pending)?;
+        }
         if rb_off == 0 {
             rb_off = self.new_refblock(rt_idx)?;
         }
         let chunk = self.chunk();
         let block = self.refblock(rb_off)?;
         let (at, _) = rc_set(block, rb_idx as usize, bits, value);
-        let first = at / chunk * chunk;
+        let here = (rb_off, at / chunk * chunk);
+        if pending.is_some_and(|p| p != here) {
+            self.write_pending_refcounts(pending)?;
+        }
+        *pending = Some(here);
+        Ok(())
+    }
+
+    fn write_pending_refcounts(&mut self, pending: &mut Option<(u64, usize)>) -> Result<()> {
+        match pending.take() {
+            Some(p) => self.write_refcount_chunk(p),
+            None => Ok(()),
+        }
+    }
+
+    fn write_refcount_chunk(&mut self, (rb_off, first): (u64, usize)) -> Result<()> {
+        let chunk = self.chunk();
+        let block = self.refblock(rb_off)?;
         let bytes = block[first..first + chunk].to_vec();
         if chunk < self.cs as usize {
             self.file.debug_event(Ev::RefblockUpdatePart);
@@ -629,9 +714,7 @@ impl Meta {
         }
         self.free_hint = gap.unwrap_or(end);
         self.next_free = self.next_free.max(end);
-        for idx in first..end {
-            self.set_refcount(idx, 1)?;
-        }
+        self.set_refcounts(first..end, 1)?;
         Ok(first * self.cs)
     }
 

@@ -14,8 +14,8 @@ use crate::graph::Node;
 use crate::options::OnError;
 use std::sync::Arc;
 
-/// QEMU's stream/commit buffer: the largest single copy.
-const CHUNK: u64 = 512 << 10;
+/// The largest single copy (QEMU copies 512 KiB at a time, one at a time).
+const CHUNK: u64 = 1 << 20;
 const MAX_OPS: usize = 8;
 
 pub struct Above {

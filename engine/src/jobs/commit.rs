@@ -51,6 +51,8 @@ impl Commit {
 
     /// The overlay's backing becomes `base`, in the graph and in its header.
     fn finish(&self, job: &Job) -> Result<()> {
+        // The committed data is on disk before the overlay's header stops
+        // pointing at the layers that held it.
         crate::drivers::wait(|d| self.base.flush(d))?;
         let format = self.base.driver.format_name();
         job.device.quiesced(|| {

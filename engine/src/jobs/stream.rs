@@ -76,6 +76,9 @@ impl Stream {
             // Nothing was below the top: nothing to change (QEMU completes too).
             return Ok(());
         }
+        // The copied data is on disk before the header stops pointing at
+        // where it came from: a crash in between must not lose it.
+        crate::drivers::wait(|d| self.top.flush(d))?;
         let format = self.base.as_ref().map(|b| b.driver.format_name());
         job.device.quiesced(|| {
             self.top

@@ -158,6 +158,13 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Sends `quit` over QMP and waits for a clean exit (at most 30 s).
+    pub fn quit(mut self) {
+        self.qmp().ok("quit", json!({}));
+        let status = self.wait(Duration::from_secs(30));
+        assert!(status.success(), "exit status: {status}\n{}", self.stderr());
+    }
+
     /// Sends SIGTERM and waits for a clean exit (at most 20 s).
     pub fn terminate(mut self) -> ExitStatus {
         // SAFETY: signalling our own child process.
@@ -731,4 +738,18 @@ pub fn assert_check_clean(img: &str) {
     assert_eq!(c["corruptions"].as_u64().unwrap_or(0), 0, "{img}: {c}");
     assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{img}: {c}");
     assert!(c.get("check-errors").is_none_or(|e| e == 0), "{img}: {c}");
+}
+
+/// Asserts two byte strings are equal; on a mismatch says where, not the bytes.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let end = (at..got.len())
+            .find(|&i| got[i] == want[i])
+            .unwrap_or(got.len());
+        panic!(
+            "{what}: bytes differ from {at:#x} to {end:#x} (got {:#04x}.., want {:#04x}..)",
+            got[at], want[at]
+        );
+    }
 }

@@ -5,15 +5,8 @@
 use blkfs_tests::*;
 use serde_json::{json, Value};
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
 const M: u64 = 1 << 20;
-
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(30));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
 
 /// Writes random chunks through the mount until the job ends; returns how many.
 fn write_during_job(d: &Daemon, q: &mut Qmp, size: u64, seed: u64) -> usize {
@@ -77,7 +70,7 @@ fn full_backup_is_point_in_time() {
             images_identical(target.as_ref(), fmt, at_start.as_ref(), "raw"),
             "{fmt}"
         );
-        quit(d);
+        d.quit();
         if fmt == "qcow2" {
             assert_check_clean(&target);
             assert_check_clean(&src);
@@ -136,7 +129,7 @@ fn top_and_none_backups_are_backed_by_the_chain() {
                 "{sync}"
             );
         }
-        quit(d);
+        d.quit();
         let info: Value =
             serde_json::from_str(&qemu_img(&["info", "--output=json", &target])).unwrap();
         let want = if sync == "top" { &base } else { &top };
@@ -176,7 +169,7 @@ fn backup_refusals() {
         desc,
         "Format 'raw' cannot have a backing file: use sync=full"
     );
-    quit(d);
+    d.quit();
 }
 
 /// A write made the moment `drive-backup` returns is already behind the
@@ -201,7 +194,7 @@ fn a_write_right_after_the_command_is_copied_before() {
     f.write_all_at(&pattern(3, 64 << 10), 7 * M).unwrap();
     f.sync_all().unwrap();
     completed(&q.wait_job_end("d0"));
-    quit(d);
+    d.quit();
     assert!(images_identical(
         target.as_ref(),
         "qcow2",

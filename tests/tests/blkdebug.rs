@@ -8,7 +8,6 @@ use blkfs_tests::*;
 use serde_json::{json, Value};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
 /// A device of `format` over blkdebug (with `opts`) over `file`. The error
 /// policies are explicit so errors keep reaching the caller once they apply.
@@ -34,13 +33,6 @@ fn write_errno(f: &File, data: &[u8], off: u64) -> Option<i32> {
         e.raw_os_error()
             .unwrap_or_else(|| panic!("not an OS error: {e}"))
     })
-}
-
-/// Quits over QMP and waits for a clean exit.
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(20));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
 }
 
 /// The daemon still answers and still lists the device.
@@ -83,7 +75,7 @@ fn read_error_reaches_the_caller_as_eio() {
         .unwrap_or_else(|| panic!("no blkdebug node: {nodes}"));
     assert_eq!(bd["file"], img.as_str());
     assert_eq!(bd["image"]["virtual-size"], 1 << 20);
-    quit(d);
+    d.quit();
     let data = std::fs::read(&img).unwrap();
     assert!(data[8192..12288].iter().all(|&b| b == 1));
     assert!(
@@ -211,7 +203,7 @@ fn check_state_machine(d: Daemon, id: &str, img: &str) {
     assert_eq!(write_errno(&f, &[0x55; 4096], 1 << 20), Some(libc::EIO));
     assert_alive(&d, id);
     drop(f);
-    quit(d);
+    d.quit();
     assert_no_corruption(img);
     let out = qemu_io_ro(
         "qcow2",
@@ -239,7 +231,7 @@ fn without_the_state_change_the_rule_never_fires() {
     f.write_all_at(&[0x55; 4096], 1 << 20).unwrap();
     f.write_all_at(&[0x66; 4096], 8 << 20).unwrap();
     drop(f);
-    quit(d);
+    d.quit();
     assert_no_corruption(&img);
     qemu_io_ro(
         "qcow2",
@@ -365,7 +357,7 @@ fn align_keeps_unaligned_writes_intact() {
     assert!(got == big, "unaligned read back");
     f.sync_all().unwrap();
     drop(f);
-    quit(d);
+    d.quit();
     assert!(
         images_identical(img.as_ref(), "raw", expected.as_ref(), "raw"),
         "image differs from the expected copy"
@@ -402,7 +394,7 @@ fn qcow2_survives_a_failed_refblock_update() {
     f.write_all_at(&pattern(2, 65536), 4 << 20).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    quit(d);
+    d.quit();
     assert_no_corruption(&img);
     let out = qemu_io_ro("qcow2", img.as_ref(), &["read -P 0 0 64k"]);
     assert!(out.contains("read 65536/65536"), "{out}");
@@ -427,7 +419,7 @@ fn qcow2_l2_load_error_fails_the_request_only() {
     assert!(buf.iter().all(|&b| b == 0x33));
     f.write_all_at(&[0x99; 4096], 4096).unwrap();
     drop(f);
-    quit(d);
+    d.quit();
     assert_no_corruption(&img);
     qemu_io_ro(
         "qcow2",
@@ -556,7 +548,7 @@ fn qcow2_raises_its_events() {
         assert_eq!(raised, event != "vmstate_save", "event {event}");
         assert_eq!(write_errno(&f, &[0xee; 512], 0), None, "{event}: once");
         drop(f);
-        quit(d);
+        d.quit();
         assert_no_corruption(&img);
     }
 }

@@ -10,12 +10,6 @@ use std::time::Duration;
 
 const M: u64 = 1 << 20;
 
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(30));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
-
 fn info(img: &str) -> Value {
     let out = qemu_img(&["info", "-U", "--output=json", img]);
     serde_json::from_str(&out).unwrap()
@@ -93,8 +87,8 @@ fn intermediate_commit_drops_the_layer() {
             .any(|n| n["file"] == mid.as_str()),
         "{nodes}"
     );
-    assert_eq!(std::fs::read(d.dev("d0")).unwrap(), model);
-    quit(d);
+    assert_same_bytes(&std::fs::read(d.dev("d0")).unwrap(), &model, "device");
+    d.quit();
     assert_eq!(info(&top)["backing-filename"], base.as_str());
     std::fs::write(&want, &model).unwrap();
     assert!(images_identical(
@@ -144,8 +138,8 @@ fn active_commit_then_complete_moves_onto_base() {
     assert_eq!(inserted["file"], base.as_str(), "{inserted}");
     assert_eq!(inserted["backing_file_depth"], 0, "{inserted}");
     assert_eq!(inserted["ro"], false, "{inserted}");
-    assert_eq!(std::fs::read(d.dev("d0")).unwrap(), model);
-    quit(d);
+    assert_same_bytes(&std::fs::read(d.dev("d0")).unwrap(), &model, "device");
+    d.quit();
     std::fs::write(&want, &model).unwrap();
     assert_eq!(info(&base)["virtual-size"], 16 * M);
     assert!(images_identical(
@@ -181,7 +175,7 @@ fn active_commit_cancelled_after_ready_stays_on_top() {
         std::fs::read(d.dev("d0")).unwrap(),
         std::fs::read(&want).unwrap()
     );
-    quit(d);
+    d.quit();
     // The base holds everything: it alone reads as the top did.
     assert!(images_identical(
         base.as_ref(),
@@ -248,5 +242,5 @@ fn commit_refusals() {
             assert_eq!(n["ro"], true, "{n}");
         }
     }
-    quit(d);
+    d.quit();
 }

@@ -105,12 +105,6 @@ fn join<T: Send + 'static>(h: JoinHandle<T>) -> T {
     with_timeout(IO, move || h.join().unwrap())
 }
 
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(20));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
-
 /// A raw image of `len` bytes filled with `byte` (by qemu-io).
 fn filled_image(dir: &TestDir, name: &str, len: &str, byte: u8) -> String {
     let img = raw_image(dir, name, len);
@@ -222,7 +216,7 @@ fn rerror_stop_holds_the_read_and_later_writes_until_cont() {
     q.ok("query-version", json!({}));
     assert!(q.events.iter().all(|e| e["event"] != "BLOCK_IO_ERROR"));
     drop(q);
-    quit(d);
+    d.quit();
     let data = std::fs::read(&img).unwrap();
     assert!(data[65536..65536 + 8192] == pattern(7, 8192)[..]);
     assert!(data[..65536].iter().all(|&b| b == 0x5a));
@@ -270,7 +264,7 @@ fn werror_stop_retries_the_write_on_cont() {
     assert!(device_stats(&mut q, "d0")["flush_operations"].as_u64() >= Some(1));
     assert_eq!(device_stats(&mut q, "d0")["wr_bytes"], 64 << 10);
     drop(q);
-    quit(d);
+    d.quit();
     qemu_io_ro(
         "raw",
         img.as_ref(),
@@ -318,7 +312,7 @@ fn werror_enospc_reports_eio_and_stops_on_enospc() {
     assert_eq!(ops(&mut q, "d0"), (0, 0));
     assert_eq!(ops(&mut q, "d1"), (0, 1));
     drop(q);
-    quit(d);
+    d.quit();
     qemu_io_ro("raw", a.as_ref(), &["read -P 0x5a 0 1M"]);
     qemu_io_ro(
         "raw",
@@ -358,7 +352,7 @@ fn qcow2_l2_update_error_with_werror_stop_is_retried_cleanly() {
     let back = with_timeout(IO, move || read_at(&p, 4 << 20, 100_000)).unwrap();
     assert!(back == pattern(8, 100_000), "read back through the mount");
     drop(q);
-    quit(d);
+    d.quit();
     let check = qemu_img_check(&img);
     assert_eq!(check["check-errors"], 0, "{check}");
     assert!(check.get("corruptions").is_none_or(|c| c == 0), "{check}");
@@ -463,7 +457,7 @@ fn snapshot_while_stopped_retries_into_the_overlay() {
     q.wait_event("RESUME", EV);
     join(writer).unwrap();
     drop(q);
-    quit(d);
+    d.quit();
     // The retry went to the new top; the base kept its data.
     qemu_io_ro("raw", img.as_ref(), &["read -P 0x5a 0 1M"]);
     qemu_io_ro(
@@ -515,7 +509,7 @@ fn immediate_errors_and_zero_writes_are_held_and_retried() {
     join(zeroer).unwrap();
     assert_eq!(io_status(&mut q, "d0"), "ok");
     drop(q);
-    quit(d);
+    d.quit();
     qemu_io_ro(
         "raw",
         img.as_ref(),
@@ -560,7 +554,7 @@ fn one_cont_resumes_every_stopped_device() {
     assert_eq!(ops(&mut q, "d0"), (0, 1));
     assert_eq!(ops(&mut q, "d1"), (0, 1));
     drop(q);
-    quit(d);
+    d.quit();
     qemu_io_ro("raw", a.as_ref(), &["read -P 1 0 4k"]);
     qemu_io_ro("raw", b.as_ref(), &["read -P 2 0 4k"]);
 }

@@ -10,12 +10,6 @@ const M: u64 = 1 << 20;
 /// The failing sector: 4 MiB into the raw base, inside its data.
 const BAD_SECTOR: u64 = 4 * M / 512;
 
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(30));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
-
 /// A raw base (8 MiB of data) read through blkdebug failing at BAD_SECTOR.
 fn failing_base(base: &str, errno: i32, once: bool) -> Value {
     json!({"driver": "raw", "file": {
@@ -61,8 +55,9 @@ fn report_fails_the_job_and_keeps_the_chain() {
     let dir = TestDir::new("joberr-report");
     let (d, base, top) = stream_setup(&dir, 5, false);
     let mut q = d.qmp();
-    q.ok("block-stream", json!({"device": "d0"}));
+    // Subscribed before the job starts: no event can pass it by.
     let mut watch = d.qmp();
+    q.ok("block-stream", json!({"device": "d0"}));
     assert_eq!(job_error(&mut q)["data"]["action"], "report");
     let ev = q.wait_job_end("d0");
     // In order, as another client sees them.
@@ -76,7 +71,7 @@ fn report_fails_the_job_and_keeps_the_chain() {
         query_block(&mut q, "d0")["inserted"]["backing_file_depth"],
         1
     );
-    quit(d);
+    d.quit();
     assert!(images_identical(
         top.as_ref(),
         "qcow2",
@@ -101,7 +96,7 @@ fn ignore_goes_on_but_ends_with_the_error() {
     assert_eq!(ev["data"]["error"], "Input/output error", "{ev}");
     // It went on past the error: the data after it is in the top.
     assert_eq!(ev["data"]["offset"], 16 * M, "{ev}");
-    quit(d);
+    d.quit();
     let out = qemu_img(&["map", "--output=json", "-f", "qcow2", &top]);
     let map: Vec<Value> = serde_json::from_str(&out).unwrap();
     let own: u64 = map
@@ -132,7 +127,7 @@ fn stop_pauses_with_io_status_and_resume_retries() {
         let ev = q.wait_job_end("d0");
         assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{ev}");
         assert!(ev["data"].get("error").is_none(), "{ev}");
-        quit(d);
+        d.quit();
         // The retried range was copied: the top alone equals the base.
         assert!(
             images_identical(top.as_ref(), "qcow2", base.as_ref(), "raw"),
@@ -154,7 +149,7 @@ fn enospc_reports_other_errors() {
     assert_eq!(job_error(&mut q)["data"]["action"], "report");
     let ev = q.wait_job_end("d0");
     assert_eq!(ev["data"]["error"], "Input/output error", "{ev}");
-    quit(d);
+    d.quit();
 }
 
 #[test]
@@ -193,7 +188,7 @@ fn mirror_and_backup_source_errors() {
         let ev = q.wait_job_end("d0");
         assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{job}: {ev}");
         assert!(ev["data"].get("error").is_none(), "{job}: {ev}");
-        quit(d);
+        d.quit();
         assert!(
             images_identical(target.as_ref(), "raw", src.as_ref(), "raw"),
             "{job}"

@@ -10,12 +10,6 @@ use std::time::Duration;
 
 const M: u64 = 1 << 20;
 
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(30));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
-
 fn info(img: &str) -> Value {
     let out = qemu_img(&["info", "-U", "--output=json", img]);
     serde_json::from_str(&out).unwrap()
@@ -99,8 +93,8 @@ fn full_mirror_of_qcow2_chain_then_complete() {
     // The device now writes the target only.
     let before_top = snapshot_raw(&dir, &top, "qcow2", "top-after.raw");
     scribble(&d, &mut model, 4, 50);
-    assert_eq!(std::fs::read(d.dev("d0")).unwrap(), model);
-    quit(d);
+    assert_same_bytes(&std::fs::read(d.dev("d0")).unwrap(), &model, "device");
+    d.quit();
     std::fs::write(&want, &model).unwrap();
     assert!(images_identical(
         target.as_ref(),
@@ -162,8 +156,8 @@ fn top_and_none_syncs_share_the_backing() {
             want_backing.as_str(),
             "{sync}: {inserted}"
         );
-        assert_eq!(std::fs::read(d.dev("d0")).unwrap(), model, "{sync}");
-        quit(d);
+        assert_same_bytes(&std::fs::read(d.dev("d0")).unwrap(), &model, sync);
+        d.quit();
         assert_eq!(
             info(&target)["backing-filename"],
             want_backing.as_str(),
@@ -211,7 +205,7 @@ fn cancel_after_ready_leaves_both_equal_on_the_source() {
     ));
     // The target is closed: another writer may take it.
     qemu_io("raw", target.as_ref(), &["write -P 0x01 0 4k"]);
-    quit(d);
+    d.quit();
     assert_eq!(std::fs::read(&src).unwrap(), model);
     // Holes stay holes: 8 MiB of data plus what the guest wrote.
     let used = std::fs::metadata(&target)
@@ -287,7 +281,7 @@ fn cancel_before_ready_and_refusals() {
         nodes_before
     );
     assert_eq!(query_block(&mut q, "d0")["inserted"]["file"], src.as_str());
-    quit(d);
+    d.quit();
     assert_check_clean(&t);
 }
 
@@ -310,7 +304,7 @@ fn existing_target_of_the_same_size() {
     ready(&mut q, "d0");
     q.ok("block-job-complete", json!({"device": "d0"}));
     assert_eq!(q.wait_job_end("d0")["event"], "BLOCK_JOB_COMPLETED");
-    quit(d);
+    d.quit();
     // Every old byte of the target was overwritten (zeroes included).
     assert!(images_identical(t.as_ref(), "qcow2", src.as_ref(), "qcow2"));
     assert_check_clean(&t);

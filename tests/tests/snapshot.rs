@@ -64,12 +64,6 @@ fn write_both(d: &Daemon, model: &mut [u8], offset: u64, data: &[u8]) {
     model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
 }
 
-fn quit(mut d: Daemon) {
-    d.qmp().ok("quit", json!({}));
-    let status = d.wait(Duration::from_secs(20));
-    assert!(status.success(), "exit status: {status}\n{}", d.stderr());
-}
-
 /// `qemu-img info --output=json` with the format given.
 fn info(fmt: &str, img: &str) -> Value {
     let out = qemu_img(&["info", "--output=json", "-f", fmt, img]);
@@ -137,7 +131,7 @@ fn raw_base_gets_a_qcow2_overlay_and_writes_land_in_it() {
     write_both(&d, &mut model, 0, &[0u8; 4096]);
     assert_eq!(read_dev(&d, "d0"), model);
     drop(q);
-    quit(d);
+    d.quit();
     assert_eq!(std::fs::read(&base).unwrap(), base_data, "base changed");
     let (backing, fmt) = backing_of(&overlay);
     assert_eq!(
@@ -193,7 +187,7 @@ fn two_snapshots_of_a_qcow2_base_make_a_chain_of_three() {
     }
     assert_eq!(read_dev(&d, "d0"), model);
     drop(q);
-    quit(d);
+    d.quit();
     for img in [&base, &o1, &o2] {
         assert_clean(img);
     }
@@ -238,7 +232,7 @@ fn by_node_name_onto_an_existing_overlay_with_explicit_format() {
     write_both(&d, &mut model, 512, &pattern(21, 70_000));
     assert_eq!(read_dev(&d, "d0"), model);
     drop(q);
-    quit(d);
+    d.quit();
     assert_eq!(std::fs::read(&base).unwrap(), base_data, "base changed");
     // mode=existing leaves the image's own backing name alone.
     assert_eq!(backing_of(&overlay), (base.clone(), "raw".to_string()));
@@ -325,7 +319,7 @@ fn io_goes_on_while_the_snapshot_is_taken() {
     }
     assert!(read_dev(&d, "d0") == expect, "the device lost writes");
     drop(q);
-    quit(d);
+    d.quit();
     for ov in &overlays {
         assert_clean(ov);
     }
@@ -528,7 +522,7 @@ fn the_overlay_keeps_the_old_top_options() {
     // partly zeroed over backing data and must be allocated.
     write_dev(&d, "d0", 0, &vec![0u8; M as usize]);
     drop(q);
-    quit(d);
+    d.quit();
     let map: Value = serde_json::from_str(&qemu_img(&[
         "map",
         "--output=json",
@@ -590,5 +584,5 @@ fn the_old_top_is_reopened_read_only() {
     let err = String::from_utf8_lossy(&w.stderr);
     assert!(!w.status.success() && err.contains("lock"), "{err}");
     write_dev(&d, "d0", 0, &pattern(9, 4096));
-    quit(d);
+    d.quit();
 }

@@ -61,17 +61,7 @@ impl Above {
         let mut window: Window<u64> = Window::new(MAX_OPS, MAX_OPS as u64 * CHUNK);
         let mut cancelled = false;
         while pos < len && f.failed.is_none() {
-            for (at, _, r) in window.finished() {
-                f.settle(job, policy, at, r);
-            }
-            if let Some(at) = f.retry_from.take() {
-                for (at2, _, r) in window.drain() {
-                    f.settle(job, policy, at2, r);
-                }
-                pos = pos.min(f.retry_from.take().map_or(at, |r| r.min(at)));
-            }
-            job.set_offset(pos);
-            if !job.pause_point() {
+            if !f.step(job, &mut window, policy, &mut pos) {
                 cancelled = true;
                 break;
             }

@@ -166,23 +166,30 @@ impl Mirror {
         let mut f = Failures::default();
         let mut copied = 0u64;
         let mut cursor = 0;
-        let settle =
-            |done: Vec<(u64, u64, super::copy::CopyResult)>, f: &mut Failures, copied: &mut u64| {
-                for (at, n, r) in done {
-                    if r.is_ok() {
-                        *copied += n;
-                    } else {
-                        // Copied again later, whatever the policy says now.
-                        dirty.0.lock().set_range(at, n, true);
-                    }
-                    f.settle(job, policy, at, r);
+        // Ranges being copied. A chunk dirtied again while its copy is in
+        // flight is copied again only after it: two copies of one range in
+        // flight could land out of order, the older data last.
+        let mut busy: Vec<(u64, u64)> = Vec::new();
+        let settle = |done: Vec<(u64, u64, super::copy::CopyResult)>,
+                      f: &mut Failures,
+                      copied: &mut u64,
+                      busy: &mut Vec<(u64, u64)>| {
+            for (at, n, r) in done {
+                busy.retain(|b| *b != (at, n));
+                if r.is_ok() {
+                    *copied += n;
+                } else {
+                    // Copied again later, whatever the policy says now.
+                    dirty.0.lock().set_range(at, n, true);
                 }
-                f.retry_from = None;
-            };
+                f.settle(job, policy, at, r);
+            }
+            f.retry_from = None;
+        };
         let exit = loop {
-            settle(window.finished(), &mut f, &mut copied);
+            settle(window.finished(), &mut f, &mut copied, &mut busy);
             if let Some(e) = f.failed.take() {
-                settle(window.drain(), &mut f, &mut copied);
+                settle(window.drain(), &mut f, &mut copied, &mut busy);
                 return Err(e);
             }
             let pending = dirty.0.lock().count() * self.granularity;
@@ -201,12 +208,18 @@ impl Mirror {
                         dirty.0.lock().set_range(at, n, true);
                         continue;
                     }
-                    settle(window.room(n), &mut f, &mut copied);
+                    settle(window.room(n), &mut f, &mut copied, &mut busy);
+                    if busy.iter().any(|&(b, m)| b < at + n && at < b + m) {
+                        settle(window.drain(), &mut f, &mut copied, &mut busy);
+                    }
                     let target = self.target.clone();
                     window.start(at, n, |done| copy(&src, &target, at, n, done));
+                    busy.push((at, n));
                     cursor = at + n;
                 }
-                None if window.in_flight() > 0 => settle(window.drain(), &mut f, &mut copied),
+                None if window.in_flight() > 0 => {
+                    settle(window.drain(), &mut f, &mut copied, &mut busy)
+                }
                 None => {
                     job.set_ready();
                     if job.completion_requested() {
@@ -216,7 +229,7 @@ impl Mirror {
                 }
             }
         };
-        settle(window.drain(), &mut f, &mut copied);
+        settle(window.drain(), &mut f, &mut copied, &mut busy);
         job.set_offset(copied);
         Ok(exit)
     }

@@ -495,6 +495,30 @@ impl Failures {
     pub fn fail(&mut self, e: Error) {
         self.failed.get_or_insert(e);
     }
+
+    /// Between two copies of a job that walks the device from `pos` on:
+    /// settles the finished copies; after a `stop`, waits for the rest and
+    /// moves `pos` back to the first failure (copied again once resumed);
+    /// reports progress and pauses while paused. False once cancelled.
+    pub fn step(
+        &mut self,
+        job: &Job,
+        window: &mut copy::Window<u64>,
+        policy: (OnError, OnError),
+        pos: &mut u64,
+    ) -> bool {
+        for (at, _, r) in window.finished() {
+            self.settle(job, policy, at, r);
+        }
+        if let Some(at) = self.retry_from.take() {
+            for (at2, _, r) in window.drain() {
+                self.settle(job, policy, at2, r);
+            }
+            *pos = (*pos).min(self.retry_from.take().map_or(at, |r| r.min(at)));
+        }
+        job.set_offset(*pos);
+        job.pause_point()
+    }
 }
 
 /// `speed` as QEMU checks it.

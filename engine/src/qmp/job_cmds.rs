@@ -285,14 +285,22 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         switch: Switch::Target,
     };
     let hook = Some(body.hook());
-    let started = e.jobs.start(
-        JobType::Mirror,
-        dev,
-        speed,
-        hook,
-        Box::new(move |job| body.run(job)),
-    );
-    if let Err(err) = started {
+    let body: jobs::Body = Box::new(move |job| body.run(job));
+    start_with_target(e, JobType::Mirror, dev, speed, hook, body, target)
+}
+
+/// Starts a job that copies to `target`, which is closed again if the job
+/// cannot start.
+fn start_with_target(
+    e: &Engine,
+    kind: JobType,
+    dev: Arc<crate::device::Device>,
+    speed: u64,
+    hook: Option<Arc<dyn crate::device::WriteHook>>,
+    body: jobs::Body,
+    target: Arc<Node>,
+) -> Result<Value> {
+    if let Err(err) = e.jobs.start(kind, dev, speed, hook, body) {
         e.graph.forget_chain(Some(target), None);
         return Err(err);
     }
@@ -341,18 +349,8 @@ pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
         on_target_error,
     };
     let hook = Some(body.hook());
-    let started = e.jobs.start(
-        JobType::Backup,
-        dev,
-        speed,
-        hook,
-        Box::new(move |job| body.run(job)),
-    );
-    if let Err(err) = started {
-        e.graph.forget_chain(Some(target), None);
-        return Err(err);
-    }
-    Ok(json!({}))
+    let body: jobs::Body = Box::new(move |job| body.run(job));
+    start_with_target(e, JobType::Backup, dev, speed, hook, body, target)
 }
 
 /// `block-commit`: of an intermediate image (a commit job), or of the

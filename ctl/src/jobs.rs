@@ -88,8 +88,6 @@ fn device_args(device: &str) -> QmpArgs {
 pub enum Until {
     /// Until the job ends or is ready to be completed.
     ReadyOrEnd,
-    /// Until the job ends (a ready job is only reported).
-    End,
     /// Complete the job once it is ready, then wait for its end.
     CompleteAtReady,
 }
@@ -347,8 +345,8 @@ pub enum JobAction {
     ///
     /// Exits 0 when the job completes, 1 when it fails or is cancelled, 2
     /// when the device has no job (it may have ended already: its result
-    /// is then unknown). A ready mirror or active commit ends only once
-    /// completed or cancelled. With --json, prints the job's
+    /// is then unknown). A mirror or active commit never ends by itself:
+    /// the wait ends (exit 0) once it is ready to be completed. With --json, prints the job's
     /// query-block-jobs entry as a JSON line about once a second while it
     /// changes, and each of the job's events.
     Wait {
@@ -618,10 +616,6 @@ pub fn decide(device: &str, until: Until, completing: bool, event: JobEvent) -> 
             Until::ReadyOrEnd => Step::Stop(End::Ready(s)),
             Until::CompleteAtReady if !completing => Step::SendComplete,
             Until::CompleteAtReady => Step::Continue,
-            Until::End => Step::Note(format!(
-                "{device}: {} job ready; `blkctl job complete {device}` finishes it",
-                s.kind
-            )),
         },
         JobEvent::Error { operation, action } => {
             let mut msg = format!("{device}: {operation} error, action {action}");
@@ -838,6 +832,10 @@ fn wait_job(
                     gone_since = None;
                     meter.record(now.duration_since(start), Snapshot::of(info).offset);
                     out.progress(device, info, &meter, now)?;
+                    // Ready before the wait began (its event was missed).
+                    if until == Until::ReadyOrEnd && info.get("ready") == Some(&Value::Bool(true)) {
+                        return Ok(End::Ready(Snapshot::of(info)));
+                    }
                 }
                 None if first && must_exist => {
                     // The job ended before the wait began: an end event read
@@ -920,7 +918,7 @@ pub fn cmd_start<J: StartJob>(client: &mut Client, job: &J, json: bool) -> Outco
 pub fn cmd_job(client: &mut Client, action: JobAction, json: bool) -> Outcome {
     if let JobAction::Wait { device } = &action {
         let mut out = Output::new(json);
-        let end = wait_job(client, device, Until::End, true, &mut out)?;
+        let end = wait_job(client, device, Until::ReadyOrEnd, true, &mut out)?;
         return report(&mut out, device, &end);
     }
     let Some((command, args, message)) = action.command() else {
@@ -1354,7 +1352,7 @@ mod tests {
     fn decisions() {
         let s = snap("mirror", 9, 9);
         let ready = || JobEvent::Ready(s.clone());
-        for until in [Until::ReadyOrEnd, Until::End, Until::CompleteAtReady] {
+        for until in [Until::ReadyOrEnd, Until::CompleteAtReady] {
             assert_eq!(
                 decide("d0", until, false, JobEvent::Completed(s.clone())),
                 Step::Stop(End::Completed(s.clone()))
@@ -1381,20 +1379,16 @@ mod tests {
             Step::Continue,
             "block-job-complete is sent once"
         );
-        assert!(matches!(
-            decide("d0", Until::End, false, ready()),
-            Step::Note(m) if m.contains("blkctl job complete d0")
-        ));
         let error = |action: &str| JobEvent::Error {
             operation: "read".into(),
             action: action.into(),
         };
         assert_eq!(
-            decide("d0", Until::End, false, error("ignore")),
+            decide("d0", Until::ReadyOrEnd, false, error("ignore")),
             Step::Note("d0: read error, action ignore".into())
         );
         assert!(matches!(
-            decide("d0", Until::End, false, error("stop")),
+            decide("d0", Until::ReadyOrEnd, false, error("stop")),
             Step::Note(m) if m.contains("blkctl job resume d0")
         ));
     }
@@ -1534,7 +1528,7 @@ mod tests {
             |_| vec![],
         );
         let mut out = captured();
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut out);
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut out);
         assert_eq!(end.ok(), Some(End::Completed(snap("stream", 100, 100))));
         // The second poll came before a line was due.
         assert_eq!(lines(&out), ["d0: stream 0/100 (0%)"]);
@@ -1549,7 +1543,7 @@ mod tests {
     fn a_job_that_ended_before_the_wait_is_unknown_unless_its_event_was_read() {
         // Nothing listed, nothing heard: exit 2.
         let (mut c, _) = server(vec![(json!([]), vec![])], |_| vec![]);
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut captured());
         assert_eq!(end.ok(), Some(End::NoJob));
 
         // The end event came before the reply that no longer lists the job.
@@ -1559,7 +1553,7 @@ mod tests {
                 fake::reply(cmd, json!([])),
             ])
         });
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut captured());
         assert_eq!(end.ok(), Some(End::Completed(snap("stream", 9, 9))));
 
         // Or just after it.
@@ -1570,7 +1564,7 @@ mod tests {
             )],
             |_| vec![],
         );
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut captured());
         assert_eq!(end.ok(), Some(End::Cancelled(snap("backup", 7, 9))));
     }
 
@@ -1608,7 +1602,7 @@ mod tests {
             |_| vec![],
         );
         let start = Instant::now();
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut captured());
         assert_eq!(end.ok(), Some(End::Vanished));
         assert!(start.elapsed() >= GONE_GRACE);
     }
@@ -1648,7 +1642,7 @@ mod tests {
             polls += 1;
             (polls < 2).then(|| vec![fake::reply(cmd, json!([job(0, 10)]))])
         });
-        let end = wait_job(&mut c, "d0", Until::End, true, &mut captured());
+        let end = wait_job(&mut c, "d0", Until::ReadyOrEnd, true, &mut captured());
         assert!(matches!(
             end,
             Err(Failure::Qmp(crate::client::QmpError::Closed))

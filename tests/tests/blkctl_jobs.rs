@@ -84,3 +84,95 @@ fn job_wait_and_cancel_without_a_job_fail() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(parse("jobs", &out), json!([]));
 }
+
+/// mirror --wait --complete, commit --wait of an intermediate image, backup
+/// --wait, and the job controls on a slow job, all through blkctl.
+#[test]
+fn mirror_commit_backup_and_job_controls() {
+    let dir = TestDir::new("ctl-jobs");
+    let base = qcow2_image(&dir, "base.qcow2", "", "16M");
+    qemu_io("qcow2", base.as_ref(), &["write -P 0x11 0 8M"]);
+    let mid = qcow2_overlay(&dir, "mid.qcow2", &base, "qcow2");
+    qemu_io("qcow2", mid.as_ref(), &["write -P 0x22 2M 2M"]);
+    let top = qcow2_overlay(&dir, "top.qcow2", &mid, "qcow2");
+    let want = snapshot_raw(&dir, &top, "qcow2", "want.raw");
+    let d = Daemon::start(&dir, &[qcow2_spec("d0", &top)]);
+    let sock = d.sock.clone();
+    let run = move |args: &[&str]| {
+        let (sock, args): (_, Vec<String>) =
+            (sock.clone(), args.iter().map(|a| a.to_string()).collect());
+        with_timeout(Duration::from_secs(120), move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            blkctl(&sock, &args)
+        })
+    };
+    // An intermediate commit: the chain loses mid, the data stays.
+    let (code, out, err) = run(&["commit", "d0", "--top", &mid, "--base", &base, "--wait"]);
+    assert_eq!(code, 0, "commit: {out} {err}");
+    assert_eq!(
+        query_block(&mut d.qmp(), "d0")["inserted"]["backing_file_depth"],
+        1
+    );
+    // A backup of the device as it is.
+    let bk = dir.file("backup.qcow2");
+    let (code, out, err) = run(&["backup", "d0", &bk, "--sync", "full", "--wait"]);
+    assert_eq!(code, 0, "backup: {out} {err}");
+    assert!(images_identical(bk.as_ref(), "qcow2", want.as_ref(), "raw"));
+    // Job controls on a slow mirror, then complete moves the device.
+    let target = dir.file("mirror.qcow2");
+    let (code, out, err) = run(&["mirror", "d0", &target, "--sync", "full", "--speed", "1M"]);
+    assert_eq!(code, 0, "mirror: {out} {err}");
+    let (code, out, err) = run(&["--json", "jobs"]);
+    assert_eq!(code, 0, "{err}");
+    let jobs = parse("jobs", &out);
+    assert_eq!(
+        (jobs[0]["type"].as_str(), jobs[0]["speed"].as_u64()),
+        (Some("mirror"), Some(1 << 20)),
+        "{jobs}"
+    );
+    for args in [
+        &["job", "pause", "d0"][..],
+        &["job", "resume", "d0"],
+        &["job", "set-speed", "d0", "0"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {out} {err}");
+    }
+    let (code, out, err) = run(&["job", "wait", "d0"]);
+    // A mirror never ends by itself: wait returns once it is ready.
+    assert_eq!(code, 0, "job wait: {out} {err}");
+    let (code, out, err) = run(&["job", "complete", "d0"]);
+    assert_eq!(code, 0, "job complete: {out} {err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while query_block(&mut d.qmp(), "d0")["inserted"]["file"] != target.as_str() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never moved to the target"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // mirror --wait --complete in one go, back to a new image.
+    let again = dir.file("again.qcow2");
+    let (code, out, err) = run(&[
+        "mirror",
+        "d0",
+        &again,
+        "--sync",
+        "full",
+        "--wait",
+        "--complete",
+    ]);
+    assert_eq!(code, 0, "mirror --complete: {out} {err}");
+    assert_eq!(
+        query_block(&mut d.qmp(), "d0")["inserted"]["file"],
+        again.as_str()
+    );
+    d.quit();
+    assert!(images_identical(
+        again.as_ref(),
+        "qcow2",
+        want.as_ref(),
+        "raw"
+    ));
+    assert_check_clean(&again);
+}

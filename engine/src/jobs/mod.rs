@@ -214,6 +214,9 @@ impl Job {
         let mut v = self.event_data(&s);
         v["busy"] = json!(!s.idle);
         v["paused"] = json!(s.paused);
+        // Not in QEMU 2.1's schema; QEMU 2.2 added it: a client that joins
+        // after BLOCK_JOB_READY still knows the job can be completed.
+        v["ready"] = json!(s.ready);
         v["io-status"] = json!(match s.io_status.unwrap_or(IoStatus::Ok) {
             IoStatus::Ok => "ok",
             IoStatus::Failed => "failed",

@@ -155,19 +155,40 @@ fn stream_with_guest_writes_loses_nothing() {
     let mut q = d.qmp();
     // Slow enough that the writes below land while it runs.
     q.ok("block-stream", json!({"device": "d0", "speed": 4 * M}));
+    // A reader checks the upper half (nobody writes it) all along.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (running, upper) = (running.clone(), model[8 * M as usize..].to_vec());
+        let f = rw(&d, "d0");
+        std::thread::spawn(move || {
+            let (mut rng, mut reads) = (Rng(8), 0);
+            let mut buf = vec![0u8; 64 << 10];
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                let off = rng.below(8 * M - buf.len() as u64) & !511;
+                f.read_exact_at(&mut buf, 8 * M + off).unwrap();
+                let want = &upper[off as usize..off as usize + buf.len()];
+                assert!(buf == want, "stale read at {:#x}", 8 * M + off);
+                reads += 1;
+            }
+            reads
+        })
+    };
     let f = rw(&d, "d0");
     let mut rng = Rng(7);
     let mut writes = 0;
     while q.ok("query-block-jobs", json!({})) != json!([]) && writes < 400 {
         let len = (1 + rng.below(16)) as usize * 4096;
-        let off = rng.below(16 * M - len as u64) & !4095;
+        let off = rng.below(8 * M - len as u64) & !4095;
         let data = pattern(rng.next(), len);
         f.write_all_at(&data, off).unwrap();
         model[off as usize..off as usize + len].copy_from_slice(&data);
         writes += 1;
     }
     completed_ok(&q.wait_job_end("d0"), "stream", "d0");
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let reads = reader.join().expect("the reader saw stale data");
     assert!(writes > 20, "only {writes} writes ran during the stream");
+    assert!(reads > 20, "only {reads} reads ran during the stream");
     f.sync_all().unwrap();
     drop(f);
     assert_same_bytes(&std::fs::read(d.dev("d0")).unwrap(), &model, "device");

@@ -367,6 +367,11 @@ impl Device {
                     completion(r)
                 });
                 match r {
+                    // Released by a job's copy, this may be an I/O
+                    // completion thread: the write may wait for metadata.
+                    Ok(()) if crate::io::on_completer() => {
+                        crate::io::spawn_blocking(move || run(&root, done))
+                    }
                     Ok(()) => run(&root, done),
                     Err(e) => done(Err(e)),
                 }
@@ -376,11 +381,18 @@ impl Device {
 
     /// Installs (or removes) a block job's write hook, with no request in
     /// flight, so that no write slips past it.
+    /// A hook is removed even when requests are still in flight after the
+    /// quiesce timeout (they keep the hook they started with).
     pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) -> Result<()> {
-        self.quiesced(|| {
+        let removing = hook.is_none();
+        let r = self.quiesced(|| {
             *self.hook.write() = hook;
             Ok(())
-        })
+        });
+        if r.is_err() && removing {
+            *self.hook.write() = None;
+        }
+        r
     }
 
     /// Stops the device and holds `req` to be retried first on `cont`.

@@ -202,3 +202,31 @@ fn a_write_right_after_the_command_is_copied_before() {
         "raw"
     ));
 }
+
+/// A cluster that starts with a hole and holds data after it is copied
+/// whole (the job skipped the rest of the cluster after the hole).
+#[test]
+fn holes_inside_a_cluster_do_not_hide_its_data() {
+    let dir = TestDir::new("backup-holes");
+    let src = raw_image(&dir, "src.raw", "4M");
+    qemu_io(
+        "raw",
+        src.as_ref(),
+        &["write -P 0x41 4k 60k", "write -P 0x42 1028k 8k"],
+    );
+    let d = Daemon::start(&dir, &[raw_spec("d0", &src, json!({}))]);
+    let mut q = d.qmp();
+    let target = dir.file("t.raw");
+    q.ok(
+        "drive-backup",
+        json!({"device": "d0", "target": target, "sync": "full", "format": "raw"}),
+    );
+    completed(&q.wait_job_end("d0"));
+    d.quit();
+    assert!(images_identical(
+        target.as_ref(),
+        "raw",
+        src.as_ref(),
+        "raw"
+    ));
+}

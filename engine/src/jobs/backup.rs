@@ -193,6 +193,10 @@ impl Backup {
     pub fn run(self, job: &Arc<Job>) -> Ending {
         job.set_len(self.source.size());
         let ending = self.copy_all(job, &self.cbw);
+        // No copy-before-write may reach the target once it is closed.
+        if let Err(e) = job.device.set_write_hook(None) {
+            log::error!("backup on '{}': {e}", job.device.id);
+        }
         let ending = ending.and_then(|done| {
             crate::drivers::wait(|d| self.target.flush(d))?;
             Ok(done)
@@ -244,12 +248,14 @@ impl Backup {
                     break;
                 }
             };
-            // Whole clusters: a partial one is copied with its run.
-            let end = (pos + n.max(1)).next_multiple_of(cs).min(size);
             if !wanted {
-                pos = end;
+                // Only that extent: the rest of its cluster may hold data
+                // (the claim below takes the whole cluster).
+                pos += n.max(1);
                 continue;
             }
+            // Whole clusters: a partial one is copied with its run.
+            let end = (pos + n.max(1)).next_multiple_of(cs).min(size);
             if !job.throttle(end - pos) {
                 cancelled = true;
                 break;
@@ -278,7 +284,8 @@ impl Backup {
         for (at, _, r) in window.drain() {
             f.settle(job, policy, at, r);
         }
-        if let Some(e) = f.failed {
+        // An ignored error went on, but the target lacks those clusters.
+        if let Some(e) = f.failed.or(f.ignored) {
             return Err(e);
         }
         if cancelled {

@@ -94,7 +94,9 @@ impl Mirror {
 
     pub fn run(self, job: &Arc<Job>) -> Ending {
         let dirty = self.dirty.clone();
-        let ending = self.scan(&dirty).and_then(|()| self.copy_loop(job, &dirty));
+        let ending = self
+            .scan(job, &dirty)
+            .and_then(|()| self.copy_loop(job, &dirty));
         let mut switched = false;
         let ending = match ending {
             Ok(Exit::Complete) => self.switch_over(job, &dirty).map(|()| {
@@ -123,13 +125,14 @@ impl Mirror {
     }
 
     /// Marks what the first pass copies.
-    fn scan(&self, dirty: &Dirty) -> Result<()> {
+    fn scan(&self, job: &Job, dirty: &Dirty) -> Result<()> {
         let Scan::Above(base) = &self.scan else {
             return Ok(());
         };
         let len = self.source.size();
         let mut pos = 0;
-        while pos < len {
+        // A cancel stops the scan too (the copy loop then ends the job).
+        while pos < len && job.pause_point() {
             let want = (len - pos).min(1 << 30);
             let (above, n) = allocated_above(Some(self.source.clone()), base.as_ref(), pos, want)?;
             match above {
@@ -202,6 +205,11 @@ impl Mirror {
                     Exit::Cancelled
                 };
             }
+            // What is still dirty is copied with the device quiesced: a
+            // guest that keeps writing cannot hold the switch off.
+            if job.completion_requested() {
+                break Exit::Complete;
+            }
             match self.take_dirty(dirty, cursor) {
                 Some((at, n)) => {
                     if !job.throttle(n) {
@@ -221,9 +229,15 @@ impl Mirror {
                     settle(window.drain(), &mut f, &mut copied, &mut busy)
                 }
                 None => {
-                    job.set_ready();
-                    if job.completion_requested() {
-                        break Exit::Complete;
+                    if !job.is_ready() {
+                        // In sync: on disk before the job says so (QEMU 2.1).
+                        if let Err(err) = wait(|d| self.target.flush(d)) {
+                            let r = Err(super::copy::CopyError { read: false, err });
+                            f.settle(job, policy, 0, r);
+                            f.retry_from = None;
+                            continue;
+                        }
+                        job.set_ready();
                     }
                     job.sleep(Duration::from_millis(10));
                 }

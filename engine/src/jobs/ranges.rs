@@ -8,6 +8,7 @@
 
 use crate::drivers::Done;
 use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 type Range = (u64, u64);
@@ -86,6 +87,12 @@ impl RangeLock {
         }
     }
 
+    /// A guard that lets every held guest write go when dropped, also when
+    /// the job's body panics.
+    pub fn released_on_drop(self: &Arc<Self>) -> ReleaseOnDrop {
+        ReleaseOnDrop(self.clone())
+    }
+
     /// Lets every held guest write go (the job ends).
     pub fn release_all(&self) {
         let ranges: Vec<Range> = self.inner.lock().job.clone();
@@ -95,11 +102,18 @@ impl RangeLock {
     }
 }
 
+pub struct ReleaseOnDrop(Arc<RangeLock>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release_all()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn guest_waits_for_job_and_job_for_guest() {

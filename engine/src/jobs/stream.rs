@@ -46,6 +46,7 @@ impl Stream {
 
     pub fn run(self, job: &Arc<Job>) -> Ending {
         let lock = &self.lock;
+        let release = lock.released_on_drop();
         let above = Above {
             src: Source::BackingOf(self.top.clone()),
             chain: self.top.driver.backing_child(),
@@ -56,7 +57,7 @@ impl Stream {
         };
         let mut f = Failures::default();
         let done = above.run(job, &mut f);
-        lock.release_all();
+        drop(release);
         if let Some(e) = f.failed.or(f.ignored) {
             return Ending::Failed(e);
         }

@@ -394,63 +394,79 @@ impl Qcow2Driver {
     }
 
     /// Synchronous write of a guest range: runs of whole clusters that
-    /// need new ones at once, the rest cluster by cluster.
-    fn write_range(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// need new ones at once, the rest cluster by cluster. A request that
+    /// is one such run goes to the file in its own buffer, without a copy.
+    fn write_range(&self, offset: u64, buf: Buf) -> Result<Buf> {
         let mut at = 0;
-        while at < data.len() {
+        while at < buf.len() {
             let guest = offset + at as u64;
             if guest.is_multiple_of(self.cs) {
-                let whole = (data.len() - at) / self.cs as usize * self.cs as usize;
-                if let Some(n) = self.write_new_run(guest, &data[at..at + whole])? {
-                    at += n;
+                let whole = (buf.len() - at) as u64 / self.cs;
+                if let Some(run) = self.new_run(guest, whole)? {
+                    let len = (run.n * self.cs) as usize;
+                    self.file.debug_event(Ev::WriteAio);
+                    // Data first, then the mapping.
+                    if at == 0 && len == buf.len() {
+                        let buf = wait(|d| self.file.write(run.host, buf, d))?;
+                        self.map_run(run)?;
+                        return Ok(buf);
+                    }
+                    write_at(&self.file, run.host, &buf[at..at + len])?;
+                    self.map_run(run)?;
+                    at += len;
                     continue;
                 }
             }
-            let n = ((self.cs - guest % self.cs) as usize).min(data.len() - at);
-            self.write_allocating(guest, &data[at..at + n])?;
+            let n = ((self.cs - guest % self.cs) as usize).min(buf.len() - at);
+            self.write_allocating(guest, &buf[at..at + n])?;
             at += n;
         }
-        Ok(())
+        Ok(buf)
     }
 
-    /// Writes whole clusters from `guest` on that map nowhere yet
-    /// (unallocated, or zero without a cluster) into one new contiguous
-    /// run: one allocation, one data write, one L2 update instead of one
-    /// of each per cluster. None when fewer than two such clusters start
-    /// the range (or the image is encrypted): the caller goes one by one.
-    fn write_new_run(&self, guest: u64, data: &[u8]) -> Result<Option<usize>> {
+    /// Points a run's clusters at its new host clusters (after its data).
+    fn map_run(&self, run: NewRun) -> Result<()> {
+        let entries: Vec<u64> = (0..run.n)
+            .map(|i| (run.host + i * self.cs) | COPIED)
+            .collect();
+        self.meta.lock().set_l2_run(run.first, &entries)
+    }
+
+    /// Claims and allocates up to `clusters` whole clusters from `guest` on
+    /// that map nowhere yet (unallocated, or zero without a cluster), as
+    /// one new contiguous run: one allocation, one data write, one L2
+    /// update instead of one of each per cluster. None when fewer than two
+    /// such clusters start the range (or the image is encrypted): the
+    /// caller goes one by one.
+    fn new_run(&self, guest: u64, clusters: u64) -> Result<Option<NewRun<'_>>> {
         /// Most clusters claimed at once.
         const MAX_RUN: u64 = 256;
         let first = guest / self.cs;
-        let max = (data.len() as u64 / self.cs).min(MAX_RUN);
+        let max = clusters.min(MAX_RUN);
         if max < 2 || self.key.is_encrypted() {
             return Ok(None);
         }
         // Ascending, like every claimer of more than one: no deadlock.
-        let _claims: Vec<Claim> = (first..first + max).map(|c| self.claim(c)).collect();
-        let (host, n) = {
-            let mut meta = self.meta.lock();
-            let mut n = 0;
-            while n < max {
-                match meta.lookup(first + n)? {
-                    Mapping::Unallocated | Mapping::Zero { host: None, .. } => n += 1,
-                    _ => break,
-                }
+        let claims: Vec<Claim> = (first..first + max).map(|c| self.claim(c)).collect();
+        let mut meta = self.meta.lock();
+        let mut n = 0;
+        while n < max {
+            match meta.lookup(first + n)? {
+                Mapping::Unallocated | Mapping::Zero { host: None, .. } => n += 1,
+                _ => break,
             }
-            if n < 2 {
-                return Ok(None);
-            }
-            let host = meta.alloc_clusters(n)?;
-            meta.overlap().check(overlap::NEW, host, n * self.cs)?;
-            (host, n)
-        };
-        let len = (n * self.cs) as usize;
-        // Data first, then the mapping.
-        self.file.debug_event(Ev::WriteAio);
-        write_at(&self.file, host, &data[..len])?;
-        let entries: Vec<u64> = (0..n).map(|i| (host + i * self.cs) | COPIED).collect();
-        self.meta.lock().set_l2_run(first, &entries)?;
-        Ok(Some(len))
+        }
+        if n < 2 {
+            return Ok(None);
+        }
+        let host = meta.alloc_clusters(n)?;
+        meta.overlap().check(overlap::NEW, host, n * self.cs)?;
+        Ok(Some(NewRun {
+            first,
+            host,
+            n,
+            _claims: claims,
+        }))
     }
 
     /// Drops the reference an L2 entry held, once nothing points there.
@@ -592,7 +608,7 @@ impl Qcow2Driver {
         if !discard {
             for (o, l) in [(offset, start - offset), (end, offset + len - end)] {
                 if l > 0 && !self.reads_as_zero(o)? && !(unmap && self.unmap_edge(o, l)?) {
-                    self.write_range(o, &Buf::zeroed(l as usize))?;
+                    self.write_range(o, Buf::zeroed(l as usize))?;
                 }
             }
         }
@@ -605,7 +621,7 @@ impl Qcow2Driver {
                 let mut o = start;
                 while o < end {
                     let n = (end - o).min(1 << 20);
-                    self.write_range(o, &Buf::zeroed(n as usize))?;
+                    self.write_range(o, Buf::zeroed(n as usize))?;
                     o += n;
                 }
             }
@@ -696,8 +712,8 @@ impl Driver for Arc<Qcow2Driver> {
         drop(ticket);
         let me = self.clone();
         crate::io::spawn_blocking(move || {
-            let r = me.write_range(offset, &buf);
-            done(r.map(|()| buf).map_err(|e| me.signal_corruption(e)));
+            let r = me.write_range(offset, buf);
+            done(r.map_err(|e| me.signal_corruption(e)));
         });
     }
 
@@ -822,6 +838,15 @@ fn holding(ticket: IoTicket, done: Done<Buf>) -> Done<Buf> {
 }
 
 /// A claimed guest cluster, released (and waiters woken) on drop.
+/// Guest clusters claimed and given new host clusters, not mapped yet.
+struct NewRun<'a> {
+    first: u64,
+    host: u64,
+    n: u64,
+    /// Held until the mapping is written.
+    _claims: Vec<Claim<'a>>,
+}
+
 struct Claim<'a> {
     driver: &'a Qcow2Driver,
     cluster: u64,

@@ -63,7 +63,7 @@ impl Qcow2Driver {
                 Mapping::Data { .. } | Mapping::Compressed { .. } => true,
             };
             if stale {
-                self.write_range(old, &Buf::zeroed((head_end - old) as usize))?;
+                self.write_range(old, Buf::zeroed((head_end - old) as usize))?;
             }
         }
         // Whole clusters: zero flags on v3, zeroed clusters on v2.

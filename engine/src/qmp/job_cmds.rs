@@ -29,12 +29,7 @@ pub fn block_stream(e: &Engine, mut a: Args) -> Result<Value> {
         .enumeration("on-error", ON_ERROR)?
         .unwrap_or(OnError::Report);
     a.finish()?;
-    let dev = e.graph.device(&device)?;
-    e.jobs.check_idle(&device)?;
-    let top = dev.root();
-    if top.opts.read_only {
-        return Err(Error::generic(format!("Device '{device}' is read only")));
-    }
+    let (dev, top) = writable_idle_device(e, &device)?;
     let base = match &base {
         Some(b) => Some(
             find_in_chain(&top, b)
@@ -67,6 +62,20 @@ pub fn block_stream(e: &Engine, mut a: Args) -> Result<Value> {
         Box::new(move |job| body.run(job)),
     )?;
     Ok(json!({}))
+}
+
+/// A device with no job whose image chain a job may change, and its root.
+fn writable_idle_device(
+    e: &Engine,
+    device: &str,
+) -> Result<(Arc<crate::device::Device>, Arc<Node>)> {
+    let dev = e.graph.device(device)?;
+    e.jobs.check_idle(device)?;
+    let root = dev.root();
+    if root.opts.read_only {
+        return Err(Error::generic(format!("Device '{device}' is read only")));
+    }
+    Ok((dev, root))
 }
 
 pub fn query_block_jobs(e: &Engine, a: Args) -> Result<Value> {
@@ -362,12 +371,7 @@ pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
     let backing_file = a.str("backing-file")?;
     let speed = check_speed(a.int("speed")?)?;
     a.finish()?;
-    let dev = e.graph.device(&device)?;
-    e.jobs.check_idle(&device)?;
-    let active = dev.root();
-    if active.opts.read_only {
-        return Err(Error::generic(format!("Device '{device}' is read only")));
-    }
+    let (dev, active) = writable_idle_device(e, &device)?;
     let top_node = match &top {
         Some(t) if *t != active.name && !target::same_file(t, &active.driver.filename()) => {
             find_in_chain(&active, t)

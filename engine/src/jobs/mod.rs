@@ -283,8 +283,10 @@ impl Jobs {
     ) -> Result<()> {
         let job = Arc::new(Job {
             kind,
+            // The device's size until the job knows better: a query right
+            // after the start sees the work ahead, not 0.
+            len: AtomicU64::new(device.size()),
             device: device.clone(),
-            len: AtomicU64::new(0),
             offset: AtomicU64::new(0),
             state: Mutex::new(State {
                 speed,

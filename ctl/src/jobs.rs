@@ -198,10 +198,9 @@ impl StartJob for CommitArgs {
     }
 }
 
+/// What mirror and backup share: the target and how the job copies to it.
 #[derive(Args, Debug, Clone)]
-pub struct MirrorArgs {
-    /// Device
-    device: String,
+pub struct CopyArgs {
     /// Target image file
     target: String,
     /// What to copy
@@ -210,30 +209,57 @@ pub struct MirrorArgs {
     /// Format of the target [default: the device's]
     #[arg(long, value_name = "FMT")]
     format: Option<String>,
-    /// node-name of the target
-    #[arg(long, value_name = "NAME")]
-    node_name: Option<String>,
-    /// node-name of the node the target replaces when the job completes
-    #[arg(long, value_name = "NODE")]
-    replaces: Option<String>,
     /// Whether the target exists or is created [default: absolute-paths]
     #[arg(long, value_enum)]
     mode: Option<Mode>,
     /// Speed limit in bytes per second (suffixes K, M, G; 0: none)
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     speed: Option<u64>,
-    /// Granularity of the dirty bitmap (a power of 2, 512 to 64M)
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    granularity: Option<u64>,
-    /// Maximum amount of data in flight
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    buf_size: Option<u64>,
     /// What to do on a read error of the device
     #[arg(long, value_enum, value_name = "POLICY")]
     on_source_error: Option<OnError>,
     /// What to do on a write error of the target
     #[arg(long, value_enum, value_name = "POLICY")]
     on_target_error: Option<OnError>,
+}
+
+impl CopyArgs {
+    /// The QMP arguments of `device`'s job with this target.
+    fn arguments(&self, device: &str) -> QmpArgs {
+        let mut a = device_args(device);
+        a.insert("target".into(), Value::from(self.target.as_str()));
+        put(&mut a, "format", self.format.clone());
+        put(&mut a, "sync", qmp_name(self.sync));
+        put(&mut a, "mode", self.mode.and_then(qmp_name));
+        put(&mut a, "speed", self.speed);
+        for (key, policy) in [
+            ("on-source-error", self.on_source_error),
+            ("on-target-error", self.on_target_error),
+        ] {
+            put(&mut a, key, policy.and_then(qmp_name));
+        }
+        a
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MirrorArgs {
+    /// Device
+    device: String,
+    #[command(flatten)]
+    copy: CopyArgs,
+    /// node-name of the target
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// node-name of the node the target replaces when the job completes
+    #[arg(long, value_name = "NODE")]
+    replaces: Option<String>,
+    /// Granularity of the dirty bitmap (a power of 2, 512 to 64M)
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    granularity: Option<u64>,
+    /// Maximum amount of data in flight
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    buf_size: Option<u64>,
     /// Wait until the mirror is ready (the target in sync), showing its
     /// progress
     #[arg(long)]
@@ -251,26 +277,11 @@ impl StartJob for MirrorArgs {
         &self.device
     }
     fn arguments(&self) -> QmpArgs {
-        let mut a = device_args(&self.device);
-        a.insert("target".into(), Value::from(self.target.as_str()));
-        put(&mut a, "format", self.format.clone());
+        let mut a = self.copy.arguments(&self.device);
         put(&mut a, "node-name", self.node_name.clone());
         put(&mut a, "replaces", self.replaces.clone());
-        put(&mut a, "sync", qmp_name(self.sync));
-        put(&mut a, "mode", self.mode.and_then(qmp_name));
-        put(&mut a, "speed", self.speed);
         put(&mut a, "granularity", self.granularity);
         put(&mut a, "buf-size", self.buf_size);
-        put(
-            &mut a,
-            "on-source-error",
-            self.on_source_error.and_then(qmp_name),
-        );
-        put(
-            &mut a,
-            "on-target-error",
-            self.on_target_error.and_then(qmp_name),
-        );
         a
     }
     fn until(&self) -> Option<Until> {
@@ -282,26 +293,8 @@ impl StartJob for MirrorArgs {
 pub struct BackupArgs {
     /// Device
     device: String,
-    /// Target image file
-    target: String,
-    /// What to copy
-    #[arg(long, value_enum)]
-    sync: SyncMode,
-    /// Format of the target [default: the device's]
-    #[arg(long, value_name = "FMT")]
-    format: Option<String>,
-    /// Whether the target exists or is created [default: absolute-paths]
-    #[arg(long, value_enum)]
-    mode: Option<Mode>,
-    /// Speed limit in bytes per second (suffixes K, M, G; 0: none)
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    speed: Option<u64>,
-    /// What to do on a read error of the device
-    #[arg(long, value_enum, value_name = "POLICY")]
-    on_source_error: Option<OnError>,
-    /// What to do on a write error of the target
-    #[arg(long, value_enum, value_name = "POLICY")]
-    on_target_error: Option<OnError>,
+    #[command(flatten)]
+    copy: CopyArgs,
     /// Wait until the job ends, showing its progress (exit 1 when it fails
     /// or is cancelled)
     #[arg(long)]
@@ -315,23 +308,7 @@ impl StartJob for BackupArgs {
         &self.device
     }
     fn arguments(&self) -> QmpArgs {
-        let mut a = device_args(&self.device);
-        a.insert("target".into(), Value::from(self.target.as_str()));
-        put(&mut a, "format", self.format.clone());
-        put(&mut a, "sync", qmp_name(self.sync));
-        put(&mut a, "mode", self.mode.and_then(qmp_name));
-        put(&mut a, "speed", self.speed);
-        put(
-            &mut a,
-            "on-source-error",
-            self.on_source_error.and_then(qmp_name),
-        );
-        put(
-            &mut a,
-            "on-target-error",
-            self.on_target_error.and_then(qmp_name),
-        );
-        a
+        self.copy.arguments(&self.device)
     }
     fn until(&self) -> Option<Until> {
         until(self.wait, false)

@@ -852,7 +852,7 @@ impl Opener<'_> {
 }
 
 /// (device, inode) of a path, following symlinks; None when it cannot be stat'ed.
-fn file_identity(path: &str) -> Option<(u64, u64)> {
+pub(crate) fn file_identity(path: &str) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

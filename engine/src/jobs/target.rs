@@ -4,7 +4,7 @@
 
 use crate::drivers::qcow2::create::{create, CreateOptions};
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Node};
+use crate::graph::{file_identity, Graph, Node};
 use crate::options::{BlockdevOptions, DriverName};
 use serde_json::json;
 use std::sync::Arc;
@@ -87,14 +87,12 @@ pub fn open(
 
 /// The node that has `path` open (the same file, by device and inode), if any.
 pub fn node_using(graph: &Graph, path: &str) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let target = id(path)?;
+    let target = file_identity(path)?;
     graph
         .nodes()
         .into_iter()
         .filter(|n| n.driver.file_child().is_none())
-        .find(|n| id(&n.driver.filename()) == Some(target))
+        .find(|n| file_identity(&n.driver.filename()) == Some(target))
         .map(|n| n.name.clone())
 }
 
@@ -107,7 +105,5 @@ pub fn cluster_size(node: &Node) -> Option<u64> {
 
 /// Whether `a` and `b` name the same file.
 pub fn same_file(a: &str, b: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    id(a).is_some() && id(a) == id(b)
+    file_identity(a).is_some_and(|id| file_identity(b) == Some(id))
 }

@@ -20,14 +20,17 @@ pub const ON_ERROR: &[(&str, OnError)] = &[
     ("stop", OnError::Stop),
 ];
 
+/// A `BlockdevOnError` argument (default `report`).
+fn on_error(a: &mut Args, key: &str) -> Result<OnError> {
+    Ok(a.enumeration(key, ON_ERROR)?.unwrap_or(OnError::Report))
+}
+
 pub fn block_stream(e: &Engine, mut a: Args) -> Result<Value> {
     let device = a.req("device", Args::str)?;
     let base = a.str("base")?;
     let backing_file = a.str("backing-file")?;
     let speed = check_speed(a.int("speed")?)?;
-    let on_error = a
-        .enumeration("on-error", ON_ERROR)?
-        .unwrap_or(OnError::Report);
+    let on_error = on_error(&mut a, "on-error")?;
     a.finish()?;
     let (dev, top) = writable_idle_device(e, &device)?;
     let base = match &base {
@@ -145,6 +148,15 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// `target`, `format` and `mode` of a job command.
+    fn parse(a: &mut Args) -> Result<TargetArgs> {
+        Ok(TargetArgs {
+            path: a.req("target", Args::str)?,
+            format: a.str("format")?,
+            create: a.enumeration("mode", MODE)?.unwrap_or(true),
+        })
+    }
+
     /// Creates (when asked) and opens the target for a copy of `source`
     /// with `sync`; returns the node and whether it reads as zeroes where
     /// nothing was copied. A new target's backing file is the node the
@@ -226,26 +238,16 @@ impl TargetArgs {
 
 pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
     let device = a.req("device", Args::str)?;
-    let t = TargetArgs {
-        path: a.req("target", Args::str)?,
-        format: a.str("format")?,
-        create: true,
-    };
+    let t = TargetArgs::parse(&mut a)?;
     let node_name = a.str("node-name")?;
     let replaces = a.str("replaces")?;
     let sync = a.req("sync", |a, k| a.enumeration(k, SYNC))?;
-    let create = a.enumeration("mode", MODE)?.unwrap_or(true);
     let speed = check_speed(a.int("speed")?)?;
     let granularity = a.uint("granularity")?;
     let buf_size = a.int("buf-size")?;
-    let on_source_error = a
-        .enumeration("on-source-error", ON_ERROR)?
-        .unwrap_or(OnError::Report);
-    let on_target_error = a
-        .enumeration("on-target-error", ON_ERROR)?
-        .unwrap_or(OnError::Report);
+    let on_source_error = on_error(&mut a, "on-source-error")?;
+    let on_target_error = on_error(&mut a, "on-target-error")?;
     a.finish()?;
-    let t = TargetArgs { create, ..t };
     let dev = e.graph.device(&device)?;
     e.jobs.check_idle(&device)?;
     let source = dev.root();
@@ -318,26 +320,15 @@ fn start_with_target(
 
 pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
     let device = a.req("device", Args::str)?;
-    let path = a.req("target", Args::str)?;
-    let format = a.str("format")?;
+    let t = TargetArgs::parse(&mut a)?;
     let sync = a.req("sync", |a, k| a.enumeration(k, SYNC))?;
-    let create = a.enumeration("mode", MODE)?.unwrap_or(true);
     let speed = check_speed(a.int("speed")?)?;
-    let on_source_error = a
-        .enumeration("on-source-error", ON_ERROR)?
-        .unwrap_or(OnError::Report);
-    let on_target_error = a
-        .enumeration("on-target-error", ON_ERROR)?
-        .unwrap_or(OnError::Report);
+    let on_source_error = on_error(&mut a, "on-source-error")?;
+    let on_target_error = on_error(&mut a, "on-target-error")?;
     a.finish()?;
     let dev = e.graph.device(&device)?;
     e.jobs.check_idle(&device)?;
     let source = dev.root();
-    let t = TargetArgs {
-        path,
-        format,
-        create,
-    };
     let (target, zero_init) = t.open(e, &source, sync, None)?;
     let cluster = target::cluster_size(&target)
         .unwrap_or(0)

@@ -142,6 +142,14 @@ impl<V> Lru<V> {
 
     /// Inserts (or replaces) an entry as the most recently used, evicting
     /// the least recently used one when the cache is full.
+    /// The key the next insert of a new key would evict, if any.
+    pub fn victim(&self) -> Option<u64> {
+        if self.map.len() < self.cap {
+            return None;
+        }
+        self.order.first_key_value().map(|(_, &k)| k)
+    }
+
     pub fn insert(&mut self, key: u64, value: V) {
         self.remove(key);
         while self.map.len() >= self.cap {

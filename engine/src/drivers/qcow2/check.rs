@@ -241,6 +241,8 @@ pub fn check(file: &Arc<Node>, h: &Header, repair: Repair) -> Result<CheckResult
             }
         }
     }
+    // The repaired refcounts go to the file before COPIED is checked on it.
+    meta.write_dirty()?;
     // COPIED must be set exactly where the stored refcount is one, in the
     // active tables (checked after the refcount repair, as qemu-img does).
     let fix_flags = repair == Repair::All;

@@ -25,19 +25,26 @@
 //! In lazy-refcount mode refcounts are not kept, so allocation appends.
 //!
 //! L2 tables and refcount blocks are cached in bounded LRU caches
-//! ([`super::cache`]); both are write-through, so the file is always current.
+//! ([`super::cache`]). Changes to their entries are written back
+//! ([`super::writeback`]): by the request that made them before it
+//! completes (the driver's commit, batched with other requests'), and by
+//! [`Meta::write_dirty`] before anything whose order matters (a refcount
+//! drop, a structural write, a flush, an eviction). Every other metadata
+//! write (new tables, L1, refcount table, header) is written through.
 
 use super::cache::{CacheSizes, Lru};
 use super::entry::{Mapping, COPIED, OFFSET_MASK};
 use super::header::Header;
 use super::overlap::{self, Kind, Overlap};
+use super::writeback::{self, Chunk, Outcome};
 use crate::drivers::bytes::be64;
 use crate::drivers::wait;
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent as Ev;
-use std::collections::{HashSet, VecDeque};
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -128,6 +135,38 @@ pub struct Meta {
     lazy: Option<(u64, bool)>,
     /// Where the metadata is, for the overlap checks of every write.
     overlap: Overlap,
+    /// Cached chunks changed and not written yet.
+    dirty: BTreeSet<Chunk>,
+    /// Chunks a batch is writing outside the lock (not evictable either).
+    writing: Vec<Chunk>,
+    /// Changes made so far, and how many of the first ones are written.
+    changes: u64,
+    written: u64,
+    /// The last failed batch: the changes it carried and its error.
+    failed: Option<(u64, Error)>,
+    /// Held while a batch is written outside the lock; its outcome is left
+    /// here for whoever settles it first.
+    io: Arc<Mutex<Outcome>>,
+}
+
+/// Where the cached metadata changes stand for a commit.
+pub enum Commit {
+    /// Written up to the commit's changes.
+    Written,
+    /// A batch carrying them failed.
+    Failed(Error),
+    /// A batch is being written: wait for it.
+    Busy,
+    /// Nobody writes: start a batch.
+    Idle,
+}
+
+/// A batch to write outside the lock: hold `io` while writing `writes`,
+/// then leave `(changes, result)` in it and settle.
+pub struct Batch {
+    pub io: Arc<Mutex<Outcome>>,
+    pub writes: Vec<writeback::Write>,
+    pub changes: u64,
 }
 
 pub fn read_at(file: &Node, offset: u64, len: usize) -> Result<Buf> {
@@ -179,10 +218,16 @@ impl Meta {
             discards: Vec::new(),
             lazy: None,
             overlap: Overlap::new(0, h.cluster_bits),
+            dirty: BTreeSet::new(),
+            writing: Vec::new(),
+            changes: 0,
+            written: 0,
+            failed: None,
+            io: Arc::new(Mutex::new(None)),
         })
     }
 
-    /// Resizes the caches (empties them).
+    /// Resizes the caches (empties them): at open, before any change.
     pub fn set_cache_sizes(&mut self, sizes: CacheSizes) {
         self.l2 = Lru::new(sizes.l2_entries);
         self.slice_entries = sizes.l2_entry_bytes / 8;
@@ -237,9 +282,188 @@ impl Meta {
 
     /// Writes metadata after the overlap check; `own` is the kind being
     /// written (not checked against itself), `overlap::NEW` for a new table.
-    fn write_meta(&self, own: u8, off: u64, data: &[u8]) -> Result<()> {
+    /// What is pending goes first: this write may depend on it.
+    fn write_meta(&mut self, own: u8, off: u64, data: &[u8]) -> Result<()> {
+        self.write_dirty()?;
         self.overlap.check(own, off, data.len() as u64)?;
         write_at(&self.file, off, data)
+    }
+
+    /// Writes what is pending, then flushes the file.
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_dirty()?;
+        wait(|d| self.file.flush(d))
+    }
+
+    /// Records a changed chunk of the cache.
+    fn mark(&mut self, c: Chunk) {
+        self.dirty.insert(c);
+        self.changes += 1;
+    }
+
+    /// The cache key of the entry holding a chunk: (L2, key).
+    fn cache_key(&self, c: Chunk) -> (bool, u64) {
+        match c {
+            Chunk::Refblock(rb, _) => (false, rb),
+            Chunk::L2(l2, idx) => (true, l2 + idx / self.slice_entries * self.slice_entries * 8),
+        }
+    }
+
+    /// Whether a cached entry holds changes not written yet (pending or
+    /// being written): it must not be evicted before they are.
+    fn unwritten(&self, l2: bool, key: u64) -> bool {
+        self.dirty
+            .iter()
+            .chain(&self.writing)
+            .any(|&c| self.cache_key(c) == (l2, key))
+    }
+
+    /// Before inserting into a cache: the entry it would evict is written first.
+    fn make_room(&mut self, l2: bool) -> Result<()> {
+        let victim = if l2 {
+            self.l2.victim()
+        } else {
+            self.refblocks.victim()
+        };
+        match victim {
+            Some(key) if self.unwritten(l2, key) => self.write_dirty(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The bytes of the pending chunks, overlap-checked.
+    fn take_writes(&mut self, chunks: &[Chunk]) -> Result<Vec<writeback::Write>> {
+        let chunk = self.chunk();
+        let mut out = Vec::with_capacity(chunks.len());
+        for &c in chunks {
+            let (offset, data, kind) = match c {
+                Chunk::Refblock(rb, first) => {
+                    let block = self
+                        .refblocks
+                        .get_mut(rb)
+                        .ok_or_else(|| corrupt("refcount cache lost a changed block"))?;
+                    let data = Buf::from_slice(&block[first..first + chunk]);
+                    if chunk < self.cs as usize {
+                        self.file.debug_event(Ev::RefblockUpdatePart);
+                    }
+                    (rb + first as u64, data, Kind::RefcountBlock)
+                }
+                Chunk::L2(l2, idx) => {
+                    let (_, key) = self.cache_key(c);
+                    let slice = self
+                        .l2
+                        .get_mut(key)
+                        .ok_or_else(|| corrupt("L2 cache lost a changed slice"))?;
+                    let at = (idx % self.slice_entries) as usize;
+                    let bytes: Vec<u8> = slice[at..at + chunk / 8]
+                        .iter()
+                        .flat_map(|e| e.to_be_bytes())
+                        .collect();
+                    (l2 + idx * 8, Buf::from_slice(&bytes), Kind::ActiveL2)
+                }
+            };
+            self.overlap.check(kind.bit(), offset, chunk as u64)?;
+            out.push(writeback::Write {
+                chunk: c,
+                offset,
+                data,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Takes the outcome of a batch written outside the lock, if it has
+    /// ended and nobody took it yet.
+    fn settle(&mut self, outcome: &mut Outcome) {
+        let Some((changes, r)) = outcome.take() else {
+            return;
+        };
+        let chunks = std::mem::take(&mut self.writing);
+        match r {
+            Ok(()) => self.wrote(changes),
+            Err(e) => {
+                self.dirty.extend(chunks);
+                self.failed = Some((changes, e));
+            }
+        }
+    }
+
+    fn wrote(&mut self, changes: u64) {
+        self.written = self.written.max(changes);
+        if self.failed.as_ref().is_some_and(|(c, _)| *c <= changes) {
+            self.failed = None;
+        }
+    }
+
+    /// Settles a batch written outside the lock (its writer calls this).
+    pub fn settle_batch(&mut self) {
+        let io = self.io.clone();
+        self.settle(&mut io.lock());
+    }
+
+    /// Writes every pending change now, under the lock; waits for a batch
+    /// being written outside it first (its older copies must not land
+    /// after these).
+    pub fn write_dirty(&mut self) -> Result<()> {
+        if self.dirty.is_empty() && self.writing.is_empty() {
+            return Ok(());
+        }
+        let io = self.io.clone();
+        let mut outcome = io.lock();
+        self.settle(&mut outcome);
+        let chunks: Vec<Chunk> = self.dirty.iter().copied().collect();
+        let changes = self.changes;
+        let writes = self.take_writes(&chunks)?;
+        self.dirty.clear();
+        match writeback::write_all(&self.file, writes) {
+            Ok(()) => {
+                self.wrote(changes);
+                Ok(())
+            }
+            Err(e) => {
+                self.dirty.extend(chunks);
+                Err(e)
+            }
+        }
+    }
+
+    /// Changes made so far: a commit waits until these are written.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub fn commit_state(&self, changes: u64) -> Commit {
+        if self.written >= changes {
+            return Commit::Written;
+        }
+        match &self.failed {
+            Some((c, e)) if *c >= changes => Commit::Failed(e.clone()),
+            _ if !self.writing.is_empty() => Commit::Busy,
+            _ => Commit::Idle,
+        }
+    }
+
+    /// Starts a batch of every pending change, to write outside the lock;
+    /// None when nothing is pending (then it is all written).
+    pub fn start_batch(&mut self) -> Result<Option<Batch>> {
+        if self.dirty.is_empty() {
+            self.wrote(self.changes);
+            return Ok(None);
+        }
+        let chunks: Vec<Chunk> = self.dirty.iter().copied().collect();
+        let writes = self.take_writes(&chunks)?;
+        self.dirty.clear();
+        self.writing = chunks;
+        Ok(Some(Batch {
+            io: self.io.clone(),
+            writes,
+            changes: self.changes,
+        }))
+    }
+
+    /// Whether changes are waiting to be written.
+    pub fn pending(&self) -> bool {
+        self.written < self.changes
     }
 
     /// Before the first metadata change in lazy mode: the dirty bit goes to
@@ -275,6 +499,7 @@ impl Meta {
             self.check_host(l2_off, "L2 table")?;
             self.file.debug_event(Ev::L2Load);
             let raw = read_at(&self.file, key, self.slice_entries as usize * 8)?;
+            self.make_room(true)?;
             self.l2
                 .insert(key, raw.chunks_exact(8).map(|e| be64(e, 0)).collect());
         }
@@ -282,15 +507,19 @@ impl Meta {
         Ok((slice, (l2_idx - first) as usize))
     }
 
-    /// A whole L2 table, read from the file (the cache is write-through).
+    /// A whole L2 table, read from the file once what is pending is written.
     fn read_l2_table(&mut self, l2_off: u64) -> Result<Vec<u64>> {
         self.check_host(l2_off, "L2 table")?;
+        self.write_dirty()?;
         let raw = read_at(&self.file, l2_off, self.cs as usize)?;
         Ok(raw.chunks_exact(8).map(|e| be64(e, 0)).collect())
     }
 
-    /// Drops every cached slice of the L2 table at `l2_off`.
+    /// Drops every cached slice of the L2 table at `l2_off`, and its
+    /// pending changes: nothing points to the table any more.
     fn forget_l2_table(&mut self, l2_off: u64) {
+        self.dirty
+            .retain(|c| !matches!(c, Chunk::L2(t, _) if *t == l2_off));
         let step = self.slice_entries * 8;
         for key in (l2_off..l2_off + self.cs).step_by(step as usize) {
             self.l2.remove(key);
@@ -341,31 +570,21 @@ impl Meta {
         self.set_l2_run(guest_cluster, &[entry])
     }
 
-    /// Points consecutive guest clusters at `entries`, writing each
-    /// touched chunk of their L2 tables once.
+    /// Points consecutive guest clusters at `entries`, in the cache: the
+    /// touched chunks are written back later (see the module doc).
     pub fn set_l2_run(&mut self, first: u64, entries: &[u64]) -> Result<()> {
         let per = self.l2_entries();
+        let per_chunk = self.chunk() as u64 / 8;
         let mut i = 0;
         while i < entries.len() {
             let gc = first + i as u64;
             let n = ((per - gc % per) as usize).min(entries.len() - i);
             let l2_off = self.l2_table_for_write(gc)?;
-            let chunk = self.chunk() as u64;
-            // The chunk of entry `p`, changed in the cache, not yet written.
-            // Written before another slice is loaded: a write-through cache
-            // may evict a slice to load the next, losing the change.
-            let mut pending: Option<u64> = None;
             for (k, &e) in entries[i..i + n].iter().enumerate() {
                 let l2_idx = (gc + k as u64) % per;
-                if let Some(p) = pending.filter(|p| p * 8 / chunk != l2_idx * 8 / chunk) {
-                    self.write_l2_chunk(l2_off, p)?;
-                }
                 let (slice, j) = self.l2_slice(l2_off, l2_idx)?;
                 slice[j] = e;
-                pending = Some(l2_idx);
-            }
-            if let Some(p) = pending {
-                self.write_l2_chunk(l2_off, p)?;
+                self.mark(Chunk::L2(l2_off, l2_idx / per_chunk * per_chunk));
             }
             i += n;
         }
@@ -396,6 +615,7 @@ impl Meta {
             self.l1[l1_idx as usize] = e;
             self.overlap.replace_entry(Kind::ActiveL2, l1e, e);
             let first = l2_idx / self.slice_entries * self.slice_entries;
+            self.make_room(true)?;
             self.l2
                 .insert(l2_off + first * 8, vec![0; self.slice_entries as usize]);
         } else if l1e & COPIED == 0 {
@@ -417,22 +637,6 @@ impl Meta {
             l2_off = copy;
         }
         Ok(l2_off)
-    }
-
-    /// Writes the chunk of an L2 table holding entry `l2_idx`, from the cache.
-    fn write_l2_chunk(&mut self, l2_off: u64, l2_idx: u64) -> Result<()> {
-        let chunk = self.chunk();
-        let (slice, i) = self.l2_slice(l2_off, l2_idx)?;
-        // Whole aligned chunks from the cached slice (a slice is at least
-        // one chunk): no read-modify-write below.
-        let in_slice = i * 8 / chunk * chunk;
-        let first = (l2_idx as usize * 8) / chunk * chunk;
-        let bytes: Vec<u8> = slice[in_slice / 8..(in_slice + chunk) / 8]
-            .iter()
-            .flat_map(|e| e.to_be_bytes())
-            .collect();
-        self.file.debug_event(Ev::L2Update);
-        self.write_meta(Kind::ActiveL2.bit(), l2_off + first as u64, &bytes)
     }
 
     /// Metadata is written in aligned chunks of this size (from the cache),
@@ -463,6 +667,7 @@ impl Meta {
             self.check_host(rb_off, "refcount block")?;
             self.file.debug_event(Ev::RefblockLoad);
             let raw = read_at(&self.file, rb_off, self.cs as usize)?;
+            self.make_room(false)?;
             self.refblocks.insert(rb_off, raw.to_vec());
         }
         self.refblocks
@@ -476,70 +681,29 @@ impl Meta {
         self.set_refcounts(host_cluster..host_cluster + 1, value)
     }
 
-    /// Sets the refcount of a run of clusters, writing each touched chunk
-    /// of their refcount blocks once (before another block is loaded).
+    /// Sets the refcount of a run of clusters, in the cache: the touched
+    /// chunks are written back later (see the module doc).
     pub fn set_refcounts(&mut self, clusters: std::ops::Range<u64>, value: u64) -> Result<()> {
-        let mut pending = None;
-        for c in clusters {
-            self.refcount_in_cache(c, value, &mut pending)?;
-        }
-        self.write_pending_refcounts(&mut pending)
-    }
-
-    /// Sets one refcount in the cached block. `pending` is the chunk
-    /// (block offset, byte offset) changed and not yet written: it is
-    /// written before any other block is touched (the cache could evict
-    /// it) and when the chunk changes.
-    fn refcount_in_cache(
-        &mut self,
-        host_cluster: u64,
-        value: u64,
-        pending: &mut Option<(u64, usize)>,
-    ) -> Result<()> {
         let per_block = self.refblock_entries();
-        let (rt_idx, rb_idx) = (host_cluster / per_block, host_cluster % per_block);
-        if rt_idx as usize >= self.reftable.len() {
-            self.write_pending_refcounts(pending)?;
-            self.grow_reftable(rt_idx)?;
-        }
         let bits = self.refcount_bits;
         if bits < 64 && value >> bits != 0 {
             return Err(Error::io(libc::EOVERFLOW, "qcow2: refcount overflow"));
         }
-        let mut rb_off = self.reftable[rt_idx as usize] & OFFSET_MASK;
-        if rb_off == 0 || pending.is_some_and(|p| p.0 != rb_off) {
-            self.write_pending_refcounts(pending)?;
-        }
-        if rb_off == 0 {
-            rb_off = self.new_refblock(rt_idx)?;
-        }
         let chunk = self.chunk();
-        let block = self.refblock(rb_off)?;
-        let (at, _) = rc_set(block, rb_idx as usize, bits, value);
-        let here = (rb_off, at / chunk * chunk);
-        if pending.is_some_and(|p| p != here) {
-            self.write_pending_refcounts(pending)?;
+        for c in clusters {
+            let (rt_idx, rb_idx) = (c / per_block, c % per_block);
+            if rt_idx as usize >= self.reftable.len() {
+                self.grow_reftable(rt_idx)?;
+            }
+            let mut rb_off = self.reftable[rt_idx as usize] & OFFSET_MASK;
+            if rb_off == 0 {
+                rb_off = self.new_refblock(rt_idx)?;
+            }
+            let block = self.refblock(rb_off)?;
+            let (at, _) = rc_set(block, rb_idx as usize, bits, value);
+            self.mark(Chunk::Refblock(rb_off, at / chunk * chunk));
         }
-        *pending = Some(here);
         Ok(())
-    }
-
-    fn write_pending_refcounts(&mut self, pending: &mut Option<(u64, usize)>) -> Result<()> {
-        match pending.take() {
-            Some(p) => self.write_refcount_chunk(p),
-            None => Ok(()),
-        }
-    }
-
-    fn write_refcount_chunk(&mut self, (rb_off, first): (u64, usize)) -> Result<()> {
-        let chunk = self.chunk();
-        let block = self.refblock(rb_off)?;
-        let bytes = block[first..first + chunk].to_vec();
-        if chunk < self.cs as usize {
-            self.file.debug_event(Ev::RefblockUpdatePart);
-        }
-        self.file.debug_event(Ev::RefblockUpdate);
-        self.write_meta(Kind::RefcountBlock.bit(), rb_off + first as u64, &bytes)
     }
 
     /// Writes a new refcount block for table slot `rt_idx` at the end of the
@@ -562,6 +726,7 @@ impl Meta {
         }
         self.file.debug_event(Ev::RefblockAllocWrite);
         self.write_meta(overlap::NEW, off, &block)?;
+        self.make_room(false)?;
         self.refblocks.insert(off, block);
         self.file.debug_event(Ev::RefblockAllocHookup);
         self.file.debug_event(Ev::ReftableUpdate);
@@ -659,7 +824,7 @@ impl Meta {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        crate::drivers::wait(|d| self.file.flush(d))?;
+        self.sync()?;
         self.file.debug_event(Ev::RefblockAllocSwitchTable);
         write_at(&self.file, 48, &hdr)?;
         let (old_off, old_clusters) = (self.reftable_offset, (old_len * 8).div_ceil(cs));
@@ -671,6 +836,7 @@ impl Meta {
         self.reftable_offset = start * cs;
         for (off, block) in fresh {
             self.overlap.add(Kind::RefcountBlock, off, cs);
+            self.make_room(false)?;
             self.refblocks.insert(off, block);
         }
         self.release(old_off, old_clusters * cs, FreeKind::Other)
@@ -709,7 +875,7 @@ impl Meta {
         if first < self.next_free && self.unflushed_frees {
             // The release that freed it (and the L2 change before that) must
             // be on disk before the cluster holds anything else.
-            wait(|d| self.file.flush(d))?;
+            self.sync()?;
             self.unflushed_frees = false;
         }
         self.free_hint = gap.unwrap_or(end);
@@ -779,9 +945,17 @@ impl Meta {
         }
     }
 
-    /// Discards the freed clusters queued so far in the file. Their refcount
-    /// drops are written; discards are advisory, so failures are only logged.
+    /// Discards the freed clusters queued so far in the file, once their
+    /// refcount drops are written; discards are advisory, so failures are
+    /// only logged.
     pub fn process_discards(&mut self) {
+        if self.discards.is_empty() {
+            return;
+        }
+        if let Err(e) = self.write_dirty() {
+            log::debug!("qcow2: freed clusters stay undiscarded: {e}");
+            return;
+        }
         for (off, len) in std::mem::take(&mut self.discards) {
             if let Err(e) = wait(|d| self.file.discard(off, len, d)) {
                 log::debug!("qcow2: discard of freed clusters at {off:#x}+{len:#x}: {e}");
@@ -816,7 +990,7 @@ impl Meta {
         bytes.resize((clusters * self.cs) as usize, 0);
         self.file.debug_event(Ev::L1GrowWriteTable);
         self.write_meta(overlap::NEW, off, &bytes)?;
-        wait(|d| self.file.flush(d))?;
+        self.sync()?;
         self.file.debug_event(Ev::L1GrowActivateTable);
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&size.to_be_bytes());
@@ -865,11 +1039,13 @@ impl Meta {
 
     /// Drops one reference of every host cluster in `off..off+len`; those
     /// that reach zero become free (see the module doc).
+    /// What points there (an L2 entry changed in the cache) is written first.
     pub fn release(&mut self, off: u64, len: u64, kind: FreeKind) -> Result<()> {
         self.file.debug_event(Ev::ClusterFree);
         if self.lazy.is_some() {
             return self.mark_dirty();
         }
+        self.write_dirty()?;
         let first = off / self.cs;
         let last = (off + len.max(1) - 1) / self.cs;
         for c in first..=last {
@@ -1066,6 +1242,7 @@ mod tests {
         }
         assert!(m.reftable.len() > 64, "the refcount table grew");
         // Held clusters were never written: extend the file over them.
+        m.write_dirty().unwrap();
         write_at(&file, (m.next_free - 1) * cs, &vec![0; cs as usize]).unwrap();
         wait(|d| file.flush(d)).unwrap();
         let h = read_header(&file).unwrap();

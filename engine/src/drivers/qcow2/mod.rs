@@ -24,6 +24,7 @@ pub mod meta;
 pub mod overlap;
 mod resize;
 pub mod snapshot;
+pub mod writeback;
 
 use super::aes_legacy::{self, Cipher, Key};
 use super::deflate;
@@ -56,6 +57,8 @@ pub struct Qcow2Driver {
     /// Guest clusters whose mapping a request is changing; others wait.
     claims: Mutex<HashSet<u64>>,
     released: Condvar,
+    /// Signalled when a batch of metadata changes has been written.
+    committed: Condvar,
     cs: u64,
     read_only: bool,
     snapshots: Vec<snapshot::Snapshot>,
@@ -147,6 +150,7 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             claims: Mutex::new(HashSet::new()),
             released: Condvar::new(),
+            committed: Condvar::new(),
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
@@ -272,6 +276,37 @@ impl Qcow2Driver {
             self.file.debug_event(Ev::ReadBackingAio);
         }
         self.backing.read(guest, buf, done)
+    }
+
+    /// Writes the metadata changes made so far (this request's among
+    /// them) before the request completes. One caller at a time writes
+    /// everything pending, outside the metadata lock; the others whose
+    /// changes its batch carries wait for it: concurrent allocating
+    /// requests share their L2 and refcount writes.
+    fn commit(&self) -> Result<()> {
+        let mut meta = self.meta.lock();
+        let target = meta.changes();
+        loop {
+            match meta.commit_state(target) {
+                meta::Commit::Written => return Ok(()),
+                meta::Commit::Failed(e) => return Err(e),
+                meta::Commit::Busy => self.committed.wait(&mut meta),
+                meta::Commit::Idle => {
+                    let Some(batch) = meta.start_batch()? else {
+                        continue;
+                    };
+                    let io = batch.io.clone();
+                    let mut outcome = io.lock();
+                    drop(meta);
+                    let r = writeback::write_all(&self.file, batch.writes);
+                    *outcome = Some((batch.changes, r));
+                    drop(outcome);
+                    meta = self.meta.lock();
+                    meta.settle_batch();
+                    self.committed.notify_all();
+                }
+            }
+        }
     }
 
     /// Waits until no other request changes `cluster`, then holds it.
@@ -589,7 +624,8 @@ impl Qcow2Driver {
             let r = me
                 .refuse_if_corrupt()
                 .and_then(|()| me.key.cipher())
-                .and_then(|_| me.zero_or_discard(offset, len, discard, unmap));
+                .and_then(|_| me.zero_or_discard(offset, len, discard, unmap))
+                .and_then(|()| me.commit());
             done(r.map_err(|e| me.signal_corruption(e)))
         });
     }
@@ -712,7 +748,9 @@ impl Driver for Arc<Qcow2Driver> {
         drop(ticket);
         let me = self.clone();
         crate::io::spawn_blocking(move || {
-            let r = me.write_range(offset, buf);
+            let r = me
+                .write_range(offset, buf)
+                .and_then(|b| me.commit().map(|()| b));
             done(r.map_err(|e| me.signal_corruption(e)));
         });
     }
@@ -725,8 +763,17 @@ impl Driver for Arc<Qcow2Driver> {
         self.remap_later(offset, len, true, true, done)
     }
 
+    /// Metadata changes still pending (of requests in flight, which other
+    /// writes may already rely on) are written before the file is flushed.
     fn flush(&self, done: Done<()>) {
-        self.file.flush(done)
+        if !self.meta.lock().pending() {
+            return self.file.flush(done);
+        }
+        let me = self.clone();
+        crate::io::spawn_blocking(move || match me.commit() {
+            Ok(()) => me.file.flush(done),
+            Err(e) => done(Err(e)),
+        });
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
@@ -775,7 +822,8 @@ impl Driver for Arc<Qcow2Driver> {
 
     /// Lazy refcounts: rebuild them and clear the dirty bit on a clean close.
     fn close(&self) -> Result<()> {
-        let meta = self.meta.lock();
+        let mut meta = self.meta.lock();
+        meta.write_dirty()?;
         if !meta.is_lazy() || self.read_only {
             return Ok(());
         }

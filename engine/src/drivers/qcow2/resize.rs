@@ -100,7 +100,7 @@ impl Qcow2Driver {
             }
         }
         // Nothing may point to a cluster once its refcount drops.
-        wait(|d| self.file.flush(d))?;
+        meta.sync()?;
         for m in freed {
             super::check_free(meta.overlap(), m, self.cs)?;
             self.release_old(&mut meta, m, false, FreeKind::Always)?;
@@ -116,8 +116,8 @@ impl Qcow2Driver {
     /// Writes the virtual size into the header once everything it exposes
     /// is on disk.
     fn set_size(&self, size: u64) -> Result<()> {
+        self.meta.lock().sync()?;
         let _meta = self.meta.lock();
-        wait(|d| self.file.flush(d))?;
         write_at(&self.file, 24, &size.to_be_bytes())?;
         wait(|d| self.file.flush(d))?;
         self.size.store(size, Ordering::Release);

@@ -28,6 +28,8 @@ pub struct FileDriver {
     filename: Arc<str>,
     backend: Arc<dyn Backend>,
     direct: bool,
+    /// Without O_DIRECT: one write at a time (see [`IoReq::serial`]).
+    buffered_writes: Option<Arc<parking_lot::Mutex<()>>>,
     /// Offset and length alignment of O_DIRECT requests.
     align: u64,
     no_flush: bool,
@@ -90,6 +92,7 @@ impl FileDriver {
             filename: filename.into(),
             backend: io::backend(opts.aio),
             direct: opts.direct,
+            buffered_writes: (!opts.direct).then(|| Arc::new(parking_lot::Mutex::new(()))),
             align,
             no_flush: opts.no_flush,
             read_only: opts.read_only,
@@ -106,7 +109,10 @@ impl FileDriver {
 
     fn submit_data(&self, kind: OpKind, offset: u64, buf: Buf, done: Done<Buf>) {
         let name = self.filename.clone();
-        let req = IoReq::data(self.fd.clone(), kind, offset, buf);
+        let mut req = IoReq::data(self.fd.clone(), kind, offset, buf);
+        if kind == OpKind::Write {
+            req.serial = self.buffered_writes.clone();
+        }
         self.backend.submit(
             req,
             Box::new(move |req, r| {

@@ -34,6 +34,10 @@ pub struct IoReq {
     pub buf: Buf,
     /// Bytes already transferred (a short read or write is continued).
     pub done: usize,
+    /// Held by the thread pool around the transfer: buffered writes to one
+    /// file take its inode lock anyway, and waiting here costs less than
+    /// the kernel's spinning on that lock (io_uring serializes them too).
+    pub serial: Option<Arc<parking_lot::Mutex<()>>>,
 }
 
 impl IoReq {
@@ -45,6 +49,7 @@ impl IoReq {
             len: buf.len() as u64,
             buf,
             done: 0,
+            serial: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl IoReq {
             len,
             buf: Buf::zeroed(0),
             done: 0,
+            serial: None,
         }
     }
 

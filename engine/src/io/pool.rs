@@ -49,6 +49,8 @@ impl Backend for Pool {
 /// Performs one request completely, on the calling thread.
 pub fn run(req: &mut IoReq) -> io::Result<()> {
     let fd = req.raw_fd();
+    let serial = req.serial.clone();
+    let _serial = serial.as_ref().map(|m| m.lock());
     loop {
         let off = (req.offset + req.done as u64) as libc::off_t;
         let rest = req.buf.len() - req.done.min(req.buf.len());

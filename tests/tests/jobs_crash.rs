@@ -31,6 +31,22 @@ enum Job {
     Backup,
     Commit,
     ActiveCommit,
+    /// Mirror and backup with sync=top: the target is backed by the base.
+    MirrorTop,
+    BackupTop,
+    /// Backup with sync=none: only copy-before-write, the target backed by
+    /// the source; it runs until cancelled.
+    BackupNone,
+}
+
+impl Job {
+    fn has_target(self) -> bool {
+        !matches!(self, Job::Stream | Job::Commit | Job::ActiveCommit)
+    }
+
+    fn is_mirror(self) -> bool {
+        matches!(self, Job::Mirror | Job::MirrorTop)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +60,9 @@ enum Kill {
     /// As soon as the offset reaches the length: the job is finishing
     /// (stream and commit rewrite a backing string then), or has just ended.
     AtEnd,
+    /// This many milliseconds after the job started (a sync=none backup
+    /// has no progress to wait for).
+    After(u64),
 }
 
 struct Images {
@@ -96,7 +115,7 @@ fn build(dir: &TestDir, job: Job) -> Images {
         ]
     };
     qemu_io("qcow2", top.as_ref(), top_data);
-    let target = matches!(job, Job::Mirror | Job::Backup).then(|| dir.file("target.qcow2"));
+    let target = job.has_target().then(|| dir.file("target.qcow2"));
     Images {
         base,
         mid,
@@ -109,16 +128,23 @@ fn build(dir: &TestDir, job: Job) -> Images {
 fn start_cmd(job: Job, im: &Images, speed: u64) -> (&'static str, Value) {
     match job {
         Job::Stream => ("block-stream", json!({"device": "d0", "speed": speed})),
-        Job::Mirror => (
-            "drive-mirror",
-            json!({"device": "d0", "target": im.target, "format": "qcow2",
-                   "sync": "full", "speed": speed}),
-        ),
-        Job::Backup => (
-            "drive-backup",
-            json!({"device": "d0", "target": im.target, "format": "qcow2",
-                   "sync": "full", "speed": speed}),
-        ),
+        Job::Mirror | Job::MirrorTop | Job::Backup | Job::BackupTop | Job::BackupNone => {
+            let sync = match job {
+                Job::Mirror | Job::Backup => "full",
+                Job::BackupNone => "none",
+                _ => "top",
+            };
+            let cmd = if job.is_mirror() {
+                "drive-mirror"
+            } else {
+                "drive-backup"
+            };
+            (
+                cmd,
+                json!({"device": "d0", "target": im.target, "format": "qcow2",
+                       "sync": sync, "speed": speed}),
+            )
+        }
         Job::Commit => (
             "block-commit",
             json!({"device": "d0", "top": im.mid, "base": im.base, "speed": speed}),
@@ -294,6 +320,10 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        Kill::After(ms) => {
+            std::thread::sleep(Duration::from_millis(ms));
+            job_progress(&mut q).is_some()
+        }
         Kill::AtEnd => loop {
             match job_progress(&mut q) {
                 None => break false,
@@ -368,7 +398,12 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
     );
     let base_after = read_raw(&dir, &im.base, "base-after.raw");
     match job {
-        Job::Stream | Job::Mirror | Job::Backup => {
+        Job::Stream
+        | Job::Mirror
+        | Job::Backup
+        | Job::MirrorTop
+        | Job::BackupTop
+        | Job::BackupNone => {
             assert!(base_after == base_before, "{ctx}: the base changed");
         }
         Job::Commit => {
@@ -404,11 +439,18 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
         .as_ref()
         .map(|t| read_raw(&dir, t, "target-after.raw"));
     if let Some(target_after) = &target_after {
-        let mut allowed: Vec<(&str, &[u8])> =
-            vec![("zeroes", &zeroes), ("source at start", &start)];
+        // What the target shows where nothing was copied: zeroes (a new
+        // image), the base (sync=top: backed by it), the source itself
+        // (sync=none).
+        let unwritten: (&str, &[u8]) = match job {
+            Job::Mirror | Job::Backup => ("zeroes", &zeroes),
+            Job::BackupNone => ("source with writes", &attempted_view),
+            _ => ("base before", &base_before),
+        };
+        let mut allowed: Vec<(&str, &[u8])> = vec![unwritten, ("source at start", &start)];
         // A backup copies the point in time of its start; a mirror also
         // copies the guest's later writes.
-        if job == Job::Mirror {
+        if job.is_mirror() {
             allowed.push(("source with writes", &attempted_view));
         }
         assert_sectors_among(
@@ -426,7 +468,7 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
     // everything the guest had before the job; only the scratch region moves.
     if matches!(kill, Kill::Ready | Kill::Completing) {
         let copy = match job {
-            Job::Mirror => target_after.as_deref(),
+            Job::Mirror | Job::MirrorTop => target_after.as_deref(),
             Job::ActiveCommit => Some(&base_after[..]),
             _ => None,
         };
@@ -437,6 +479,18 @@ fn one_round(job: Job, seed: u64, kill: Kill, speed: u64) -> Outcome {
             &copy[..s],
             &[("top at start", &start[..s])],
             &[("zeroes", &zeroes[..s]), ("base before", &base_before[..s])],
+        );
+    }
+    // Copy-before-write: a guest write acknowledged by fsync had its old
+    // data in the target first, on disk as much as the write itself.
+    if let (Job::BackupNone, Some(target_after)) = (job, &target_after) {
+        let acked_end = (SCRATCH + acked * WBLOCK) as usize;
+        let s = SCRATCH as usize;
+        assert_sectors_among(
+            &format!("{ctx}: target under acknowledged writes"),
+            &target_after[s..acked_end],
+            &[("source at start", &start[s..acked_end])],
+            &[("source with writes", &attempted_view[s..acked_end])],
         );
     }
     Outcome { job_listed, acked }
@@ -504,4 +558,25 @@ fn kill_9_during_active_commit() {
     let mut kills = progress_kills(15, 3);
     kills.extend([Kill::Ready, Kill::Completing]);
     crash_loop(Job::ActiveCommit, 16 * M, &kills);
+}
+
+#[test]
+fn kill_9_during_mirror_sync_top() {
+    let mut kills = progress_kills(16, 2);
+    kills.extend([Kill::Ready, Kill::Completing]);
+    crash_loop(Job::MirrorTop, 16 * M, &kills);
+}
+
+#[test]
+fn kill_9_during_backup_sync_top() {
+    let mut kills = progress_kills(17, 3);
+    kills.push(Kill::AtEnd);
+    crash_loop(Job::BackupTop, 16 * M, &kills);
+}
+
+#[test]
+fn kill_9_during_backup_sync_none() {
+    let mut rng = Rng(18);
+    let kills: Vec<Kill> = (0..4).map(|_| Kill::After(100 + rng.below(400))).collect();
+    crash_loop(Job::BackupNone, 16 * M, &kills);
 }

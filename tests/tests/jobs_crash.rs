@@ -517,66 +517,57 @@ fn crash_loop(job: Job, speed: u64, kills: &[Kill]) {
     );
 }
 
-/// Kill points spread over the copy, from a seeded generator.
-fn progress_kills(seed: u64, n: usize) -> Vec<Kill> {
+/// `n` kill points spread over the copy (from a seeded generator), then `then`.
+fn kills(seed: u64, n: usize, then: &[Kill]) -> Vec<Kill> {
     let mut rng = Rng(seed);
-    (0..n)
+    let mut v: Vec<Kill> = (0..n)
         .map(|_| Kill::Progress(50 + rng.below(700)))
-        .collect()
+        .collect();
+    v.extend_from_slice(then);
+    v
 }
 
 #[test]
 fn kill_9_during_stream() {
-    let mut kills = progress_kills(11, 4);
-    kills.push(Kill::AtEnd);
-    crash_loop(Job::Stream, 12 * M, &kills);
+    crash_loop(Job::Stream, 12 * M, &kills(11, 4, &[Kill::AtEnd]));
 }
 
 #[test]
 fn kill_9_during_mirror() {
-    let mut kills = progress_kills(12, 3);
-    kills.extend([Kill::Ready, Kill::Completing]);
-    crash_loop(Job::Mirror, 16 * M, &kills);
+    let then = [Kill::Ready, Kill::Completing];
+    crash_loop(Job::Mirror, 16 * M, &kills(12, 3, &then));
 }
 
 #[test]
 fn kill_9_during_backup() {
-    let mut kills = progress_kills(13, 4);
-    kills.push(Kill::AtEnd);
-    crash_loop(Job::Backup, 16 * M, &kills);
+    crash_loop(Job::Backup, 16 * M, &kills(13, 4, &[Kill::AtEnd]));
 }
 
 #[test]
 fn kill_9_during_intermediate_commit() {
-    let mut kills = progress_kills(14, 4);
-    kills.push(Kill::AtEnd);
-    crash_loop(Job::Commit, 8 * M, &kills);
+    crash_loop(Job::Commit, 8 * M, &kills(14, 4, &[Kill::AtEnd]));
 }
 
 #[test]
 fn kill_9_during_active_commit() {
-    let mut kills = progress_kills(15, 3);
-    kills.extend([Kill::Ready, Kill::Completing]);
-    crash_loop(Job::ActiveCommit, 16 * M, &kills);
+    let then = [Kill::Ready, Kill::Completing];
+    crash_loop(Job::ActiveCommit, 16 * M, &kills(15, 3, &then));
 }
 
 #[test]
 fn kill_9_during_mirror_sync_top() {
-    let mut kills = progress_kills(16, 2);
-    kills.extend([Kill::Ready, Kill::Completing]);
-    crash_loop(Job::MirrorTop, 16 * M, &kills);
+    let then = [Kill::Ready, Kill::Completing];
+    crash_loop(Job::MirrorTop, 16 * M, &kills(16, 2, &then));
 }
 
 #[test]
 fn kill_9_during_backup_sync_top() {
-    let mut kills = progress_kills(17, 3);
-    kills.push(Kill::AtEnd);
-    crash_loop(Job::BackupTop, 16 * M, &kills);
+    crash_loop(Job::BackupTop, 16 * M, &kills(17, 3, &[Kill::AtEnd]));
 }
 
 #[test]
 fn kill_9_during_backup_sync_none() {
     let mut rng = Rng(18);
-    let kills: Vec<Kill> = (0..4).map(|_| Kill::After(100 + rng.below(400))).collect();
-    crash_loop(Job::BackupNone, 16 * M, &kills);
+    let then: Vec<Kill> = (0..4).map(|_| Kill::After(100 + rng.below(400))).collect();
+    crash_loop(Job::BackupNone, 16 * M, &kills(0, 0, &then));
 }

@@ -184,6 +184,20 @@ pub fn corrupt(msg: impl std::fmt::Display) -> Error {
     )
 }
 
+impl Drop for Meta {
+    /// Every path that closes an image writes what is pending first; a
+    /// change still pending here is a bug to hear about, not to hide.
+    fn drop(&mut self) {
+        if !self.dirty.is_empty() {
+            log::error!(
+                "{}: qcow2: {} changed metadata chunks were never written",
+                self.file.driver.filename(),
+                self.dirty.len()
+            );
+        }
+    }
+}
+
 impl Meta {
     pub fn load(file: Arc<Node>, h: &Header) -> Result<Meta> {
         let l1_raw = read_at(&file, h.l1_table_offset, h.l1_size as usize * 8)?;

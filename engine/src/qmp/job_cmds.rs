@@ -72,12 +72,18 @@ fn writable_idle_device(
     e: &Engine,
     device: &str,
 ) -> Result<(Arc<crate::device::Device>, Arc<Node>)> {
-    let dev = e.graph.device(device)?;
-    e.jobs.check_idle(device)?;
-    let root = dev.root();
+    let (dev, root) = idle_device(e, device)?;
     if root.opts.read_only {
         return Err(Error::generic(format!("Device '{device}' is read only")));
     }
+    Ok((dev, root))
+}
+
+/// A device no job uses, and its root node.
+fn idle_device(e: &Engine, device: &str) -> Result<(Arc<crate::device::Device>, Arc<Node>)> {
+    let dev = e.graph.device(device)?;
+    e.jobs.check_idle(device)?;
+    let root = dev.root();
     Ok((dev, root))
 }
 
@@ -248,9 +254,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
     let on_source_error = on_error(&mut a, "on-source-error")?;
     let on_target_error = on_error(&mut a, "on-target-error")?;
     a.finish()?;
-    let dev = e.graph.device(&device)?;
-    e.jobs.check_idle(&device)?;
-    let source = dev.root();
+    let (dev, source) = idle_device(e, &device)?;
     if let Some(g) = granularity {
         mirror::granularity(Some(g), None)?;
     }
@@ -326,9 +330,7 @@ pub fn drive_backup(e: &Engine, mut a: Args) -> Result<Value> {
     let on_source_error = on_error(&mut a, "on-source-error")?;
     let on_target_error = on_error(&mut a, "on-target-error")?;
     a.finish()?;
-    let dev = e.graph.device(&device)?;
-    e.jobs.check_idle(&device)?;
-    let source = dev.root();
+    let (dev, source) = idle_device(e, &device)?;
     let (target, zero_init) = t.open(e, &source, sync, None)?;
     let cluster = target::cluster_size(&target)
         .unwrap_or(0)

@@ -22,10 +22,15 @@
 # with the page cache dropped first (when /proc/sys/vm/drop_caches is
 # writable). A job is timed from its command to BLOCK_JOB_COMPLETED (for
 # mirror and active commit: through READY and block-job-complete), by a
-# small stdlib-only python QMP client; the daemon then quits. Every result
+# small stdlib-only python QMP client, which then fsyncs the result image
+# (the "durable" times: to the data on disk) before the daemon quits. The
+# durable time is the fair one where a daemon leaves the job's writes in
+# the page cache: blkfs flushes a commit's base before it rewrites the
+# overlay's backing file (power-loss safety); qsd does not. Every result
 # is checked with `qemu-img compare` against the expected image, and the
 # script fails on a mismatch. Medians are printed with speed ratios:
-# blkfs/qsd = qsd time / blkfs time (>1: blkfs is faster), likewise blkfs/cp.
+# blkfs/qsd = qsd time / blkfs time (>1: blkfs is faster), likewise blkfs/cp
+# (cp's time includes its fsync, so it compares with the durable ratio).
 # A job whose command blkfs answers CommandNotFound or "not implemented" is
 # skipped with a message.
 set -euo pipefail
@@ -86,7 +91,9 @@ wait_for() { for _ in $(seq 400); do [ -e "$1" ] && return 0; sleep 0.05; done; 
 cat >"$work/qmpjob.py" <<'PY'
 import json, socket, sys, time
 
-sock_path, cmd, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import os
+
+sock_path, cmd, args, result = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(3600)
 s.connect(sock_path)
@@ -139,8 +146,12 @@ while True:
     elif name in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"):
         sys.exit(f"qmpjob: {cmd}: {name} {data}")
 elapsed = time.monotonic() - t0
+fd = os.open(result, os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+durable = time.monotonic() - t0
 execute("quit")
-print(f"{elapsed:.3f}")
+print(f"{elapsed:.3f} {durable:.3f}")
 PY
 
 # The data: random bytes in 1..4 MiB extents separated by 1..4 MiB holes
@@ -260,15 +271,21 @@ qsd_blockdevs() {
     esac
 }
 
+# result_image JOB DIR: the image the job fills.
+result_image() {
+    case "$1" in
+        stream) echo "$2/top.qcow2" ;;
+        commit | active-commit) echo "$2/base.qcow2" ;;
+        mirror-qcow2 | backup) echo "$2/target.qcow2" ;;
+        mirror-raw) echo "$2/target.raw" ;;
+    esac
+}
+
 # verify WHO JOB DIR: the job's result must read as the data.
 verify() {
     local who=$1 job=$2 d=$3 img fmt=qcow2
-    case "$job" in
-        stream) img=$d/top.qcow2 ;;
-        commit | active-commit) img=$d/base.qcow2 ;;
-        mirror-qcow2 | backup) img=$d/target.qcow2 ;;
-        mirror-raw) img=$d/target.raw fmt=raw ;;
-    esac
+    img=$(result_image "$job" "$d")
+    [ "$job" = mirror-raw ] && fmt=raw
     if ! qemu-img compare -q -f "$fmt" -F raw "$img" "$work/data.raw"; then
         echo "bench-jobs: MISMATCH: after $who's $job, $(basename "$img") differs from the data" >&2
         exit 1
@@ -279,7 +296,8 @@ verify() {
     fi
 }
 
-# run_daemon WHO JOB: sets result to the job's seconds, or to "" when the
+# run_daemon WHO JOB: sets result to the job's seconds and its durable
+# seconds (space-separated), or to "" when the
 # command is missing (its message in $work/skip).
 run_daemon() {
     local who=$1 job=$2 d=$work/run sock=$work/$1.sock rc=0 t
@@ -301,7 +319,8 @@ run_daemon() {
     "${cmd[@]}" >>"$work/$who.log" 2>&1 &
     daemon_pid=$!
     wait_for "$sock"
-    t=$(python3 "$work/qmpjob.py" "$sock" "$(job_cmd "$job")" "$(job_args "$job" "$d" "$who")" 2>"$work/skip") || rc=$?
+    t=$(python3 "$work/qmpjob.py" "$sock" "$(job_cmd "$job")" "$(job_args "$job" "$d" "$who")" \
+        "$(result_image "$job" "$d")" 2>"$work/skip") || rc=$?
     if [ "$rc" != 0 ] && [ "$rc" != 3 ]; then
         echo "bench-jobs: $who $job failed:" >&2
         cat "$work/skip" >&2
@@ -340,10 +359,11 @@ run_cp() {
 echo "# $(date -u +%F) $(nproc) cores, $(uname -r); $(qemu-storage-daemon --version | head -n 1)"
 echo "# size $size ($((data_bytes >> 20)) MiB of data), $rounds rounds (median), cache=$cache, seed $seed"
 echo "# blkfs/qsd and blkfs/cp are speed ratios: the other's time / blkfs's time (>1: blkfs is faster)"
-printf '%-14s %9s %9s %10s %12s %9s %9s\n' job blkfs_s qsd_s blkfs/qsd blkfs_MiB/s cp_s blkfs/cp
+echo "# *_dur: to the result fsynced; MiB/s and blkfs/cp use blkfs's durable time"
+printf '%-14s %8s %8s %9s %10s %9s %9s %11s %8s %8s\n' job blkfs_s qsd_s blkfs/qsd blkfs_dur qsd_dur blkfs/qsd blkfs_MiB/s cp_s blkfs/cp
 for job in $all_jobs; do
     [ -z "$only" ] || [[ ",$only," == *",$job,"* ]] || continue
-    tb=() tq=() tc=()
+    tb=() tq=() db=() dq=() tc=()
     skipped=
     for _ in $(seq "$rounds"); do
         run_daemon blkfs "$job"
@@ -351,13 +371,15 @@ for job in $all_jobs; do
             skipped=$(cat "$work/skip")
             break
         fi
-        tb+=("$result")
+        read -r t dur <<<"$result"
+        tb+=("$t") db+=("$dur")
         run_daemon qsd "$job"
         if [ -z "$result" ]; then
             echo "bench-jobs: qsd has no $(job_cmd "$job"): $(cat "$work/skip")" >&2
             exit 1
         fi
-        tq+=("$result")
+        read -r t dur <<<"$result"
+        tq+=("$t") dq+=("$dur")
         if [ "$job" = mirror-raw ]; then
             run_cp
             tc+=("$result")
@@ -367,12 +389,13 @@ for job in $all_jobs; do
         printf '%-14s skipped: blkfs answers %s\n' "$job" "$skipped"
         continue
     fi
-    python3 - "$job" "$data_bytes" "${tb[*]}" "${tq[*]}" "${tc[*]:-}" <<'PY'
+    python3 - "$job" "$data_bytes" "${tb[*]}" "${tq[*]}" "${db[*]}" "${dq[*]}" "${tc[*]:-}" <<'PY'
 import statistics, sys
 job, data = sys.argv[1], int(sys.argv[2])
-b, q = (statistics.median(map(float, a.split())) for a in sys.argv[3:5])
-c = statistics.median(map(float, sys.argv[5].split())) if sys.argv[5].strip() else None
-cp = f"{c:>9.3f} {c / b:>9.2f}" if c is not None else f"{'-':>9} {'-':>9}"
-print(f"{job:<14} {b:>9.3f} {q:>9.3f} {q / b:>10.2f} {data / b / 2**20:>12.0f} {cp}")
+b, q, bd, qd = (statistics.median(map(float, a.split())) for a in sys.argv[3:7])
+c = statistics.median(map(float, sys.argv[7].split())) if sys.argv[7].strip() else None
+cp = f"{c:>8.3f} {c / bd:>8.2f}" if c is not None else f"{'-':>8} {'-':>8}"
+print(f"{job:<14} {b:>8.3f} {q:>8.3f} {q / b:>9.2f} {bd:>10.3f} {qd:>9.3f} {qd / bd:>9.2f}"
+      f" {data / bd / 2**20:>11.0f} {cp}")
 PY
 done

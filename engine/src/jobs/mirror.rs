@@ -23,6 +23,10 @@ use std::time::Duration;
 const MAX_OPS: usize = 16;
 /// Largest single copy.
 const MAX_COPY: u64 = 1 << 20;
+/// Data in flight without `buf-size`: enough for every copy to be in
+/// flight at full size (QEMU 2.1 allowed 10 MiB; 16 measured faster into a
+/// new qcow2 with cache.direct=on, where each copy waits for allocation).
+pub const DEFAULT_BUF_SIZE: u64 = MAX_OPS as u64 * MAX_COPY;
 
 /// What the first pass copies.
 pub enum Scan {

@@ -259,7 +259,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         mirror::granularity(Some(g), None)?;
     }
     let buf_size = match buf_size {
-        None => 10 << 20,
+        None => mirror::DEFAULT_BUF_SIZE,
         Some(b) if b > 0 => b as u64,
         Some(_) => return Err(Error::generic("Invalid parameter 'buf-size'")),
     };
@@ -420,7 +420,7 @@ pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
             scan: Scan::Above(Some(base_node.clone())),
             zero_init: false,
             granularity,
-            buf_size: 10 << 20,
+            buf_size: mirror::DEFAULT_BUF_SIZE,
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             switch: Switch::Base,

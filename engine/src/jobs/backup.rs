@@ -20,7 +20,10 @@ use std::sync::Arc;
 
 /// QEMU's backup cluster size (at least the target's cluster size).
 pub const CLUSTER: u64 = 64 << 10;
-const MAX_OPS: usize = 16;
+/// Copies in flight: into a new qcow2 with cache.direct=on each waits for
+/// its clusters' allocation, and 32 measured faster than 16 (QEMU's
+/// block-copy allows 64).
+const MAX_OPS: usize = 32;
 /// Largest single copy of the job.
 const MAX_COPY: u64 = 1 << 20;
 

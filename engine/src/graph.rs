@@ -59,6 +59,21 @@ impl NodeOptions {
             detect_zeroes: o.detect_zeroes.unwrap_or(parent.detect_zeroes),
         }
     }
+
+    /// A `file` child that opens `filename` with these cache and aio options.
+    pub fn file_spec(&self, filename: &str) -> serde_json::Value {
+        let mut spec = serde_json::json!({"driver": "file", "filename": filename});
+        self.put_io_keys(&mut spec);
+        spec
+    }
+
+    /// Sets `spec`'s `cache` and `aio` keys to these options.
+    pub fn put_io_keys(&self, spec: &mut serde_json::Value) {
+        spec["cache"] = serde_json::json!({
+            "direct": self.direct, "no-flush": self.no_flush, "writeback": self.writeback
+        });
+        spec["aio"] = serde_json::json!(self.aio.as_str());
+    }
 }
 
 pub struct Node {
@@ -71,6 +86,12 @@ pub struct Node {
 impl Node {
     pub fn size(&self) -> u64 {
         self.driver.size()
+    }
+
+    /// The options of the node that does this node's I/O: a format node's
+    /// file child's (where `aio` and the cache mode usually are), else its own.
+    pub fn io_opts(&self) -> NodeOptions {
+        self.driver.file_child().map_or(self.opts, |f| f.opts)
     }
 
     fn writable(&self) -> Result<()> {
@@ -375,12 +396,11 @@ impl Graph {
         let mut spec = serde_json::json!({
             "driver": node.driver.format_name(),
             "read-only": read_only,
-            "file": {"driver": file.driver.format_name(), "filename": file.driver.filename()},
-            "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
-            "aio": o.aio.as_str(),
+            "file": file.opts.file_spec(&file.driver.filename()),
             "discard": o.discard.as_str(),
             "detect-zeroes": o.detect_zeroes.as_str(),
         });
+        o.put_io_keys(&mut spec);
         if let Some(b) = node.driver.backing_child() {
             spec["backing"] = serde_json::json!(b.name);
         } else if crate::jobs::target::has_backing(node.driver.format_name()) {
@@ -712,8 +732,14 @@ impl Opener<'_> {
         opts: &NodeOptions,
         path: &str,
     ) -> Result<Option<Arc<Node>>> {
+        // As QEMU: the chain is read with the image's aio and cache mode
+        // (its file's, where `file.aio=native` and the like are given).
         let ro = NodeOptions {
             read_only: true,
+            aio: image.opts.aio,
+            direct: image.opts.direct,
+            no_flush: image.opts.no_flush,
+            writeback: image.opts.writeback,
             ..*opts
         };
         Ok(match (option, header_name) {

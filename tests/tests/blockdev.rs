@@ -527,3 +527,84 @@ impl Drop for AlignedBuf {
         };
     }
 }
+
+/// The open flags (`/proc/PID/fdinfo`) of every descriptor `pid` holds on `path`.
+fn open_flags(pid: u32, path: &str) -> Vec<u32> {
+    let want = std::fs::canonicalize(path).expect("image path");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("daemon's /proc fd list");
+    fds.filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_link(e.path()).ok().as_deref() == Some(want.as_path()))
+        .filter_map(|e| {
+            let name = e.file_name();
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", name.to_string_lossy()))
+                    .ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .collect()
+}
+
+/// Threads of `pid` named `prefix*`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("daemon's /proc task list")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .filter(|c| c.starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn backing_files_named_by_the_header_read_with_the_images_aio_and_cache() {
+    let dir = TestDir::new("chain-io");
+    let base = raw_image(&dir, "base.raw", "4M");
+    qemu_io("raw", base.as_ref(), &["write -P 0x5a 0 1M"]);
+    let mid = qcow2_overlay(&dir, "mid.qcow2", &base, "raw");
+    qemu_io("qcow2", mid.as_ref(), &["write -P 0x6b 1M 1M"]);
+    let top = qcow2_overlay(&dir, "top.qcow2", &mid, "qcow2");
+    let spec = json!({"driver": "qcow2", "id": "d0", "file": {
+        "driver": "file", "filename": top, "aio": "native", "cache": {"direct": true}}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let f = rw(&d, "d0");
+    let mut got = vec![0u8; 2 << 20];
+    f.read_exact_at(&mut got, 0)
+        .expect("read through the chain");
+    assert_same_bytes(&got[..1 << 20], &[0x5a; 1 << 20], "base's data");
+    assert_same_bytes(&got[1 << 20..], &[0x6b; 1 << 20], "mid's data");
+
+    for img in [&top, &mid, &base] {
+        let flags = open_flags(d.pid(), img);
+        assert!(!flags.is_empty(), "the daemon has no descriptor on {img}");
+        for fl in flags {
+            assert!(
+                fl & libc::O_DIRECT as u32 != 0,
+                "{img} is open without O_DIRECT (flags {fl:o})"
+            );
+        }
+    }
+    // aio=native everywhere: nothing ever started the thread pool.
+    assert_eq!(
+        threads_named(d.pid(), "blkfs-pool"),
+        0,
+        "some node of the chain does its I/O on the thread pool"
+    );
+
+    // A snapshot's new overlay is opened like the image it covers.
+    let snap = dir.file("snap.qcow2");
+    let mut q = d.qmp();
+    q.ok(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": snap, "format": "qcow2"}),
+    );
+    f.write_all_at(&[0x7c; 4096], 0)
+        .expect("write to the overlay");
+    let flags = open_flags(d.pid(), &snap);
+    assert!(
+        !flags.is_empty() && flags.iter().all(|fl| fl & libc::O_DIRECT as u32 != 0),
+        "the snapshot overlay is open without O_DIRECT: {flags:?}"
+    );
+    assert_eq!(threads_named(d.pid(), "blkfs-pool"), 0);
+    drop(f);
+    d.quit();
+}

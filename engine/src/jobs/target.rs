@@ -67,14 +67,12 @@ pub fn open(
     node_name: Option<&str>,
     with_backing: bool,
 ) -> Result<Arc<Node>> {
-    let o = &source.opts;
     let mut spec = json!({
         "driver": format,
-        "file": {"driver": "file", "filename": path},
-        "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
-        "aio": o.aio.as_str(),
+        "file": source.io_opts().file_spec(path),
         "discard": "unmap",
     });
+    source.opts.put_io_keys(&mut spec);
     if has_backing(format) && !with_backing {
         spec["backing"] = json!("");
     }

@@ -175,13 +175,12 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     let o = &top.opts;
     let mut spec = json!({
         "driver": format,
-        "file": {"driver": "file", "filename": file},
+        "file": top.io_opts().file_spec(&file),
         "backing": top.name,
-        "cache": {"direct": o.direct, "no-flush": o.no_flush, "writeback": o.writeback},
-        "aio": o.aio.as_str(),
         "discard": o.discard.as_str(),
         "detect-zeroes": o.detect_zeroes.as_str(),
     });
+    o.put_io_keys(&mut spec);
     if let Some(n) = node_name {
         spec["node-name"] = json!(n);
     }

@@ -83,6 +83,9 @@ pub struct Device {
     /// checked (see [`Device::admit`]).
     inflight: AtomicUsize,
     hook: RwLock<Option<Arc<dyn WriteHook>>>,
+    /// `x-passthrough`: the export hands the file to the kernel, so nothing
+    /// that must see the device's I/O may be set on it.
+    passthrough: bool,
 }
 
 /// A re-runnable request: called again when a stopped request is retried.
@@ -95,6 +98,7 @@ impl Device {
         rerror: OnError,
         werror: OnError,
         events: Arc<EventBus>,
+        passthrough: bool,
     ) -> Arc<Device> {
         Arc::new(Device {
             id,
@@ -109,7 +113,25 @@ impl Device {
             io_status: AtomicU8::new(IoStatus::Ok as u8),
             inflight: AtomicUsize::new(0),
             hook: RwLock::new(None),
+            passthrough,
         })
+    }
+
+    /// Whether the export lets the kernel do this device's I/O.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
+    }
+
+    /// Refuses `what` on a passthrough device: its I/O bypasses the daemon.
+    pub fn refuse_passthrough(&self, what: &str) -> Result<()> {
+        if !self.passthrough {
+            return Ok(());
+        }
+        Err(Error::generic(format!(
+            "Device '{}' is exported with x-passthrough: the kernel does its I/O, \
+             so {what} cannot apply to it (add it again without x-passthrough)",
+            self.id
+        )))
     }
 
     pub fn root(&self) -> Arc<Node> {
@@ -132,8 +154,12 @@ impl Device {
         self.throttle.config()
     }
 
-    pub fn set_throttle(&self, cfg: ThrottleConfig) {
+    pub fn set_throttle(&self, cfg: ThrottleConfig) -> Result<()> {
+        if cfg != ThrottleConfig::default() {
+            self.refuse_passthrough("I/O throttling")?;
+        }
         self.throttle.set_config(cfg);
+        Ok(())
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -385,6 +411,9 @@ impl Device {
     /// quiesce timeout (they keep the hook they started with).
     pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) -> Result<()> {
         let removing = hook.is_none();
+        if !removing {
+            self.refuse_passthrough("a block job")?;
+        }
         let r = self.quiesced(|| {
             *self.hook.write() = hook;
             Ok(())

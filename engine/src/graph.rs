@@ -320,6 +320,10 @@ impl Graph {
             ));
         }
         let node = opener.open(opts, &NodeOptions::default(), "", true)?;
+        let passthrough = opts.passthrough == Some(true);
+        if passthrough {
+            check_passthrough(opts, &node)?;
+        }
         let (new_nodes, next_auto) = (opener.new_nodes, opener.next_auto);
         if let Some(old) = replacing {
             reg.nodes.retain(|n| !Arc::ptr_eq(n, old));
@@ -333,6 +337,7 @@ impl Graph {
                 rerror,
                 werror,
                 self.events.clone(),
+                passthrough,
             );
             reg.devices.push(d.clone());
             d
@@ -537,6 +542,36 @@ fn check_name(name: &str, what: &str) -> Result<()> {
             "Invalid {what}: {} bytes long, at most {MAX_ID_LEN} are allowed (it names a file in the mount)",
             name.len()
         )));
+    }
+    Ok(())
+}
+
+/// Whether a device may be exported with `x-passthrough`: the kernel then
+/// reads and writes its file directly, so the device must be that file's
+/// bytes (raw on a regular file) with no policy that needs to see the I/O.
+fn check_passthrough(o: &BlockdevOptions, node: &Node) -> Result<()> {
+    let refuse = |why: &str| Err(Error::generic(format!("x-passthrough: {why}")));
+    if o.id.is_none() {
+        return refuse("it applies to a device: it needs an 'id'");
+    }
+    if node.driver.passthrough_fd().is_none() {
+        return refuse(&format!(
+            "it needs a raw device directly on a regular file, not {} on {}",
+            node.driver.format_name(),
+            node.driver
+                .file_child()
+                .map_or("nothing", |f| f.driver.format_name())
+        ));
+    }
+    if node.opts.detect_zeroes != DetectZeroes::Off {
+        return refuse("detect-zeroes needs to see every write; it must be off");
+    }
+    for (key, policy) in [("rerror", o.rerror), ("werror", o.werror)] {
+        if policy.is_some_and(|p| p != OnError::Report) {
+            return refuse(&format!(
+                "errors go straight to the caller; {key} must be report"
+            ));
+        }
     }
     Ok(())
 }

@@ -224,6 +224,8 @@ pub struct BlockdevOptions {
     /// `force-share`: share every permission with other users (read-only nodes only).
     pub force_share: Option<bool>,
     pub detect_zeroes: Option<DetectZeroes>,
+    /// `x-passthrough` (blkfs extension): the kernel does the device's I/O.
+    pub passthrough: Option<bool>,
     pub specific: DriverOptions,
 }
 
@@ -283,6 +285,7 @@ impl BlockdevOptions {
             read_only: a.bool("read-only")?,
             force_share: a.bool("force-share")?,
             detect_zeroes: a.enumeration("detect-zeroes", DetectZeroes::ALL)?,
+            passthrough: a.bool("x-passthrough")?,
             specific: parse_specific(driver, &mut a)?,
         };
         a.finish()?;

@@ -70,7 +70,8 @@ fn run(mut cli: Cli) -> Result<(), String> {
             .add(&opts)
             .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
         if let (Some(d), Some(t)) = (added.device, throttle) {
-            d.set_throttle(t);
+            d.set_throttle(t)
+                .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
         }
     }
     std::fs::create_dir_all(&mount)

@@ -267,6 +267,10 @@ impl Driver for FileDriver {
         self.submit_control(OpKind::Fdatasync, 0, 0, done);
     }
 
+    fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        (!self.blockdev).then(|| self.fd.as_fd())
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
         let size = self.size();
         let len = len.min(size.saturating_sub(offset));

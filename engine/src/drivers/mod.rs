@@ -92,6 +92,11 @@ pub trait Driver: Send + Sync {
     fn shares_file_resize(&self) -> bool {
         false
     }
+    /// The descriptor the kernel may do this node's I/O on by itself (FUSE
+    /// passthrough): a raw node's regular file, byte for byte.
+    fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Leaves the image consistent before the daemon exits (no I/O may follow).
     fn close(&self) -> Result<()> {
         Ok(())

@@ -18,6 +18,10 @@ impl RawDriver {
 }
 
 impl Driver for RawDriver {
+    fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file.driver.passthrough_fd()
+    }
+
     fn format_name(&self) -> &'static str {
         "raw"
     }

@@ -126,6 +126,7 @@ pub fn blockdev_snapshot_sync(e: &Engine, mut a: Args) -> Result<Value> {
     if top.opts.read_only {
         return Err(Error::generic(format!("Device '{name}' is read only")));
     }
+    device.refuse_passthrough("a snapshot overlay")?;
     if let Some(n) = &node_name {
         if e.graph.node(n).is_some() || e.graph.device(n).is_ok() {
             return Err(Error::generic(format!("Duplicate node name '{n}'")));

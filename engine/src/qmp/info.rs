@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 pub fn block_info(d: &Device) -> Value {
     let mut inserted = block_device_info(&d.root());
     add_throttle(&mut inserted, d);
+    if d.passthrough() {
+        // blkfs extension, shown only where it is on.
+        inserted["x-passthrough"] = json!(true);
+    }
     json!({
         "device": d.id,
         "type": "unknown",

@@ -18,7 +18,7 @@ pub fn block_set_io_throttle(e: &Engine, mut a: Args) -> Result<Value> {
     let iops_size = a.int("iops_size")?.unwrap_or(0);
     a.finish()?;
     let cfg = ThrottleConfig::new(avg, max, iops_size)?;
-    e.graph.device(&device)?.set_throttle(cfg);
+    e.graph.device(&device)?.set_throttle(cfg)?;
     Ok(json!({}))
 }
 

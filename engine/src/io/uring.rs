@@ -1,22 +1,18 @@
-//! `aio=native`: one io_uring owned by one ring thread.
+//! `aio=native`: io_uring rings, each with a thread that reaps it.
 //!
-//! Submitters hand requests over a channel and poke an eventfd only when the
-//! ring thread sleeps in the kernel; the ring thread keeps a read of that
-//! eventfd armed on the ring, so new work and completions wake it alike.
-//! Completions run on the ring thread.
+//! A submitter pushes its entry (under the ring's lock) and enters the
+//! kernel itself, so a request reaches the disk without waking another
+//! thread; the ring thread only waits for completions and runs them.
 
 use super::{Backend, IoDone, IoReq, OpKind};
-use crossbeam_channel::{unbounded, Receiver, Sender};
 use io_uring::{opcode, squeue, types, IoUring};
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub const DEFAULT_DEPTH: u32 = 256;
-/// user_data of the eventfd read; request slots use their index.
-const WAKE_TOKEN: u64 = u64::MAX;
 
 /// Several rings, each with its thread; requests are spread round-robin.
 pub struct Rings {
@@ -48,59 +44,59 @@ impl Backend for Rings {
 }
 
 pub struct Ring {
-    tx: Sender<(IoReq, IoDone)>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    eventfd: OwnedFd,
-    sleeping: AtomicBool,
+    ring: IoUring,
+    /// The requests in flight, and the submission queue: entries are
+    /// pushed only under this lock.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Option<(IoReq, IoDone)>>,
+    free: Vec<usize>,
+    /// Slots waiting for room in the submission queue.
+    backlog: VecDeque<usize>,
 }
 
 impl Ring {
     pub fn new(depth: u32) -> io::Result<Ring> {
-        let ring = IoUring::new(depth)?;
-        // SAFETY: plain syscall; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: efd is a fresh descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         let shared = Arc::new(Shared {
-            eventfd,
-            sleeping: AtomicBool::new(false),
+            ring: IoUring::new(depth)?,
+            state: Mutex::default(),
         });
-        let (tx, rx) = unbounded();
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("blkfs-uring".into())
             .spawn(move || {
                 super::mark_completer();
-                RingThread::new(ring, rx, thread_shared, depth as usize).run()
+                thread_shared.reap_forever()
             })?;
-        Ok(Ring { tx, shared })
+        Ok(Ring { shared })
     }
 }
 
 impl Backend for Ring {
+    /// The caller submits its own request: no hand-over to the ring thread,
+    /// which only waits for completions and runs them.
     fn submit(&self, req: IoReq, done: IoDone) {
-        if let Err(e) = self.tx.send((req, done)) {
-            let (req, done) = e.into_inner();
-            done(req, Err(io::Error::other("io_uring thread is gone")));
-            return;
-        }
-        fence(Ordering::SeqCst);
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            let _ = unsafe {
-                libc::write(
-                    self.shared.eventfd.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    8,
-                )
-            };
+        // A read is sent at once. Other requests ride along with the ring
+        // thread's next enter when some completion is due to wake it anyway
+        // (measured: writes issued one by one by the FUSE threads ran at
+        // 0.7-0.9x of the ring thread's batches, reads at 1.25x).
+        let read = req.kind == OpKind::Read;
+        let (pushed, busy) = {
+            let mut st = self.shared.state.lock();
+            let busy = st.slots.len() > st.free.len();
+            let idx = st.insert(req, done);
+            st.backlog.push_back(idx);
+            (self.shared.flush_backlog(&mut st), busy)
+        };
+        if pushed && (read || !busy) {
+            self.shared.enter(0);
         }
     }
 
@@ -109,156 +105,109 @@ impl Backend for Ring {
     }
 }
 
-struct RingThread {
-    ring: IoUring,
-    rx: Receiver<(IoReq, IoDone)>,
-    shared: Arc<Shared>,
-    slots: Vec<Option<(IoReq, IoDone)>>,
-    free: Vec<usize>,
-    backlog: VecDeque<usize>,
-    wake_buf: Box<u64>,
-    wake_armed: bool,
-}
-
-impl RingThread {
-    fn new(
-        ring: IoUring,
-        rx: Receiver<(IoReq, IoDone)>,
-        shared: Arc<Shared>,
-        depth: usize,
-    ) -> Self {
-        RingThread {
-            ring,
-            rx,
-            shared,
-            slots: Vec::with_capacity(depth),
-            free: Vec::new(),
-            backlog: VecDeque::new(),
-            wake_buf: Box::new(0),
-            wake_armed: false,
-        }
-    }
-
-    fn run(mut self) {
-        loop {
-            if !self.wake_armed {
-                let e = opcode::Read::new(
-                    types::Fd(self.shared.eventfd.as_raw_fd()),
-                    (&mut *self.wake_buf as *mut u64).cast(),
-                    8,
-                )
-                .build()
-                .user_data(WAKE_TOKEN);
-                if self.push(&e) {
-                    self.wake_armed = true;
-                }
-            }
-            let mut disconnected = false;
-            loop {
-                match self.rx.try_recv() {
-                    Ok(item) => self.start(item),
-                    Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
-            self.flush_backlog();
-            if disconnected && self.slots.iter().all(Option::is_none) {
-                return;
-            }
-            self.shared.sleeping.store(true, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            let want = if self.rx.is_empty() { 1 } else { 0 };
-            if want == 0 {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-            }
-            if let Err(e) = self.ring.submit_and_wait(want) {
-                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
-                    log::error!("io_uring submit failed: {e}");
-                }
-            }
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            self.reap();
-        }
-    }
-
-    fn start(&mut self, item: (IoReq, IoDone)) {
-        let idx = match self.free.pop() {
+impl State {
+    fn insert(&mut self, req: IoReq, done: IoDone) -> usize {
+        match self.free.pop() {
             Some(i) => {
-                self.slots[i] = Some(item);
+                self.slots[i] = Some((req, done));
                 i
             }
             None => {
-                self.slots.push(Some(item));
+                self.slots.push(Some((req, done)));
                 self.slots.len() - 1
             }
-        };
-        self.backlog.push_back(idx);
+        }
+    }
+}
+
+impl Shared {
+    /// Submits what is queued, waiting for `want` completions.
+    fn enter(&self, want: usize) {
+        if let Err(e) = self.ring.submitter().submit_and_wait(want) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) {
+                log::error!("io_uring submit failed: {e}");
+            }
+        }
     }
 
-    fn flush_backlog(&mut self) {
-        while let Some(&idx) = self.backlog.front() {
-            let Some((req, _)) = self.slots[idx].as_mut() else {
-                self.backlog.pop_front();
+    /// Moves backlogged requests into the submission queue; true when any was.
+    fn flush_backlog(&self, st: &mut State) -> bool {
+        // SAFETY: the submission queue is only touched with `state` locked
+        // (held by the caller), and every buffer an entry points to lives in
+        // a slot that is not touched until its completion is reaped.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        let mut pushed = false;
+        while let Some(&idx) = st.backlog.front() {
+            let Some((req, _)) = st.slots[idx].as_mut() else {
+                st.backlog.pop_front();
                 continue;
             };
             let entry = sqe_for(req).user_data(idx as u64);
-            if !self.push(&entry) {
-                return;
+            // SAFETY: as above.
+            if unsafe { sq.push(&entry) }.is_err() {
+                break;
             }
-            self.backlog.pop_front();
+            st.backlog.pop_front();
+            pushed = true;
         }
+        sq.sync();
+        pushed
     }
 
-    fn push(&mut self, e: &squeue::Entry) -> bool {
-        let mut sq = self.ring.submission();
-        // SAFETY: every buffer an entry points to lives in a slot (or wake_buf)
-        // that is not touched until its completion is reaped.
-        unsafe { sq.push(e).is_ok() }
-    }
-
-    fn reap(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (token, res) in done {
-            if token == WAKE_TOKEN {
-                self.wake_armed = false;
-                continue;
+    /// The ring thread: waits for completions and runs them (outside the
+    /// lock: a completion may submit again).
+    fn reap_forever(&self) {
+        loop {
+            self.enter(1);
+            // SAFETY: only this thread reads the completion queue.
+            let done: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            let mut finished = Vec::with_capacity(done.len());
+            let resubmit = {
+                let mut st = self.state.lock();
+                for (token, res) in done {
+                    let idx = token as usize;
+                    let Some((mut req, cb)) = st.slots.get_mut(idx).and_then(Option::take) else {
+                        continue;
+                    };
+                    let outcome = if res < 0 {
+                        if res == -libc::EAGAIN || res == -libc::EINTR {
+                            Ok(false)
+                        } else {
+                            Err(io::Error::from_raw_os_error(-res))
+                        }
+                    } else {
+                        req.advance(res as usize)
+                    };
+                    match outcome {
+                        // A short transfer or a retry: the rest goes again.
+                        Ok(false) => {
+                            st.slots[idx] = Some((req, cb));
+                            st.backlog.push_back(idx);
+                        }
+                        Ok(true) => {
+                            st.free.push(idx);
+                            finished.push((req, cb, Ok(())));
+                        }
+                        Err(e) => {
+                            st.free.push(idx);
+                            finished.push((req, cb, Err(e)));
+                        }
+                    }
+                }
+                self.flush_backlog(&mut st)
+            };
+            if resubmit {
+                self.enter(0);
             }
-            let idx = token as usize;
-            let Some((mut req, cb)) = self.slots.get_mut(idx).and_then(Option::take) else {
-                continue;
-            };
-            let outcome = if res < 0 {
-                if res == -libc::EAGAIN || res == -libc::EINTR {
-                    Ok(false)
-                } else {
-                    Err(io::Error::from_raw_os_error(-res))
-                }
-            } else {
-                req.advance(res as usize)
-            };
-            match outcome {
-                Ok(false) => {
-                    self.slots[idx] = Some((req, cb));
-                    self.backlog.push_back(idx);
-                }
-                Ok(true) => {
-                    self.free.push(idx);
-                    cb(req, Ok(()));
-                }
-                Err(e) => {
-                    self.free.push(idx);
-                    cb(req, Err(e));
-                }
+            for (req, cb, r) in finished {
+                cb(req, r);
             }
         }
-        self.flush_backlog();
     }
 }
 

@@ -3,17 +3,20 @@
 # FUSE export and blkfs, on the same 1 GiB raw image, in one run.
 #
 #   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
-#                    [--aio native|threads] [--threads N] [--only 4k|1M]
+#                    [--aio native|threads] [--threads N] [--only 4k|1M|lat]
 #                    [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]
 #
-# --blkfs-opts: extra options on blkfs's device (e.g. werror=report).
+# --blkfs-opts: extra options on blkfs's device (e.g. werror=report, or
+# x-passthrough=on for kernel passthrough of a raw file).
 # --format qcow2: the image converted to qcow2 (every cluster allocated);
 # chainN: the raw image below N empty qcow2 overlays (reads go N deep).
 #
 # Each workload runs on the three targets in turn, --rounds times; the
 # median of each is printed with the ratios blkfs/qsd and blkfs/native
 # (the machine is noisy: only ratios from one run mean anything).
-# fio: libaio, direct=1, 4k randread/randwrite QD32, 1M read/write QD8.
+# fio: libaio, direct=1, 4k randread/randwrite QD32, 1M read/write QD8,
+# and 4k randread QD1 (`lat`: completion latency p50 and p99 in us, lower
+# is better, so its ratios are the other's latency / blkfs's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
         --only) only=$2; shift 2 ;;
         --format) format=$2; shift 2 ;;
         --blkfs-opts) extra=",$2"; shift 2 ;;
-        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M|lat] [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]" >&2; exit 2 ;;
     esac
 done
 direct=$([ "$cache" = direct ] && echo on || echo off)
@@ -105,24 +108,33 @@ run_fio() { # file rw bs depth -> "iops mibps"
     fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio --direct=1 \
         --size=1G --runtime="$runtime" --time_based --ramp_time=1 --norandommap --randrepeat=0 \
         --output-format=json 2>/dev/null |
-        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %.1f" % (d["iops"], d["bw"]/1024))'
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; p=d["clat_ns"]["percentile"]; print("%.0f %.1f %.1f %.1f" % (d["iops"], d["bw"]/1024, p["50.000000"]/1000, p["99.000000"]/1000))'
 }
 
 echo "# $(date -u +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), cache=$cache, aio=$aio, format=$format, blkfs threads=$threads${extra:+, blkfs opts ${extra#,}}"
 printf '%-18s %10s %10s %10s %10s %10s\n' workload native qsd blkfs blkfs/qsd blkfs/nat
-for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
+for w in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8" "randread 4k 1"; do
     set -- $w
-    [ -z "$only" ] || [ "$only" = "$2" ] || continue
+    kind=$2
+    [ "$3" = 1 ] && kind=lat
+    [ -z "$only" ] || [ "$only" = "$kind" ] || continue
     results=()
     for _ in $(seq "$rounds"); do
         results+=("$(run_fio "$img" "$1" "$2" "$3")|$(run_fio "$work/qsd.export" "$1" "$2" "$3")|$(run_fio "$work/mnt/d0" "$1" "$2" "$3")")
     done
-    python3 - "$1-$2-qd$3" "$2" "${results[@]}" <<'PY'
+    python3 - "$1-$2-qd$3" "$kind" "${results[@]}" <<'PY'
 import statistics, sys
-name, bs, rounds = sys.argv[1], sys.argv[2], sys.argv[3:]
-i, unit = (0, "iops") if bs == "4k" else (1, "MiB/s")
-cols = list(zip(*[[float(t.split()[i]) for t in r.split("|")] for r in rounds]))
-n, q, b = (statistics.median(c) for c in cols)
-print(f"{name:<18} {n:>10.0f} {q:>10.0f} {b:>10.0f} {b/q:>10.2f} {b/n:>10.2f}  {unit}")
+name, kind, rounds = sys.argv[1], sys.argv[2], sys.argv[3:]
+def med(i):
+    cols = list(zip(*[[float(t.split()[i]) for t in r.split("|")] for r in rounds]))
+    return [statistics.median(c) for c in cols]
+if kind == "lat":
+    for i, pct in ((2, "p50"), (3, "p99")):
+        n, q, b = med(i)
+        print(f"{name + ' ' + pct:<18} {n:>10.1f} {q:>10.1f} {b:>10.1f} {q/b:>10.2f} {n/b:>10.2f}  us")
+else:
+    i, unit = (0, "iops") if kind == "4k" else (1, "MiB/s")
+    n, q, b = med(i)
+    print(f"{name:<18} {n:>10.0f} {q:>10.0f} {b:>10.0f} {b/q:>10.2f} {b/n:>10.2f}  {unit}")
 PY
 done

@@ -552,3 +552,31 @@ fn qcow2_raises_its_events() {
         assert_no_corruption(&img);
     }
 }
+
+/// With cache.direct=on, a qcow2 metadata batch flushes the disk between its
+/// refcount writes and its L2 writes, so a power loss cannot keep an L2
+/// entry whose cluster's refcount never reached the disk. blkdebug sees the
+/// order: the flush moves its state to 2, where L2 updates fail. Without
+/// `cache.direct` the barrier is not made (it would write all dirty data).
+#[test]
+fn direct_qcow2_metadata_batches_flush_between_refcounts_and_l2() {
+    let dir = TestDir::new("bd-barrier");
+    let rules = json!({
+        "inject-error": [{"event": "l2_update", "state": 2, "errno": 5}],
+        "set-state": [{"event": "flush_to_disk", "state": 1, "new_state": 2}]
+    });
+    for direct in [true, false] {
+        let img = prepared_qcow2(&dir, &format!("barrier-{direct}.qcow2"));
+        let mut s: Value =
+            serde_json::from_str(&spec("qcow2", "d0", &img, rules.clone())).expect("spec is JSON");
+        s["cache"] = json!({"direct": direct});
+        let d = Daemon::start(&dir, &[s.to_string()]);
+        let f = rw(&d, "d0");
+        // Cluster 1 is new: its refcount and its L2 entry change together.
+        let got = write_errno(&f, &[0x55; 65536], 65536);
+        let want = if direct { Some(libc::EIO) } else { None };
+        assert_eq!(got, want, "allocating write with cache.direct={direct}");
+        drop(f);
+        d.quit();
+    }
+}

@@ -6,6 +6,9 @@
 //! A batch writes every changed refcount chunk first and every changed L2
 //! chunk after: a refcount is raised before an L2 entry points at its
 //! cluster, as QEMU's dependency between its refcount and L2 caches does.
+//! With `cache.direct=on` the two stages are separated by a flush (see
+//! [`write_all`]); through the page cache only a process crash is covered
+//! between guest flushes.
 //! The other order (an L2 entry removed before the refcount drops) is kept
 //! by [`super::meta::Meta::release`], which writes what is pending before
 //! it lowers a refcount.
@@ -43,7 +46,15 @@ pub fn write_all(file: &Node, mut writes: Vec<Write>) -> Result<()> {
     writes.sort_by_key(|w| w.chunk);
     let split = writes.partition_point(|w| matches!(w.chunk, Chunk::Refblock(..)));
     let l2 = writes.split_off(split);
+    let barrier = file.opts.direct && !writes.is_empty() && !l2.is_empty();
     write_stage(file, writes)?;
+    // The refcounts reach the disk before the L2 entries that need them,
+    // through a power loss too. Only without the page cache: there the
+    // flush would write all the file's dirty data, per batch.
+    if barrier {
+        file.debug_event(Ev::FlushToDisk);
+        crate::drivers::wait(|d| file.flush(d))?;
+    }
     write_stage(file, l2)
 }
 

@@ -97,6 +97,11 @@ pub trait Driver: Send + Sync {
     fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// For a block job's target that no guest writes yet: requests may
+    /// complete with their metadata changes still cached, written in
+    /// shared batches by the job's flush (or an eviction) instead of one
+    /// commit per request. Off again before any guest may write the node.
+    fn defer_metadata(&self, _on: bool) {}
     /// Leaves the image consistent before the daemon exits (no I/O may follow).
     fn close(&self) -> Result<()> {
         Ok(())

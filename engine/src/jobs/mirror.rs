@@ -97,6 +97,8 @@ impl Mirror {
     }
 
     pub fn run(self, job: &Arc<Job>) -> Ending {
+        // No guest writes the target until the switch, which flushes it first.
+        self.target.driver.defer_metadata(true);
         let dirty = self.dirty.clone();
         let ending = self
             .scan(job, &dirty)
@@ -274,6 +276,8 @@ impl Mirror {
     fn switch_over(&self, job: &Job, dirty: &Dirty) -> Result<()> {
         job.device.quiesced(|| {
             self.last_copies(dirty)?;
+            // Flushed: every change is on disk; guests commit their own from now.
+            self.target.driver.defer_metadata(false);
             job.device.replace_root(self.target.clone());
             Ok(())
         })?;

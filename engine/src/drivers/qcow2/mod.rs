@@ -59,6 +59,8 @@ pub struct Qcow2Driver {
     released: Condvar,
     /// Signalled when a batch of metadata changes has been written.
     committed: Condvar,
+    /// See [`Driver::defer_metadata`].
+    deferred: AtomicBool,
     cs: u64,
     read_only: bool,
     snapshots: Vec<snapshot::Snapshot>,
@@ -151,6 +153,7 @@ impl Qcow2Driver {
             claims: Mutex::new(HashSet::new()),
             released: Condvar::new(),
             committed: Condvar::new(),
+            deferred: AtomicBool::new(false),
             read_only,
             snapshots,
             corrupt: AtomicBool::new(false),
@@ -307,6 +310,14 @@ impl Qcow2Driver {
                 }
             }
         }
+    }
+
+    /// A request's metadata on disk before it completes, unless deferred.
+    fn request_done(&self) -> Result<()> {
+        if self.deferred.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.commit()
     }
 
     /// Waits until no other request changes `cluster`, then holds it.
@@ -625,7 +636,7 @@ impl Qcow2Driver {
                 .refuse_if_corrupt()
                 .and_then(|()| me.key.cipher())
                 .and_then(|_| me.zero_or_discard(offset, len, discard, unmap))
-                .and_then(|()| me.commit());
+                .and_then(|()| me.request_done());
             done(r.map_err(|e| me.signal_corruption(e)))
         });
     }
@@ -667,6 +678,10 @@ impl Qcow2Driver {
 }
 
 impl Driver for Arc<Qcow2Driver> {
+    fn defer_metadata(&self, on: bool) {
+        self.deferred.store(on, Ordering::Release);
+    }
+
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
@@ -750,7 +765,7 @@ impl Driver for Arc<Qcow2Driver> {
         crate::io::spawn_blocking(move || {
             let r = me
                 .write_range(offset, buf)
-                .and_then(|b| me.commit().map(|()| b));
+                .and_then(|b| me.request_done().map(|()| b));
             done(r.map_err(|e| me.signal_corruption(e)));
         });
     }

@@ -19,13 +19,14 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Most copies in flight (QEMU's MAX_IN_FLIGHT).
-const MAX_OPS: usize = 16;
+/// Most copies in flight. QEMU's MAX_IN_FLIGHT is 16; into a new qcow2 with
+/// cache.direct=on each copy waits for its clusters' allocation, and 32
+/// measured faster (0.90x qsd -> 1.01-1.08x, interleaved runs).
+const MAX_OPS: usize = 32;
 /// Largest single copy.
 const MAX_COPY: u64 = 1 << 20;
 /// Data in flight without `buf-size`: enough for every copy to be in
-/// flight at full size (QEMU 2.1 allowed 10 MiB; 16 measured faster into a
-/// new qcow2 with cache.direct=on, where each copy waits for allocation).
+/// flight at full size (QEMU 2.1 allowed 10 MiB).
 pub const DEFAULT_BUF_SIZE: u64 = MAX_OPS as u64 * MAX_COPY;
 
 /// What the first pass copies.

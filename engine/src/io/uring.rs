@@ -160,17 +160,14 @@ impl Shared {
     /// The ring thread: waits for completions and runs them (outside the
     /// lock: a completion may submit again).
     fn reap_forever(&self) {
+        let mut finished = Vec::new();
         loop {
             self.enter(1);
-            // SAFETY: only this thread reads the completion queue.
-            let done: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            let mut finished = Vec::with_capacity(done.len());
             let resubmit = {
                 let mut st = self.state.lock();
-                for (token, res) in done {
-                    let idx = token as usize;
+                // SAFETY: only this thread reads the completion queue.
+                for cqe in unsafe { self.ring.completion_shared() } {
+                    let (idx, res) = (cqe.user_data() as usize, cqe.result());
                     let Some((mut req, cb)) = st.slots.get_mut(idx).and_then(Option::take) else {
                         continue;
                     };
@@ -204,7 +201,7 @@ impl Shared {
             if resubmit {
                 self.enter(0);
             }
-            for (req, cb, r) in finished {
+            for (req, cb, r) in finished.drain(..) {
                 cb(req, r);
             }
         }

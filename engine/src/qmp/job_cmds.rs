@@ -83,7 +83,7 @@ fn writable_idle_device(
 fn idle_device(e: &Engine, device: &str) -> Result<(Arc<crate::device::Device>, Arc<Node>)> {
     let dev = e.graph.device(device)?;
     e.jobs.check_idle(device)?;
-    // Before a job creates anything (its hook would be refused anyway).
+    // Every job starts here, before it creates anything.
     dev.refuse_passthrough("a block job")?;
     let root = dev.root();
     Ok((dev, root))

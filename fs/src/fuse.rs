@@ -1,75 +1,122 @@
 //! The FUSE export: a flat directory with one regular file per device.
-//! Every operation is one engine call; replies are sent from whichever
-//! thread completes the I/O, so reader threads never wait for disk I/O.
+//! `Export` answers each operation once for both transports: the fuser
+//! `Filesystem` below (requests read from /dev/fuse) and `ring` (FUSE over
+//! io_uring). Every operation is one engine call; replies are sent from
+//! whichever thread completes the I/O, so no thread waits for disk I/O.
 
+use crate::fuse_abi;
+use crate::ring;
+use blkfs_engine::drivers::Done;
 use blkfs_engine::graph::Device;
 use blkfs_engine::io::Buf;
 use blkfs_engine::{Engine, Error};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// Attributes are not cached: sizes and allocation change under the kernel's feet.
 const TTL: Duration = Duration::ZERO;
 pub const MAX_IO: u32 = 1 << 20;
 
-pub struct BlkFs {
+/// How requests travel between the kernel and the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// FUSE over io_uring where the kernel offers it, else /dev/fuse.
+    Auto,
+    /// FUSE over io_uring; the mount fails where the kernel does not offer it.
+    Uring,
+    /// read(2)/writev(2) on /dev/fuse.
+    Dev,
+}
+
+pub struct Export {
     engine: Arc<Engine>,
-    inodes: Arc<RwLock<Inodes>>,
+    inodes: RwLock<Inodes>,
     started: SystemTime,
     uid: u32,
     gid: u32,
+    transport: Transport,
     /// The kernel agreed to FUSE passthrough at INIT.
     passthrough: AtomicBool,
     /// The backing file registered for each passthrough device, kept for
     /// the life of the mount (its opens take their own references).
-    backing: Mutex<HashMap<INodeNo, fuser::BackingId>>,
+    backing: Mutex<HashMap<u64, u32>>,
+    /// The session's /dev/fuse descriptor, set before the first request.
+    dev_fd: OnceLock<OwnedFd>,
+    /// Queues made at INIT when the kernel offered FUSE over io_uring.
+    rings: Mutex<Option<ring::Prepared>>,
 }
 
 #[derive(Default)]
-pub struct Inodes {
-    by_id: HashMap<String, INodeNo>,
-    by_ino: HashMap<INodeNo, Arc<Device>>,
+struct Inodes {
+    by_id: HashMap<String, u64>,
+    by_ino: HashMap<u64, Arc<Device>>,
 }
 
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-impl BlkFs {
-    pub fn new(engine: Arc<Engine>) -> BlkFs {
+/// The fuser side: hands each request to the shared `Export`.
+pub struct BlkFs(pub Arc<Export>);
+
+impl Export {
+    pub fn new(engine: Arc<Engine>, transport: Transport) -> Arc<Export> {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        BlkFs {
+        Arc::new(Export {
             engine,
-            inodes: Arc::default(),
+            inodes: RwLock::default(),
             started: SystemTime::now(),
             uid,
             gid,
+            transport,
             passthrough: AtomicBool::new(false),
             backing: Mutex::default(),
-        }
+            dev_fd: OnceLock::new(),
+            rings: Mutex::default(),
+        })
+    }
+
+    /// Called once the session exists (INIT answered): keeps a descriptor
+    /// of the connection and, where the kernel agreed, starts the io_uring
+    /// queues. Returns the name of the transport in use.
+    pub fn connect(self: &Arc<Self>, dev: impl AsFd) -> Result<&'static str, String> {
+        let fd = dev
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot duplicate the /dev/fuse descriptor: {e}"))?;
+        let raw = fd.as_raw_fd();
+        let _ = self.dev_fd.set(fd);
+        let Some(rings) = self.rings.lock().take() else {
+            return Ok("/dev/fuse");
+        };
+        rings
+            .start(raw, self.clone())
+            .map_err(|e| format!("cannot start the FUSE io_uring queues: {e}"))?;
+        Ok("io_uring")
     }
 
     /// A listener that tells the kernel to drop what it cached about a
     /// device whose size changed; `notifier` comes from the session later.
     pub fn resize_listener(
-        &self,
+        self: &Arc<Self>,
     ) -> impl FnOnce(fuser::Notifier) -> Box<dyn Fn(&str) + Send + Sync> {
-        let inodes = self.inodes.clone();
+        let me = self.clone();
         move |notifier| {
             Box::new(move |id: &str| {
-                let ino = inodes.read().by_id.get(id).copied();
+                let ino = me.inodes.read().by_id.get(id).copied();
                 if let Some(ino) = ino {
-                    if let Err(e) = notifier.inval_inode(ino, 0, -1) {
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, -1) {
                         log::debug!("invalidating {id}: {e}");
                     }
                 }
@@ -77,19 +124,66 @@ impl BlkFs {
         }
     }
 
+    /// Negotiates the connection at INIT, before the reply is sent.
+    fn init(&self, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.set_max_background(256);
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(passthrough, Ordering::Relaxed);
+        if self.transport == Transport::Dev {
+            return Ok(());
+        }
+        let offered = config
+            .capabilities()
+            .contains(InitFlags::FUSE_OVER_IO_URING);
+        let prepared = if offered {
+            // A ring entry's payload holds the largest request or reply.
+            ring::Prepared::new((MAX_IO as usize).max(8192))
+                .map_err(|e| std::io::Error::other(format!("FUSE over io_uring: {e}")))
+        } else {
+            Err(std::io::Error::other(
+                "the kernel did not offer FUSE over io_uring (it needs Linux 6.14+ with \
+                 CONFIG_FUSE_IO_URING, enabled by root: echo 1 > /sys/module/fuse/parameters/enable_uring)",
+            ))
+        };
+        match prepared {
+            Ok(p) => {
+                if config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok()
+                {
+                    *self.rings.lock() = Some(p);
+                }
+                Ok(())
+            }
+            Err(e) if self.transport == Transport::Uring => {
+                log::error!("{e}");
+                Err(e)
+            }
+            Err(e) => {
+                log::debug!("{e}; using /dev/fuse");
+                Ok(())
+            }
+        }
+    }
+
     /// The inode of a device, assigned on first sight and stable afterwards.
-    fn inode_of(&self, dev: Arc<Device>) -> INodeNo {
+    fn inode_of(&self, dev: Arc<Device>) -> u64 {
         if let Some(ino) = self.inodes.read().by_id.get(&dev.id) {
             return *ino;
         }
         let mut inodes = self.inodes.write();
-        let next = INodeNo(inodes.by_id.len() as u64 + 2);
+        let next = inodes.by_id.len() as u64 + 2;
         let ino = *inodes.by_id.entry(dev.id.clone()).or_insert(next);
         inodes.by_ino.insert(ino, dev);
         ino
     }
 
-    fn device(&self, ino: INodeNo) -> Result<Arc<Device>, Errno> {
+    pub fn device(&self, ino: u64) -> Result<Arc<Device>, Errno> {
         self.inodes
             .read()
             .by_ino
@@ -98,7 +192,7 @@ impl BlkFs {
             .ok_or(Errno::ENOENT)
     }
 
-    fn attr(&self, ino: INodeNo, dev: Option<&Device>) -> FileAttr {
+    fn attr(&self, ino: u64, dev: Option<&Device>) -> FileAttr {
         let (kind, perm, size, blocks, nlink) = match dev {
             None => (FileType::Directory, 0o755, 0, 0, 2),
             Some(d) => {
@@ -115,7 +209,7 @@ impl BlkFs {
             }
         };
         FileAttr {
-            ino,
+            ino: INodeNo(ino),
             size,
             blocks,
             atime: self.started,
@@ -133,91 +227,213 @@ impl BlkFs {
         }
     }
 
+    /// Attributes as the FUSE wire format carries them.
+    pub fn wire_attr(a: &FileAttr) -> fuse_abi::Attr {
+        let since = a
+            .mtime
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let kind = match a.kind {
+            FileType::Directory => libc::S_IFDIR,
+            _ => libc::S_IFREG,
+        };
+        fuse_abi::Attr {
+            ino: a.ino.0,
+            size: a.size,
+            blocks: a.blocks,
+            time: (since.as_secs(), since.subsec_nanos()),
+            mode: kind | u32::from(a.perm),
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            blksize: a.blksize,
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        if parent != INodeNo::ROOT.0 {
+            return Err(Errno::ENOENT);
+        }
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        let dev = self.engine.graph.device(name).map_err(|_| Errno::ENOENT)?;
+        let ino = self.inode_of(dev.clone());
+        Ok(self.attr(ino, Some(&dev)))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        if ino == INodeNo::ROOT.0 {
+            return Ok(self.attr(ino, None));
+        }
+        let d = self.device(ino)?;
+        Ok(self.attr(ino, Some(&d)))
+    }
+
+    /// A device's size changes only through block_resize; ownership and
+    /// mode follow the device, not the caller.
+    pub fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        owner_or_mode: bool,
+    ) -> Result<FileAttr, Errno> {
+        let dev = self.device(ino)?;
+        if size.is_some_and(|s| s != dev.size()) || owner_or_mode {
+            return Err(Errno::EPERM);
+        }
+        Ok(self.attr(ino, Some(&dev)))
+    }
+
+    /// Checks an open; Some(backing id) when the kernel serves the file
+    /// itself (passthrough).
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Option<u32>, Errno> {
+        let dev = self.device(ino)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY && dev.read_only() {
+            return Err(Errno::EROFS);
+        }
+        if dev.passthrough() {
+            return self.open_passthrough(ino, &dev).map(Some);
+        }
+        Ok(None)
+    }
+
     /// Opens a passthrough device: the kernel reads and writes its file.
     /// Where the kernel cannot, the open fails rather than quietly serving
     /// the device another way than the one asked for.
-    fn open_passthrough(&self, ino: INodeNo, dev: &Device, reply: ReplyOpen) {
+    fn open_passthrough(&self, ino: u64, dev: &Device) -> Result<u32, Errno> {
         if !self.passthrough.load(Ordering::Relaxed) {
             log::error!(
                 "device '{}': the kernel did not offer FUSE passthrough (CONFIG_FUSE_PASSTHROUGH, Linux 6.9+, root)",
                 dev.id
             );
-            return reply.error(Errno::EOPNOTSUPP);
+            return Err(Errno::EOPNOTSUPP);
         }
         let mut backing = self.backing.lock();
-        let id = match backing.entry(ino) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let root = dev.root();
-                let Some(fd) = root.driver.passthrough_fd() else {
-                    return reply.error(Errno::EOPNOTSUPP);
-                };
-                match reply.open_backing(fd) {
-                    Ok(id) => v.insert(id),
-                    Err(e) => {
-                        log::error!("device '{}': FUSE passthrough refused: {e}", dev.id);
-                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                        return reply.error(Errno::from_i32(errno));
-                    }
-                }
-            }
+        if let Some(id) = backing.get(&ino) {
+            return Ok(*id);
+        }
+        let root = dev.root();
+        let (Some(fd), Some(fuse)) = (root.driver.passthrough_fd(), self.dev_fd.get()) else {
+            return Err(Errno::EOPNOTSUPP);
         };
-        reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id)
+        match fuser::BackingId::create_raw(fuse, fd) {
+            Ok(id) => Ok(*backing.entry(ino).or_insert(id)),
+            Err(e) => {
+                log::error!("device '{}': FUSE passthrough refused: {e}", dev.id);
+                Err(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
+        }
     }
 
-    /// Offset of the next data (or hole) at or after `offset`, walking the
-    /// device's block status.
-    fn seek(&self, dev: &Device, offset: u64, want_data: bool) -> Result<u64, Errno> {
-        let root = dev.root();
-        let size = root.size();
-        let mut pos = offset;
-        while pos < size {
-            let st = root.block_status(pos, size - pos).map_err(|e| errno(&e))?;
-            let is_data = st.data || !st.zero;
-            if is_data == want_data {
-                return Ok(pos);
-            }
-            pos += st.len.max(1);
+    /// The root directory's entries: (inode, is a directory, name).
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, bool, String)>, Errno> {
+        if ino != INodeNo::ROOT.0 {
+            return Err(Errno::ENOTDIR);
         }
-        // The end of the device counts as a hole; there is no data past it.
-        if want_data {
-            Err(Errno::ENXIO)
-        } else {
-            Ok(size)
+        let root = INodeNo::ROOT.0;
+        let mut entries = vec![
+            (root, true, ".".to_string()),
+            (root, true, "..".to_string()),
+        ];
+        for d in self.engine.graph.devices() {
+            let id = d.id.clone();
+            entries.push((self.inode_of(d), false, id));
         }
+        Ok(entries)
+    }
+
+    pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<u64, Errno> {
+        let dev = self.device(ino)?;
+        if offset < 0 {
+            return Err(Errno::EINVAL);
+        }
+        let offset = offset as u64;
+        if offset >= dev.size() && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
+            return Err(Errno::ENXIO);
+        }
+        match whence {
+            libc::SEEK_DATA => seek(&dev, offset, true),
+            libc::SEEK_HOLE => seek(&dev, offset, false),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}
+
+/// Offset of the next data (or hole) at or after `offset`, walking the
+/// device's block status.
+fn seek(dev: &Device, offset: u64, want_data: bool) -> Result<u64, Errno> {
+    let root = dev.root();
+    let size = root.size();
+    let mut pos = offset;
+    while pos < size {
+        let st = root.block_status(pos, size - pos).map_err(|e| errno(&e))?;
+        let is_data = st.data || !st.zero;
+        if is_data == want_data {
+            return Ok(pos);
+        }
+        pos += st.len.max(1);
+    }
+    // The end of the device counts as a hole; there is no data past it.
+    if want_data {
+        Err(Errno::ENXIO)
+    } else {
+        Ok(size)
+    }
+}
+
+/// fallocate(2) on a device: zeroing modes write zeroes, plain
+/// preallocation inside the device succeeds, growth is refused.
+pub fn fallocate(dev: &Arc<Device>, offset: u64, length: u64, mode: i32, done: Done<()>) {
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let in_range = offset
+        .checked_add(length)
+        .is_some_and(|end| end <= dev.size());
+    let zeroing = mode == PUNCH
+        || mode == libc::FALLOC_FL_ZERO_RANGE
+        || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    if zeroing && !in_range {
+        // A device cannot grow through fallocate, nor be zeroed past its end.
+        return done(Err(Error::io(
+            libc::EINVAL,
+            "fallocate range crosses the end of the device",
+        )));
+    }
+    match mode {
+        // The range must read back as zeroes; it is deallocated only
+        // when the device's discard option is unmap.
+        PUNCH => dev.write_zeroes(offset, length, true, done),
+        m if m == libc::FALLOC_FL_ZERO_RANGE
+            || m == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE =>
+        {
+            dev.write_zeroes(offset, length, false, done)
+        }
+        // Plain preallocation inside the device: the space already exists.
+        0 | libc::FALLOC_FL_KEEP_SIZE if in_range => done(Ok(())),
+        0 | libc::FALLOC_FL_KEEP_SIZE => done(Err(Error::io(
+            libc::EOPNOTSUPP,
+            "devices are resized with block_resize, not fallocate",
+        ))),
+        _ => done(Err(Error::io(
+            libc::EOPNOTSUPP,
+            "unsupported fallocate mode",
+        ))),
     }
 }
 
 impl Filesystem for BlkFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(MAX_IO);
-        let _ = config.set_max_readahead(MAX_IO);
-        let _ = config.set_max_background(256);
-        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
-        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok();
-        self.passthrough.store(passthrough, Ordering::Relaxed);
-        Ok(())
+        self.0.init(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent != INodeNo::ROOT {
-            return reply.error(Errno::ENOENT);
+        match self.0.lookup(parent.0, name.as_encoded_bytes()) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
         }
-        let Some(dev) = name.to_str().and_then(|n| self.engine.graph.device(n).ok()) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let ino = self.inode_of(dev.clone());
-        reply.entry(&TTL, &self.attr(ino, Some(&dev)), Generation(0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino == INodeNo::ROOT {
-            return reply.attr(&TTL, &self.attr(ino, None));
-        }
-        match self.device(ino) {
-            Ok(d) => reply.attr(&TTL, &self.attr(ino, Some(&d))),
+        match self.0.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
     }
@@ -240,34 +456,28 @@ impl Filesystem for BlkFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let dev = match self.device(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        // A device's size changes only through block_resize; ownership and
-        // mode follow the device, not the caller.
-        if size.is_some_and(|s| s != dev.size()) || mode.is_some() || uid.is_some() || gid.is_some()
-        {
-            return reply.error(Errno::EPERM);
+        let owner = mode.is_some() || uid.is_some() || gid.is_some();
+        match self.0.setattr(ino.0, size, owner) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
-        reply.attr(&TTL, &self.attr(ino, Some(&dev)));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let dev = match self.device(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        if flags.acc_mode() != OpenAccMode::O_RDONLY && dev.read_only() {
-            return reply.error(Errno::EROFS);
+        match self.0.open(ino.0, flags.0) {
+            Ok(None) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            Ok(Some(id)) => {
+                // SAFETY: `id` was opened on this connection and stays open
+                // for the life of the mount (released again by into_raw).
+                let backing = unsafe { reply.wrap_backing(id) };
+                reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &backing);
+                let _ = backing.into_raw();
+            }
+            Err(e) => reply.error(e),
         }
-        if dev.passthrough() {
-            return self.open_passthrough(ino, &dev, reply);
-        }
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
     }
 
     fn read(
@@ -281,7 +491,7 @@ impl Filesystem for BlkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let dev = match self.device(ino) {
+        let dev = match self.0.device(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -307,7 +517,7 @@ impl Filesystem for BlkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let dev = match self.device(ino) {
+        let dev = match self.0.device(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -334,7 +544,7 @@ impl Filesystem for BlkFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.device(ino) {
+        match self.0.device(ino.0) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -348,7 +558,7 @@ impl Filesystem for BlkFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let dev = match self.device(ino) {
+        let dev = match self.0.device(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
@@ -366,17 +576,17 @@ impl Filesystem for BlkFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino != INodeNo::ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries = vec![(INodeNo::ROOT, FileType::Directory, ".".to_string())];
-        entries.push((INodeNo::ROOT, FileType::Directory, "..".to_string()));
-        for d in self.engine.graph.devices() {
-            let id = d.id.clone();
-            entries.push((self.inode_of(d), FileType::RegularFile, id));
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(ino, i as u64 + 1, kind, name) {
+        let entries = match self.0.readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (ino, dir, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let kind = if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                 break;
             }
         }
@@ -393,48 +603,20 @@ impl Filesystem for BlkFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let dev = match self.device(ino) {
+        let dev = match self.0.device(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        let done: blkfs_engine::drivers::Done<()> = Box::new(move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        });
-        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let in_range = offset
-            .checked_add(length)
-            .is_some_and(|end| end <= dev.size());
-        let zeroing = mode == PUNCH
-            || mode == libc::FALLOC_FL_ZERO_RANGE
-            || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-        if zeroing && !in_range {
-            // A device cannot grow through fallocate, nor be zeroed past its end.
-            return done(Err(Error::io(
-                libc::EINVAL,
-                "fallocate range crosses the end of the device",
-            )));
-        }
-        match mode {
-            // The range must read back as zeroes; it is deallocated only
-            // when the device's discard option is unmap.
-            PUNCH => dev.write_zeroes(offset, length, true, done),
-            m if m == libc::FALLOC_FL_ZERO_RANGE
-                || m == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE =>
-            {
-                dev.write_zeroes(offset, length, false, done)
-            }
-            // Plain preallocation inside the device: the space already exists.
-            0 | libc::FALLOC_FL_KEEP_SIZE if in_range => done(Ok(())),
-            0 | libc::FALLOC_FL_KEEP_SIZE => done(Err(Error::io(
-                libc::EOPNOTSUPP,
-                "devices are resized with block_resize, not fallocate",
-            ))),
-            _ => done(Err(Error::io(
-                libc::EOPNOTSUPP,
-                "unsupported fallocate mode",
-            ))),
-        }
+        fallocate(
+            &dev,
+            offset,
+            length,
+            mode,
+            Box::new(move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
     }
 
     /// Devices have no extended attributes. ENOSYS (not ENODATA) makes the
@@ -468,23 +650,7 @@ impl Filesystem for BlkFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let dev = match self.device(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        if offset < 0 {
-            return reply.error(Errno::EINVAL);
-        }
-        let offset = offset as u64;
-        if offset >= dev.size() && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
-            return reply.error(Errno::ENXIO);
-        }
-        let r = match whence {
-            libc::SEEK_DATA => self.seek(&dev, offset, true),
-            libc::SEEK_HOLE => self.seek(&dev, offset, false),
-            _ => Err(Errno::EINVAL),
-        };
-        match r {
+        match self.0.lseek(ino.0, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(e),
         }

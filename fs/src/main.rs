@@ -3,7 +3,9 @@
 
 mod demo;
 mod fuse;
+mod fuse_abi;
 mod qmp_server;
+mod ring;
 
 use blkfs_engine::options::BlockdevOptions;
 use blkfs_engine::Engine;
@@ -34,6 +36,10 @@ struct Cli {
     /// FUSE reader threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// How FUSE requests reach the daemon: io_uring where the kernel offers
+    /// it (auto), io_uring or fail (uring), or /dev/fuse reads (dev).
+    #[arg(long, value_enum, env = "BLKFS_TRANSPORT", default_value = "auto")]
+    transport: fuse::Transport,
 }
 
 fn main() -> ExitCode {
@@ -84,11 +90,12 @@ fn run(mut cli: Cli) -> Result<(), String> {
     ];
     config.n_threads = Some(cli.threads as usize);
     config.clone_fd = true;
-    let fs = fuse::BlkFs::new(engine.clone());
-    let listener = fs.resize_listener();
-    let session = fuser::Session::new(fs, &mount, &config)
+    let export = fuse::Export::new(engine.clone(), cli.transport);
+    let listener = export.resize_listener();
+    let session = fuser::Session::new(fuse::BlkFs(export.clone()), &mount, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.display()))?;
     engine.graph.on_resize(listener(session.notifier()));
+    let transport = export.connect(&session)?;
     let background = session
         .spawn()
         .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
@@ -100,7 +107,7 @@ fn run(mut cli: Cli) -> Result<(), String> {
         demo::print_usage(&mount, &socket);
     }
     log::info!(
-        "ready: {} devices under {}, QMP on {}",
+        "ready: {} devices under {}, QMP on {}, FUSE transport {transport}",
         engine.graph.devices().len(),
         mount.display(),
         socket.display()

@@ -1,0 +1,513 @@
+//! FUSE over io_uring (Linux 6.14+): the kernel hands requests to buffers
+//! registered on one io_uring per queue, and takes each answer together
+//! with the fetch of the next request, so there is no read(2)/writev(2)
+//! round trip on /dev/fuse per request. FORGET and INTERRUPT still arrive
+//! on /dev/fuse, where fuser's readers keep serving them.
+//!
+//! The kernel has a queue per possible CPU and routes a request to the
+//! queue of the CPU its caller runs on. Each queue here is a thread that
+//! owns a ring: it registers the entries, decodes requests, starts the
+//! engine I/O and submits every answer. Completions that finish on other
+//! threads only push their answer under the ring's lock and wake the queue
+//! thread through an eventfd: the SQE that fetches the next request must be
+//! submitted by a thread that lives as long as the ring, because the kernel
+//! copies the next request in that thread's context.
+//!
+//! An entry belongs to the kernel from its REGISTER or COMMIT until its
+//! completion, then to the daemon until its answer is pushed. Its buffers
+//! are touched only by the daemon-side owner of the moment.
+
+use crate::fuse::Export;
+use crate::fuse_abi::{self as abi, Op};
+use io_uring::{opcode, squeue::Entry128, types, IoUring};
+use parking_lot::Mutex;
+use std::cell::Cell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Entries per queue: one request each. A single fio job at QD32 lands on
+/// one CPU's queue, so a queue must hold that many on its own.
+pub const DEPTH: usize = 32;
+const HEADER_STRIDE: usize = 512;
+const REGISTER: u32 = 1;
+const COMMIT_AND_FETCH: u32 = 2;
+const WAKE: u64 = u64::MAX;
+
+/// Queues created when the kernel offered the transport at INIT; they
+/// start serving once the session's /dev/fuse descriptor is known.
+pub struct Prepared {
+    queues: Vec<Queue>,
+}
+
+/// How many queues the kernel expects: one per possible CPU.
+fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.parse().map_err(io::Error::other)?,
+            b.parse().map_err(io::Error::other)?,
+        );
+        n = n.max(b + 1).max(a + 1);
+    }
+    Ok(n)
+}
+
+impl Prepared {
+    /// Creates a ring, buffers and a wake-up eventfd for each possible CPU.
+    pub fn new(payload_len: usize) -> io::Result<Prepared> {
+        let n = possible_cpus()?;
+        let qid_max = u16::MAX as usize;
+        if n == 0 || n > qid_max {
+            return Err(io::Error::other(format!("{n} possible CPUs")));
+        }
+        let queues = (0..n)
+            .map(|qid| Queue::new(qid as u16, payload_len))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Prepared { queues })
+    }
+
+    /// Registers every queue's entries, each from its own thread (queue 0
+    /// first), and serves requests until the connection ends.
+    pub fn start(self, dev_fd: RawFd, export: Arc<Export>) -> io::Result<()> {
+        let count = self.queues.len();
+        for mut q in self.queues {
+            q.dev_fd = dev_fd;
+            let q = Arc::new(Running {
+                q,
+                export: export.clone(),
+            });
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            std::thread::Builder::new()
+                .name(format!("blkfs-fuse-q{}", q.q.qid))
+                .spawn(move || q.run(tx))?;
+            rx.recv()
+                .map_err(|_| io::Error::other("a FUSE queue thread ended at start"))??;
+        }
+        log::info!("FUSE transport: io_uring, {count} queues of {DEPTH} entries");
+        Ok(())
+    }
+}
+
+/// Anonymous memory the kernel copies requests into; freed only with the
+/// queue, after every entry has left the kernel.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: raw.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this length, owned by this value alone.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+struct Entry {
+    /// Header and payload buffers, as REGISTER hands them to the kernel.
+    iov: [libc::iovec; 2],
+    commit_id: AtomicU64,
+}
+
+struct Queue {
+    qid: u16,
+    dev_fd: RawFd,
+    ring: IoUring<Entry128>,
+    /// Entries are pushed onto the submission queue only under this lock.
+    sq: Mutex<()>,
+    entries: Vec<Entry>,
+    _headers: Mapping,
+    _payloads: Mapping,
+    wake_fd: OwnedFd,
+    /// A wake-up is on its way: completions need not write the eventfd.
+    wake_pending: AtomicBool,
+    wake_buf: Box<AtomicU64>,
+}
+
+// SAFETY: the raw buffer pointers in `entries` are used by one owner at a
+// time (see the module comment); the ring's queues are shared under `sq`
+// (submission) or by the queue thread alone (completion).
+unsafe impl Send for Queue {}
+// SAFETY: as above.
+unsafe impl Sync for Queue {}
+
+thread_local! {
+    /// The queue this thread serves, if it is a queue thread.
+    static SERVING: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Queue {
+    fn new(qid: u16, payload_len: usize) -> io::Result<Queue> {
+        let ring = IoUring::<Entry128>::builder().build((2 * DEPTH + 2) as u32)?;
+        let headers = Mapping::new(DEPTH * HEADER_STRIDE)?;
+        let payloads = Mapping::new(DEPTH * payload_len)?;
+        let entries = (0..DEPTH)
+            .map(|i| Entry {
+                iov: [
+                    libc::iovec {
+                        // SAFETY: within the header mapping (DEPTH strides).
+                        iov_base: unsafe { headers.ptr.add(i * HEADER_STRIDE) }.cast(),
+                        iov_len: abi::RING_HEADER_LEN,
+                    },
+                    libc::iovec {
+                        // SAFETY: within the payload mapping (DEPTH buffers).
+                        iov_base: unsafe { payloads.ptr.add(i * payload_len) }.cast(),
+                        iov_len: payload_len,
+                    },
+                ],
+                commit_id: AtomicU64::new(0),
+            })
+            .collect();
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Queue {
+            qid,
+            dev_fd: -1,
+            ring,
+            sq: Mutex::new(()),
+            entries,
+            _headers: headers,
+            _payloads: payloads,
+            // SAFETY: fd is a new descriptor owned by nobody else.
+            wake_fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            wake_pending: AtomicBool::new(false),
+            wake_buf: Box::default(),
+        })
+    }
+
+    /// The header buffer of an entry the daemon owns.
+    #[allow(clippy::mut_from_ref)]
+    fn header(&self, idx: usize) -> &mut [u8] {
+        let iov = &self.entries[idx].iov[0];
+        // SAFETY: the caller owns the entry (it is not in the kernel), so
+        // nothing else reads or writes these bytes until it is committed.
+        unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast(), iov.iov_len) }
+    }
+
+    /// The payload buffer of an entry the daemon owns.
+    #[allow(clippy::mut_from_ref)]
+    fn payload(&self, idx: usize) -> &mut [u8] {
+        let iov = &self.entries[idx].iov[1];
+        // SAFETY: as in `header`.
+        unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast(), iov.iov_len) }
+    }
+
+    fn cmd(&self, op: u32, idx: usize, commit_id: u64) -> Entry128 {
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
+        cmd[16..18].copy_from_slice(&self.qid.to_le_bytes());
+        let addr = (op == REGISTER).then(|| self.entries[idx].iov.as_ptr() as u64);
+        let sqe = opcode::UringCmd80::new(types::Fd(self.dev_fd), op)
+            .cmd(cmd)
+            .addr(addr)
+            .build()
+            .user_data(idx as u64);
+        if op == REGISTER {
+            with_len(sqe, 2)
+        } else {
+            sqe
+        }
+    }
+
+    fn push(&self, sqe: &Entry128) {
+        loop {
+            {
+                let _g = self.sq.lock();
+                // SAFETY: pushes are serialised by `sq`; the entry refers to
+                // buffers that outlive the ring (owned by this queue).
+                if unsafe { self.ring.submission_shared().push(sqe) }.is_ok() {
+                    return;
+                }
+            }
+            // Full: never with one SQE per entry plus the wake-up, but do
+            // not lose an answer if it happens.
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn arm_wake(&self) {
+        let sqe = opcode::Read::new(
+            types::Fd(self.wake_fd.as_raw_fd()),
+            self.wake_buf.as_ptr().cast(),
+            8,
+        )
+        .build()
+        .user_data(WAKE);
+        self.push(&Entry128::from(sqe));
+    }
+
+    /// Answers the request in entry `idx` and fetches the next one.
+    fn answer(&self, idx: usize, unique: u64, result: Result<usize, i32>) {
+        abi::put_reply(self.header(idx), unique, result);
+        let commit_id = self.entries[idx].commit_id.load(Ordering::Relaxed);
+        self.push(&self.cmd(COMMIT_AND_FETCH, idx, commit_id));
+        if SERVING.get() == self as *const Queue as usize {
+            return; // the loop submits it before it sleeps
+        }
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a local to an eventfd we own.
+            unsafe { libc::write(self.wake_fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+}
+
+/// Sets `sqe.len`, which the crate's URING_CMD builder does not expose.
+fn with_len(sqe: Entry128, len: u32) -> Entry128 {
+    const _: () = assert!(std::mem::size_of::<Entry128>() == 128);
+    // SAFETY: Entry128 is repr(C): a 64-byte io_uring_sqe of plain integers
+    // followed by 64 command bytes, so every bit pattern is valid; `len` is
+    // the u32 at byte 24 of io_uring_sqe.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 128], Entry128>(raw) }
+}
+
+struct Running {
+    q: Queue,
+    export: Arc<Export>,
+}
+
+impl Running {
+    fn run(self: Arc<Self>, started: crossbeam_channel::Sender<io::Result<()>>) {
+        let q = &self.q;
+        SERVING.set(q as *const Queue as usize);
+        for idx in 0..DEPTH {
+            q.push(&q.cmd(REGISTER, idx, 0));
+        }
+        q.arm_wake();
+        let first = q.ring.submit();
+        let _ = started.send(first.map(|_| ()));
+        let mut dead = 0;
+        let mut ready = Vec::with_capacity(2 * DEPTH);
+        while dead < DEPTH {
+            match q.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: drain it below.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    log::error!("FUSE queue {}: io_uring_enter: {e}", q.qid);
+                    return;
+                }
+            }
+            // SAFETY: only this thread reads the completion queue.
+            ready
+                .extend(unsafe { q.ring.completion_shared() }.map(|c| (c.user_data(), c.result())));
+            for (tag, res) in ready.drain(..) {
+                if tag == WAKE {
+                    q.wake_pending.store(false, Ordering::Release);
+                    q.arm_wake();
+                    continue;
+                }
+                let idx = tag as usize;
+                match -res {
+                    0 => self.serve(idx),
+                    // REGISTER before the INIT reply was processed.
+                    libc::EAGAIN | libc::EINTR => q.push(&q.cmd(REGISTER, idx, 0)),
+                    // The connection is gone (unmount or abort).
+                    libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED => dead += 1,
+                    e => {
+                        log::error!(
+                            "FUSE queue {} entry {idx}: {}",
+                            q.qid,
+                            io::Error::from_raw_os_error(e)
+                        );
+                        dead += 1;
+                    }
+                }
+            }
+        }
+        log::debug!("FUSE queue {}: connection ended", q.qid);
+    }
+
+    /// Serves the request that just arrived in entry `idx`.
+    fn serve(self: &Arc<Self>, idx: usize) {
+        let q = &self.q;
+        let hdr = q.header(idx);
+        let Some(h) = abi::in_header(hdr) else {
+            return log::error!("FUSE queue {}: short request header", q.qid);
+        };
+        q.entries[idx]
+            .commit_id
+            .store(abi::commit_id(hdr).unwrap_or(h.unique), Ordering::Relaxed);
+        let psz = abi::payload_size(hdr).unwrap_or(0) as usize;
+        let payload = q.payload(idx);
+        let Some(args) = payload.get(..psz) else {
+            return q.answer(idx, h.unique, Err(libc::EIO));
+        };
+        let op = match abi::decode(hdr, args) {
+            Ok((_, op)) => op,
+            Err(e) => return q.answer(idx, h.unique, Err(e)),
+        };
+        let ex = &self.export;
+        let ino = h.nodeid;
+        let result = match op {
+            Op::Lookup { name } => ex
+                .lookup(ino, name)
+                .map(|a| abi::entry_out(q.payload(idx), &Export::wire_attr(&a))),
+            Op::Getattr | Op::Setattr { valid: 0, .. } => ex
+                .getattr(ino)
+                .map(|a| abi::attr_out(q.payload(idx), &Export::wire_attr(&a))),
+            Op::Setattr { valid, size } => {
+                let size = (valid & abi::FATTR_SIZE != 0).then_some(size);
+                let owner = valid & (abi::FATTR_MODE | abi::FATTR_UID | abi::FATTR_GID) != 0;
+                ex.setattr(ino, size, owner)
+                    .map(|a| abi::attr_out(q.payload(idx), &Export::wire_attr(&a)))
+            }
+            Op::Open { flags } => ex.open(ino, flags as i32).map(|backing| match backing {
+                Some(id) => abi::open_out(q.payload(idx), abi::FOPEN_PASSTHROUGH, id),
+                None => abi::open_out(
+                    q.payload(idx),
+                    abi::FOPEN_DIRECT_IO | abi::FOPEN_PARALLEL_DIRECT_WRITES,
+                    0,
+                ),
+            }),
+            Op::Read { offset, size } => return self.read(idx, h.unique, ino, offset, size),
+            Op::Write { offset, data } => return self.write(idx, h.unique, ino, offset, data),
+            Op::Fsync => return self.fsync(idx, h.unique, ino),
+            Op::Fallocate {
+                offset,
+                length,
+                mode,
+            } => return self.fallocate(idx, h.unique, ino, offset, length, mode),
+            Op::Statfs => Ok(abi::statfs_out(q.payload(idx))),
+            Op::Flush => ex.device(ino).map(|_| 0),
+            Op::Opendir => Ok(abi::open_out(q.payload(idx), 0, 0)),
+            Op::Release | Op::Releasedir | Op::Destroy => Ok(0),
+            Op::Readdir { offset, size } => ex.readdir(ino).map(|entries| {
+                let out = q.payload(idx);
+                let limit = (size as usize).min(out.len());
+                let out = &mut out[..limit];
+                let mut end = 0;
+                for (i, (ino, dir, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    let kind = if *dir { abi::DT_DIR } else { abi::DT_REG };
+                    match abi::dirent(out, end, *ino, i as u64 + 1, kind, name.as_bytes()) {
+                        Some(e) => end = e,
+                        None => break,
+                    }
+                }
+                end
+            }),
+            // No extended attributes; ENOSYS stops the kernel asking before
+            // every write.
+            Op::Getxattr { .. } => Err(fuser::Errno::ENOSYS),
+            Op::Listxattr { size: 0 } => Ok(abi::xattr_size_out(q.payload(idx), 0)),
+            Op::Listxattr { .. } => Ok(0),
+            Op::Lseek { offset, whence } => ex
+                .lseek(ino, offset as i64, whence as i32)
+                .map(|pos| abi::lseek_out(q.payload(idx), pos)),
+            Op::Other(_) => Err(fuser::Errno::ENOSYS),
+        };
+        q.answer(idx, h.unique, result.map_err(|e| e.code()))
+    }
+
+    fn read(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, size: u32) {
+        let q = &self.q;
+        let dev = match self.export.device(ino) {
+            Ok(d) => d,
+            Err(e) => return q.answer(idx, unique, Err(e.code())),
+        };
+        let size = (size as usize).min(q.payload(idx).len());
+        let me = self.clone();
+        dev.read(
+            offset,
+            size,
+            Box::new(move |r| {
+                let q = &me.q;
+                let result = r.map(|buf| {
+                    q.payload(idx)[..buf.len()].copy_from_slice(&buf);
+                    buf.len()
+                });
+                q.answer(idx, unique, result.map_err(|e| e.errno()))
+            }),
+        );
+    }
+
+    fn write(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, data: &[u8]) {
+        let q = &self.q;
+        let dev = match self.export.device(ino) {
+            Ok(d) => d,
+            Err(e) => return q.answer(idx, unique, Err(e.code())),
+        };
+        let len = data.len() as u32;
+        let me = self.clone();
+        dev.write(
+            offset,
+            blkfs_engine::io::Buf::from_slice(data),
+            Box::new(move |r| {
+                let q = &me.q;
+                let result = r.map(|_| abi::write_out(q.payload(idx), len));
+                q.answer(idx, unique, result.map_err(|e| e.errno()))
+            }),
+        );
+    }
+
+    fn fsync(self: &Arc<Self>, idx: usize, unique: u64, ino: u64) {
+        let q = &self.q;
+        let dev = match self.export.device(ino) {
+            Ok(d) => d,
+            Err(e) => return q.answer(idx, unique, Err(e.code())),
+        };
+        let me = self.clone();
+        dev.flush(Box::new(move |r| {
+            me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
+        }));
+    }
+
+    fn fallocate(
+        self: &Arc<Self>,
+        idx: usize,
+        unique: u64,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) {
+        let q = &self.q;
+        let dev = match self.export.device(ino) {
+            Ok(d) => d,
+            Err(e) => return q.answer(idx, unique, Err(e.code())),
+        };
+        let me = self.clone();
+        crate::fuse::fallocate(
+            &dev,
+            offset,
+            length,
+            mode as i32,
+            Box::new(move |r| {
+                me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
+            }),
+        );
+    }
+}

@@ -5,9 +5,12 @@
 #   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
 #                    [--aio native|threads] [--threads N] [--only 4k|1M|lat]
 #                    [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]
+#                    [--transport auto|uring|dev]
 #
 # --blkfs-opts: extra options on blkfs's device (e.g. werror=report, or
 # x-passthrough=on for kernel passthrough of a raw file).
+# --transport: how FUSE requests reach blkfs (io_uring queues or /dev/fuse
+# reads; auto takes io_uring where the kernel offers it).
 # --format qcow2: the image converted to qcow2 (every cluster allocated);
 # chainN: the raw image below N empty qcow2 overlays (reads go N deep).
 #
@@ -28,6 +31,7 @@ cache=direct
 aio=native
 threads=2
 extra=
+transport=auto
 while [ $# -gt 0 ]; do
     case "$1" in
         --runtime) runtime=$2; shift 2 ;;
@@ -38,7 +42,8 @@ while [ $# -gt 0 ]; do
         --only) only=$2; shift 2 ;;
         --format) format=$2; shift 2 ;;
         --blkfs-opts) extra=",$2"; shift 2 ;;
-        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M|lat] [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]" >&2; exit 2 ;;
+        --transport) transport=$2; shift 2 ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M|lat] [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...] [--transport auto|uring|dev]" >&2; exit 2 ;;
     esac
 done
 direct=$([ "$cache" = direct ] && echo on || echo off)
@@ -98,7 +103,7 @@ qemu-storage-daemon \
 pids+=($!)
 wait_for "$work/qsd.sock"
 
-target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" \
+target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads "$threads" --transport "$transport" \
     --blockdev "driver=$drv,id=d0,cache.direct=$direct,file.driver=file,file.filename=$top,file.aio=$aio,file.locking=off$extra" &
 pids+=($!)
 wait_for "$work/blkfs.sock"

@@ -5,9 +5,11 @@
 //! on /dev/fuse, where fuser's readers keep serving them.
 //!
 //! The kernel has a queue per possible CPU and routes a request to the
-//! queue of the CPU its caller runs on. Each queue here is a thread that
-//! owns a ring: it registers the entries, decodes requests, starts the
-//! engine I/O and submits every answer. Completions that finish on other
+//! queue of the CPU its caller runs on. Entries of one queue may come from
+//! any ring, so each worker thread here owns a ring with entries on every
+//! queue: a single busy caller (one fio job) keeps all workers busy, not
+//! only the one of its CPU. A worker registers its entries, decodes
+//! requests, starts the engine I/O and submits every answer. Completions that finish on other
 //! threads only push their answer under the ring's lock and wake the queue
 //! thread through an eventfd: the SQE that fetches the next request must be
 //! submitted by a thread that lives as long as the ring, because the kernel
@@ -27,9 +29,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Entries per queue: one request each. A single fio job at QD32 lands on
-/// one CPU's queue, so a queue must hold that many on its own.
-pub const DEPTH: usize = 32;
+/// Entries per kernel queue (over all workers): one request each. A single
+/// fio job at QD32 lands on one CPU's queue, so a queue must hold that many
+/// on its own; machines with many CPUs get fewer per queue.
+const QUEUE_DEPTH: usize = 32;
+const TOTAL_ENTRIES: usize = 256;
+const MAX_WORKERS: usize = 8;
 const HEADER_STRIDE: usize = 512;
 const REGISTER: u32 = 1;
 const COMMIT_AND_FETCH: u32 = 2;
@@ -38,7 +43,9 @@ const WAKE: u64 = u64::MAX;
 /// Queues created when the kernel offered the transport at INIT; they
 /// start serving once the session's /dev/fuse descriptor is known.
 pub struct Prepared {
-    queues: Vec<Queue>,
+    workers: Vec<Worker>,
+    queues: usize,
+    per_queue: usize,
 }
 
 /// How many queues the kernel expects: one per possible CPU.
@@ -59,22 +66,27 @@ fn possible_cpus() -> io::Result<usize> {
 impl Prepared {
     /// Creates a ring, buffers and a wake-up eventfd for each possible CPU.
     pub fn new(payload_len: usize) -> io::Result<Prepared> {
-        let n = possible_cpus()?;
-        let qid_max = u16::MAX as usize;
-        if n == 0 || n > qid_max {
-            return Err(io::Error::other(format!("{n} possible CPUs")));
+        let queues = possible_cpus()?;
+        if queues == 0 || queues > u16::MAX as usize {
+            return Err(io::Error::other(format!("{queues} possible CPUs")));
         }
-        let queues = (0..n)
-            .map(|qid| Queue::new(qid as u16, payload_len))
+        let workers = queues.min(MAX_WORKERS);
+        let per_worker = (TOTAL_ENTRIES / queues).clamp(4, QUEUE_DEPTH).div_ceil(workers);
+        let workers = (0..workers)
+            .map(|w| Worker::new(w, queues, per_worker, payload_len))
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Prepared { queues })
+        Ok(Prepared {
+            per_queue: per_worker * workers.len(),
+            workers,
+            queues,
+        })
     }
 
-    /// Registers every queue's entries, each from its own thread (queue 0
-    /// first), and serves requests until the connection ends.
+    /// Registers the entries, each worker from its own thread (the first
+    /// one's first), and serves requests until the connection ends.
     pub fn start(self, dev_fd: RawFd, export: Arc<Export>) -> io::Result<()> {
-        let count = self.queues.len();
-        for mut q in self.queues {
+        let workers = self.workers.len();
+        for mut q in self.workers {
             q.dev_fd = dev_fd;
             let q = Arc::new(Running {
                 q,
@@ -82,12 +94,16 @@ impl Prepared {
             });
             let (tx, rx) = crossbeam_channel::bounded(1);
             std::thread::Builder::new()
-                .name(format!("blkfs-fuse-q{}", q.q.qid))
+                .name(format!("blkfs-fuse-{}", q.q.id))
                 .spawn(move || q.run(tx))?;
             rx.recv()
-                .map_err(|_| io::Error::other("a FUSE queue thread ended at start"))??;
+                .map_err(|_| io::Error::other("a FUSE worker thread ended at start"))??;
         }
-        log::info!("FUSE transport: io_uring, {count} queues of {DEPTH} entries");
+        log::info!(
+            "FUSE transport: io_uring, {} queues of {} entries, {workers} worker threads",
+            self.queues,
+            self.per_queue
+        );
         Ok(())
     }
 }
@@ -130,13 +146,14 @@ impl Drop for Mapping {
 }
 
 struct Entry {
+    qid: u16,
     /// Header and payload buffers, as REGISTER hands them to the kernel.
     iov: [libc::iovec; 2],
     commit_id: AtomicU64,
 }
 
-struct Queue {
-    qid: u16,
+struct Worker {
+    id: usize,
     dev_fd: RawFd,
     ring: IoUring<Entry128>,
     /// Entries are pushed onto the submission queue only under this lock.
@@ -153,30 +170,32 @@ struct Queue {
 // SAFETY: the raw buffer pointers in `entries` are used by one owner at a
 // time (see the module comment); the ring's queues are shared under `sq`
 // (submission) or by the queue thread alone (completion).
-unsafe impl Send for Queue {}
+unsafe impl Send for Worker {}
 // SAFETY: as above.
-unsafe impl Sync for Queue {}
+unsafe impl Sync for Worker {}
 
 thread_local! {
-    /// The queue this thread serves, if it is a queue thread.
+    /// The worker this thread is, if it is one.
     static SERVING: Cell<usize> = const { Cell::new(0) };
 }
 
-impl Queue {
-    fn new(qid: u16, payload_len: usize) -> io::Result<Queue> {
-        let ring = IoUring::<Entry128>::builder().build((2 * DEPTH + 2) as u32)?;
-        let headers = Mapping::new(DEPTH * HEADER_STRIDE)?;
-        let payloads = Mapping::new(DEPTH * payload_len)?;
-        let entries = (0..DEPTH)
+impl Worker {
+    fn new(id: usize, queues: usize, per_queue: usize, payload_len: usize) -> io::Result<Worker> {
+        let n = queues * per_queue;
+        let ring = IoUring::<Entry128>::builder().build((2 * n + 2).next_power_of_two() as u32)?;
+        let headers = Mapping::new(n * HEADER_STRIDE)?;
+        let payloads = Mapping::new(n * payload_len)?;
+        let entries = (0..n)
             .map(|i| Entry {
+                qid: (i % queues) as u16,
                 iov: [
                     libc::iovec {
-                        // SAFETY: within the header mapping (DEPTH strides).
+                        // SAFETY: within the header mapping (n strides).
                         iov_base: unsafe { headers.ptr.add(i * HEADER_STRIDE) }.cast(),
                         iov_len: abi::RING_HEADER_LEN,
                     },
                     libc::iovec {
-                        // SAFETY: within the payload mapping (DEPTH buffers).
+                        // SAFETY: within the payload mapping (n buffers).
                         iov_base: unsafe { payloads.ptr.add(i * payload_len) }.cast(),
                         iov_len: payload_len,
                     },
@@ -189,8 +208,8 @@ impl Queue {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Queue {
-            qid,
+        Ok(Worker {
+            id,
             dev_fd: -1,
             ring,
             sq: Mutex::new(()),
@@ -224,7 +243,7 @@ impl Queue {
     fn cmd(&self, op: u32, idx: usize, commit_id: u64) -> Entry128 {
         let mut cmd = [0u8; 80];
         cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
-        cmd[16..18].copy_from_slice(&self.qid.to_le_bytes());
+        cmd[16..18].copy_from_slice(&self.entries[idx].qid.to_le_bytes());
         let addr = (op == REGISTER).then(|| self.entries[idx].iov.as_ptr() as u64);
         let sqe = opcode::UringCmd80::new(types::Fd(self.dev_fd), op)
             .cmd(cmd)
@@ -270,7 +289,7 @@ impl Queue {
         abi::put_reply(self.header(idx), unique, result);
         let commit_id = self.entries[idx].commit_id.load(Ordering::Relaxed);
         self.push(&self.cmd(COMMIT_AND_FETCH, idx, commit_id));
-        if SERVING.get() == self as *const Queue as usize {
+        if SERVING.get() == self as *const Worker as usize {
             return; // the loop submits it before it sleeps
         }
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
@@ -294,30 +313,31 @@ fn with_len(sqe: Entry128, len: u32) -> Entry128 {
 }
 
 struct Running {
-    q: Queue,
+    q: Worker,
     export: Arc<Export>,
 }
 
 impl Running {
     fn run(self: Arc<Self>, started: crossbeam_channel::Sender<io::Result<()>>) {
         let q = &self.q;
-        SERVING.set(q as *const Queue as usize);
-        for idx in 0..DEPTH {
+        SERVING.set(q as *const Worker as usize);
+        let n = q.entries.len();
+        for idx in 0..n {
             q.push(&q.cmd(REGISTER, idx, 0));
         }
         q.arm_wake();
         let first = q.ring.submit();
         let _ = started.send(first.map(|_| ()));
         let mut dead = 0;
-        let mut ready = Vec::with_capacity(2 * DEPTH);
-        while dead < DEPTH {
+        let mut ready = Vec::with_capacity(2 * n);
+        while dead < n {
             match q.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // The completion queue is full: drain it below.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
-                    log::error!("FUSE queue {}: io_uring_enter: {e}", q.qid);
+                    log::error!("FUSE worker {}: io_uring_enter: {e}", q.id);
                     return;
                 }
             }
@@ -339,8 +359,8 @@ impl Running {
                     libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED => dead += 1,
                     e => {
                         log::error!(
-                            "FUSE queue {} entry {idx}: {}",
-                            q.qid,
+                            "FUSE worker {} entry {idx}: {}",
+                            q.id,
                             io::Error::from_raw_os_error(e)
                         );
                         dead += 1;
@@ -348,7 +368,7 @@ impl Running {
                 }
             }
         }
-        log::debug!("FUSE queue {}: connection ended", q.qid);
+        log::debug!("FUSE worker {}: connection ended", q.id);
     }
 
     /// Serves the request that just arrived in entry `idx`.
@@ -356,7 +376,7 @@ impl Running {
         let q = &self.q;
         let hdr = q.header(idx);
         let Some(h) = abi::in_header(hdr) else {
-            return log::error!("FUSE queue {}: short request header", q.qid);
+            return log::error!("FUSE worker {}: short request header", q.id);
         };
         q.entries[idx]
             .commit_id

@@ -134,6 +134,13 @@ impl Device {
         )))
     }
 
+    /// Whether a read goes straight to a regular file (raw on a file), so
+    /// no step of it waits on the submitting thread: it may go to that
+    /// thread's own ring ([`crate::io::with_local_ring`]).
+    pub fn reads_never_block(&self) -> bool {
+        self.root().driver.passthrough_fd().is_some()
+    }
+
     pub fn root(&self) -> Arc<Node> {
         self.root.read().clone()
     }

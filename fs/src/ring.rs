@@ -21,11 +21,14 @@
 
 use crate::fuse::Export;
 use crate::fuse_abi::{self as abi, Op};
+use blkfs_engine::io::uring::{Reaped, Slots};
+use blkfs_engine::io::{IoDone, IoReq, LocalRing};
 use io_uring::{opcode, squeue::Entry128, types, IoUring};
 use parking_lot::Mutex;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -39,6 +42,8 @@ const HEADER_STRIDE: usize = 512;
 const REGISTER: u32 = 1;
 const COMMIT_AND_FETCH: u32 = 2;
 const WAKE: u64 = u64::MAX;
+/// Tag of the disk requests a worker runs on its own ring.
+const DISK: u64 = 1 << 62;
 
 /// Queues created when the kernel offered the transport at INIT; they
 /// start serving once the session's /dev/fuse descriptor is known.
@@ -71,7 +76,9 @@ impl Prepared {
             return Err(io::Error::other(format!("{queues} possible CPUs")));
         }
         let workers = queues.min(MAX_WORKERS);
-        let per_worker = (TOTAL_ENTRIES / queues).clamp(4, QUEUE_DEPTH).div_ceil(workers);
+        let per_worker = (TOTAL_ENTRIES / queues)
+            .clamp(4, QUEUE_DEPTH)
+            .div_ceil(workers);
         let workers = (0..workers)
             .map(|w| Worker::new(w, queues, per_worker, payload_len))
             .collect::<io::Result<Vec<_>>>()?;
@@ -317,10 +324,47 @@ struct Running {
     export: Arc<Export>,
 }
 
+/// The disk requests a worker submits on its own ring (reads of raw files):
+/// they complete on the worker, which answers at once, with no other
+/// thread woken.
+struct LocalDisk {
+    run: Arc<Running>,
+    slots: RefCell<Slots>,
+}
+
+impl LocalRing for LocalDisk {
+    fn submit(&self, req: IoReq, done: IoDone) {
+        let (idx, sqe) = self.slots.borrow_mut().insert(req, done);
+        self.run
+            .q
+            .push(&Entry128::from(sqe.user_data(DISK | idx as u64)));
+    }
+}
+
+impl LocalDisk {
+    fn reap(&self, idx: usize, res: i32) {
+        let reaped = self.slots.borrow_mut().reap(idx, res);
+        match reaped {
+            Reaped::Again(sqe) => self
+                .run
+                .q
+                .push(&Entry128::from(sqe.user_data(DISK | idx as u64))),
+            // Outside the borrow: the completion may submit again.
+            Reaped::Done(req, cb, r) => cb(req, r),
+            Reaped::Unknown => {}
+        }
+    }
+}
+
 impl Running {
     fn run(self: Arc<Self>, started: crossbeam_channel::Sender<io::Result<()>>) {
         let q = &self.q;
         SERVING.set(q as *const Worker as usize);
+        let disk = Rc::new(LocalDisk {
+            run: self.clone(),
+            slots: RefCell::default(),
+        });
+        blkfs_engine::io::install_local_ring(disk.clone());
         let n = q.entries.len();
         for idx in 0..n {
             q.push(&q.cmd(REGISTER, idx, 0));
@@ -330,7 +374,8 @@ impl Running {
         let _ = started.send(first.map(|_| ()));
         let mut dead = 0;
         let mut ready = Vec::with_capacity(2 * n);
-        while dead < n {
+        // Disk requests still in flight hold buffers the ring writes into.
+        while dead < n || disk.slots.borrow().in_flight() > 0 {
             match q.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -348,6 +393,10 @@ impl Running {
                 if tag == WAKE {
                     q.wake_pending.store(false, Ordering::Release);
                     q.arm_wake();
+                    continue;
+                }
+                if tag & DISK != 0 {
+                    disk.reap((tag & !DISK) as usize, res);
                     continue;
                 }
                 let idx = tag as usize;
@@ -460,18 +509,19 @@ impl Running {
         };
         let size = (size as usize).min(q.payload(idx).len());
         let me = self.clone();
-        dev.read(
-            offset,
-            size,
-            Box::new(move |r| {
-                let q = &me.q;
-                let result = r.map(|buf| {
-                    q.payload(idx)[..buf.len()].copy_from_slice(&buf);
-                    buf.len()
-                });
-                q.answer(idx, unique, result.map_err(|e| e.errno()))
-            }),
-        );
+        let done: blkfs_engine::drivers::Done<blkfs_engine::io::Buf> = Box::new(move |r| {
+            let q = &me.q;
+            let result = r.map(|buf| {
+                q.payload(idx)[..buf.len()].copy_from_slice(&buf);
+                buf.len()
+            });
+            q.answer(idx, unique, result.map_err(|e| e.errno()))
+        });
+        if dev.reads_never_block() {
+            blkfs_engine::io::with_local_ring(|| dev.read(offset, size, done))
+        } else {
+            dev.read(offset, size, done)
+        }
     }
 
     fn write(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, data: &[u8]) {

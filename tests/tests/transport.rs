@@ -63,9 +63,13 @@ fn exercise(transport: &str, name: &str) -> (u64, u64) {
     d.quit();
     let expect = dir.join("expect.raw");
     std::fs::copy(&img, &expect).expect("copy");
-    let g = std::fs::OpenOptions::new().write(true).open(&expect).expect("open");
+    let g = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .expect("open");
     for i in 0..100u64 {
-        g.write_all_at(&data, (4 << 20) + i * 4096).expect("write expect");
+        g.write_all_at(&data, (4 << 20) + i * 4096)
+            .expect("write expect");
     }
     drop(g);
     assert!(
@@ -94,13 +98,24 @@ fn the_io_uring_transport_carries_every_request() {
 #[test]
 fn the_dev_fuse_transport_uses_no_ring() {
     let (before, after) = exercise("dev", "transport-dev");
-    assert_eq!((before, after), (0, 0), "a ring is in use with --transport dev");
+    assert_eq!(
+        (before, after),
+        (0, 0),
+        "a ring is in use with --transport dev"
+    );
 }
 
 #[test]
 fn an_unknown_transport_is_refused() {
     let (code, err) = run_blkfs(
-        &["--mount", "/nonexistent/m", "--qmp", "/nonexistent/q", "--transport", "tcp"],
+        &[
+            "--mount",
+            "/nonexistent/m",
+            "--qmp",
+            "/nonexistent/q",
+            "--transport",
+            "tcp",
+        ],
         std::time::Duration::from_secs(10),
     );
     assert_ne!(code, Some(0));

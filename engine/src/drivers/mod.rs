@@ -211,13 +211,16 @@ pub fn wait<T: Send + 'static>(f: impl FnOnce(Done<T>)) -> Result<T> {
         ));
     }
     let (tx, rx) = crossbeam_channel::bounded(1);
-    f(Box::new(move |r| {
-        let _ = tx.send(r);
-    }));
-    rx.recv().unwrap_or_else(|_| {
-        Err(Error::io(
-            libc::EIO,
-            "request was dropped without completion",
-        ))
+    // The thread blocks here: its I/O must go to rings other threads reap.
+    crate::io::without_local_ring(|| {
+        f(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.recv().unwrap_or_else(|_| {
+            Err(Error::io(
+                libc::EIO,
+                "request was dropped without completion",
+            ))
+        })
     })
 }

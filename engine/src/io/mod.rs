@@ -149,6 +149,49 @@ fn env_count(var: &str, default: usize) -> usize {
 
 thread_local! {
     static COMPLETER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static LOCAL_RING: std::cell::RefCell<Option<std::rc::Rc<dyn LocalRing>>> =
+        const { std::cell::RefCell::new(None) };
+    static LOCAL_ACTIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// An io_uring that a thread owns and reaps itself (a FUSE worker): inside
+/// [`with_local_ring`], that thread's `aio=native` requests go to it and
+/// complete on that thread, with no hand-over to a ring thread.
+pub trait LocalRing {
+    fn submit(&self, req: IoReq, done: IoDone);
+}
+
+/// Gives the calling thread its own ring, for [`with_local_ring`].
+pub fn install_local_ring(ring: std::rc::Rc<dyn LocalRing>) {
+    LOCAL_RING.with(|r| *r.borrow_mut() = Some(ring));
+}
+
+/// Runs `f` with the thread's `aio=native` requests sent to its own ring.
+/// Only for calls that never block: the ring is reaped by this thread, so
+/// a wait here for another request of that ring could never end. The
+/// engine's own waits ([`crate::drivers::wait`]) step out of it.
+pub fn with_local_ring<T>(f: impl FnOnce() -> T) -> T {
+    let was = LOCAL_ACTIVE.with(|a| a.replace(true));
+    let out = f();
+    LOCAL_ACTIVE.with(|a| a.set(was));
+    out
+}
+
+/// Runs `f` with the thread's requests sent to the shared rings (a
+/// blocking wait inside a [`with_local_ring`] call).
+pub(crate) fn without_local_ring<T>(f: impl FnOnce() -> T) -> T {
+    let was = LOCAL_ACTIVE.with(|a| a.replace(false));
+    let out = f();
+    LOCAL_ACTIVE.with(|a| a.set(was));
+    out
+}
+
+/// The calling thread's ring, when a [`with_local_ring`] call is running.
+fn local_ring() -> Option<std::rc::Rc<dyn LocalRing>> {
+    if !LOCAL_ACTIVE.with(|a| a.get()) {
+        return None;
+    }
+    LOCAL_RING.with(|r| r.borrow().clone())
 }
 
 /// Marks the calling thread as one that runs I/O completions (a ring

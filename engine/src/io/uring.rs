@@ -34,6 +34,9 @@ impl Rings {
 
 impl Backend for Rings {
     fn submit(&self, req: IoReq, done: IoDone) {
+        if let Some(local) = super::local_ring() {
+            return local.submit(req, done);
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.rings.len();
         self.rings[i].submit(req, done)
     }
@@ -56,10 +59,90 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    slots: Vec<Option<(IoReq, IoDone)>>,
-    free: Vec<usize>,
+    slots: Slots,
     /// Slots waiting for room in the submission queue.
     backlog: VecDeque<usize>,
+}
+
+/// The requests in flight on a ring, by the `user_data` of their entries.
+#[derive(Default)]
+pub struct Slots {
+    slots: Vec<Option<(IoReq, IoDone)>>,
+    free: Vec<usize>,
+}
+
+/// What a completion means for its request.
+pub enum Reaped {
+    /// A short transfer or a retry: submit this entry for the rest.
+    Again(squeue::Entry),
+    /// Finished: run the completion (outside any lock).
+    Done(IoReq, IoDone, io::Result<()>),
+    /// No request has this slot.
+    Unknown,
+}
+
+impl Slots {
+    /// Takes a request in; returns its slot and its first entry.
+    pub fn insert(&mut self, req: IoReq, done: IoDone) -> (usize, squeue::Entry) {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some((req, done));
+                i
+            }
+            None => {
+                self.slots.push(Some((req, done)));
+                self.slots.len() - 1
+            }
+        };
+        let entry = self
+            .entry(idx)
+            .unwrap_or_else(|| opcode::Nop::new().build());
+        (idx, entry)
+    }
+
+    /// The entry that submits (the rest of) slot `idx`'s request.
+    fn entry(&mut self, idx: usize) -> Option<squeue::Entry> {
+        let (req, _) = self.slots.get_mut(idx)?.as_mut()?;
+        Some(sqe_for(req).user_data(idx as u64))
+    }
+
+    /// Accounts the completion `res` of slot `idx`.
+    pub fn reap(&mut self, idx: usize, res: i32) -> Reaped {
+        let Some((mut req, cb)) = self.slots.get_mut(idx).and_then(Option::take) else {
+            return Reaped::Unknown;
+        };
+        let outcome = if res < 0 {
+            if res == -libc::EAGAIN || res == -libc::EINTR {
+                Ok(false)
+            } else {
+                Err(io::Error::from_raw_os_error(-res))
+            }
+        } else {
+            req.advance(res as usize)
+        };
+        match outcome {
+            Ok(false) => {
+                self.slots[idx] = Some((req, cb));
+                match self.entry(idx) {
+                    Some(e) => Reaped::Again(e),
+                    None => Reaped::Unknown,
+                }
+            }
+            Ok(true) => {
+                self.free.push(idx);
+                Reaped::Done(req, cb, Ok(()))
+            }
+            Err(e) => {
+                self.free.push(idx);
+                Reaped::Done(req, cb, Err(e))
+            }
+        }
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
 }
 
 impl Ring {
@@ -90,8 +173,8 @@ impl Backend for Ring {
         let read = req.kind == OpKind::Read;
         let (pushed, busy) = {
             let mut st = self.shared.state.lock();
-            let busy = st.slots.len() > st.free.len();
-            let idx = st.insert(req, done);
+            let busy = st.slots.in_flight() > 0;
+            let (idx, _) = st.slots.insert(req, done);
             st.backlog.push_back(idx);
             (self.shared.flush_backlog(&mut st), busy)
         };
@@ -102,21 +185,6 @@ impl Backend for Ring {
 
     fn name(&self) -> &'static str {
         "native"
-    }
-}
-
-impl State {
-    fn insert(&mut self, req: IoReq, done: IoDone) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some((req, done));
-                i
-            }
-            None => {
-                self.slots.push(Some((req, done)));
-                self.slots.len() - 1
-            }
-        }
     }
 }
 
@@ -141,11 +209,10 @@ impl Shared {
         let mut sq = unsafe { self.ring.submission_shared() };
         let mut pushed = false;
         while let Some(&idx) = st.backlog.front() {
-            let Some((req, _)) = st.slots[idx].as_mut() else {
+            let Some(entry) = st.slots.entry(idx) else {
                 st.backlog.pop_front();
                 continue;
             };
-            let entry = sqe_for(req).user_data(idx as u64);
             // SAFETY: as above.
             if unsafe { sq.push(&entry) }.is_err() {
                 break;
@@ -168,32 +235,11 @@ impl Shared {
                 // SAFETY: only this thread reads the completion queue.
                 for cqe in unsafe { self.ring.completion_shared() } {
                     let (idx, res) = (cqe.user_data() as usize, cqe.result());
-                    let Some((mut req, cb)) = st.slots.get_mut(idx).and_then(Option::take) else {
-                        continue;
-                    };
-                    let outcome = if res < 0 {
-                        if res == -libc::EAGAIN || res == -libc::EINTR {
-                            Ok(false)
-                        } else {
-                            Err(io::Error::from_raw_os_error(-res))
-                        }
-                    } else {
-                        req.advance(res as usize)
-                    };
-                    match outcome {
-                        // A short transfer or a retry: the rest goes again.
-                        Ok(false) => {
-                            st.slots[idx] = Some((req, cb));
-                            st.backlog.push_back(idx);
-                        }
-                        Ok(true) => {
-                            st.free.push(idx);
-                            finished.push((req, cb, Ok(())));
-                        }
-                        Err(e) => {
-                            st.free.push(idx);
-                            finished.push((req, cb, Err(e)));
-                        }
+                    match st.slots.reap(idx, res) {
+                        // The entry is rebuilt when the backlog is flushed.
+                        Reaped::Again(_) => st.backlog.push_back(idx),
+                        Reaped::Done(req, cb, r) => finished.push((req, cb, r)),
+                        Reaped::Unknown => {}
                     }
                 }
                 self.flush_backlog(&mut st)

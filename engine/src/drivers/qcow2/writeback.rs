@@ -59,6 +59,11 @@ pub fn write_all(file: &Node, mut writes: Vec<Write>) -> Result<()> {
 }
 
 fn write_stage(file: &Node, writes: Vec<Write>) -> Result<()> {
+    // It blocks: its writes must go to rings other threads reap.
+    crate::io::without_local_ring(|| write_stage_blocking(file, writes))
+}
+
+fn write_stage_blocking(file: &Node, writes: Vec<Write>) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }

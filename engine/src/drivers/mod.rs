@@ -102,6 +102,12 @@ pub trait Driver: Send + Sync {
     /// shared batches by the job's flush (or an eviction) instead of one
     /// commit per request. Off again before any guest may write the node.
     fn defer_metadata(&self, _on: bool) {}
+    /// Writes the metadata changes deferred so far (no flush of the file):
+    /// a copy-before-write's target clusters are reachable on disk before
+    /// the guest write it protects goes on.
+    fn commit_metadata(&self, done: Done<()>) {
+        done(Ok(()))
+    }
     /// Leaves the image consistent before the daemon exits (no I/O may follow).
     fn close(&self) -> Result<()> {
         Ok(())

@@ -154,7 +154,9 @@ impl Cbw {
     /// range not copied yet, then lets the write go.
     fn before_write(self: Arc<Self>, offset: u64, len: u64, go: Done<()>) {
         match self.claim(offset, len) {
-            Claim::Go(run) if run.is_empty() => go(Ok(())),
+            // Every cluster is copied: its metadata must be on disk too
+            // (the job's own copies defer it) before the write goes on.
+            Claim::Go(run) if run.is_empty() => self.target.driver.commit_metadata(go),
             Claim::Go(run) => {
                 let me = self.clone();
                 self.copy_run(
@@ -195,15 +197,21 @@ impl Backup {
 
     pub fn run(self, job: &Arc<Job>) -> Ending {
         job.set_len(self.source.size());
+        // The job's own copies write the target's metadata in batches; a
+        // copy-before-write commits it before its guest write goes on, and
+        // the job's end writes the rest (the image stays consistent in
+        // between, as a mirror target does).
+        self.target.driver.defer_metadata(true);
         let ending = self.copy_all(job, &self.cbw);
         // No copy-before-write may reach the target once it is closed.
         if let Err(e) = job.device.set_write_hook(None) {
             log::error!("backup on '{}': {e}", job.device.id);
         }
-        let ending = ending.and_then(|done| {
-            crate::drivers::wait(|d| self.target.flush(d))?;
-            Ok(done)
-        });
+        self.target.driver.defer_metadata(false);
+        // Flushed on every ending, so a failed or cancelled backup's target
+        // is left consistent too.
+        let flushed = crate::drivers::wait(|d| self.target.flush(d));
+        let ending = ending.and_then(|done| flushed.map(|()| done));
         self.graph.forget_chain(Some(self.target.clone()), None);
         match ending {
             Ok(true) => Ending::Completed,

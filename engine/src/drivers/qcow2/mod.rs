@@ -682,6 +682,16 @@ impl Driver for Arc<Qcow2Driver> {
         self.deferred.store(on, Ordering::Release);
     }
 
+    fn commit_metadata(&self, done: Done<()>) {
+        if !self.meta.lock().pending() {
+            return done(Ok(()));
+        }
+        // It waits for metadata writes: never on the caller's thread, which
+        // may be an I/O completion.
+        let me = self.clone();
+        crate::io::spawn_blocking(move || done(me.commit()));
+    }
+
     fn format_name(&self) -> &'static str {
         "qcow2"
     }

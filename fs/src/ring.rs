@@ -22,7 +22,7 @@
 use crate::fuse::Export;
 use crate::fuse_abi::{self as abi, Op};
 use blkfs_engine::io::uring::{Reaped, Slots};
-use blkfs_engine::io::{IoDone, IoReq, LocalRing};
+use blkfs_engine::io::{Buf, IoDone, IoReq, LocalRing};
 use io_uring::{opcode, squeue::Entry128, types, IoUring};
 use parking_lot::Mutex;
 use std::cell::{Cell, RefCell};
@@ -115,43 +115,6 @@ impl Prepared {
     }
 }
 
-/// Anonymous memory the kernel copies requests into; freed only with the
-/// queue, after every entry has left the kernel.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping {
-            ptr: raw.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new` with this length, owned by this value alone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 struct Entry {
     qid: u16,
     /// Header and payload buffers, as REGISTER hands them to the kernel.
@@ -166,8 +129,10 @@ struct Worker {
     /// Entries are pushed onto the submission queue only under this lock.
     sq: Mutex<()>,
     entries: Vec<Entry>,
-    _headers: Mapping,
-    _payloads: Mapping,
+    /// The memory the kernel copies requests into; freed only with the
+    /// worker, after every entry has left the kernel.
+    _headers: Buf,
+    _payloads: Buf,
     wake_fd: OwnedFd,
     /// A wake-up is on its way: completions need not write the eventfd.
     wake_pending: AtomicBool,
@@ -190,20 +155,21 @@ impl Worker {
     fn new(id: usize, queues: usize, per_queue: usize, payload_len: usize) -> io::Result<Worker> {
         let n = queues * per_queue;
         let ring = IoUring::<Entry128>::builder().build((2 * n + 2).next_power_of_two() as u32)?;
-        let headers = Mapping::new(n * HEADER_STRIDE)?;
-        let payloads = Mapping::new(n * payload_len)?;
+        let mut headers = Buf::zeroed(n * HEADER_STRIDE);
+        let mut payloads = Buf::zeroed(n * payload_len);
+        let (hp, pp) = (headers.as_mut_ptr(), payloads.as_mut_ptr());
         let entries = (0..n)
             .map(|i| Entry {
                 qid: (i % queues) as u16,
                 iov: [
                     libc::iovec {
                         // SAFETY: within the header mapping (n strides).
-                        iov_base: unsafe { headers.ptr.add(i * HEADER_STRIDE) }.cast(),
+                        iov_base: unsafe { hp.add(i * HEADER_STRIDE) }.cast(),
                         iov_len: abi::RING_HEADER_LEN,
                     },
                     libc::iovec {
                         // SAFETY: within the payload mapping (n buffers).
-                        iov_base: unsafe { payloads.ptr.add(i * payload_len) }.cast(),
+                        iov_base: unsafe { pp.add(i * payload_len) }.cast(),
                         iov_len: payload_len,
                     },
                 ],
@@ -509,7 +475,7 @@ impl Running {
         };
         let size = (size as usize).min(q.payload(idx).len());
         let me = self.clone();
-        let done: blkfs_engine::drivers::Done<blkfs_engine::io::Buf> = Box::new(move |r| {
+        let done: blkfs_engine::drivers::Done<Buf> = Box::new(move |r| {
             let q = &me.q;
             let result = r.map(|buf| {
                 q.payload(idx)[..buf.len()].copy_from_slice(&buf);
@@ -534,7 +500,7 @@ impl Running {
         let me = self.clone();
         dev.write(
             offset,
-            blkfs_engine::io::Buf::from_slice(data),
+            Buf::from_slice(data),
             Box::new(move |r| {
                 let q = &me.q;
                 let result = r.map(|_| abi::write_out(q.payload(idx), len));

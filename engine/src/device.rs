@@ -594,7 +594,10 @@ struct Request<T> {
 /// votes) are not vouched for.
 fn reads_never_block(node: &Node) -> bool {
     matches!(node.driver.format_name(), "raw" | "qcow2" | "file")
-        && node.driver.file_child().is_none_or(|f| reads_never_block(f))
+        && node
+            .driver
+            .file_child()
+            .is_none_or(|f| reads_never_block(f))
         && node
             .driver
             .backing_child()

@@ -26,6 +26,7 @@ use blkfs_engine::io::{Buf, IoDone, IoReq, LocalRing};
 use io_uring::{opcode, squeue::Entry128, types, IoUring};
 use parking_lot::Mutex;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -34,7 +35,8 @@ use std::sync::Arc;
 
 /// Entries per kernel queue (over all workers): one request each. A single
 /// fio job at QD32 lands on one CPU's queue, so a queue must hold that many
-/// on its own; machines with many CPUs get fewer per queue.
+/// on its own; machines with many CPUs get fewer per queue, and at most
+/// TOTAL_ENTRIES payload buffers in all.
 const QUEUE_DEPTH: usize = 32;
 const TOTAL_ENTRIES: usize = 256;
 const MAX_WORKERS: usize = 8;
@@ -75,10 +77,9 @@ impl Prepared {
         if queues == 0 || queues > u16::MAX as usize {
             return Err(io::Error::other(format!("{queues} possible CPUs")));
         }
-        let workers = queues.min(MAX_WORKERS);
-        let per_worker = (TOTAL_ENTRIES / queues)
-            .clamp(4, QUEUE_DEPTH)
-            .div_ceil(workers);
+        let per_queue = (TOTAL_ENTRIES / queues).clamp(1, QUEUE_DEPTH);
+        let workers = queues.min(MAX_WORKERS).min(per_queue);
+        let per_worker = per_queue / workers;
         let workers = (0..workers)
             .map(|w| Worker::new(w, queues, per_worker, payload_len))
             .collect::<io::Result<Vec<_>>>()?;
@@ -120,14 +121,17 @@ struct Entry {
     /// Header and payload buffers, as REGISTER hands them to the kernel.
     iov: [libc::iovec; 2],
     commit_id: AtomicU64,
+    /// A request has arrived in it: a later error is not a REGISTER's.
+    registered: AtomicBool,
 }
 
 struct Worker {
     id: usize,
     dev_fd: RawFd,
     ring: IoUring<Entry128>,
-    /// Entries are pushed onto the submission queue only under this lock.
-    sq: Mutex<()>,
+    /// Entries are pushed onto the submission queue only under this lock,
+    /// which also holds those of other threads waiting for room (`push`).
+    sq: Mutex<VecDeque<Entry128>>,
     entries: Vec<Entry>,
     /// The memory the kernel copies requests into; freed only with the
     /// worker, after every entry has left the kernel.
@@ -174,6 +178,7 @@ impl Worker {
                     },
                 ],
                 commit_id: AtomicU64::new(0),
+                registered: AtomicBool::new(false),
             })
             .collect();
         // SAFETY: eventfd returns a new descriptor or -1.
@@ -185,7 +190,7 @@ impl Worker {
             id,
             dev_fd: -1,
             ring,
-            sq: Mutex::new(()),
+            sq: Mutex::default(),
             entries,
             _headers: headers,
             _payloads: payloads,
@@ -230,20 +235,35 @@ impl Worker {
         }
     }
 
+    /// Queues an SQE. When the submission queue is full it waits in the
+    /// overflow list, which the worker moves on between its waits: no other
+    /// thread enters the ring, and the worker never spins here (its own
+    /// completions, which make room, are reaped only by its loop).
     fn push(&self, sqe: &Entry128) {
-        loop {
-            {
-                let _g = self.sq.lock();
-                // SAFETY: pushes are serialised by `sq`; the entry refers to
-                // buffers that outlive the ring (owned by this queue).
-                if unsafe { self.ring.submission_shared().push(sqe) }.is_ok() {
-                    return;
-                }
-            }
-            // Full: never with one SQE per entry plus the wake-up, but do
-            // not lose an answer if it happens.
-            let _ = self.ring.submit();
+        let mut overflow = self.sq.lock();
+        // SAFETY: pushes are serialised by `sq`; the entry refers to
+        // buffers that outlive the ring (owned by this worker).
+        if overflow.is_empty() && unsafe { self.ring.submission_shared().push(sqe) }.is_ok() {
+            return;
         }
+        overflow.push_back(sqe.clone());
+    }
+
+    /// On the worker, before it enters: moves what fits of the overflow
+    /// list into the submission queue, in order.
+    fn flush_overflow(&self) {
+        let mut overflow = self.sq.lock();
+        while let Some(sqe) = overflow.front() {
+            // SAFETY: as in `push`.
+            if unsafe { self.ring.submission_shared().push(sqe) }.is_err() {
+                break;
+            }
+            overflow.pop_front();
+        }
+    }
+
+    fn is_current(&self) -> bool {
+        SERVING.get() == self as *const Worker as usize
     }
 
     fn arm_wake(&self) {
@@ -262,7 +282,7 @@ impl Worker {
         abi::put_reply(self.header(idx), unique, result);
         let commit_id = self.entries[idx].commit_id.load(Ordering::Relaxed);
         self.push(&self.cmd(COMMIT_AND_FETCH, idx, commit_id));
-        if SERVING.get() == self as *const Worker as usize {
+        if self.is_current() {
             return; // the loop submits it before it sleeps
         }
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
@@ -342,6 +362,7 @@ impl Running {
         let mut ready = Vec::with_capacity(2 * n);
         // Disk requests still in flight hold buffers the ring writes into.
         while dead < n || disk.slots.borrow().in_flight() > 0 {
+            q.flush_overflow();
             match q.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -349,6 +370,10 @@ impl Running {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
                     log::error!("FUSE worker {}: io_uring_enter: {e}", q.id);
+                    // Entries and disk reads may still be in the kernel:
+                    // their buffers must never be freed.
+                    std::mem::forget(disk);
+                    std::mem::forget(self);
                     return;
                 }
             }
@@ -356,34 +381,57 @@ impl Running {
             ready
                 .extend(unsafe { q.ring.completion_shared() }.map(|c| (c.user_data(), c.result())));
             for (tag, res) in ready.drain(..) {
-                if tag == WAKE {
-                    q.wake_pending.store(false, Ordering::Release);
-                    q.arm_wake();
-                    continue;
-                }
-                if tag & DISK != 0 {
-                    disk.reap((tag & !DISK) as usize, res);
-                    continue;
-                }
-                let idx = tag as usize;
-                match -res {
-                    0 => self.serve(idx),
-                    // REGISTER before the INIT reply was processed.
-                    libc::EAGAIN | libc::EINTR => q.push(&q.cmd(REGISTER, idx, 0)),
-                    // The connection is gone (unmount or abort).
-                    libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED => dead += 1,
-                    e => {
-                        log::error!(
-                            "FUSE worker {} entry {idx}: {}",
-                            q.id,
-                            io::Error::from_raw_os_error(e)
-                        );
-                        dead += 1;
-                    }
+                // A panic is a bug, but unwinding out of this loop would
+                // free buffers the kernel still writes: the request is
+                // lost instead.
+                let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.complete(&disk, tag, res)
+                }));
+                match one {
+                    Ok(gone) => dead += gone,
+                    Err(_) => log::error!("FUSE worker {}: a request panicked; it is lost", q.id),
                 }
             }
         }
         log::debug!("FUSE worker {}: connection ended", q.id);
+    }
+
+    /// Handles one completion; returns 1 when it ends an entry for good.
+    fn complete(self: &Arc<Self>, disk: &LocalDisk, tag: u64, res: i32) -> usize {
+        let q = &self.q;
+        if tag == WAKE {
+            q.wake_pending.store(false, Ordering::Release);
+            q.arm_wake();
+            return 0;
+        }
+        if tag & DISK != 0 {
+            disk.reap((tag & !DISK) as usize, res);
+            return 0;
+        }
+        let idx = tag as usize;
+        let registered = q.entries[idx].registered.load(Ordering::Relaxed);
+        match -res {
+            0 => {
+                q.entries[idx].registered.store(true, Ordering::Relaxed);
+                self.serve(idx);
+                0
+            }
+            // A REGISTER before the INIT reply was processed.
+            libc::EAGAIN | libc::EINTR if !registered => {
+                q.push(&q.cmd(REGISTER, idx, 0));
+                0
+            }
+            // The connection is gone (unmount or abort).
+            libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED => 1,
+            e => {
+                log::error!(
+                    "FUSE worker {} entry {idx}: {}",
+                    q.id,
+                    io::Error::from_raw_os_error(e)
+                );
+                1
+            }
+        }
     }
 
     /// Serves the request that just arrived in entry `idx`.
@@ -411,7 +459,7 @@ impl Running {
             Op::Lookup { name } => ex
                 .lookup(ino, name)
                 .map(|a| abi::entry_out(q.payload(idx), &Export::wire_attr(&a))),
-            Op::Getattr | Op::Setattr { valid: 0, .. } => ex
+            Op::Getattr => ex
                 .getattr(ino)
                 .map(|a| abi::attr_out(q.payload(idx), &Export::wire_attr(&a))),
             Op::Setattr { valid, size } => {

@@ -320,21 +320,26 @@ struct LocalDisk {
 
 impl LocalRing for LocalDisk {
     fn submit(&self, req: IoReq, done: IoDone) {
-        let (idx, sqe) = self.slots.borrow_mut().insert(req, done);
-        self.run
-            .q
-            .push(&Entry128::from(sqe.user_data(DISK | idx as u64)));
+        let idx = self.slots.borrow_mut().insert(req, done);
+        self.send(idx);
     }
 }
 
 impl LocalDisk {
+    /// Queues (the rest of) slot `idx`'s request on the worker's ring.
+    fn send(&self, idx: usize) {
+        let sqe = self.slots.borrow_mut().entry(idx);
+        if let Some(sqe) = sqe {
+            self.run
+                .q
+                .push(&Entry128::from(sqe.user_data(DISK | idx as u64)));
+        }
+    }
+
     fn reap(&self, idx: usize, res: i32) {
         let reaped = self.slots.borrow_mut().reap(idx, res);
         match reaped {
-            Reaped::Again(sqe) => self
-                .run
-                .q
-                .push(&Entry128::from(sqe.user_data(DISK | idx as u64))),
+            Reaped::Again => self.send(idx),
             // Outside the borrow: the completion may submit again.
             Reaped::Done(req, cb, r) => cb(req, r),
             Reaped::Unknown => {}

@@ -171,16 +171,17 @@ pub fn install_local_ring(ring: std::rc::Rc<dyn LocalRing>) {
 /// a wait here for another request of that ring could never end. The
 /// engine's own waits ([`crate::drivers::wait`]) step out of it.
 pub fn with_local_ring<T>(f: impl FnOnce() -> T) -> T {
-    let was = LOCAL_ACTIVE.with(|a| a.replace(true));
-    let out = f();
-    LOCAL_ACTIVE.with(|a| a.set(was));
-    out
+    local_ring_scope(true, f)
 }
 
 /// Runs `f` with the thread's requests sent to the shared rings (a
 /// blocking wait inside a [`with_local_ring`] call).
 pub(crate) fn without_local_ring<T>(f: impl FnOnce() -> T) -> T {
-    let was = LOCAL_ACTIVE.with(|a| a.replace(false));
+    local_ring_scope(false, f)
+}
+
+fn local_ring_scope<T>(active: bool, f: impl FnOnce() -> T) -> T {
+    let was = LOCAL_ACTIVE.with(|a| a.replace(active));
     let out = f();
     LOCAL_ACTIVE.with(|a| a.set(was));
     out

@@ -76,8 +76,8 @@ pub struct Slots {
 
 /// What a completion means for its request.
 pub enum Reaped {
-    /// A short transfer or a retry: submit this entry for the rest.
-    Again(squeue::Entry),
+    /// A short transfer or a retry: submit [`Slots::entry`] again for the rest.
+    Again,
     /// Finished: run the completion (outside any lock).
     Done(IoReq, IoDone, io::Result<()>),
     /// No request has this slot.
@@ -85,9 +85,9 @@ pub enum Reaped {
 }
 
 impl Slots {
-    /// Takes a request in; returns its slot and its first entry.
-    pub fn insert(&mut self, req: IoReq, done: IoDone) -> (usize, squeue::Entry) {
-        let idx = match self.free.pop() {
+    /// Takes a request in; its entry is [`Slots::entry`] of the slot returned.
+    pub fn insert(&mut self, req: IoReq, done: IoDone) -> usize {
+        match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some((req, done));
                 i
@@ -96,15 +96,12 @@ impl Slots {
                 self.slots.push(Some((req, done)));
                 self.slots.len() - 1
             }
-        };
-        let entry = self
-            .entry(idx)
-            .unwrap_or_else(|| opcode::Nop::new().build());
-        (idx, entry)
+        }
     }
 
-    /// The entry that submits (the rest of) slot `idx`'s request.
-    fn entry(&mut self, idx: usize) -> Option<squeue::Entry> {
+    /// The entry that submits (the rest of) slot `idx`'s request, with
+    /// `idx` as its user data.
+    pub fn entry(&mut self, idx: usize) -> Option<squeue::Entry> {
         let (req, _) = self.slots.get_mut(idx)?.as_mut()?;
         Some(sqe_for(req).user_data(idx as u64))
     }
@@ -126,10 +123,7 @@ impl Slots {
         match outcome {
             Ok(false) => {
                 self.slots[idx] = Some((req, cb));
-                match self.entry(idx) {
-                    Some(e) => Reaped::Again(e),
-                    None => Reaped::Unknown,
-                }
+                Reaped::Again
             }
             Ok(true) => {
                 self.free.push(idx);
@@ -177,7 +171,7 @@ impl Backend for Ring {
         let (pushed, busy) = {
             let mut st = self.shared.state.lock();
             let busy = st.slots.in_flight() > 0;
-            let (idx, _) = st.slots.insert(req, done);
+            let idx = st.slots.insert(req, done);
             st.backlog.push_back(idx);
             (self.shared.flush_backlog(&mut st), busy)
         };
@@ -239,8 +233,7 @@ impl Shared {
                 for cqe in unsafe { self.ring.completion_shared() } {
                     let (idx, res) = (cqe.user_data() as usize, cqe.result());
                     match st.slots.reap(idx, res) {
-                        // The entry is rebuilt when the backlog is flushed.
-                        Reaped::Again(_) => st.backlog.push_back(idx),
+                        Reaped::Again => st.backlog.push_back(idx),
                         Reaped::Done(req, cb, r) => finished.push((req, cb, r)),
                         Reaped::Unknown => {}
                     }

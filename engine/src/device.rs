@@ -134,13 +134,6 @@ impl Device {
         )))
     }
 
-    /// Whether no read of this device waits, on the submitting thread, for
-    /// another request's I/O, so its reads may go to that thread's own ring
-    /// ([`crate::io::with_local_ring`]).
-    pub fn reads_never_block(&self) -> bool {
-        reads_never_block(&self.root())
-    }
-
     pub fn root(&self) -> Arc<Node> {
         self.root.read().clone()
     }
@@ -180,8 +173,17 @@ impl Device {
             return done(Ok(Buf::zeroed(0)));
         }
         let done = accounted(&self.stats, Op::Read, offset, len as u64, done);
-        let attempt: Attempt<Buf> =
-            Arc::new(move |root, d| root.read(offset, Buf::recycled(len), d));
+        let attempt: Attempt<Buf> = Arc::new(move |root, d| {
+            let read = || root.read(offset, Buf::recycled(len), d);
+            // On a thread with its own ring (a FUSE worker), a read whose
+            // chain never blocks is answered from that ring. Decided on the
+            // root this attempt runs on: a switch may change the chain.
+            if crate::io::has_local_ring() && reads_never_block(&root) {
+                crate::io::with_local_ring(read)
+            } else {
+                read()
+            }
+        });
         self.submit(
             Kind::Read,
             None,
@@ -587,11 +589,13 @@ struct Request<T> {
     done: Done<T>,
 }
 
-/// raw, qcow2 and file nodes, all the way down: their reads wait only for
-/// their own metadata I/O (through `drivers::wait`, which steps out of a
-/// thread's own ring) and for short metadata locks never held while a
-/// read of theirs is waited for. Other drivers (blkdebug's rules, quorum
-/// votes) are not vouched for.
+/// Whether no read of `node` waits, on the submitting thread, for another
+/// request's I/O, so its reads may go to that thread's own ring
+/// ([`crate::io::with_local_ring`]): raw, qcow2 and file nodes, all the way
+/// down. Their reads wait only for their own metadata I/O (through
+/// `drivers::wait`, which steps out of a thread's own ring) and for short
+/// metadata locks never held while a read of theirs is waited for. Other
+/// drivers (blkdebug's rules, quorum votes) are not vouched for.
 fn reads_never_block(node: &Node) -> bool {
     matches!(node.driver.format_name(), "raw" | "qcow2" | "file")
         && node

@@ -536,11 +536,8 @@ impl Running {
             });
             q.answer(idx, unique, result.map_err(|e| e.errno()))
         });
-        if dev.reads_never_block() {
-            blkfs_engine::io::with_local_ring(|| dev.read(offset, size, done))
-        } else {
-            dev.read(offset, size, done)
-        }
+        // The engine answers it from this thread's ring where it can.
+        dev.read(offset, size, done)
     }
 
     fn write(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, data: &[u8]) {

@@ -166,6 +166,11 @@ pub fn install_local_ring(ring: std::rc::Rc<dyn LocalRing>) {
     LOCAL_RING.with(|r| *r.borrow_mut() = Some(ring));
 }
 
+/// Whether the calling thread has its own ring ([`install_local_ring`]).
+pub fn has_local_ring() -> bool {
+    LOCAL_RING.with(|r| r.borrow().is_some())
+}
+
 /// Runs `f` with the thread's `aio=native` requests sent to its own ring.
 /// Only for calls that never block: the ring is reaped by this thread, so
 /// a wait here for another request of that ring could never end. The

@@ -7,28 +7,7 @@ use std::io::BufRead;
 
 /// Parses a size with an optional binary suffix (K, M, G, T, P, E, any
 /// case; a trailing B is allowed), as qemu-img does.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t.strip_suffix(['b', 'B']).unwrap_or(t);
-    let shift = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => 10,
-        Some('M') => 20,
-        Some('G') => 30,
-        Some('T') => 40,
-        Some('P') => 50,
-        Some('E') => 60,
-        _ => 0,
-    };
-    // Every suffix is one ASCII character, so slicing it off is safe.
-    let num = if shift == 0 { t } else { &t[..t.len() - 1] };
-    // u64's parser would take a sign; sizes have none.
-    if !num.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err(format!("invalid size '{s}'"));
-    }
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
+pub use blkfs_engine::drivers::create::parse_size;
 
 /// The SIZE of `resize`: absolute, or relative to the current size like
 /// qemu-img resize's `+SIZE` and `-SIZE`.

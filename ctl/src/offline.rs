@@ -62,7 +62,7 @@ pub fn check(
     Ok(result.to_json(image))
 }
 
-/// `qemu-img create`: a raw (sparse) or qcow2 image. Without SIZE the
+/// `qemu-img create` of any format blkfs creates. Without SIZE the
 /// backing file's size is used.
 pub fn create(
     image: &str,
@@ -72,7 +72,7 @@ pub fn create(
     backing_format: Option<&str>,
     options: Option<&str>,
 ) -> Result<(), String> {
-    use blkfs_engine::drivers::qcow2::create::{create, CreateOptions};
+    use blkfs_engine::drivers::create::{parse_options, NewImage};
     let size = match (size, backing) {
         (Some(s), _) => parse_size(s)?,
         (None, Some(b)) => {
@@ -88,57 +88,11 @@ pub fn create(
         }
         (None, None) => return Err("a size is needed without a backing file".into()),
     };
-    match format {
-        "raw" => {
-            if backing.is_some() || options.is_some() {
-                return Err("raw images take no backing file or options".into());
-            }
-            let f = blkfs_engine::drivers::file::create_locked(image).map_err(|e| e.to_string())?;
-            f.set_len(size).map_err(|e| e.to_string())
-        }
-        "qcow2" => {
-            let mut o = CreateOptions {
-                size,
-                backing_file: backing.map(str::to_string),
-                backing_format: backing_format.map(str::to_string),
-                ..Default::default()
-            };
-            for kv in options.unwrap_or("").split(',').filter(|s| !s.is_empty()) {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| format!("option '{kv}' needs a value"))?;
-                match k {
-                    "cluster_size" => {
-                        let cs = parse_size(v)?;
-                        if !cs.is_power_of_two() {
-                            return Err(format!("cluster_size {cs} is not a power of two"));
-                        }
-                        o.cluster_bits = cs.trailing_zeros();
-                    }
-                    "compat" => {
-                        o.version = match v {
-                            "0.10" | "v2" => 2,
-                            "1.1" | "v3" => 3,
-                            _ => return Err(format!("compat '{v}' is not 0.10 or 1.1")),
-                        }
-                    }
-                    "refcount_bits" => {
-                        let bits: u64 = v
-                            .parse()
-                            .map_err(|_| format!("invalid refcount_bits '{v}'"))?;
-                        if !bits.is_power_of_two() || bits > 64 {
-                            return Err(format!(
-                                "refcount_bits {bits} is not a power of two up to 64"
-                            ));
-                        }
-                        o.refcount_order = bits.trailing_zeros();
-                    }
-                    "lazy_refcounts" => o.lazy_refcounts = matches!(v, "on" | "true"),
-                    _ => return Err(format!("unknown qcow2 option '{k}'")),
-                }
-            }
-            create(image, &o).map_err(|e| e.to_string())
-        }
-        other => Err(format!("creating '{other}' images is not supported yet")),
-    }
+    let img = NewImage {
+        size,
+        backing_file: backing.map(str::to_string),
+        backing_format: backing_format.map(str::to_string),
+        options: parse_options(options.unwrap_or("")).map_err(|e| e.to_string())?,
+    };
+    blkfs_engine::drivers::create::create(image, format, &img).map_err(|e| e.to_string())
 }

@@ -178,7 +178,7 @@ impl Device {
             // On a thread with its own ring (a FUSE worker), a read whose
             // chain never blocks is answered from that ring. Decided on the
             // root this attempt runs on: a switch may change the chain.
-            if crate::io::has_local_ring() && reads_never_block(&root) {
+            if crate::io::has_local_ring() && reads_never_block(root) {
                 crate::io::with_local_ring(read)
             } else {
                 read()

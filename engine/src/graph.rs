@@ -408,7 +408,7 @@ impl Graph {
         o.put_io_keys(&mut spec);
         if let Some(b) = node.driver.backing_child() {
             spec["backing"] = serde_json::json!(b.name);
-        } else if crate::jobs::target::has_backing(node.driver.format_name()) {
+        } else if crate::drivers::has_backing_file(node.driver.format_name()) {
             spec["backing"] = serde_json::json!("");
         }
         let opts = BlockdevOptions::from_json(spec)?;
@@ -738,6 +738,25 @@ impl Opener<'_> {
                 Box::new(Arc::new(drivers::qcow::QcowDriver::open(
                     child, header, backing,
                 )?))
+            }
+            (DriverOptions::Format { file, backing, .. }, d) if drivers::mapped::drives(d) => {
+                if !opts.read_only && !drivers::mapped::writes(d) {
+                    return Err(drivers::mapped::read_only_error(d.as_str()));
+                }
+                let child = self.child(file, &opts, &join(path, "file"), Use::Metadata)?;
+                let layout = drivers::mapped::open_layout(d, child.clone())
+                    .map_err(|e| e.context(child.driver.filename()))?;
+                let backing = self.format_backing(
+                    backing,
+                    layout.backing_file().as_deref(),
+                    layout.backing_format().as_deref(),
+                    &child,
+                    &opts,
+                    path,
+                )?;
+                Box::new(Arc::new(drivers::mapped::Mapped::new(
+                    child, layout, backing,
+                )))
             }
             (_, d) => {
                 return Err(Error::generic(format!(

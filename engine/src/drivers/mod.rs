@@ -5,27 +5,37 @@
 //! thread finishes the I/O. Drivers must never block inside a completion.
 //!
 //! Shared by qcow and qcow2: [`deflate`] (reading compressed clusters) and
-//! `segments` (splitting a guest range by cluster mapping).
+//! `segments` (splitting a guest range by cluster mapping). The other
+//! formats describe their block maps ([`mapped::Layout`]) and share one
+//! driver, [`mapped::Mapped`].
 
 pub mod aes_legacy;
 pub mod backing;
 pub mod blkdebug;
 pub(crate) mod bytes;
+pub mod create;
 pub mod deflate;
 pub mod file;
 pub mod join;
 pub mod lock;
+pub mod mapped;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 mod segments;
+pub mod vdi;
 
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent;
 use std::sync::Arc;
+
+/// Formats whose images record a backing file.
+pub fn has_backing_file(format: &str) -> bool {
+    matches!(format, "qcow2" | "qcow" | "qed" | "vmdk" | "cow")
+}
 
 pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
 

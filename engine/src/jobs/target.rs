@@ -2,17 +2,12 @@
 //! opened as it is (`mode=existing`), and registered as a node the job
 //! writes directly.
 
-use crate::drivers::qcow2::create::{create, CreateOptions};
-use crate::error::{Error, Result};
+use crate::drivers::create::NewImage;
+use crate::error::Result;
 use crate::graph::{file_identity, Graph, Node};
-use crate::options::{BlockdevOptions, DriverName};
+use crate::options::BlockdevOptions;
 use serde_json::json;
 use std::sync::Arc;
-
-/// Formats whose images record a backing file.
-pub fn has_backing(format: &str) -> bool {
-    matches!(format, "qcow2" | "qcow" | "qed" | "vmdk" | "cow")
-}
 
 /// Creates the image at `path` as `qemu-img create` would for a job's
 /// target: `size` bytes, backed by `backing` (file name, format) if given.
@@ -22,36 +17,14 @@ pub fn create_image(
     size: u64,
     backing: Option<(String, String)>,
 ) -> Result<()> {
-    match format {
-        "raw" => {
-            if backing.is_some() {
-                return Err(Error::generic(format!(
-                    "Format 'raw' cannot have a backing file, so '{path}' cannot be created with one"
-                )));
-            }
-            let f = crate::drivers::file::create_locked(path)?;
-            f.set_len(size)
-                .map_err(|e| Error::from_io(&e, format!("Could not resize '{path}'")))
-        }
-        "qcow2" => {
-            let (backing_file, backing_format) = backing.unzip();
-            let o = CreateOptions {
-                size,
-                backing_file,
-                backing_format,
-                ..CreateOptions::default()
-            };
-            create(path, &o)
-        }
-        _ => {
-            if !DriverName::ALL.iter().any(|(n, _)| *n == format) {
-                return Err(Error::generic(format!("Invalid block format '{format}'")));
-            }
-            Err(Error::generic(format!(
-                "Creating '{format}' images is not supported by blkfs (raw and qcow2 are)"
-            )))
-        }
-    }
+    let (backing_file, backing_format) = backing.unzip();
+    let img = NewImage {
+        size,
+        backing_file,
+        backing_format,
+        options: Vec::new(),
+    };
+    crate::drivers::create::create(path, format, &img)
 }
 
 /// Opens the target image as a registered node with `source`'s cache and
@@ -73,7 +46,7 @@ pub fn open(
         "discard": "unmap",
     });
     source.opts.put_io_keys(&mut spec);
-    if has_backing(format) && !with_backing {
+    if crate::drivers::has_backing_file(format) && !with_backing {
         spec["backing"] = json!("");
     }
     if let Some(n) = node_name {

@@ -212,7 +212,7 @@ impl TargetArgs {
             .clone()
             .unwrap_or_else(|| source.driver.format_name().to_string());
         let backing_file = match &backing {
-            Some(b) if target::has_backing(&format) => {
+            Some(b) if crate::drivers::has_backing_file(&format) => {
                 let path = std::fs::canonicalize(b.driver.filename())
                     .map_err(|err| Error::from_io(&err, b.driver.filename()))?;
                 Some((

@@ -1,0 +1,260 @@
+//! The block-mapped formats through the mount, qemu-img as the oracle: for
+//! each format and subformat, qemu-img converts data with holes into it,
+//! the mount reads it back byte for byte, writes through the mount are
+//! what qemu-img reads after the daemon quits (`qemu-img compare`, and
+//! `qemu-img check` where qemu has one), and images `blkctl create` makes
+//! are ones qemu-img accepts.
+
+use blkfs_tests::*;
+use serde_json::{json, Value};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// One format case: driver, `qemu-img convert -o` options, whether blkfs
+/// writes it, whether `qemu-img check` knows the format.
+struct Case {
+    format: &'static str,
+    options: &'static str,
+    writable: bool,
+    check: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        format: "vdi",
+        options: "",
+        writable: true,
+        check: true,
+    },
+    Case {
+        format: "vdi",
+        options: "static=on",
+        writable: true,
+        check: true,
+    },
+];
+
+const SIZE: u64 = 9 << 20;
+
+fn spec(format: &str, id: &str, file: &str, read_only: bool) -> String {
+    json!({"driver": format, "id": id, "read-only": read_only,
+        "file": {"driver": "file", "filename": file}})
+    .to_string()
+}
+
+/// A raw image of SIZE (not a whole number of MiB blocks at the end)
+/// holding data in some places, holes between, and a zero run.
+fn source(dir: &TestDir) -> String {
+    let f = dir.file("src.raw");
+    let size = SIZE + 12 * 1024;
+    let file = std::fs::File::create(&f).unwrap();
+    file.set_len(size).unwrap();
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (1 << 20, 300_000),
+        ((3 << 20) - 1000, 70_000),
+        ((6 << 20) + 12_345, 1 << 20),
+        (size - 5000, 5000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        file.write_all_at(&pattern(i as u64 + 1, len), off).unwrap();
+    }
+    f
+}
+
+fn convert(dir: &TestDir, src: &str, c: &Case, name: &str) -> String {
+    let img = dir.file(name);
+    let mut args = vec!["convert", "-q", "-f", "raw", "-O", c.format];
+    if !c.options.is_empty() {
+        args.extend(["-o", c.options]);
+    }
+    args.extend([src, img.as_str()]);
+    qemu_img(&args);
+    img
+}
+
+/// Writes of every shape through the mount and into `expected`.
+fn write_patterns(dev: &Path, expected: &str, size: u64) {
+    let f = OpenOptions::new().write(true).open(dev).unwrap();
+    let e = OpenOptions::new().write(true).open(expected).unwrap();
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (7, pattern(11, 1000)),                      // unaligned, in data
+        ((1 << 20) - 100, pattern(12, 300)),         // across a block boundary
+        ((2 << 20) + 4096, pattern(13, 8192)),       // into a hole: allocates
+        (5 << 20, pattern(14, 1 << 20)),             // a whole block
+        ((7 << 20) + 513, pattern(15, 70_000)),      // over data, unaligned
+        (size - 3000, pattern(16, 3000)),            // the partial last block
+        ((4 << 20) + 100_000, pattern(17, 200_000)), // another hole
+    ];
+    for (off, data) in &writes {
+        f.write_all_at(data, *off).unwrap();
+        e.write_all_at(data, *off).unwrap();
+    }
+    // Zeroes over data and over a hole.
+    let (zoff, zlen) = ((1 << 20) + 1000, (3 << 20) as u64);
+    let r = unsafe_fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, zoff, zlen);
+    assert_eq!(r, 0, "zero range through the mount");
+    e.write_all_at(&vec![0u8; zlen as usize], zoff).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn unsafe_fallocate(f: &std::fs::File, mode: i32, off: u64, len: u64) -> i32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    }
+}
+
+fn check_image(img: &str, c: &Case) {
+    if c.check {
+        let r = qemu_img_check(img);
+        assert_eq!(r["check-errors"], 0, "{} {}: {r}", c.format, c.options);
+        assert!(r["corruptions"].as_u64().unwrap_or(0) == 0, "{r}");
+    }
+}
+
+#[test]
+fn every_format_reads_what_qemu_img_wrote_and_writes_what_it_reads() {
+    let dir = TestDir::new("formats-matrix");
+    let src = source(&dir);
+    let size = std::fs::metadata(&src).unwrap().len();
+    for (i, c) in CASES.iter().enumerate() {
+        let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
+        let expected = dir.file(&format!("expected{i}.raw"));
+        std::fs::copy(&src, &expected).unwrap();
+        let d = Daemon::start(&dir, &[spec(c.format, "d0", &img, !c.writable)]);
+        let got = std::fs::read(d.dev("d0")).unwrap();
+        let want = std::fs::read(&src).unwrap();
+        assert_eq!(got.len(), want.len(), "{} {}: size", c.format, c.options);
+        assert!(
+            got == want,
+            "{} {}: the mount reads other data",
+            c.format,
+            c.options
+        );
+        if c.writable {
+            write_patterns(&d.dev("d0"), &expected, size);
+            assert!(
+                images_identical(&d.dev("d0"), "raw", Path::new(&expected), "raw"),
+                "{} {}: the mount reads other data than was written",
+                c.format,
+                c.options
+            );
+        }
+        d.qmp().ok("quit", json!({}));
+        drop(d);
+        assert!(
+            images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
+            "{} {}: qemu-img reads other data than was written",
+            c.format,
+            c.options
+        );
+        check_image(&img, c);
+    }
+}
+
+#[test]
+fn images_blkctl_creates_are_what_qemu_img_expects() {
+    let dir = TestDir::new("formats-create");
+    let sock = dir.join("none.sock");
+    for (i, c) in CASES.iter().filter(|c| c.writable).enumerate() {
+        let img = dir.file(&format!("new{i}.{}", c.format));
+        let mut args = vec!["create", "-f", c.format];
+        if !c.options.is_empty() {
+            args.extend(["-o", c.options]);
+        }
+        args.extend([img.as_str(), "9228K"]);
+        let (code, _, err) = blkctl(&sock, &args);
+        assert_eq!(code, 0, "blkctl create {} {}: {err}", c.format, c.options);
+        let info: Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", &img])).unwrap();
+        assert_eq!(info["format"], c.format);
+        assert_eq!(info["virtual-size"], 9228 << 10, "{info}");
+        check_image(&img, c);
+        // Reads as zeroes, and takes writes qemu-img then reads.
+        let expected = dir.file(&format!("new{i}.raw"));
+        std::fs::File::create(&expected)
+            .unwrap()
+            .set_len(9228 << 10)
+            .unwrap();
+        let d = Daemon::start(&dir, &[spec(c.format, "d0", &img, false)]);
+        let got = std::fs::read(d.dev("d0")).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 0),
+            "{}: a new image reads as zeroes",
+            c.format
+        );
+        write_patterns(&d.dev("d0"), &expected, 9228 << 10);
+        d.qmp().ok("quit", json!({}));
+        drop(d);
+        assert!(
+            images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
+            "{} {}: qemu-img reads other data than was written",
+            c.format,
+            c.options
+        );
+        check_image(&img, c);
+    }
+}
+
+#[test]
+fn the_allocation_map_matches_qemu_img_map() {
+    let dir = TestDir::new("formats-map");
+    let src = source(&dir);
+    let sock = dir.join("none.sock");
+    for (i, c) in CASES.iter().enumerate() {
+        let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
+        let theirs: Value =
+            serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", c.format, &img]))
+                .unwrap();
+        let (code, ours, err) = blkctl(&sock, &["map", "--json", "-f", c.format, &img]);
+        assert_eq!(code, 0, "blkctl map: {err}");
+        let ours: Value = serde_json::from_str(&ours).unwrap();
+        let strip = |v: &Value| -> Vec<(u64, u64, bool, bool)> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["start"].as_u64().unwrap(),
+                        e["length"].as_u64().unwrap(),
+                        e["data"].as_bool().unwrap(),
+                        e["zero"].as_bool().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(strip(&ours), strip(&theirs), "{} {}", c.format, c.options);
+    }
+}
+
+#[test]
+fn corrupt_headers_fail_to_open_with_a_clear_error() {
+    let dir = TestDir::new("formats-corrupt");
+    let src = source(&dir);
+    for (i, c) in CASES.iter().enumerate() {
+        let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
+        // The first bytes hold every format's magic or header.
+        let f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xff; 96], 0x40).unwrap();
+        drop(f);
+        let d = Daemon::start(&dir, &[]);
+        let mut q = d.qmp();
+        let args: Value = serde_json::from_str(&spec(c.format, "d1", &img, true)).unwrap();
+        let (class, desc) = q.err("blockdev-add", args);
+        assert_eq!(class, "GenericError");
+        assert!(
+            desc.contains(&img),
+            "{}: the error names the image: {desc}",
+            c.format
+        );
+        q.ok("query-block", json!({}));
+    }
+}

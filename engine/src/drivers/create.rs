@@ -17,7 +17,7 @@ pub struct NewImage {
 }
 
 /// Formats this module creates.
-pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi"];
+pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi", "vpc"];
 
 /// Splits `-o a=b,c=d` into its options.
 pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
@@ -96,6 +96,23 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
                 }
             }
             super::vdi::create(path, img.size, fixed)
+        }
+        "vpc" => {
+            let (mut fixed, mut force_size) = (false, false);
+            for (k, v) in &img.options {
+                match (k.as_str(), v.as_str()) {
+                    ("subformat", "dynamic") => fixed = false,
+                    ("subformat", "fixed") => fixed = true,
+                    ("subformat", _) => {
+                        return Err(Error::generic(format!(
+                            "Invalid subformat '{v}' (dynamic or fixed)"
+                        )))
+                    }
+                    ("force_size", _) => force_size = on_off(k, v)?,
+                    _ => return Err(unknown(format, k)),
+                }
+            }
+            super::vpc::create(path, img.size, fixed, force_size)
         }
         _ => {
             if !crate::options::DriverName::ALL

@@ -120,18 +120,19 @@ pub trait Layout: Send + Sync {
 
 /// Whether this driver runs `format`.
 pub fn drives(format: DriverName) -> bool {
-    matches!(format, DriverName::Vdi)
+    matches!(format, DriverName::Vdi | DriverName::Vpc)
 }
 
 /// Whether `format` can be written (the others open read-only only).
 pub fn writes(format: DriverName) -> bool {
-    matches!(format, DriverName::Vdi)
+    matches!(format, DriverName::Vdi | DriverName::Vpc)
 }
 
 /// The layout of the `format` image in `file`.
 pub fn open_layout(format: DriverName, file: Arc<Node>) -> Result<Box<dyn Layout>> {
     Ok(match format {
         DriverName::Vdi => Box::new(super::vdi::Vdi::open(file)?),
+        DriverName::Vpc => Box::new(super::vpc::Vpc::open(file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",
@@ -358,7 +359,7 @@ impl Driver for Arc<Mapped> {
             false,
             |len| self.plan(offset, len.min(STATUS_SPAN) as usize),
         )?;
-        // As QEMU does for preallocated formats: data over a hole of the
+        // As QEMU does for preallocated images: data over a hole of the
         // file (or past its end) reads as zeroes.
         if let (true, false, Some(host)) = (self.layout.zeroes_from_file(), st.zero, st.offset) {
             match self.file.block_status(host, st.len) {

@@ -25,6 +25,7 @@ pub mod qcow2;
 pub mod raw;
 mod segments;
 pub mod vdi;
+pub mod vpc;
 
 use crate::error::{Error, Result};
 use crate::graph::Node;

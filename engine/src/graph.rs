@@ -744,7 +744,7 @@ impl Opener<'_> {
                     return Err(drivers::mapped::read_only_error(d.as_str()));
                 }
                 let child = self.child(file, &opts, &join(path, "file"), Use::Metadata)?;
-                let layout = drivers::mapped::open_layout(d, child.clone())
+                let layout = drivers::mapped::open_layout(d, child.clone(), opts.read_only)
                     .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
                     backing,

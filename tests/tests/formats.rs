@@ -45,6 +45,18 @@ const CASES: &[Case] = &[
         writable: true,
         check: false,
     },
+    Case {
+        format: "parallels",
+        options: "",
+        writable: true,
+        check: true,
+    },
+    Case {
+        format: "parallels",
+        options: "cluster_size=64K",
+        writable: true,
+        check: true,
+    },
 ];
 
 const SIZE: u64 = 9 << 20;
@@ -188,8 +200,7 @@ fn every_format_reads_what_qemu_img_wrote_and_writes_what_it_reads() {
                 c.options
             );
         }
-        d.qmp().ok("quit", json!({}));
-        drop(d);
+        d.quit();
         assert!(
             images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
             "{} {}: qemu-img reads other data than was written",
@@ -242,8 +253,7 @@ fn images_blkctl_creates_are_what_qemu_img_expects() {
             c.format
         );
         write_patterns(&d.dev("d0"), &expected, size);
-        d.qmp().ok("quit", json!({}));
-        drop(d);
+        d.quit();
         assert!(
             images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
             "{} {}: qemu-img reads other data than was written",

@@ -17,7 +17,7 @@ pub struct NewImage {
 }
 
 /// Formats this module creates.
-pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi", "vpc"];
+pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi", "vpc", "parallels"];
 
 /// Splits `-o a=b,c=d` into its options.
 pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
@@ -96,6 +96,16 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
                 }
             }
             super::vdi::create(path, img.size, fixed)
+        }
+        "parallels" => {
+            let mut cluster = None;
+            for (k, v) in &img.options {
+                match k.as_str() {
+                    "cluster_size" => cluster = Some(parse_size(v).map_err(Error::generic)?),
+                    _ => return Err(unknown(format, k)),
+                }
+            }
+            super::parallels::create(path, img.size, cluster)
         }
         "vpc" => {
             let (mut fixed, mut force_size) = (false, false);

@@ -120,19 +120,30 @@ pub trait Layout: Send + Sync {
 
 /// Whether this driver runs `format`.
 pub fn drives(format: DriverName) -> bool {
-    matches!(format, DriverName::Vdi | DriverName::Vpc)
+    matches!(
+        format,
+        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels
+    )
 }
 
 /// Whether `format` can be written (the others open read-only only).
 pub fn writes(format: DriverName) -> bool {
-    matches!(format, DriverName::Vdi | DriverName::Vpc)
+    matches!(
+        format,
+        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels
+    )
 }
 
 /// The layout of the `format` image in `file`.
-pub fn open_layout(format: DriverName, file: Arc<Node>) -> Result<Box<dyn Layout>> {
+pub fn open_layout(
+    format: DriverName,
+    file: Arc<Node>,
+    read_only: bool,
+) -> Result<Box<dyn Layout>> {
     Ok(match format {
         DriverName::Vdi => Box::new(super::vdi::Vdi::open(file)?),
         DriverName::Vpc => Box::new(super::vpc::Vpc::open(file)?),
+        DriverName::Parallels => Box::new(super::parallels::Parallels::open(file, read_only)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",

@@ -19,6 +19,7 @@ pub mod file;
 pub mod join;
 pub mod lock;
 pub mod mapped;
+pub mod parallels;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;

@@ -1,5 +1,5 @@
 //! Compressed clusters as qcow and qcow2 store them: raw deflate (no zlib
-//! header), and reading one cluster whole.
+//! header), and reading one cluster whole; zlib streams for cloop and dmg.
 
 use crate::error::Result;
 use crate::graph::Node;
@@ -22,17 +22,25 @@ pub fn read_compressed(
     Ok(out)
 }
 
-/// Inflates `input` into exactly `out.len()` bytes; the error says why not.
+/// Inflates raw deflate `input` into exactly `out.len()` bytes; the error
+/// says why not.
 pub fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    inflate_with(input, out, false)
+}
+
+/// [`inflate`] of a zlib stream (with its header, as cloop and dmg store blocks).
+pub fn inflate_zlib(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    inflate_with(input, out, true)
+}
+
+fn inflate_with(input: &[u8], out: &mut [u8], zlib: bool) -> std::result::Result<(), String> {
     use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
     let mut d = DecompressorOxide::new();
-    let (_, _, n) = decompress(
-        &mut d,
-        input,
-        out,
-        0,
-        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-    );
+    let mut flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+    if zlib {
+        flags |= inflate_flags::TINFL_FLAG_PARSE_ZLIB_HEADER;
+    }
+    let (_, _, n) = decompress(&mut d, input, out, 0, flags);
     if n != out.len() {
         return Err(format!(
             "compressed cluster inflates to {n} bytes, {} expected",

@@ -122,7 +122,11 @@ pub trait Layout: Send + Sync {
 pub fn drives(format: DriverName) -> bool {
     matches!(
         format,
-        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels
+        DriverName::Vdi
+            | DriverName::Vpc
+            | DriverName::Parallels
+            | DriverName::Bochs
+            | DriverName::Cloop
     )
 }
 
@@ -144,6 +148,8 @@ pub fn open_layout(
         DriverName::Vdi => Box::new(super::vdi::Vdi::open(file)?),
         DriverName::Vpc => Box::new(super::vpc::Vpc::open(file)?),
         DriverName::Parallels => Box::new(super::parallels::Parallels::open(file, read_only)?),
+        DriverName::Bochs => Box::new(super::bochs::Bochs::open(file)?),
+        DriverName::Cloop => Box::new(super::cloop::Cloop::open(file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",

@@ -12,7 +12,9 @@
 pub mod aes_legacy;
 pub mod backing;
 pub mod blkdebug;
+pub mod bochs;
 pub(crate) mod bytes;
+pub mod cloop;
 pub mod create;
 pub mod deflate;
 pub mod file;

@@ -45,7 +45,7 @@ impl Header {
         if h.block_size == 0 {
             return Err(invalid("block_size cannot be zero"));
         }
-        if h.block_size % 512 != 0 {
+        if !h.block_size.is_multiple_of(512) {
             return Err(invalid(format!(
                 "block_size {} must be a multiple of 512",
                 h.block_size

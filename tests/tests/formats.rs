@@ -57,6 +57,18 @@ const CASES: &[Case] = &[
         writable: true,
         check: true,
     },
+    Case {
+        format: "qed",
+        options: "",
+        writable: true,
+        check: true,
+    },
+    Case {
+        format: "qed",
+        options: "cluster_size=4K",
+        writable: true,
+        check: true,
+    },
 ];
 
 const SIZE: u64 = 9 << 20;
@@ -301,9 +313,10 @@ fn corrupt_headers_fail_to_open_with_a_clear_error() {
     let src = source(&dir);
     for (i, c) in CASES.iter().enumerate() {
         let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
-        // Every format's magic or header is in the first bytes or in the
-        // last sector (vpc's fixed images).
+        // Every format's magic or header fields are in these bytes or in
+        // the last sector (vpc's fixed images).
         let f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xff; 12], 4).unwrap();
         f.write_all_at(&[0xff; 96], 0x40).unwrap();
         let len = f.metadata().unwrap().len();
         f.write_all_at(&[0xff; 96], len - 512).unwrap();
@@ -319,5 +332,54 @@ fn corrupt_headers_fail_to_open_with_a_clear_error() {
             c.format
         );
         q.ok("query-block", json!({}));
+    }
+}
+
+#[test]
+fn qed_over_a_backing_file_copies_on_write() {
+    let dir = TestDir::new("formats-qed-backing");
+    let src = source(&dir);
+    let size = std::fs::metadata(&src).unwrap().len();
+    let size_arg = size.to_string();
+    for (fmt, opts) in [("qed", ""), ("qed", "cluster_size=4K")] {
+        let top = dir.file("top.qed");
+        let mut args = vec!["create", "-q", "-f", fmt, "-b", src.as_str(), "-F", "raw"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([top.as_str(), size_arg.as_str()]);
+        qemu_img(&args);
+        let expected = dir.file("expected.raw");
+        std::fs::copy(&src, &expected).unwrap();
+        let d = Daemon::start(&dir, &[spec(fmt, "d0", &top, false)]);
+        assert!(images_identical(
+            &d.dev("d0"),
+            "raw",
+            Path::new(&src),
+            "raw"
+        ));
+        write_patterns(&d.dev("d0"), &expected, size);
+        assert!(images_identical(
+            &d.dev("d0"),
+            "raw",
+            Path::new(&expected),
+            "raw"
+        ));
+        d.quit();
+        assert!(
+            images_identical(Path::new(&top), fmt, Path::new(&expected), "raw"),
+            "{fmt} {opts}: qemu-img reads other data than was written"
+        );
+        let r = qemu_img_check(&top);
+        assert_eq!(r["check-errors"], 0, "{r}");
+        assert_eq!(
+            r.get("corruptions").and_then(Value::as_u64).unwrap_or(0),
+            0,
+            "{r}"
+        );
+        // The backing file is untouched.
+        let base = std::fs::read(&src).unwrap();
+        assert_eq!(base.len() as u64, size);
+        std::fs::remove_file(&top).unwrap();
     }
 }

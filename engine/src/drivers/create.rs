@@ -17,7 +17,7 @@ pub struct NewImage {
 }
 
 /// Formats this module creates.
-pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi", "vpc", "parallels"];
+pub const FORMATS: &[&str] = &["raw", "qcow2", "qed", "vdi", "vpc", "parallels"];
 
 /// Splits `-o a=b,c=d` into its options.
 pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
@@ -96,6 +96,22 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
                 }
             }
             super::vdi::create(path, img.size, fixed)
+        }
+        "qed" => {
+            let (mut cluster, mut table) = (None, None);
+            for (k, v) in &img.options {
+                let n = parse_size(v).map_err(Error::generic)?;
+                match k.as_str() {
+                    "cluster_size" => cluster = Some(n),
+                    "table_size" => table = Some(n),
+                    _ => return Err(unknown(format, k)),
+                }
+            }
+            let backing = img
+                .backing_file
+                .as_deref()
+                .map(|b| (b, img.backing_format.as_deref()));
+            super::qed::create(path, img.size, backing, cluster, table)
         }
         "parallels" => {
             let mut cluster = None;

@@ -127,6 +127,7 @@ pub fn drives(format: DriverName) -> bool {
             | DriverName::Parallels
             | DriverName::Bochs
             | DriverName::Cloop
+            | DriverName::Qed
     )
 }
 
@@ -134,7 +135,7 @@ pub fn drives(format: DriverName) -> bool {
 pub fn writes(format: DriverName) -> bool {
     matches!(
         format,
-        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels
+        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels | DriverName::Qed
     )
 }
 
@@ -150,6 +151,7 @@ pub fn open_layout(
         DriverName::Parallels => Box::new(super::parallels::Parallels::open(file, read_only)?),
         DriverName::Bochs => Box::new(super::bochs::Bochs::open(file)?),
         DriverName::Cloop => Box::new(super::cloop::Cloop::open(file)?),
+        DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",

@@ -25,6 +25,7 @@ pub mod parallels;
 pub mod probe;
 pub mod qcow;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 mod segments;
 pub mod vdi;

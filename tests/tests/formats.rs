@@ -383,3 +383,80 @@ fn qed_over_a_backing_file_copies_on_write() {
         std::fs::remove_file(&top).unwrap();
     }
 }
+
+/// uml_mkcow (Debian's uml-utilities) over a copy of the source.
+fn uml_mkcow(dir: &TestDir, base: &str, name: &str) -> String {
+    let cow = dir.file(name);
+    run("uml_mkcow", &[&cow, base]);
+    cow
+}
+
+#[test]
+fn uml_cow_images_read_write_and_keep_the_backing_file() {
+    let dir = TestDir::new("formats-cow");
+    let src = source(&dir);
+    let size = std::fs::metadata(&src).unwrap().len();
+    let base = dir.file("base.raw");
+    std::fs::copy(&src, &base).unwrap();
+    let cow = uml_mkcow(&dir, &base, "top.cow");
+    let expected = dir.file("expected.raw");
+    std::fs::copy(&src, &expected).unwrap();
+    let d = Daemon::start(&dir, &[spec("cow", "d0", &cow, false)]);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        Path::new(&src),
+        "raw"
+    ));
+    write_patterns(&d.dev("d0"), &expected, size);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        Path::new(&expected),
+        "raw"
+    ));
+    d.quit();
+    // The bitmap on disk: the sectors written are this file's.
+    let img = std::fs::read(&cow).unwrap();
+    let bit = |s: usize| img[8192 + s / 8] >> (s % 8) & 1 == 1;
+    assert!(bit(0) && bit((5 << 20) / 512) && !bit((8 << 20) / 512));
+    let data_at = 8192 + (size as usize / 512).div_ceil(8);
+    let data_at = data_at.next_multiple_of(4096);
+    let written = pattern(14, 1 << 20);
+    assert_eq!(&img[data_at + (5 << 20)..data_at + (6 << 20)], &written[..]);
+    // Another daemon reads what was written; the backing file is as it was.
+    let d = Daemon::start(&dir, &[spec("cow", "d0", &cow, true)]);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        Path::new(&expected),
+        "raw"
+    ));
+    d.quit();
+    assert!(images_identical(
+        Path::new(&base),
+        "raw",
+        Path::new(&src),
+        "raw"
+    ));
+}
+
+#[test]
+fn blkctl_creates_cow_images_as_uml_mkcow_does() {
+    let dir = TestDir::new("formats-cow-create");
+    let base = source(&dir);
+    let theirs = uml_mkcow(&dir, &base, "theirs.cow");
+    let ours = dir.file("ours.cow");
+    let (code, _, err) = blkctl(
+        &dir.join("none.sock"),
+        &["create", "-f", "cow", "-b", &base, &ours],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (a, b) = (
+        std::fs::read(&theirs).unwrap(),
+        std::fs::read(&ours).unwrap(),
+    );
+    assert_eq!(a.len(), b.len(), "file length");
+    let first = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first, None, "blkctl's COW image differs from uml_mkcow's");
+}

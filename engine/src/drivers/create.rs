@@ -17,7 +17,7 @@ pub struct NewImage {
 }
 
 /// Formats this module creates.
-pub const FORMATS: &[&str] = &["raw", "qcow2", "qed", "vdi", "vpc", "parallels"];
+pub const FORMATS: &[&str] = &["raw", "qcow2", "qed", "vdi", "vpc", "parallels", "cow"];
 
 /// Splits `-o a=b,c=d` into its options.
 pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
@@ -112,6 +112,15 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
                 .as_deref()
                 .map(|b| (b, img.backing_format.as_deref()));
             super::qed::create(path, img.size, backing, cluster, table)
+        }
+        "cow" => {
+            if let Some((k, _)) = img.options.first() {
+                return Err(unknown(format, k));
+            }
+            let backing = img.backing_file.as_deref().ok_or_else(|| {
+                Error::generic("A COW image needs a backing file (-b), as uml_mkcow does")
+            })?;
+            super::cow::create(path, backing, Some(img.size))
         }
         "parallels" => {
             let mut cluster = None;

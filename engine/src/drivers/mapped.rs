@@ -128,6 +128,7 @@ pub fn drives(format: DriverName) -> bool {
             | DriverName::Bochs
             | DriverName::Cloop
             | DriverName::Qed
+            | DriverName::Cow
     )
 }
 
@@ -135,7 +136,11 @@ pub fn drives(format: DriverName) -> bool {
 pub fn writes(format: DriverName) -> bool {
     matches!(
         format,
-        DriverName::Vdi | DriverName::Vpc | DriverName::Parallels | DriverName::Qed
+        DriverName::Vdi
+            | DriverName::Vpc
+            | DriverName::Parallels
+            | DriverName::Qed
+            | DriverName::Cow
     )
 }
 
@@ -152,6 +157,7 @@ pub fn open_layout(
         DriverName::Bochs => Box::new(super::bochs::Bochs::open(file)?),
         DriverName::Cloop => Box::new(super::cloop::Cloop::open(file)?),
         DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
+        DriverName::Cow => Box::new(super::cow::Cow::open(file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",

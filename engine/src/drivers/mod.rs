@@ -15,6 +15,7 @@ pub mod blkdebug;
 pub mod bochs;
 pub(crate) mod bytes;
 pub mod cloop;
+pub mod cow;
 pub mod create;
 pub mod deflate;
 pub mod file;

@@ -151,8 +151,9 @@ impl Layout for Cloop {
         Ok((Block::Special(b), 1))
     }
 
-    fn read_special(&self, id: u64, at: usize, buf: &mut [u8]) -> Result<()> {
+    fn read_special(&self, id: u64, guest: u64, buf: &mut [u8]) -> Result<()> {
         let data = self.block(id)?;
+        let at = (guest % self.h.block_size as u64) as usize;
         buf.copy_from_slice(&data[at..at + buf.len()]);
         Ok(())
     }

@@ -24,7 +24,8 @@ pub enum Block {
     Unallocated,
     /// Zeroes, whatever the backing file holds.
     Zero,
-    /// Stored the format's own way (compressed): [`Layout::read_special`].
+    /// Stored the format's own way (compressed): [`Layout::read_special`];
+    /// blocks with the same id are one stored piece.
     Special(u64),
 }
 
@@ -40,6 +41,7 @@ impl ClusterMapping for Block {
         match (self, next) {
             (Block::Data(h1), Block::Data(h2)) => h1 + len as u64 == *h2,
             (Block::Unallocated, Block::Unallocated) | (Block::Zero, Block::Zero) => true,
+            (Block::Special(a), Block::Special(b)) => a == b,
             _ => false,
         }
     }
@@ -66,8 +68,9 @@ pub trait Layout: Send + Sync {
     /// blocks from `b` on map the same way with no offset to move (for
     /// data: blocks that follow each other in the file too).
     fn lookup(&self, b: u64) -> Result<(Block, u64)>;
-    /// Bytes `at..at + buf.len()` of the `Special(id)` block.
-    fn read_special(&self, id: u64, _at: usize, _buf: &mut [u8]) -> Result<()> {
+    /// The guest bytes `guest..guest + buf.len()`, all stored in the
+    /// `Special(id)` form.
+    fn read_special(&self, id: u64, _guest: u64, _buf: &mut [u8]) -> Result<()> {
         Err(Error::io(
             libc::EIO,
             format!("{}: block {id} has no special form", self.format_name()),
@@ -129,6 +132,7 @@ pub fn drives(format: DriverName) -> bool {
             | DriverName::Cloop
             | DriverName::Qed
             | DriverName::Cow
+            | DriverName::Dmg
     )
 }
 
@@ -158,6 +162,7 @@ pub fn open_layout(
         DriverName::Cloop => Box::new(super::cloop::Cloop::open(file)?),
         DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
         DriverName::Cow => Box::new(super::cow::Cow::open(file)?),
+        DriverName::Dmg => Box::new(super::dmg::Dmg::open(file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",
@@ -211,10 +216,11 @@ impl Mapped {
                 buf.fill(0);
                 done(Ok(buf))
             }
-            Block::Special(id) => {
-                let at = (s.guest % self.layout.block_size()) as usize;
-                done(self.layout.read_special(id, at, &mut buf).map(|()| buf))
-            }
+            Block::Special(id) => done(
+                self.layout
+                    .read_special(id, s.guest, &mut buf)
+                    .map(|()| buf),
+            ),
         }
     }
 
@@ -229,7 +235,7 @@ impl Mapped {
                 let old = wait(|d| self.backing.read(base, Buf::zeroed(valid), d))?;
                 content[..valid].copy_from_slice(&old);
             }
-            Block::Special(id) => self.layout.read_special(id, 0, &mut content[..valid])?,
+            Block::Special(id) => self.layout.read_special(id, base, &mut content[..valid])?,
             _ => {}
         }
         Ok(content)

@@ -18,6 +18,7 @@ pub mod cloop;
 pub mod cow;
 pub mod create;
 pub mod deflate;
+pub mod dmg;
 pub mod file;
 pub mod join;
 pub mod lock;

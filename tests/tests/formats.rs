@@ -343,14 +343,32 @@ fn qed_over_a_backing_file_copies_on_write() {
     let size_arg = size.to_string();
     // A qcow2 base: QED records no format for it, so it is probed.
     let base_qcow2 = dir.file("base.qcow2");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &src, &base_qcow2]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &src,
+        &base_qcow2,
+    ]);
     for (fmt, opts, base, base_fmt) in [
         ("qed", "", &src, "raw"),
         ("qed", "cluster_size=4K", &src, "raw"),
         ("qed", "", &base_qcow2, "qcow2"),
     ] {
         let top = dir.file("top.qed");
-        let mut args = vec!["create", "-q", "-f", fmt, "-b", base.as_str(), "-F", base_fmt];
+        let mut args = vec![
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            base.as_str(),
+            "-F",
+            base_fmt,
+        ];
         if !opts.is_empty() {
             args.extend(["-o", opts]);
         }

@@ -155,7 +155,7 @@ pub fn parse_mish(blob: &[u8], base: u64, unknown: &mut Vec<u32>) -> Result<Opti
 
 /// The `mish` blobs of a resource fork: items of `[u32 length][bytes]`
 /// in its data area.
-fn resource_blobs(fork: &[u8]) -> Result<Vec<&[u8]>> {
+pub fn resource_blobs(fork: &[u8]) -> Result<Vec<&[u8]>> {
     let bad = || invalid("dmg: invalid resource fork");
     if fork.len() < 16 {
         return Err(bad());
@@ -185,7 +185,7 @@ fn resource_blobs(fork: &[u8]) -> Result<Vec<&[u8]>> {
 }
 
 /// The decoded `<data>` elements of an XML plist.
-fn xml_blobs(xml: &[u8]) -> Result<Vec<Vec<u8>>> {
+pub fn xml_blobs(xml: &[u8]) -> Result<Vec<Vec<u8>>> {
     let text = String::from_utf8_lossy(xml);
     let mut out = Vec::new();
     let mut rest = &text[..];

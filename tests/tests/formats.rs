@@ -485,3 +485,39 @@ fn blkctl_creates_cow_images_as_uml_mkcow_does() {
     let first = a.iter().zip(&b).position(|(x, y)| x != y);
     assert_eq!(first, None, "blkctl's COW image differs from uml_mkcow's");
 }
+
+#[test]
+fn qed_grows_and_changes_its_backing_name_others_refuse_as_qemu() {
+    let dir = TestDir::new("formats-resize");
+    let base = dir.file("base.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let top = dir.file("top.qed");
+    qemu_img(&[
+        "create", "-q", "-f", "qed", "-b", &base, "-F", "raw", &top, "4M",
+    ]);
+    let vdi = dir.file("a.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", &vdi, "4M"]);
+    let mut top_spec: Value = serde_json::from_str(&spec("qed", "q", &top, false)).unwrap();
+    top_spec["node-name"] = json!("qtop");
+    let d = Daemon::start(&dir, &[top_spec.to_string(), spec("vdi", "v", &vdi, false)]);
+    let mut q = d.qmp();
+    q.ok("block_resize", json!({"device": "q", "size": 8 << 20}));
+    assert_eq!(std::fs::metadata(d.dev("q")).unwrap().len(), 8 << 20);
+    let (_, desc) = q.err("block_resize", json!({"device": "q", "size": 2 << 20}));
+    assert!(desc.contains("Shrinking"), "{desc}");
+    let (_, desc) = q.err("block_resize", json!({"device": "v", "size": 8 << 20}));
+    assert!(desc.contains("does not support resizing"), "{desc}");
+    q.ok(
+        "change-backing-file",
+        json!({"device": "q", "image-node-name": "qtop", "backing-file": "other-name.raw"}),
+    );
+    d.quit();
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", "-f", "qed", &top])).unwrap();
+    assert_eq!(info["virtual-size"], 8 << 20, "{info}");
+    assert_eq!(info["backing-filename"], "other-name.raw", "{info}");
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+}

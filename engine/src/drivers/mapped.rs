@@ -110,6 +110,20 @@ pub trait Layout: Send + Sync {
     fn close(&self) -> Result<()> {
         Ok(())
     }
+    /// Changes the virtual size (`block_resize`), with no request in flight.
+    fn resize(&self, _size: u64) -> Result<()> {
+        Err(Error::generic(format!(
+            "Driver '{}' does not support resizing",
+            self.format_name()
+        )))
+    }
+    /// Rewrites the backing file name (and format) the image records.
+    fn change_backing_file(&self, _name: &str, _format: Option<&str>) -> Result<()> {
+        Err(Error::generic(format!(
+            "Driver '{}' does not record a backing file",
+            self.format_name()
+        )))
+    }
     /// The backing file the image names, and its format if it says.
     fn backing_file(&self) -> Option<String> {
         None
@@ -421,6 +435,14 @@ impl Driver for Arc<Mapped> {
 
     fn backing_file_name(&self) -> Option<String> {
         self.layout.backing_file()
+    }
+
+    fn change_backing_file(&self, name: &str, format: Option<&str>) -> Result<()> {
+        self.layout.change_backing_file(name, format)
+    }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        self.layout.resize(size)
     }
 
     fn close(&self) -> Result<()> {

@@ -15,6 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::graph::Node;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const MAGIC: u32 = 0x0044_4551;
@@ -145,6 +146,11 @@ struct State {
 pub struct Qed {
     file: Arc<Node>,
     h: Header,
+    read_only: bool,
+    /// The virtual size (`block_resize` grows it).
+    size: AtomicU64,
+    /// The header's features and backing name (`change-backing-file`).
+    backing: Mutex<(u64, Option<String>)>,
     state: Mutex<State>,
 }
 
@@ -163,6 +169,9 @@ impl Qed {
         let end = len / h.cluster_size * h.cluster_size;
         let q = Qed {
             file,
+            read_only,
+            size: AtomicU64::new(h.size),
+            backing: Mutex::new((h.features, h.backing_file.clone())),
             state: Mutex::new(State {
                 l1,
                 l2: HashMap::new(),
@@ -248,6 +257,17 @@ impl Qed {
         wait(|d| self.file.flush(d))
     }
 
+    /// Writes `bytes` at `at` of the header, durably; through a short-lived
+    /// read-write descriptor when the node is read-only (a backing image
+    /// whose name a job rewrites).
+    fn write_header_field(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        if self.read_only {
+            return self.file.driver.write_through(at, bytes);
+        }
+        write_at(&self.file, at, bytes)?;
+        wait(|d| self.file.flush(d))
+    }
+
     /// Points guest cluster `b` at `value` (a new cluster or ZERO_CLUSTER),
     /// whose data is already written: in its L2 table, or in a new table
     /// (appended, then flushed) that L1 then points at.
@@ -295,7 +315,7 @@ impl Layout for Qed {
     }
 
     fn size(&self) -> u64 {
-        self.h.size
+        self.size.load(Ordering::Relaxed)
     }
 
     fn block_size(&self) -> u64 {
@@ -353,11 +373,59 @@ impl Layout for Qed {
     }
 
     fn backing_file(&self) -> Option<String> {
-        self.h.backing_file.clone()
+        self.backing.lock().1.clone()
     }
 
     fn backing_format(&self) -> Option<String> {
-        (self.h.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string())
+        (self.backing.lock().0 & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string())
+    }
+
+    /// Grows the image: only the header's size changes (QEMU shrinks none).
+    fn resize(&self, size: u64) -> Result<()> {
+        if !size.is_multiple_of(512) || size > self.h.max_size() {
+            return Err(invalid("Invalid image size specified"));
+        }
+        if size < self.size() {
+            return Err(invalid("Shrinking images is currently not supported"));
+        }
+        self.write_header_field(48, &size.to_le_bytes())?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The name goes after the header fields, in the header cluster(s).
+    fn change_backing_file(&self, name: &str, format: Option<&str>) -> Result<()> {
+        let cluster = self.h.header_bytes() as usize;
+        if HEADER_LEN + name.len() > cluster {
+            return Err(Error::io(
+                libc::ENOSPC,
+                format!(
+                    "Could not change backing file to '{name}': the name does not fit the header"
+                ),
+            ));
+        }
+        let mut features = self.backing.lock().0 & !(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE);
+        if !name.is_empty() {
+            features |= F_BACKING_FILE;
+            if format == Some("raw") {
+                features |= F_BACKING_FORMAT_NO_PROBE;
+            }
+        }
+        let mut tail = vec![0u8; HEADER_LEN - 16];
+        tail[..8].copy_from_slice(&features.to_le_bytes());
+        let head = read_at(&self.file, 0, HEADER_LEN)?;
+        tail[8..40].copy_from_slice(&head[24..56]);
+        let (off, len) = if name.is_empty() {
+            (0u32, 0u32)
+        } else {
+            (HEADER_LEN as u32, name.len() as u32)
+        };
+        tail[40..44].copy_from_slice(&off.to_le_bytes());
+        tail[44..48].copy_from_slice(&len.to_le_bytes());
+        tail.extend_from_slice(name.as_bytes());
+        self.write_header_field(16, &tail)?;
+        *self.backing.lock() = (features, (!name.is_empty()).then(|| name.to_string()));
+        Ok(())
     }
 
     fn image_info(&self, v: &mut serde_json::Value) {

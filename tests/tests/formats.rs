@@ -521,3 +521,58 @@ fn qed_grows_and_changes_its_backing_name_others_refuse_as_qemu() {
     assert_eq!(info["backing-filename"], "other-name.raw", "{info}");
     assert_eq!(info["backing-filename-format"], "raw", "{info}");
 }
+
+/// drive-mirror and drive-backup create their targets in any format blkfs
+/// creates; the device then runs on (or the backup holds) the same data.
+#[test]
+fn jobs_create_targets_in_the_block_mapped_formats() {
+    let dir = TestDir::new("formats-jobs");
+    let src = source(&dir);
+    let size = std::fs::metadata(&src).unwrap().len();
+    for format in ["vdi", "qed", "parallels"] {
+        let img = dir.file(&format!("src-{format}.qcow2"));
+        qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &src, &img]);
+        let d = Daemon::start(
+            &dir,
+            &[json!({"driver": "qcow2", "id": "d0",
+            "file": {"driver": "file", "filename": img}})
+            .to_string()],
+        );
+        let mut q = d.qmp();
+        let backup = dir.file(&format!("backup.{format}"));
+        q.ok(
+            "drive-backup",
+            json!({"device": "d0", "target": backup, "format": format, "sync": "full"}),
+        );
+        let ev = q.wait_job_end("d0");
+        assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{format}: {ev}");
+        let target = dir.file(&format!("mirror.{format}"));
+        q.ok(
+            "drive-mirror",
+            json!({"device": "d0", "target": target, "format": format, "sync": "full"}),
+        );
+        q.wait_event("BLOCK_JOB_READY", std::time::Duration::from_secs(60));
+        q.ok("block-job-complete", json!({"device": "d0"}));
+        let ev = q.wait_job_end("d0");
+        assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{format}: {ev}");
+        // The device runs on the new image now: a write lands there.
+        let expected = dir.file("expected.raw");
+        std::fs::copy(&src, &expected).unwrap();
+        write_patterns(&d.dev("d0"), &expected, size);
+        d.quit();
+        for (img, what) in [(&backup, "backup"), (&target, "mirror")] {
+            let want = if what == "backup" { &src } else { &expected };
+            assert!(
+                images_identical(Path::new(img), format, Path::new(want), "raw"),
+                "{format} {what}: other data than the device's"
+            );
+            let r = qemu_img_check(img);
+            assert_eq!(r["check-errors"], 0, "{format} {what}: {r}");
+            assert_eq!(
+                r.get("corruptions").and_then(Value::as_u64).unwrap_or(0),
+                0,
+                "{r}"
+            );
+        }
+    }
+}

@@ -744,8 +744,23 @@ impl Opener<'_> {
                     return Err(drivers::mapped::read_only_error(d.as_str()));
                 }
                 let child = self.child(file, &opts, &join(path, "file"), Use::Metadata)?;
-                let layout = drivers::mapped::open_layout(d, child.clone(), opts.read_only)
-                    .map_err(|e| e.context(child.driver.filename()))?;
+                let dir = std::path::Path::new(&child.driver.filename())
+                    .parent()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_default();
+                let mut n = 0;
+                let mut open_file = |name: &str, read_only: bool| {
+                    let full = dir.join(name).to_string_lossy().into_owned();
+                    let spec = serde_json::json!({"driver": "file", "filename": full,
+                        "read-only": read_only || opts.read_only});
+                    let r = BlockdevRef::Definition(Box::new(BlockdevOptions::from_json(spec)?));
+                    n += 1;
+                    let at = join(path, &format!("extents.{n}"));
+                    self.child(&r, &opts, &at, Use::Metadata)
+                };
+                let layout =
+                    drivers::mapped::open_layout(d, child.clone(), opts.read_only, &mut open_file)
+                        .map_err(|e| e.context(child.driver.filename()))?;
                 let backing = self.format_backing(
                     backing,
                     layout.backing_file().as_deref(),

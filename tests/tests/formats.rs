@@ -18,6 +18,8 @@ struct Case {
     options: &'static str,
     writable: bool,
     check: bool,
+    /// `blkctl create` makes it too.
+    create: bool,
 }
 
 const CASES: &[Case] = &[
@@ -26,48 +28,91 @@ const CASES: &[Case] = &[
         options: "",
         writable: true,
         check: true,
+        create: true,
     },
     Case {
         format: "vdi",
         options: "static=on",
         writable: true,
         check: true,
+        create: true,
     },
     Case {
         format: "vpc",
         options: "",
         writable: true,
         check: false,
+        create: true,
     },
     Case {
         format: "vpc",
         options: "subformat=fixed",
         writable: true,
         check: false,
+        create: true,
     },
     Case {
         format: "parallels",
         options: "",
         writable: true,
         check: true,
+        create: true,
     },
     Case {
         format: "parallels",
         options: "cluster_size=64K",
         writable: true,
         check: true,
+        create: true,
     },
     Case {
         format: "qed",
         options: "",
         writable: true,
         check: true,
+        create: true,
     },
     Case {
         format: "qed",
         options: "cluster_size=4K",
         writable: true,
         check: true,
+        create: true,
+    },
+    Case {
+        format: "vmdk",
+        options: "",
+        writable: true,
+        check: true,
+        create: false,
+    },
+    Case {
+        format: "vmdk",
+        options: "subformat=twoGbMaxExtentSparse",
+        writable: true,
+        check: true,
+        create: false,
+    },
+    Case {
+        format: "vmdk",
+        options: "subformat=monolithicFlat",
+        writable: true,
+        check: true,
+        create: false,
+    },
+    Case {
+        format: "vmdk",
+        options: "subformat=twoGbMaxExtentFlat",
+        writable: true,
+        check: true,
+        create: false,
+    },
+    Case {
+        format: "vmdk",
+        options: "subformat=streamOptimized",
+        writable: false,
+        check: true,
+        create: false,
     },
 ];
 
@@ -227,7 +272,7 @@ fn every_format_reads_what_qemu_img_wrote_and_writes_what_it_reads() {
 fn images_blkctl_creates_are_what_qemu_img_expects() {
     let dir = TestDir::new("formats-create");
     let sock = dir.join("none.sock");
-    for (i, c) in CASES.iter().filter(|c| c.writable).enumerate() {
+    for (i, c) in CASES.iter().filter(|c| c.create).enumerate() {
         let img = dir.file(&format!("new{i}.{}", c.format));
         let mut args = vec!["create", "-f", c.format];
         if !c.options.is_empty() {

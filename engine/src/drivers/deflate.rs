@@ -33,6 +33,20 @@ pub fn inflate_zlib(input: &[u8], out: &mut [u8]) -> std::result::Result<(), Str
     inflate_with(input, out, true)
 }
 
+/// Inflates a zlib stream into at most `out.len()` bytes: how many it made
+/// (a vmdk image's last grain holds only the bytes before the end).
+pub fn inflate_zlib_upto(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    let mut d = DecompressorOxide::new();
+    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF
+        | inflate_flags::TINFL_FLAG_PARSE_ZLIB_HEADER;
+    let (status, _, n) = decompress(&mut d, input, out, 0, flags);
+    match status {
+        miniz_oxide::inflate::TINFLStatus::Done => Ok(n),
+        s => Err(format!("compressed data is invalid ({s:?})")),
+    }
+}
+
 fn inflate_with(input: &[u8], out: &mut [u8], zlib: bool) -> std::result::Result<(), String> {
     use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
     let mut d = DecompressorOxide::new();

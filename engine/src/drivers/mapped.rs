@@ -24,6 +24,8 @@ pub enum Block {
     Unallocated,
     /// Zeroes, whatever the backing file holds.
     Zero,
+    /// In another file of the image (a vmdk extent), [`Layout::file`] `file`.
+    DataIn { file: u32, host: u64 },
     /// Stored the format's own way (compressed): [`Layout::read_special`];
     /// blocks with the same id are one stored piece.
     Special(u64),
@@ -33,6 +35,10 @@ impl ClusterMapping for Block {
     fn offset_by(self, by: u64) -> Block {
         match self {
             Block::Data(h) => Block::Data(h + by),
+            Block::DataIn { file, host } => Block::DataIn {
+                file,
+                host: host + by,
+            },
             b => b,
         }
     }
@@ -40,6 +46,9 @@ impl ClusterMapping for Block {
     fn continues(&self, len: usize, next: &Block) -> bool {
         match (self, next) {
             (Block::Data(h1), Block::Data(h2)) => h1 + len as u64 == *h2,
+            (Block::DataIn { file: f1, host: h1 }, Block::DataIn { file: f2, host: h2 }) => {
+                f1 == f2 && h1 + len as u64 == *h2
+            }
             (Block::Unallocated, Block::Unallocated) | (Block::Zero, Block::Zero) => true,
             (Block::Special(a), Block::Special(b)) => a == b,
             _ => false,
@@ -48,7 +57,7 @@ impl ClusterMapping for Block {
 
     fn status(&self, has_backing: bool) -> LayerStatus {
         match *self {
-            Block::Data(h) => (true, false, Some(h), true),
+            Block::Data(h) | Block::DataIn { host: h, .. } => (true, false, Some(h), true),
             Block::Special(_) => (true, false, None, true),
             Block::Zero => (false, true, None, true),
             Block::Unallocated => (false, !has_backing, None, false),
@@ -76,6 +85,10 @@ pub trait Layout: Send + Sync {
             format!("{}: block {id} has no special form", self.format_name()),
         ))
     }
+    /// The image's file `i` other than its first (a vmdk extent).
+    fn file(&self, _i: u32) -> Option<&Arc<Node>> {
+        None
+    }
     /// Whether the format writes at all (the others open read-only only).
     fn writable(&self) -> bool {
         false
@@ -97,9 +110,10 @@ pub trait Layout: Send + Sync {
     fn zero_block(&self, _b: u64) -> Result<bool> {
         Ok(false)
     }
-    /// Whether block status asks the file whether data blocks read as
-    /// zeroes (QEMU's `BDRV_BLOCK_RECURSE`: preallocated images).
-    fn zeroes_from_file(&self) -> bool {
+    /// Whether block status asks the file whether the data block holding
+    /// `guest` reads as zeroes (QEMU's `BDRV_BLOCK_RECURSE`: preallocated
+    /// images, flat extents).
+    fn zeroes_from_file(&self, _guest: u64) -> bool {
         false
     }
     /// Writes what the format keeps back before a flush of the file.
@@ -147,6 +161,7 @@ pub fn drives(format: DriverName) -> bool {
             | DriverName::Qed
             | DriverName::Cow
             | DriverName::Dmg
+            | DriverName::Vmdk
     )
 }
 
@@ -159,14 +174,18 @@ pub fn writes(format: DriverName) -> bool {
             | DriverName::Parallels
             | DriverName::Qed
             | DriverName::Cow
+            | DriverName::Vmdk
     )
 }
 
 /// The layout of the `format` image in `file`.
+/// `open_file` opens another file the image names (a vmdk extent),
+/// read-only when asked.
 pub fn open_layout(
     format: DriverName,
     file: Arc<Node>,
     read_only: bool,
+    open_file: &mut dyn FnMut(&str, bool) -> Result<Arc<Node>>,
 ) -> Result<Box<dyn Layout>> {
     Ok(match format {
         DriverName::Vdi => Box::new(super::vdi::Vdi::open(file)?),
@@ -177,6 +196,7 @@ pub fn open_layout(
         DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
         DriverName::Cow => Box::new(super::cow::Cow::open(file)?),
         DriverName::Dmg => Box::new(super::dmg::Dmg::open(file)?),
+        DriverName::Vmdk => Box::new(super::vmdk::Vmdk::open(file, open_file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",
@@ -225,6 +245,10 @@ impl Mapped {
     fn read_segment(&self, s: Segment, mut buf: Buf, done: Done<Buf>) {
         match s.map {
             Block::Data(host) => self.file.read(host, buf, done),
+            Block::DataIn { file, host } => match self.extent(file) {
+                Ok(f) => f.read(host, buf, done),
+                Err(e) => done(Err(e)),
+            },
             Block::Unallocated => self.backing.read(s.guest, buf, done),
             Block::Zero => {
                 buf.fill(0);
@@ -262,8 +286,12 @@ impl Mapped {
         let bs = self.layout.block_size();
         let (b, at) = (guest / bs, (guest % bs) as usize);
         let (m, _) = self.layout.lookup(b)?;
-        if let Block::Data(host) = m {
-            return write_at(&self.file, host + at as u64, data);
+        match m {
+            Block::Data(host) => return write_at(&self.file, host + at as u64, data),
+            Block::DataIn { file, host } => {
+                return write_at(self.extent(file)?, host + at as u64, data)
+            }
+            _ => {}
         }
         let mut content = if data.len() as u64 == bs {
             Buf::from_slice(data)
@@ -316,6 +344,12 @@ impl Mapped {
         Ok(())
     }
 
+    fn extent(&self, i: u32) -> Result<&Arc<Node>> {
+        self.layout
+            .file(i)
+            .ok_or_else(|| Error::io(libc::EIO, format!("image file {i} is missing")))
+    }
+
     fn writable(&self) -> Result<()> {
         if self.layout.writable() {
             Ok(())
@@ -362,6 +396,17 @@ impl Driver for Arc<Mapped> {
                     ..
                 }],
             ) => return self.file.write(host, buf, done),
+            Ok(
+                &[Segment {
+                    map: Block::DataIn { file, host },
+                    ..
+                }],
+            ) => {
+                return match self.extent(file) {
+                    Ok(f) => f.write(host, buf, done),
+                    Err(e) => done(Err(e)),
+                }
+            }
             Ok(_) => {}
             Err(e) => return done(Err(e.clone())),
         }
@@ -406,8 +451,14 @@ impl Driver for Arc<Mapped> {
         )?;
         // As QEMU does for preallocated images: data over a hole of the
         // file (or past its end) reads as zeroes.
-        if let (true, false, Some(host)) = (self.layout.zeroes_from_file(), st.zero, st.offset) {
-            match self.file.block_status(host, st.len) {
+        if let (true, false, Some(host)) =
+            (self.layout.zeroes_from_file(offset), st.zero, st.offset)
+        {
+            let file = match self.layout.lookup(offset / self.layout.block_size())?.0 {
+                Block::DataIn { file, .. } => self.extent(file)?,
+                _ => &self.file,
+            };
+            match file.block_status(host, st.len) {
                 Ok(f) => {
                     st.len = st.len.min(f.len);
                     st.zero = f.zero;

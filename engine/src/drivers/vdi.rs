@@ -230,7 +230,7 @@ impl Layout for Vdi {
         true
     }
 
-    fn zeroes_from_file(&self) -> bool {
+    fn zeroes_from_file(&self, _guest: u64) -> bool {
         self.h.image_type == TYPE_STATIC
     }
 

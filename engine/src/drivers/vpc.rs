@@ -278,7 +278,7 @@ impl Layout for Vpc {
         Ok(())
     }
 
-    fn zeroes_from_file(&self) -> bool {
+    fn zeroes_from_file(&self, _guest: u64) -> bool {
         self.h.dynamic.is_none()
     }
 

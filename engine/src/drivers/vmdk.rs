@@ -312,9 +312,9 @@ impl Vmdk {
                 .sectors
                 .checked_mul(SECTOR)
                 .ok_or_else(|| invalid("VMDK extent is too large"))?;
-            let (idx, node) = if embedded && i == 0 {
-                (0, file.clone())
-            } else if line.kind == ExtentType::Zero {
+            // A monolithic sparse image is its own first extent; zero
+            // extents have no file.
+            let (idx, node) = if (embedded && i == 0) || line.kind == ExtentType::Zero {
                 (0, file.clone())
             } else {
                 let n = open_file(&line.file, line.read_only)?;

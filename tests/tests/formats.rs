@@ -84,28 +84,28 @@ const CASES: &[Case] = &[
         options: "",
         writable: true,
         check: true,
-        create: false,
+        create: true,
     },
     Case {
         format: "vmdk",
         options: "subformat=twoGbMaxExtentSparse",
         writable: true,
         check: true,
-        create: false,
+        create: true,
     },
     Case {
         format: "vmdk",
         options: "subformat=monolithicFlat",
         writable: true,
         check: true,
-        create: false,
+        create: true,
     },
     Case {
         format: "vmdk",
         options: "subformat=twoGbMaxExtentFlat",
         writable: true,
         check: true,
-        create: false,
+        create: true,
     },
     Case {
         format: "vmdk",
@@ -620,4 +620,56 @@ fn jobs_create_targets_in_the_block_mapped_formats() {
             );
         }
     }
+}
+
+#[test]
+fn vmdk_over_a_parent_reads_through_and_copies_on_write() {
+    let dir = TestDir::new("formats-vmdk-parent");
+    let src = source(&dir);
+    let size = std::fs::metadata(&src).unwrap().len();
+    let base = dir.file("base.vmdk");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vmdk", &src, &base]);
+    let top = dir.file("top.vmdk");
+    let (code, _, err) = blkctl(
+        &dir.join("none.sock"),
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            &top,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", "-f", "vmdk", &top])).unwrap();
+    assert_eq!(info["backing-filename"], "base.vmdk", "{info}");
+    let expected = dir.file("expected.raw");
+    std::fs::copy(&src, &expected).unwrap();
+    let d = Daemon::start(&dir, &[spec("vmdk", "d0", &top, false)]);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        Path::new(&src),
+        "raw"
+    ));
+    write_patterns(&d.dev("d0"), &expected, size);
+    d.quit();
+    assert!(images_identical(
+        Path::new(&top),
+        "vmdk",
+        Path::new(&expected),
+        "raw"
+    ));
+    assert!(images_identical(
+        Path::new(&base),
+        "vmdk",
+        Path::new(&src),
+        "raw"
+    ));
+    let r = qemu_img_check(&top);
+    assert_eq!(r["check-errors"], 0, "{r}");
 }

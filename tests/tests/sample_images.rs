@@ -41,6 +41,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("virtualpc-dynamic.vhd", "vpc"),
     ("hyperv2012r2-dynamic.vhd", "vpc"),
     ("d2v-zerofilled.vhd", "vpc"),
+    ("iotest-version3.vmdk", "vmdk"),
 ];
 
 #[test]
@@ -332,6 +333,27 @@ fn damaged_dmg_tables_fail_cleanly() {
             // Opened: every read answers data or EIO, never hangs or crashes.
             let _ = std::fs::read(d.dev(&format!("d{n}")));
         }
+    }
+    q.ok("query-block", json!({}));
+    d.quit();
+}
+
+#[test]
+fn fuzzed_samples_fail_to_open_with_a_clear_error() {
+    let dir = TestDir::new("samples-fuzzed");
+    let d = Daemon::start(&dir, &[]);
+    let mut q = d.qmp();
+    for (name, format) in [("afl9.vmdk", "vmdk")] {
+        let f = sample(&dir, name);
+        let (class, desc) = q.err(
+            "blockdev-add",
+            serde_json::from_str(&spec(format, "x", &f)).unwrap(),
+        );
+        assert_eq!(class, "GenericError", "{name}");
+        assert!(
+            desc.contains(&f),
+            "{name}: the error names the image: {desc}"
+        );
     }
     q.ok("query-block", json!({}));
     d.quit();

@@ -17,7 +17,16 @@ pub struct NewImage {
 }
 
 /// Formats this module creates.
-pub const FORMATS: &[&str] = &["raw", "qcow2", "qed", "vdi", "vpc", "parallels", "cow"];
+pub const FORMATS: &[&str] = &[
+    "raw",
+    "qcow2",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vpc",
+    "parallels",
+    "cow",
+];
 
 /// Splits `-o a=b,c=d` into its options.
 pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
@@ -112,6 +121,27 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
                 .as_deref()
                 .map(|b| (b, img.backing_format.as_deref()));
             super::qed::create(path, img.size, backing, cluster, table)
+        }
+        "vmdk" => {
+            let mut o = super::vmdk::CreateOptions {
+                backing_file: img.backing_file.clone(),
+                ..Default::default()
+            };
+            if img.backing_format.as_deref().is_some_and(|f| f != "vmdk") {
+                return Err(Error::generic("backing_fmt must be 'vmdk' if present"));
+            }
+            for (k, v) in &img.options {
+                match k.as_str() {
+                    "subformat" => o.subformat = Some(v.clone()),
+                    "adapter_type" => o.adapter_type = Some(v.clone()),
+                    "hwversion" => o.hwversion = Some(v.clone()),
+                    "toolsversion" => o.toolsversion = Some(v.clone()),
+                    "compat6" => o.compat6 = on_off(k, v)?,
+                    "zeroed_grain" => o.zeroed_grain = on_off(k, v)?,
+                    _ => return Err(unknown(format, k)),
+                }
+            }
+            super::vmdk::create(path, img.size, &o)
         }
         "cow" => {
             if let Some((k, _)) = img.options.first() {

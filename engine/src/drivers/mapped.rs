@@ -196,7 +196,7 @@ pub fn open_layout(
         DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
         DriverName::Cow => Box::new(super::cow::Cow::open(file)?),
         DriverName::Dmg => Box::new(super::dmg::Dmg::open(file)?),
-        DriverName::Vmdk => Box::new(super::vmdk::Vmdk::open(file, open_file)?),
+        DriverName::Vmdk => Box::new(super::vmdk::Vmdk::open(file, read_only, open_file)?),
         other => {
             return Err(Error::generic(format!(
                 "Driver '{}' is not supported by blkfs yet",

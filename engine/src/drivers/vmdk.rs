@@ -132,12 +132,12 @@ pub struct Descriptor {
     pub extents: Vec<ExtentLine>,
 }
 
+/// The createTypes of descriptors in their own file (the monolithic
+/// sparse ones are embedded in their extent).
 const CREATE_TYPES: &[&str] = &[
-    "monolithicSparse",
     "monolithicFlat",
     "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat",
-    "streamOptimized",
     "vmfs",
     "vmfsSparse",
 ];
@@ -163,19 +163,15 @@ impl Descriptor {
                 }
                 continue;
             }
-            d.extents.push(parse_extent(line)?);
+            let e = parse_extent(line)?;
+            // As QEMU: only read-write data extents count (ZERO, RDONLY
+            // and NOACCESS lines are dropped, their sectors too).
+            if !e.read_only && e.kind != ExtentType::Zero {
+                d.extents.push(e);
+            }
         }
         if d.create_type.is_empty() {
-            return Err(invalid("VMDK descriptor has no createType"));
-        }
-        if !CREATE_TYPES.contains(&d.create_type.as_str()) {
-            return Err(invalid(format!(
-                "Unsupported image type '{}'",
-                d.create_type
-            )));
-        }
-        if d.extents.is_empty() {
-            return Err(invalid("VMDK descriptor lists no extents"));
+            return Err(invalid("invalid VMDK image descriptor"));
         }
         Ok(d)
     }
@@ -191,7 +187,7 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     let read_only = match access {
         "RW" => false,
         "RDONLY" => true,
-        "NOACCESS" => return Err(invalid("VMDK extents with NOACCESS are not supported")),
+        "NOACCESS" => true,
         _ => return Err(bad()),
     };
     let sectors: u64 = words.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
@@ -278,7 +274,15 @@ pub fn read_descriptor(file: &Node) -> Result<(Descriptor, Option<SparseHeader>)
         let n = (h.desc_size * SECTOR).min(1 << 20);
         let raw = read_at(file, h.desc_offset * SECTOR, n as usize)?;
         let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-        let d = Descriptor::parse(&String::from_utf8_lossy(&raw[..end]))?;
+        let mut d = Descriptor::parse(&String::from_utf8_lossy(&raw[..end]))?;
+        // As QEMU: the file itself is the one extent, as its header says.
+        d.extents = vec![ExtentLine {
+            read_only: false,
+            sectors: h.capacity,
+            kind: ExtentType::Sparse,
+            file: file.driver.filename(),
+            offset: 0,
+        }];
         return Ok((d, Some(h)));
     }
     if len > 1 << 20 {
@@ -292,7 +296,17 @@ pub fn read_descriptor(file: &Node) -> Result<(Descriptor, Option<SparseHeader>)
     if !text.contains("createType") {
         return Err(invalid("Image not in VMDK format"));
     }
-    Ok((Descriptor::parse(&text)?, None))
+    let d = Descriptor::parse(&text)?;
+    if !CREATE_TYPES.contains(&d.create_type.as_str()) {
+        return Err(invalid(format!(
+            "Unsupported image type '{}'",
+            d.create_type
+        )));
+    }
+    if d.extents.is_empty() {
+        return Err(invalid("VMDK descriptor lists no extents"));
+    }
+    Ok((d, None))
 }
 
 impl Vmdk {
@@ -300,6 +314,7 @@ impl Vmdk {
     /// to the descriptor's directory).
     pub fn open(
         file: Arc<Node>,
+        read_only: bool,
         mut open_file: impl FnMut(&str, bool) -> Result<Arc<Node>>,
     ) -> Result<Vmdk> {
         let (desc, own_header) = read_descriptor(&file)?;
@@ -326,7 +341,7 @@ impl Vmdk {
                 ExtentType::Flat => Kind::Flat {
                     offset: line.offset * SECTOR,
                 },
-                ExtentType::Sparse => Kind::Sparse(open_sparse(&node, line.sectors)?),
+                ExtentType::Sparse => Kind::Sparse(open_sparse(&node, line.sectors, read_only)?),
             };
             extents.push(Extent {
                 file: idx,
@@ -401,9 +416,12 @@ impl Vmdk {
     }
 }
 
-fn open_sparse(file: &Node, sectors: u64) -> Result<Sparse> {
+fn open_sparse(file: &Node, sectors: u64, read_only: bool) -> Result<Sparse> {
     let head = read_at(file, 0, 512.min(file.size()) as usize)?;
     let mut h = SparseHeader::parse(&head)?;
+    if h.version == 3 && h.flags & FLAG_COMPRESSED == 0 && !read_only {
+        return Err(invalid("VMDK version 3 must be read only"));
+    }
     if h.gd == GD_AT_END {
         // streamOptimized: the real header is the footer, 1024 bytes from the end.
         let len = file.size();
@@ -768,4 +786,191 @@ impl Vmdk {
         st.gts.insert(gt_s, table);
         Ok(())
     }
+}
+
+/// `qemu-img create -f vmdk` options.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// monolithicSparse (default), monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat.
+    pub subformat: Option<String>,
+    pub adapter_type: Option<String>,
+    pub hwversion: Option<String>,
+    pub toolsversion: Option<String>,
+    pub compat6: bool,
+    pub zeroed_grain: bool,
+    pub backing_file: Option<String>,
+}
+
+/// The largest extent of the twoGbMaxExtent subformats.
+const SPLIT: u64 = 2 << 30;
+
+/// A hosted sparse extent of `size` bytes as QEMU lays it out: header,
+/// room for a descriptor (sectors 1-20), redundant and primary grain
+/// directories each followed by all their grain tables, grains from the
+/// next 64 KiB on. Returns the bytes to write and the file length.
+fn sparse_extent(size: u64, zeroed_grain: bool, descriptor: Option<&str>) -> (Vec<u8>, u64) {
+    let sectors = size / SECTOR;
+    let grains = sectors.div_ceil(128);
+    let gt_size = (512u64 * 4).div_ceil(SECTOR);
+    let gt_count = grains.div_ceil(512);
+    let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
+    let rgd = 1 + 20;
+    let gd = rgd + gd_sectors + gt_size * gt_count;
+    let grain_offset = (gd + gd_sectors + gt_size * gt_count).next_multiple_of(128);
+    let mut b = vec![0u8; (gd + gd_sectors) as usize * SECTOR as usize];
+    let put32 =
+        |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut b, 0, MAGIC);
+    put32(&mut b, 4, if zeroed_grain { 2 } else { 1 });
+    let flags = 1 | FLAG_RGD | if zeroed_grain { FLAG_ZEROED_GRAIN } else { 0 };
+    put32(&mut b, 8, flags);
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put64(&mut b, 12, sectors);
+    put64(&mut b, 20, 128);
+    put64(&mut b, 28, 1);
+    put64(&mut b, 36, 20);
+    put32(&mut b, 44, 512);
+    put64(&mut b, 48, rgd);
+    put64(&mut b, 56, gd);
+    put64(&mut b, 64, grain_offset);
+    b[73..77].copy_from_slice(&[b'\n', b' ', b'\r', b'\n']);
+    if let Some(d) = descriptor {
+        b[512..512 + d.len()].copy_from_slice(d.as_bytes());
+    }
+    for (dir, tables) in [(rgd, rgd + gd_sectors), (gd, gd + gd_sectors)] {
+        for i in 0..gt_count {
+            let at = (dir * SECTOR + i * 4) as usize;
+            put32(&mut b, at, (tables + i * gt_size) as u32);
+        }
+    }
+    (b, grain_offset * SECTOR)
+}
+
+/// The CID in the descriptor of the vmdk image at `path`.
+fn cid_of(path: &str) -> Result<u32> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::from_io(&e, format!("Could not open '{path}'")))?;
+    let io = |e: std::io::Error| Error::from_io(&e, format!("Could not read '{path}'"));
+    let mut head = vec![0u8; 512];
+    let n = f.read_at(&mut head, 0).map_err(io)?;
+    let mut text = vec![0u8; 20 * 512];
+    let m = if n >= 512 && le32(&head, 0) == MAGIC {
+        let h = SparseHeader::parse(&head)?;
+        f.read_at(&mut text, h.desc_offset * SECTOR).map_err(io)?
+    } else {
+        f.read_at(&mut text, 0).map_err(io)?
+    };
+    let end = text[..m].iter().position(|&c| c == 0).unwrap_or(m);
+    Ok(Descriptor::parse(&String::from_utf8_lossy(&text[..end]))?.cid)
+}
+
+/// Creates a VMDK image as `qemu-img create -f vmdk` does.
+pub fn create(path: &str, size: u64, o: &CreateOptions) -> Result<()> {
+    let subformat = o.subformat.as_deref().unwrap_or("monolithicSparse");
+    let (flat, split) =
+        match subformat {
+            "monolithicSparse" => (false, false),
+            "monolithicFlat" => (true, false),
+            "twoGbMaxExtentSparse" => (false, true),
+            "twoGbMaxExtentFlat" => (true, true),
+            "streamOptimized" => return Err(invalid(
+                "Creating streamOptimized VMDK images is not supported by blkfs (it reads them)",
+            )),
+            s => return Err(invalid(format!("Unknown subformat: {s}"))),
+        };
+    let adapter = o.adapter_type.as_deref().unwrap_or("ide");
+    let heads = match adapter {
+        "ide" => 16,
+        "lsilogic" | "buslogic" | "legacyESX" => 255,
+        a => return Err(invalid(format!("Unknown adapter type: '{a}'"))),
+    };
+    let hw = match (&o.hwversion, o.compat6) {
+        (Some(_), true) => return Err(invalid("compat6 cannot be enabled with hwversion set")),
+        (Some(v), false) => v.clone(),
+        (None, true) => "6".into(),
+        (None, false) => "4".into(),
+    };
+    let size = size.next_multiple_of(SECTOR);
+    let parent = match &o.backing_file {
+        Some(b) => {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .unwrap_or(std::path::Path::new(""));
+            let full = if b.starts_with('/') {
+                b.clone()
+            } else {
+                dir.join(b).to_string_lossy().into_owned()
+            };
+            Some((b.clone(), cid_of(&full)?))
+        }
+        None => None,
+    };
+    let p = std::path::Path::new(path);
+    let dir = p.parent().unwrap_or(std::path::Path::new(""));
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (prefix, postfix) = match name.rfind('.') {
+        Some(i) => (name[..i].to_string(), name[i..].to_string()),
+        None => (name.clone(), String::new()),
+    };
+    // The extents: (file name, bytes).
+    let mut extents = Vec::new();
+    if !flat && !split {
+        extents.push((name.clone(), size));
+    } else if !split {
+        extents.push((format!("{prefix}-flat{postfix}"), size));
+    } else {
+        let mut left = size;
+        let mut n = 1;
+        while left > 0 || n == 1 {
+            let len = left.min(SPLIT);
+            let kind = if flat { 'f' } else { 's' };
+            extents.push((format!("{prefix}-{kind}{n:03}{postfix}"), len));
+            left -= len;
+            n += 1;
+        }
+    }
+    let lines: String = extents
+        .iter()
+        .map(|(f, len)| {
+            if flat {
+                format!("RW {} FLAT \"{f}\" 0\n", len / SECTOR)
+            } else {
+                format!("RW {} SPARSE \"{f}\"\n", len / SECTOR)
+            }
+        })
+        .collect();
+    let cid = u32::from_le_bytes(
+        super::create::uuid_v4()?[..4]
+            .try_into()
+            .unwrap_or([1, 2, 3, 4]),
+    );
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid:x}\nparentCID={:x}\ncreateType=\"{subformat}\"\n{}\n# Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"{hw}\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"{adapter}\"\nddb.toolsVersion = \"{}\"\n",
+        parent.as_ref().map_or(u32::MAX, |p| p.1),
+        parent.as_ref().map_or(String::new(), |p| format!("parentFileNameHint=\"{}\"", p.0)),
+        size / (SECTOR * heads * 63),
+        o.toolsversion.as_deref().unwrap_or("2147483647"),
+    );
+    if !flat && !split {
+        if desc.len() > 20 * SECTOR as usize {
+            return Err(invalid("VMDK descriptor is too long"));
+        }
+        let (head, len) = sparse_extent(size, o.zeroed_grain, Some(&desc));
+        return super::create::write_new(path, &head, len);
+    }
+    for (f, len) in &extents {
+        let full = dir.join(f).to_string_lossy().into_owned();
+        if flat {
+            super::create::write_new(&full, &[], *len)?;
+        } else {
+            let (head, flen) = sparse_extent(*len, o.zeroed_grain, None);
+            super::create::write_new(&full, &head, flen)?;
+        }
+    }
+    super::create::write_new(path, desc.as_bytes(), desc.len() as u64)
 }

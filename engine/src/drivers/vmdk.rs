@@ -834,7 +834,7 @@ fn sparse_extent(size: u64, zeroed_grain: bool, descriptor: Option<&str>) -> (Ve
     put64(&mut b, 48, rgd);
     put64(&mut b, 56, gd);
     put64(&mut b, 64, grain_offset);
-    b[73..77].copy_from_slice(&[b'\n', b' ', b'\r', b'\n']);
+    b[73..77].copy_from_slice(b"\n \r\n");
     if let Some(d) = descriptor {
         b[512..512 + d.len()].copy_from_slice(d.as_bytes());
     }

@@ -343,7 +343,8 @@ fn fuzzed_samples_fail_to_open_with_a_clear_error() {
     let dir = TestDir::new("samples-fuzzed");
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
-    for (name, format) in [("afl9.vmdk", "vmdk")] {
+    let fuzzed: &[(&str, &str)] = &[("afl9.vmdk", "vmdk")];
+    for (name, format) in fuzzed {
         let f = sample(&dir, name);
         let (class, desc) = q.err(
             "blockdev-add",

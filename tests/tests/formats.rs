@@ -22,6 +22,10 @@ struct Case {
     create: bool,
 }
 
+/// Formats whose allocation map qemu-img does not know (it says data
+/// everywhere): blkfs's map is checked against the data instead.
+const NO_QEMU_MAP: &[&str] = &["vhdx"];
+
 const CASES: &[Case] = &[
     Case {
         format: "vdi",
@@ -113,6 +117,20 @@ const CASES: &[Case] = &[
         writable: false,
         check: true,
         create: false,
+    },
+    Case {
+        format: "vhdx",
+        options: "",
+        writable: true,
+        check: true,
+        create: true,
+    },
+    Case {
+        format: "vhdx",
+        options: "subformat=fixed,block_state_zero=off,block_size=1M",
+        writable: true,
+        check: true,
+        create: true,
     },
 ];
 
@@ -331,6 +349,9 @@ fn the_allocation_map_matches_qemu_img_map() {
         let theirs: Value =
             serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", c.format, &img]))
                 .unwrap();
+        if NO_QEMU_MAP.contains(&c.format) {
+            continue;
+        }
         let (code, ours, err) = blkctl(&sock, &["map", "--json", "-f", c.format, &img]);
         assert_eq!(code, 0, "blkctl map: {err}");
         let ours: Value = serde_json::from_str(&ours).unwrap();

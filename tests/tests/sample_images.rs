@@ -5,6 +5,7 @@
 
 use blkfs_tests::*;
 use serde_json::{json, Value};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 fn samples() -> PathBuf {
@@ -42,6 +43,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("hyperv2012r2-dynamic.vhd", "vpc"),
     ("d2v-zerofilled.vhd", "vpc"),
     ("iotest-version3.vmdk", "vmdk"),
+    ("iotest-dynamic-1G.vhdx", "vhdx"),
+    ("test-disk2vhd.vhdx", "vhdx"),
 ];
 
 #[test]
@@ -343,7 +346,7 @@ fn fuzzed_samples_fail_to_open_with_a_clear_error() {
     let dir = TestDir::new("samples-fuzzed");
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
-    let fuzzed: &[(&str, &str)] = &[("afl9.vmdk", "vmdk")];
+    let fuzzed: &[(&str, &str)] = &[("afl9.vmdk", "vmdk"), ("afl5.img", "vhdx")];
     for (name, format) in fuzzed {
         let f = sample(&dir, name);
         let (class, desc) = q.err(
@@ -358,4 +361,43 @@ fn fuzzed_samples_fail_to_open_with_a_clear_error() {
     }
     q.ok("query-block", json!({}));
     d.quit();
+}
+
+#[test]
+fn a_vhdx_log_is_replayed_read_write_and_refused_read_only() {
+    let dir = TestDir::new("samples-vhdx-log");
+    let ours = sample(&dir, "iotest-dirtylog-10G-4M.vhdx");
+    let theirs = dir.file("theirs.vhdx");
+    std::fs::copy(&ours, &theirs).unwrap();
+    // qemu-img's repair replays the log: the reference.
+    qemu_img(&["check", "-q", "-r", "all", &theirs]);
+    let d = Daemon::start(&dir, &[]);
+    let mut q = d.qmp();
+    let (_, desc) = q.err(
+        "blockdev-add",
+        serde_json::from_str(&spec("vhdx", "ro", &ours)).unwrap(),
+    );
+    assert!(desc.contains("log that needs to be replayed"), "{desc}");
+    let rw = json!({"driver": "vhdx", "id": "rw", "file": {"driver": "file", "filename": ours}});
+    q.ok("blockdev-add", rw);
+    // The first 32 MiB (the image is 10 GiB; qemu-img compares the rest).
+    let mut data = vec![0u8; 32 << 20];
+    std::fs::File::open(d.dev("rw"))
+        .unwrap()
+        .read_exact_at(&mut data, 0)
+        .unwrap();
+    assert!(
+        data[..18 << 20].iter().all(|&b| b == 0xa5),
+        "the replayed data"
+    );
+    assert!(data[18 << 20..].iter().all(|&b| b == 0), "zeroes after");
+    d.quit();
+    assert!(images_identical(
+        Path::new(&ours),
+        "vhdx",
+        Path::new(&theirs),
+        "vhdx"
+    ));
+    let r = qemu_img_check(&ours);
+    assert_eq!(r["check-errors"], 0, "{r}");
 }

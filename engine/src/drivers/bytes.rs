@@ -14,6 +14,10 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Little-endian fields (vdi, parallels, bochs, vhdx store them so).
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);

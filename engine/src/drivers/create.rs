@@ -143,6 +143,25 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
             }
             super::vmdk::create(path, img.size, &o)
         }
+        "vhdx" => {
+            let (mut fixed, mut bs, mut log, mut zero) = (false, None, None, true);
+            for (k, v) in &img.options {
+                match (k.as_str(), v.as_str()) {
+                    ("subformat", "dynamic") => fixed = false,
+                    ("subformat", "fixed") => fixed = true,
+                    ("subformat", _) => {
+                        return Err(Error::generic(format!(
+                            "Invalid subformat '{v}' (dynamic or fixed)"
+                        )))
+                    }
+                    ("block_size", _) => bs = Some(parse_size(v).map_err(Error::generic)?),
+                    ("log_size", _) => log = Some(parse_size(v).map_err(Error::generic)?),
+                    ("block_state_zero", _) => zero = on_off(k, v)?,
+                    _ => return Err(unknown(format, k)),
+                }
+            }
+            super::vhdx::create(path, img.size, fixed, bs, log, zero)
+        }
         "cow" => {
             if let Some((k, _)) = img.options.first() {
                 return Err(unknown(format, k));

@@ -162,6 +162,7 @@ pub fn drives(format: DriverName) -> bool {
             | DriverName::Cow
             | DriverName::Dmg
             | DriverName::Vmdk
+            | DriverName::Vhdx
     )
 }
 
@@ -175,6 +176,7 @@ pub fn writes(format: DriverName) -> bool {
             | DriverName::Qed
             | DriverName::Cow
             | DriverName::Vmdk
+            | DriverName::Vhdx
     )
 }
 
@@ -196,6 +198,7 @@ pub fn open_layout(
         DriverName::Qed => Box::new(super::qed::Qed::open(file, read_only)?),
         DriverName::Cow => Box::new(super::cow::Cow::open(file)?),
         DriverName::Dmg => Box::new(super::dmg::Dmg::open(file)?),
+        DriverName::Vhdx => Box::new(super::vhdx::Vhdx::open(file, read_only)?),
         DriverName::Vmdk => Box::new(super::vmdk::Vmdk::open(file, read_only, open_file)?),
         other => {
             return Err(Error::generic(format!(

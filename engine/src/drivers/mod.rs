@@ -31,6 +31,7 @@ pub mod qed;
 pub mod raw;
 mod segments;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 

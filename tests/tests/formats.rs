@@ -694,3 +694,29 @@ fn vmdk_over_a_parent_reads_through_and_copies_on_write() {
     let r = qemu_img_check(&top);
     assert_eq!(r["check-errors"], 0, "{r}");
 }
+
+/// query-block's image information agrees with `qemu-img info`.
+#[test]
+fn query_block_image_info_agrees_with_qemu_img_info() {
+    let dir = TestDir::new("formats-info");
+    let src = source(&dir);
+    for (i, c) in CASES.iter().enumerate() {
+        let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
+        let theirs = qemu_img_info_of(&img, c);
+        let d = Daemon::start(&dir, &[spec(c.format, "d0", &img, true)]);
+        let mut q = d.qmp();
+        let blocks = q.ok("query-block", json!({}));
+        let ours = &blocks[0]["inserted"]["image"];
+        for key in ["format", "virtual-size", "cluster-size", "backing-filename"] {
+            assert_eq!(ours.get(key), theirs.get(key), "{} {}: {key}: ours {ours}, theirs {theirs}", c.format, c.options);
+        }
+        if c.format == "vmdk" {
+            let (o, t) = (&ours["format-specific"]["data"], &theirs["format-specific"]["data"]);
+            for key in ["create-type", "cid", "parent-cid"] {
+                assert_eq!(o[key], t[key], "vmdk {}: {key}", c.options);
+            }
+            assert_eq!(o["extents"].as_array().map(Vec::len), t["extents"].as_array().map(Vec::len));
+        }
+        d.quit();
+    }
+}

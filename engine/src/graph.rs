@@ -674,7 +674,10 @@ impl Opener<'_> {
             ) => Box::new(drivers::file::FileDriver::open(filename, *locking, &opts)?),
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
                 let child = self.child(file, &opts, &join(path, "file"), Use::Shared)?;
-                Box::new(drivers::raw::RawDriver::new(child))
+                Box::new(drivers::raw::RawDriver::new(
+                    child,
+                    o.probed && !opts.read_only,
+                ))
             }
             (
                 DriverOptions::Format {

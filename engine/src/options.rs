@@ -227,6 +227,10 @@ pub struct BlockdevOptions {
     /// `x-passthrough` (blkfs extension): the kernel does the device's I/O.
     pub passthrough: Option<bool>,
     pub specific: DriverOptions,
+    /// The format was probed, not given (`--blockdev` without a driver):
+    /// a probed raw image refuses writes that would make it probe as
+    /// another format.
+    pub probed: bool,
 }
 
 impl BlockdevOptions {
@@ -244,11 +248,13 @@ impl BlockdevOptions {
     /// device, QEMU's `-drive` throttling keys (`throttling.iops-total=...`).
     pub fn from_daemon_cli(s: &str) -> Result<(Self, Option<ThrottleConfig>)> {
         let (mut v, lenient) = cli_value(s)?;
+        let probed = probe_missing_driver(&mut v)?;
         let throttling = v.as_object_mut().and_then(|m| m.remove("throttling"));
         let cfg = throttling
             .map(|t| parse_throttling(Args::new(t, "throttling", lenient)?))
             .transpose()?;
-        let opts = Self::parse(Args::new(v, "", lenient)?)?;
+        let mut opts = Self::parse(Args::new(v, "", lenient)?)?;
+        opts.probed = probed;
         if cfg.is_some() && opts.id.is_none() {
             return Err(Error::generic(
                 "'throttling' applies to a device: it needs an 'id'",
@@ -287,6 +293,7 @@ impl BlockdevOptions {
             detect_zeroes: a.enumeration("detect-zeroes", DetectZeroes::ALL)?,
             passthrough: a.bool("x-passthrough")?,
             specific: parse_specific(driver, &mut a)?,
+            probed: false,
         };
         a.finish()?;
         Ok(opts)
@@ -294,6 +301,35 @@ impl BlockdevOptions {
 }
 
 /// The JSON value of a command-line spec, and whether it came from key=value.
+/// A `--blockdev` without a driver over a file (`file.filename=...`):
+/// the format is probed from the file's first bytes (raw when no magic
+/// matches). True when it was.
+fn probe_missing_driver(v: &mut Value) -> Result<bool> {
+    let Some(m) = v.as_object_mut() else {
+        return Ok(false);
+    };
+    if m.contains_key("driver") {
+        return Ok(false);
+    }
+    let filename = match m.get_mut("file") {
+        Some(Value::Object(f)) => {
+            f.entry("driver").or_insert_with(|| Value::from("file"));
+            f.get("filename")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        _ => None,
+    };
+    let Some(filename) = filename else {
+        return Err(Error::generic(
+            "Parameter 'driver' is missing (it can be left out only over a file, whose format is then probed)",
+        ));
+    };
+    let format = crate::drivers::probe::probe(&filename)?;
+    m.insert("driver".into(), Value::from(format));
+    Ok(true)
+}
+
 fn cli_value(s: &str) -> Result<(Value, bool)> {
     if s.trim_start().starts_with('{') {
         let v = serde_json::from_str(s)

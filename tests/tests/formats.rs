@@ -708,15 +708,71 @@ fn query_block_image_info_agrees_with_qemu_img_info() {
         let blocks = q.ok("query-block", json!({}));
         let ours = &blocks[0]["inserted"]["image"];
         for key in ["format", "virtual-size", "cluster-size", "backing-filename"] {
-            assert_eq!(ours.get(key), theirs.get(key), "{} {}: {key}: ours {ours}, theirs {theirs}", c.format, c.options);
+            assert_eq!(
+                ours.get(key),
+                theirs.get(key),
+                "{} {}: {key}: ours {ours}, theirs {theirs}",
+                c.format,
+                c.options
+            );
         }
         if c.format == "vmdk" {
-            let (o, t) = (&ours["format-specific"]["data"], &theirs["format-specific"]["data"]);
+            let (o, t) = (
+                &ours["format-specific"]["data"],
+                &theirs["format-specific"]["data"],
+            );
             for key in ["create-type", "cid", "parent-cid"] {
                 assert_eq!(o[key], t[key], "vmdk {}: {key}", c.options);
             }
-            assert_eq!(o["extents"].as_array().map(Vec::len), t["extents"].as_array().map(Vec::len));
+            assert_eq!(
+                o["extents"].as_array().map(Vec::len),
+                t["extents"].as_array().map(Vec::len)
+            );
         }
         d.quit();
     }
+}
+
+/// `--blockdev` without a driver: the format is probed; a probed raw image
+/// never takes a write that would make it probe as another format.
+#[test]
+fn blockdevs_without_a_driver_are_probed_and_raw_stays_raw() {
+    let dir = TestDir::new("formats-probe");
+    let src = source(&dir);
+    let vmdk = dir.file("a.vmdk");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vmdk", &src, &vmdk]);
+    let raw = dir.file("b.raw");
+    std::fs::copy(&src, &raw).unwrap();
+    let d = Daemon::start(
+        &dir,
+        &[
+            format!("id=v,file.filename={vmdk}"),
+            format!("id=r,file.filename={raw}"),
+        ],
+    );
+    let mut q = d.qmp();
+    let blocks = q.ok("query-block", json!({}));
+    let drv: Vec<&str> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["inserted"]["drv"].as_str().unwrap())
+        .collect();
+    assert_eq!(drv, ["vmdk", "raw"]);
+    assert!(images_identical(&d.dev("v"), "raw", Path::new(&src), "raw"));
+    let f = OpenOptions::new().write(true).open(d.dev("r")).unwrap();
+    // A qcow2 header into the first sector: refused.
+    let mut sector = vec![0u8; 512];
+    sector[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+    let e = f.write_all_at(&sector, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Even piece by piece: the magic's last byte completes it.
+    f.write_all_at(&sector[..3], 0).unwrap();
+    let e = f.write_all_at(&sector[3..8], 3).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Anything else goes.
+    f.write_all_at(&[7u8; 4096], 0).unwrap();
+    drop(f);
+    d.quit();
+    assert_eq!(&std::fs::read(&raw).unwrap()[..4096], &[7u8; 4096][..]);
 }

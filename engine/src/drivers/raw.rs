@@ -1,7 +1,7 @@
 //! The `raw` format: guest offsets are file offsets.
 
 use super::{Done, Driver, Status};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent;
@@ -9,11 +9,29 @@ use std::sync::Arc;
 
 pub struct RawDriver {
     file: Arc<Node>,
+    /// The format was probed: writes must not make the image look like
+    /// another format (it would open as that one next time, as QEMU guards).
+    probed: bool,
 }
 
+/// The bytes a probe looks at.
+const PROBED: u64 = 512;
+
 impl RawDriver {
-    pub fn new(file: Arc<Node>) -> RawDriver {
-        RawDriver { file }
+    pub fn new(file: Arc<Node>, probed: bool) -> RawDriver {
+        RawDriver { file, probed }
+    }
+
+    /// Whether writing `buf` at `offset` keeps the first sector raw.
+    fn keeps_raw(&self, offset: u64, buf: &[u8]) -> Result<bool> {
+        let mut head =
+            super::qcow2::meta::read_at(&self.file, 0, PROBED.min(self.size()) as usize)?;
+        let end = (offset + buf.len() as u64).min(head.len() as u64);
+        if offset < end {
+            let n = (end - offset) as usize;
+            head[offset as usize..end as usize].copy_from_slice(&buf[..n]);
+        }
+        Ok(super::probe::probe_bytes(&head, &self.file.driver.filename()) == "raw")
     }
 }
 
@@ -37,6 +55,18 @@ impl Driver for RawDriver {
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
         self.file.debug_event(BlkdebugEvent::WriteAio);
+        if self.probed && offset < PROBED {
+            match self.keeps_raw(offset, &buf) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return done(Err(Error::io(
+                        libc::EPERM,
+                        "a write to the first sector of an image probed as raw would make it look like another format",
+                    )))
+                }
+                Err(e) => return done(Err(e)),
+            }
+        }
         self.file.write(offset, buf, done)
     }
 

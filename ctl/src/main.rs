@@ -184,9 +184,10 @@ enum Command {
         #[command(subcommand)]
         action: jobs::JobAction,
     },
-    /// Check a qcow2 image's consistency, like `qemu-img check` (no daemon
-    /// needed; refused while another process writes the image, and with -r
-    /// while anyone uses it). Exit 2 on corruption, 3 on leaks.
+    /// Check an image's consistency (qcow2, qed, vdi, vhdx, vmdk,
+    /// parallels), like `qemu-img check` (no daemon needed; refused while
+    /// another process writes the image, and with -r while anyone uses it;
+    /// -r for qcow2 only). Exit 2 on corruption, 3 on leaks.
     Check {
         /// Image file
         image: String,

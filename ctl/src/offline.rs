@@ -38,15 +38,27 @@ pub fn map(image: &str, format: Option<&str>, force_share: bool) -> Result<Vec<V
     Ok(entries.iter().map(|e| e.to_json()).collect())
 }
 
-/// `qemu-img check` of a qcow2 image: an `ImageCheck`.
+/// `qemu-img check` of an image: an `ImageCheck`.
 pub fn check(
     image: &str,
     repair: blkfs_engine::drivers::qcow2::check::Repair,
     force_share: bool,
 ) -> Result<Value, String> {
     use blkfs_engine::drivers::qcow2::{check, read_header};
-    if probe(image).map_err(|e| e.to_string())? != "qcow2" {
-        return Err("this image format does not support checks".into());
+    let format = probe(image).map_err(|e| e.to_string())?;
+    if format != "qcow2" {
+        if repair != check::Repair::None {
+            return Err(format!(
+                "-r is for qcow2 images ({format} images are repaired by a read-write open where the format needs it: qed, vhdx)"
+            ));
+        }
+        let node = open(image, Some(format), force_share)?;
+        return match node.driver.check() {
+            Some(r) => r
+                .map(|r| r.to_json_as(image, format))
+                .map_err(|e| e.to_string()),
+            None => Err("This image format does not support checks".into()),
+        };
     }
     let read_only = repair == check::Repair::None;
     let spec = json!({"driver": "file", "node-name": "image", "read-only": read_only,

@@ -776,3 +776,43 @@ fn blockdevs_without_a_driver_are_probed_and_raw_stays_raw() {
     d.quit();
     assert_eq!(&std::fs::read(&raw).unwrap()[..4096], &[7u8; 4096][..]);
 }
+
+/// `blkctl check` where qemu-img has a check: clean images pass, a block
+/// map with two blocks on the same data is a corruption for both.
+#[test]
+fn blkctl_check_agrees_with_qemu_img_check() {
+    let dir = TestDir::new("formats-check");
+    let src = source(&dir);
+    let sock = dir.join("none.sock");
+    for (i, c) in CASES.iter().enumerate().filter(|(_, c)| c.check) {
+        let img = convert(&dir, &src, c, &format!("img{i}.{}", c.format));
+        let (code, out, err) = blkctl(&sock, &["check", "--json", &img]);
+        assert_eq!(code, 0, "{} {}: {out} {err}", c.format, c.options);
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["format"], c.format);
+        assert_eq!(r.get("corruptions"), None, "{r}");
+    }
+    // Two VDI blocks mapped onto one: blocks 1 and 6 of the source hold data.
+    let c = &CASES[0];
+    let img = convert(&dir, &src, c, "bad.vdi");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut e = [0u8; 4];
+    f.read_exact_at(&mut e, 0x200 + 4).unwrap();
+    f.write_all_at(&e, 0x200 + 6 * 4).unwrap();
+    drop(f);
+    let (code, out, _) = blkctl(&sock, &["check", "--json", &img]);
+    assert_eq!(code, 2, "{out}");
+    let ours: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        ours["corruptions"],
+        qemu_img_check(&img)["corruptions"],
+        "{ours}"
+    );
+    let (code, _, err) = blkctl(&sock, &["check", "-r", "all", &img]);
+    assert_ne!(code, 0);
+    assert!(err.contains("qcow2"), "{err}");
+}

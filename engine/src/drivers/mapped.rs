@@ -5,6 +5,7 @@
 
 use super::backing::Slot;
 use super::join::Join;
+use super::qcow2::check::CheckResult;
 use super::qcow2::meta::write_at;
 use super::segments::{self, ClusterMapping, LayerStatus};
 use super::{wait, Done, Driver, Status};
@@ -114,6 +115,10 @@ pub trait Layout: Send + Sync {
     /// `guest` reads as zeroes (QEMU's `BDRV_BLOCK_RECURSE`: preallocated
     /// images, flat extents).
     fn zeroes_from_file(&self, _guest: u64) -> bool {
+        false
+    }
+    /// Whether `qemu-img check` knows the format (blkfs checks its map).
+    fn checkable(&self) -> bool {
         false
     }
     /// Writes what the format keeps back before a flush of the file.
@@ -353,6 +358,76 @@ impl Mapped {
             .ok_or_else(|| Error::io(libc::EIO, format!("image file {i} is missing")))
     }
 
+    /// The consistency of the block map: every data block inside its file,
+    /// no two blocks on the same bytes; the counts `qemu-img check` prints.
+    fn check_map(&self) -> Result<CheckResult> {
+        let bs = self.layout.block_size();
+        let size = self.layout.size();
+        let n = size.div_ceil(bs);
+        let mut r = CheckResult {
+            total_clusters: n,
+            image_end_offset: self.file.size(),
+            ..Default::default()
+        };
+        // (file, host, bytes) of every run of data blocks.
+        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+        let mut next: Option<(u32, u64)> = None;
+        let mut b = 0;
+        while b < n {
+            let (m, run) = match self.layout.lookup(b) {
+                Ok((m, run)) => (m, run.clamp(1, n - b)),
+                Err(e) => {
+                    log::warn!("check: block {b}: {e}");
+                    r.corruptions += 1;
+                    b += 1;
+                    continue;
+                }
+            };
+            let (file, host) = match m {
+                Block::Data(h) => (0, h),
+                Block::DataIn { file, host } => (file, host),
+                Block::Special(_) => {
+                    r.allocated_clusters += run;
+                    r.compressed_clusters += run;
+                    b += run;
+                    continue;
+                }
+                _ => {
+                    b += run;
+                    continue;
+                }
+            };
+            let bytes = (run * bs).min(size - b * bs);
+            let node = if file == 0 {
+                &self.file
+            } else {
+                self.extent(file)?
+            };
+            if host
+                .checked_add(bytes)
+                .is_none_or(|e| e > node.size().next_multiple_of(bs))
+            {
+                log::warn!("check: blocks {b}.. lie past the end of their file");
+                r.corruptions += 1;
+            }
+            r.allocated_clusters += run;
+            if next != Some((file, host)) {
+                r.fragmented_clusters += 1;
+            }
+            next = Some((file, host + run * bs));
+            runs.push((file, host, bytes));
+            b += run;
+        }
+        runs.sort_unstable();
+        for w in runs.windows(2) {
+            if w[0].0 == w[1].0 && w[1].1 < w[0].1 + w[0].2 {
+                log::warn!("check: data at {:#x} is shared by two blocks", w[1].1);
+                r.corruptions += 1;
+            }
+        }
+        Ok(r)
+    }
+
     fn writable(&self) -> Result<()> {
         if self.layout.writable() {
             Ok(())
@@ -505,5 +580,9 @@ impl Driver for Arc<Mapped> {
 
     fn image_info(&self, v: &mut serde_json::Value) {
         self.layout.image_info(v)
+    }
+
+    fn check(&self) -> Option<Result<CheckResult>> {
+        self.layout.checkable().then(|| self.check_map())
     }
 }

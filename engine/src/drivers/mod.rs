@@ -131,6 +131,11 @@ pub trait Driver: Send + Sync {
     fn close(&self) -> Result<()> {
         Ok(())
     }
+    /// `qemu-img check` (without repair) of formats other than qcow2,
+    /// which has its own; None where the format has no check.
+    fn check(&self) -> Option<Result<qcow2::check::CheckResult>> {
+        None
+    }
     /// Adds format-specific members to an `ImageInfo`.
     fn image_info(&self, _info: &mut serde_json::Value) {}
 

@@ -186,6 +186,10 @@ impl Layout for Parallels {
         true
     }
 
+    fn checkable(&self) -> bool {
+        true
+    }
+
     /// The cluster goes to the end of the data; its BAT entry once it is on disk.
     fn allocate(&self, b: u64, content: &[u8]) -> Result<()> {
         // Images whose BAT covers less than their size read zeroes past it.

@@ -351,6 +351,10 @@ impl Layout for Qed {
         true
     }
 
+    fn checkable(&self) -> bool {
+        true
+    }
+
     fn allocate(&self, b: u64, content: &[u8]) -> Result<()> {
         let at = {
             let mut s = self.state.lock();

@@ -230,6 +230,10 @@ impl Layout for Vdi {
         true
     }
 
+    fn checkable(&self) -> bool {
+        true
+    }
+
     fn zeroes_from_file(&self, _guest: u64) -> bool {
         self.h.image_type == TYPE_STATIC
     }

@@ -691,6 +691,10 @@ impl Layout for Vhdx {
         true
     }
 
+    fn checkable(&self) -> bool {
+        true
+    }
+
     /// The block at the next MiB after the file's end; the BAT entry
     /// through the log once the data is on disk.
     fn allocate(&self, b: u64, content: &[u8]) -> Result<()> {

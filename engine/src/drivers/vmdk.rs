@@ -583,6 +583,10 @@ impl Layout for Vmdk {
         true
     }
 
+    fn checkable(&self) -> bool {
+        true
+    }
+
     fn zeroes_from_file(&self, guest: u64) -> bool {
         matches!(
             self.extent_at(guest),

@@ -38,8 +38,13 @@ pub struct CheckResult {
 impl CheckResult {
     /// `ImageCheck`, omitting zero counters as qemu-img does.
     pub fn to_json(&self, filename: &str) -> Value {
+        self.to_json_as(filename, "qcow2")
+    }
+
+    /// `qemu-img check --output=json` of a `format` image.
+    pub fn to_json_as(&self, filename: &str, format: &str) -> Value {
         let mut v = json!({
-            "filename": filename, "format": "qcow2", "check-errors": self.check_errors,
+            "filename": filename, "format": format, "check-errors": self.check_errors,
             "image-end-offset": self.image_end_offset, "total-clusters": self.total_clusters,
         });
         for (k, n) in [

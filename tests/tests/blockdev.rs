@@ -121,8 +121,7 @@ fn failed_adds_report_clearly_and_register_nothing() {
     let dir = TestDir::new("bd-fail");
     let img = raw_image(&dir, "a.img", "1M");
     let img2 = raw_image(&dir, "b.img", "1M");
-    let vmdk = dir.file("q.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
+    let junk = raw_image(&dir, "junk.img", "1M");
     let missing = dir.file("no-such-image.img");
     let d = Daemon::start(&dir, &[]);
     let mut q = d.qmp();
@@ -174,14 +173,22 @@ fn failed_adds_report_clearly_and_register_nothing() {
             "desc should name {missing}: {desc}"
         );
     }
-    // Unsupported format driver (over a real vmdk image).
+    // A format the file is not in, found after its file node opened.
     let (class, desc) = q.err(
         "blockdev-add",
-        json!({"driver": "vmdk", "id": "d1", "node-name": "n2", "file": {"driver": "file", "node-name": "n3", "filename": vmdk}}),
+        json!({"driver": "vmdk", "id": "d1", "node-name": "n2", "file": {"driver": "file", "node-name": "n3", "filename": junk}}),
+    );
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("not in VMDK format"), "{desc}");
+    assert!(desc.contains(&junk), "{desc}");
+    // A driver blkfs does not have yet.
+    let (class, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "vvfat", "id": "d1", "node-name": "n2", "dir": dir.file("")}),
     );
     assert_eq!(class, "GenericError");
     assert!(desc.contains("is not supported by blkfs yet"), "{desc}");
-    assert!(desc.contains("vmdk"), "{desc}");
+    assert!(desc.contains("vvfat"), "{desc}");
 
     // Nothing of the failed adds was registered.
     assert_eq!(nodes(&mut q), before_nodes);

@@ -111,9 +111,12 @@ fn bad_create_options_are_refused() {
         (vec!["-o", "cluster_size=1000", &img, "1M"], "power of two"),
         (vec!["-o", "compat=2.0", &img, "1M"], "compat"),
         (vec!["-o", "refcount_bits=3", &img, "1M"], "refcount_bits"),
-        (vec!["-o", "bogus=1", &img, "1M"], "unknown qcow2 option"),
+        (
+            vec!["-o", "bogus=1", &img, "1M"],
+            "Invalid parameter 'bogus'",
+        ),
         (vec![&img], "size"),
-        (vec!["-f", "vmdk", &img, "1M"], "not supported"),
+        (vec!["-f", "bochs", &img, "1M"], "not supported"),
         (vec![&img, "12Q"], "invalid size"),
     ] {
         let (code, err) = create(&args);

@@ -235,8 +235,6 @@ fn a_live_socket_is_an_error_and_the_running_daemon_is_untouched() {
 fn bad_blockdev_specs_fail_cleanly() {
     let dir = TestDir::new("dm-bad");
     let img = raw_image(&dir, "a.img", "1M");
-    let vmdk = dir.file("q.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", &vmdk, "1M"]);
     let missing = dir.file("missing.img");
     let cases: Vec<(&str, Vec<String>, Option<&str>)> = vec![
         (
@@ -267,8 +265,8 @@ fn bad_blockdev_specs_fail_cleanly() {
         ),
         (
             "unsupported driver",
-            vec![format!("driver=vmdk,id=d0,file.driver=file,file.filename={vmdk}")],
-            Some("vmdk"),
+            vec![format!("driver=vvfat,id=d0,dir={}", dir.file(""))],
+            Some("vvfat"),
         ),
         (
             "duplicate id",

@@ -252,8 +252,8 @@ fn cancel_before_ready_and_refusals() {
             "missing.qcow2",
         ),
         (
-            json!({"device": "d0", "target": t, "sync": "full", "format": "vdi"}),
-            "Creating 'vdi' images is not supported",
+            json!({"device": "d0", "target": t, "sync": "full", "format": "bochs"}),
+            "Creating 'bochs' images is not supported",
         ),
     ];
     for (args, want) in bad {

@@ -410,6 +410,12 @@ fn log_search(log: &[u8], guid: &[u8; 16]) -> Vec<LogEntry> {
     best
 }
 
+/// How many log entries a replay of `log` would apply (for fuzzing the
+/// log parser).
+pub fn replayable_entries(log: &[u8], guid: &[u8; 16]) -> usize {
+    log_search(log, guid).len()
+}
+
 struct State {
     bat: Vec<u64>,
     /// The file's end: new blocks go at the next MiB.

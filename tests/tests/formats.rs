@@ -211,6 +211,17 @@ fn unsafe_fallocate(f: &std::fs::File, mode: i32, off: u64, len: u64) -> i32 {
     }
 }
 
+/// qemu-img reads `img` as `expected` (raw) holds, and checks it clean.
+fn assert_qemu_reads(img: &str, c: &Case, expected: &str) {
+    assert!(
+        images_identical(Path::new(img), c.format, Path::new(expected), "raw"),
+        "{} {}: qemu-img reads other data than was written",
+        c.format,
+        c.options
+    );
+    check_image(img, c);
+}
+
 fn check_image(img: &str, c: &Case) {
     if c.check {
         let r = qemu_img_check(img);
@@ -276,13 +287,7 @@ fn every_format_reads_what_qemu_img_wrote_and_writes_what_it_reads() {
             );
         }
         d.quit();
-        assert!(
-            images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
-            "{} {}: qemu-img reads other data than was written",
-            c.format,
-            c.options
-        );
-        check_image(&img, c);
+        assert_qemu_reads(&img, c, &expected);
     }
 }
 
@@ -329,13 +334,7 @@ fn images_blkctl_creates_are_what_qemu_img_expects() {
         );
         write_patterns(&d.dev("d0"), &expected, size);
         d.quit();
-        assert!(
-            images_identical(Path::new(&img), c.format, Path::new(&expected), "raw"),
-            "{} {}: qemu-img reads other data than was written",
-            c.format,
-            c.options
-        );
-        check_image(&img, c);
+        assert_qemu_reads(&img, c, &expected);
     }
 }
 

@@ -323,17 +323,7 @@ mod tests {
 
     #[test]
     fn fuzz_mutated_headers_never_panic() {
-        let base = header(3 << 20);
-        let mut seed = 0xabcd_ef01u64;
-        for _ in 0..20000 {
-            let mut h = base.clone();
-            for _ in 0..3 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % 48;
-                h[at] = (seed >> 20) as u8;
-            }
+        for (h, _) in crate::testutil::mutations(&header(3 << 20), 48, 20_000) {
             if let Ok(p) = Header::parse(&h) {
                 let _ = p.data_offset();
             }

@@ -397,17 +397,8 @@ mod tests {
             blob[e + 8..e + 16].copy_from_slice(&(n as u64 * 8).to_be_bytes());
             blob[e + 16..e + 24].copy_from_slice(&8u64.to_be_bytes());
         }
-        let mut seed = 0x7777_1111u64;
-        for _ in 0..20000 {
-            let mut b = blob.clone();
-            for _ in 0..4 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % b.len();
-                b[at] = (seed >> 20) as u8;
-            }
-            let _ = parse_mish(&b, seed >> 20, &mut Vec::new());
+        for (b, r) in crate::testutil::mutations(&blob, blob.len(), 20_000) {
+            let _ = parse_mish(&b, r >> 20, &mut Vec::new());
             let _ = resource_blobs(&b);
             let _ = xml_blobs(&b);
         }

@@ -286,17 +286,8 @@ mod tests {
     #[test]
     fn fuzz_mutated_headers_never_panic() {
         let base = header(MAGIC_EXT, 2048, 10, 20480, 2048);
-        let mut seed = 0x5555_1234u64;
-        for _ in 0..20000 {
-            let mut h = base.clone();
-            for _ in 0..3 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % h.len();
-                h[at] = (seed >> 20) as u8;
-            }
-            let _ = Header::parse(&h, (seed >> 30) % (1 << 30));
+        for (h, r) in crate::testutil::mutations(&base, 64, 20_000) {
+            let _ = Header::parse(&h, r % (1 << 30));
         }
     }
 }

@@ -543,17 +543,8 @@ mod tests {
         base[56..60].copy_from_slice(&64u32.to_le_bytes());
         base[60..64].copy_from_slice(&8u32.to_le_bytes());
         base.extend_from_slice(b"base.img");
-        let mut seed = 0x1357_2468u64;
-        for _ in 0..20000 {
-            let mut h = base.clone();
-            for _ in 0..3 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % h.len();
-                h[at] = (seed >> 20) as u8;
-            }
-            let _ = Header::parse(&h, (seed >> 30) % (1 << 24));
+        for (h, r) in crate::testutil::mutations(&base, 72, 20_000) {
+            let _ = Header::parse(&h, r % (1 << 24));
         }
     }
 }

@@ -358,17 +358,8 @@ mod tests {
     #[test]
     fn fuzz_mutated_headers_never_panic() {
         let base = header(5, 5 << 20);
-        let mut seed = 0x1234_5678u64;
-        for _ in 0..20000 {
-            let mut h = base.clone();
-            for _ in 0..4 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % h.len();
-                h[at] = (seed >> 20) as u8;
-            }
-            let _ = Header::parse(&h, (seed >> 40) % (1 << 22));
+        for (h, r) in crate::testutil::mutations(&base, HEADER_LEN, 20_000) {
+            let _ = Header::parse(&h, r % (1 << 22));
         }
     }
 }

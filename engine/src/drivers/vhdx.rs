@@ -899,16 +899,7 @@ mod tests {
     fn fuzz_mutated_structures_never_panic() {
         let guid = [7u8; 16];
         let e = encode_log_entry(&guid, 3, 0, 1 << 24, 2 << 20, &[5u8; 4096]);
-        let mut seed = 0x4242_4242u64;
-        for _ in 0..3000 {
-            let mut b = e.clone();
-            for _ in 0..3 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % 200;
-                b[at] = (seed >> 20) as u8;
-            }
+        for (b, _) in crate::testutil::mutations(&e, 200, 3000) {
             let _ = log_search(&b, &guid);
             let _ = Regions::parse(&b);
             let _ = Params::parse(&b);

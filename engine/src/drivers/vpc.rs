@@ -444,15 +444,11 @@ mod tests {
         create(p.to_str().unwrap(), 10 << 20, false, false).unwrap();
         let base = std::fs::read(&p).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        let mut seed = 0x9876_5432u64;
-        for _ in 0..20000 {
-            let mut img = base.clone();
-            for _ in 0..4 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (seed >> 33) as usize % 1536;
-                img[at] = (seed >> 20) as u8;
+        for (mut img, r) in crate::testutil::mutations(&base, 1536, 20_000) {
+            // Mostly with a right checksum, to reach the checks after it.
+            if r % 4 != 0 {
+                let sum = checksum(&img[..512], F_CHECKSUM);
+                img[F_CHECKSUM..F_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
             }
             let tail = &img[img.len() - 512..];
             let _ = Header::parse(&img[..512], tail, Some(&img[512..1536]));

@@ -401,3 +401,60 @@ fn a_vhdx_log_is_replayed_read_write_and_refused_read_only() {
     let r = qemu_img_check(&ours);
     assert_eq!(r["check-errors"], 0, "{r}");
 }
+
+/// Images from the formats' own tools (Debian's bximage and cloop-utils):
+/// a raw file with data and holes, converted, reads back byte for byte.
+#[test]
+fn images_from_bximage_and_create_compressed_fs_read_back() {
+    let dir = TestDir::new("samples-tools");
+    let src = dir.file("src.raw");
+    let size = 10u64 << 20;
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (1 << 20, 300_000),
+        (6 << 20, 1 << 20),
+        (size - 5000, 5000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f.write_all_at(&pattern(i as u64 + 40, len), off).unwrap();
+    }
+    drop(f);
+    let bochs = dir.file("b.bochs");
+    let out = std::process::Command::new("bximage")
+        .args(["-func=convert", "-imgmode=growing", "-q", &src, &bochs])
+        .output()
+        .expect("run bximage");
+    assert!(
+        out.status.success(),
+        "bximage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cloop = dir.file("b.cloop");
+    let out = std::process::Command::new("create_compressed_fs")
+        .args(["-B", "65536", &src, &cloop])
+        .output()
+        .expect("run create_compressed_fs");
+    assert!(
+        out.status.success(),
+        "create_compressed_fs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Daemon::start(
+        &dir,
+        &[spec("bochs", "b", &bochs), spec("cloop", "c", &cloop)],
+    );
+    let want = std::fs::read(&src).unwrap();
+    assert!(
+        std::fs::read(d.dev("b")).unwrap() == want,
+        "bximage's image"
+    );
+    assert!(
+        std::fs::read(d.dev("c")).unwrap() == want,
+        "create_compressed_fs's image"
+    );
+    d.quit();
+}

@@ -114,9 +114,9 @@ const CASES: &[Case] = &[
     Case {
         format: "vmdk",
         options: "subformat=streamOptimized",
-        writable: false,
+        writable: true,
         check: true,
-        create: false,
+        create: true,
     },
     Case {
         format: "vhdx",

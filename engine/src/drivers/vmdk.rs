@@ -611,13 +611,22 @@ impl Layout for Vmdk {
                 "VMDK zero extents cannot be written",
             ));
         };
-        if s.h.flags & (FLAG_COMPRESSED | FLAG_MARKERS) != 0 {
-            return Err(Error::io(
-                libc::EROFS,
-                "writing to streamOptimized VMDK images is not supported by blkfs",
-            ));
-        }
         let f = &self.files[e.file as usize];
+        // streamOptimized: the grain deflated behind its marker (sector,
+        // size), padded to whole sectors, as qemu-img writes it.
+        let stored;
+        let content = if s.h.flags & FLAG_COMPRESSED != 0 {
+            let z = miniz_oxide::deflate::compress_to_vec_zlib(content, 6);
+            let mut g = Vec::with_capacity(12 + z.len() + SECTOR as usize);
+            g.extend_from_slice(&(guest / SECTOR).to_le_bytes());
+            g.extend_from_slice(&(z.len() as u32).to_le_bytes());
+            g.extend_from_slice(&z);
+            g.resize(g.len().next_multiple_of(SECTOR as usize), 0);
+            stored = g;
+            &stored[..]
+        } else {
+            content
+        };
         let grain = (guest - e.start) / self.block;
         let (gdi, gti) = (
             (grain / s.h.gtes as u64) as usize,
@@ -626,7 +635,7 @@ impl Layout for Vmdk {
         let (at, gt_at) = {
             let mut st = s.state.lock();
             let at = st.end.next_multiple_of(SECTOR);
-            st.end = at + self.block;
+            st.end = at + content.len() as u64;
             (at, st.gd.get(gdi).copied().unwrap_or(0))
         };
         write_at(f, at, content)?;
@@ -812,7 +821,12 @@ const SPLIT: u64 = 2 << 30;
 /// room for a descriptor (sectors 1-20), redundant and primary grain
 /// directories each followed by all their grain tables, grains from the
 /// next 64 KiB on. Returns the bytes to write and the file length.
-fn sparse_extent(size: u64, zeroed_grain: bool, descriptor: Option<&str>) -> (Vec<u8>, u64) {
+fn sparse_extent(
+    size: u64,
+    zeroed_grain: bool,
+    stream: bool,
+    descriptor: Option<&str>,
+) -> (Vec<u8>, u64) {
     let sectors = size / SECTOR;
     let grains = sectors.div_ceil(128);
     let gt_size = (512u64 * 4).div_ceil(SECTOR);
@@ -825,8 +839,17 @@ fn sparse_extent(size: u64, zeroed_grain: bool, descriptor: Option<&str>) -> (Ve
     let put32 =
         |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
     put32(&mut b, 0, MAGIC);
-    put32(&mut b, 4, if zeroed_grain { 2 } else { 1 });
-    let flags = 1 | FLAG_RGD | if zeroed_grain { FLAG_ZEROED_GRAIN } else { 0 };
+    let version = match (stream, zeroed_grain) {
+        (true, _) => 3,
+        (false, true) => 2,
+        (false, false) => 1,
+    };
+    put32(&mut b, 4, version);
+    let mut flags = 1 | FLAG_RGD | if zeroed_grain { FLAG_ZEROED_GRAIN } else { 0 };
+    if stream {
+        flags |= FLAG_COMPRESSED | FLAG_MARKERS;
+        b[77..79].copy_from_slice(&1u16.to_le_bytes());
+    }
     put32(&mut b, 8, flags);
     let put64 =
         |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
@@ -873,17 +896,14 @@ fn cid_of(path: &str) -> Result<u32> {
 /// Creates a VMDK image as `qemu-img create -f vmdk` does.
 pub fn create(path: &str, size: u64, o: &CreateOptions) -> Result<()> {
     let subformat = o.subformat.as_deref().unwrap_or("monolithicSparse");
-    let (flat, split) =
-        match subformat {
-            "monolithicSparse" => (false, false),
-            "monolithicFlat" => (true, false),
-            "twoGbMaxExtentSparse" => (false, true),
-            "twoGbMaxExtentFlat" => (true, true),
-            "streamOptimized" => return Err(invalid(
-                "Creating streamOptimized VMDK images is not supported by blkfs (it reads them)",
-            )),
-            s => return Err(invalid(format!("Unknown subformat: {s}"))),
-        };
+    let (flat, split) = match subformat {
+        "monolithicSparse" | "streamOptimized" => (false, false),
+        "monolithicFlat" => (true, false),
+        "twoGbMaxExtentSparse" => (false, true),
+        "twoGbMaxExtentFlat" => (true, true),
+        s => return Err(invalid(format!("Unknown subformat: {s}"))),
+    };
+    let stream = subformat == "streamOptimized";
     let adapter = o.adapter_type.as_deref().unwrap_or("ide");
     let heads = match adapter {
         "ide" => 16,
@@ -964,7 +984,7 @@ pub fn create(path: &str, size: u64, o: &CreateOptions) -> Result<()> {
         if desc.len() > 20 * SECTOR as usize {
             return Err(invalid("VMDK descriptor is too long"));
         }
-        let (head, len) = sparse_extent(size, o.zeroed_grain, Some(&desc));
+        let (head, len) = sparse_extent(size, o.zeroed_grain, stream, Some(&desc));
         return super::create::write_new(path, &head, len);
     }
     for (f, len) in &extents {
@@ -972,7 +992,7 @@ pub fn create(path: &str, size: u64, o: &CreateOptions) -> Result<()> {
         if flat {
             super::create::write_new(&full, &[], *len)?;
         } else {
-            let (head, flen) = sparse_extent(*len, o.zeroed_grain, None);
+            let (head, flen) = sparse_extent(*len, o.zeroed_grain, false, None);
             super::create::write_new(&full, &head, flen)?;
         }
     }

@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh [--runtime SECONDS] [--rounds N] [--cache direct|cached]
 #                    [--aio native|threads] [--threads N] [--only 4k|1M|lat]
-#                    [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...]
+#                    [--format raw|qcow2|chain1|chain10|vmdk|vhdx|vdi|qed|vpc|parallels]
+#                    [--blkfs-opts K=V,...]
 #                    [--transport auto|uring|dev]
 #
 # --blkfs-opts: extra options on blkfs's device (e.g. werror=report, or
@@ -12,7 +13,8 @@
 # --transport: how FUSE requests reach blkfs (io_uring queues or /dev/fuse
 # reads; auto takes io_uring where the kernel offers it).
 # --format qcow2: the image converted to qcow2 (every cluster allocated);
-# chainN: the raw image below N empty qcow2 overlays (reads go N deep).
+# chainN: the raw image below N empty qcow2 overlays (reads go N deep);
+# vmdk, vhdx, vdi, qed, vpc, parallels: the image converted (all allocated).
 #
 # Each workload runs on the three targets in turn, --rounds times; the
 # median of each is printed with the ratios blkfs/qsd and blkfs/native
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
         --format) format=$2; shift 2 ;;
         --blkfs-opts) extra=",$2"; shift 2 ;;
         --transport) transport=$2; shift 2 ;;
-        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M|lat] [--format raw|qcow2|chain1|chain10] [--blkfs-opts K=V,...] [--transport auto|uring|dev]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--cache direct|cached] [--aio native|threads] [--threads N] [--only 4k|1M|lat] [--format raw|qcow2|chain1|chain10|vmdk|vhdx|vdi|qed|vpc|parallels] [--blkfs-opts K=V,...] [--transport auto|uring|dev]" >&2; exit 2 ;;
     esac
 done
 direct=$([ "$cache" = direct ] && echo on || echo off)
@@ -86,6 +88,9 @@ case "$format" in
             prev=$work/layer$i.qcow2 prevfmt=qcow2
         done
         top=$prev drv=qcow2 ;;
+    vmdk | vhdx | vdi | qed | vpc | parallels)
+        qemu-img convert -f raw -O "$format" "$img" "$work/disk.$format"
+        top=$work/disk.$format drv=$format ;;
     *) echo "bench: unknown format $format" >&2; exit 2 ;;
 esac
 

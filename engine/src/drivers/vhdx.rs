@@ -390,22 +390,25 @@ fn log_search(log: &[u8], guid: &[u8; 16]) -> Vec<LogEntry> {
     let mut best: Vec<LogEntry> = Vec::new();
     let mut at = 0;
     while at < log.len() {
-        if let Some(first) = log_entry(log, at, guid) {
-            if best.first().is_none_or(|b| first.seq > b.seq) {
-                let mut run = vec![];
-                let (mut pos, mut next_seq) = (at, first.seq);
-                while let Some(e) = log_entry(log, pos % log.len(), guid) {
-                    if e.seq != next_seq || run.len() > log.len() / LOG_SECTOR as usize {
-                        break;
-                    }
-                    pos += e.len as usize;
-                    next_seq += 1;
-                    run.push(e);
-                }
-                best = run;
+        let Some(first) = log_entry(log, at, guid) else {
+            at += LOG_SECTOR as usize;
+            continue;
+        };
+        let mut run = vec![];
+        let (mut pos, mut next_seq) = (at, first.seq);
+        while let Some(e) = log_entry(log, pos % log.len(), guid) {
+            if e.seq != next_seq || run.len() > log.len() / LOG_SECTOR as usize {
+                break;
             }
+            pos += e.len as usize;
+            next_seq += 1;
+            run.push(e);
         }
-        at += LOG_SECTOR as usize;
+        if best.first().is_none_or(|b| first.seq > b.seq) {
+            best = run;
+        }
+        // On past the run (not into it again: a scan stays linear).
+        at = pos.max(at + LOG_SECTOR as usize);
     }
     best
 }
@@ -460,6 +463,38 @@ impl Vhdx {
         if p.bat_entries() * 8 > blen || boff.checked_add(blen).is_none_or(|e| e > len) {
             return Err(corrupt("the BAT is too small or lies outside the file"));
         }
+        // The spec puts every region on a 1 MiB boundary; the BAT's sectors
+        // are rewritten whole (through the log), so they must be.
+        let log = (header.log_offset, header.log_length as u64);
+        let areas = [(0, MIB), log, regions.bat, regions.meta];
+        if [boff, moff].iter().any(|o| !o.is_multiple_of(MIB)) {
+            return Err(corrupt(
+                "the BAT or metadata region is not aligned to 1 MiB",
+            ));
+        }
+        let log_ok = log.0 >= MIB
+            && log.0.is_multiple_of(MIB)
+            && log.1 != 0
+            && log.1.is_multiple_of(MIB)
+            && log.0.checked_add(log.1).is_some_and(|e| e <= len);
+        for (i, a) in areas.iter().enumerate() {
+            for b in &areas[..i] {
+                if a.1 != 0 && b.1 != 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
+                    return Err(corrupt(format!(
+                        "VHDX region {:#x}-{:#x} overlaps with region {:#x}-{:#x}",
+                        a.0,
+                        a.0 + a.1,
+                        b.0,
+                        b.0 + b.1
+                    )));
+                }
+            }
+        }
+        if !log_ok && !read_only {
+            return Err(corrupt(
+                "the log region is invalid: the image can only be opened read-only",
+            ));
+        }
         let v = Vhdx {
             state: Mutex::new(State {
                 bat: Vec::new(),
@@ -474,7 +509,8 @@ impl Vhdx {
             p,
             regions,
         };
-        if v.state.lock().header.log_guid != [0; 16] {
+        let guid = v.state.lock().header.log_guid;
+        if guid != [0; 16] && log_ok && v.log_pending(&guid)? {
             if read_only {
                 let name = v.file.driver.filename();
                 return Err(Error::io(
@@ -485,19 +521,60 @@ impl Vhdx {
                 ));
             }
             v.replay()?;
+        } else if guid != [0; 16] && !read_only {
+            // A log GUID with no entry to replay (a crash before the entry
+            // was written): the log is empty.
+            v.update_headers(|h| h.log_guid = [0; 16])?;
         }
         let raw = read_at(&v.file, boff, (v.p.bat_entries() * 8) as usize)?;
         let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let bs = v.p.block_size;
+        let mut end = v.file.size();
+        let data_blocks = v.p.data_blocks();
+        let file_len = v.file.size();
         for (i, &e) in bat.iter().enumerate() {
             let off = e & OFFSET_MASK;
-            if e & 7 == STATE_PRESENT && off >= len {
+            let bitmap_entry = (i as u64 + 1).is_multiple_of(v.p.chunk_ratio() + 1);
+            if e & 7 != STATE_PRESENT || bitmap_entry {
+                continue;
+            }
+            // Payload block b; only the last one may end past the file.
+            let b = i as u64 - i as u64 / (v.p.chunk_ratio() + 1);
+            let last = b + 1 >= data_blocks;
+            let fits =
+                off < file_len && (last || off.checked_add(bs).is_some_and(|x| x <= file_len));
+            if !fits {
                 return Err(corrupt(format!(
-                    "BAT entry {i} start offset {off} points after end of file ({len}). Image has probably been truncated."
+                    "BAT entry {i} (offset {off:#x}) points after end of file ({file_len}). Image has probably been truncated."
                 )));
             }
+            if areas
+                .iter()
+                .any(|a| a.1 != 0 && off < a.0 + a.1 && a.0 < off + bs)
+            {
+                return Err(corrupt(format!(
+                    "BAT entry {i} ({off:#x}) overlaps the image's own structures"
+                )));
+            }
+            // New blocks go after every block, the partial last one too.
+            end = end.max(off + bs);
         }
-        v.state.lock().bat = bat;
+        {
+            let mut s = v.state.lock();
+            s.bat = bat;
+            s.end = end;
+        }
         Ok(v)
+    }
+
+    /// Whether the log holds entries to replay for `guid`.
+    fn log_pending(&self, guid: &[u8; 16]) -> Result<bool> {
+        let (off, len) = {
+            let s = self.state.lock();
+            (s.header.log_offset, s.header.log_length as u64)
+        };
+        let log = read_at(&self.file, off, len as usize)?;
+        Ok(!log_search(&log, guid).is_empty())
     }
 
     /// Replays the log (a read-write open after a crash), then marks it empty.
@@ -580,12 +657,12 @@ impl Vhdx {
         let (boff, _) = self.regions.bat;
         let sector_at = (boff + i * 8) / LOG_SECTOR * LOG_SECTOR;
         let mut sector = {
-            let mut s = self.state.lock();
-            s.bat[i as usize] = value;
+            let s = self.state.lock();
             let first = ((sector_at - boff) / 8) as usize;
             let mut b = vec![0u8; LOG_SECTOR as usize];
-            for (k, e) in s.bat.iter().skip(first).take(512).enumerate() {
-                b[k * 8..k * 8 + 8].copy_from_slice(&e.to_le_bytes());
+            for (k, e) in s.bat.iter().enumerate().skip(first).take(512) {
+                let e = if k as u64 == i { value } else { *e };
+                b[(k - first) * 8..(k - first) * 8 + 8].copy_from_slice(&e.to_le_bytes());
             }
             b
         };
@@ -618,6 +695,8 @@ impl Vhdx {
             let mut s = self.state.lock();
             s.log_pos = (pos + entry.len() as u64) % log_len;
             s.log_seq += 1;
+            // Only now that the sector is on disk: reads of the block.
+            s.bat[i as usize] = value;
         }
         self.update_headers(|h| h.log_guid = [0; 16])
     }

@@ -132,12 +132,11 @@ impl Cow {
     /// is on disk.
     fn write_bitmap(&self) -> Result<()> {
         let (bitmap, dirty) = {
-            let mut s = self.state.lock();
+            let s = self.state.lock();
             if s.dirty.is_empty() {
                 return Ok(());
             }
-            let dirty = std::mem::take(&mut s.dirty);
-            (s.bitmap.clone(), dirty)
+            (s.bitmap.clone(), s.dirty.clone())
         };
         wait(|d| self.file.flush(d))?;
         let mut it = dirty.iter().copied().peekable();
@@ -148,10 +147,14 @@ impl Cow {
                 it.next();
             }
             let at = self.h.bitmap_offset() + first as u64;
-            if let Err(e) = write_at(&self.file, at, &bitmap[first..=last]) {
-                // Still to write at the next flush.
-                self.state.lock().dirty.extend(first..=last);
-                return Err(e);
+            write_at(&self.file, at, &bitmap[first..=last])?;
+            // Written: off the list (bytes changed again since stay on it
+            // through the next allocation's insert).
+            let mut s = self.state.lock();
+            for b in first..=last {
+                if s.bitmap[b] == bitmap[b] {
+                    s.dirty.remove(&b);
+                }
             }
         }
         Ok(())

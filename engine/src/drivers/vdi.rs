@@ -17,8 +17,8 @@ const TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
 const HEADER_LEN: usize = 512;
 const SECTOR: u64 = 512;
 const BLOCK_SIZE: u32 = 1 << 20;
-/// QEMU's bound on the block map.
-const MAX_BLOCKS: u32 = 0x3fff_ffff;
+/// QEMU's bound on the block map ((2^31 - 512) / 4 entries).
+const MAX_BLOCKS: u32 = 0x1fff_ff80;
 const UNALLOCATED: u32 = 0xffff_ffff;
 /// A block given back: reads as zeroes, as an unallocated one.
 const DISCARDED: u32 = 0xffff_fffe;
@@ -157,13 +157,7 @@ struct State {
     bmap: Vec<u32>,
     /// The next block number to allocate.
     next: u32,
-    /// The header sector as on disk (its count rewritten with the map).
-    head: Vec<u8>,
 }
-
-/// Most bytes of header and map rewritten at once to keep the count and
-/// the map in step (see [`Vdi::commit_entry`]).
-const COMBINED_MAX: u64 = 256 << 10;
 
 pub struct Vdi {
     file: Arc<Node>,
@@ -190,49 +184,9 @@ impl Vdi {
         }
         Ok(Vdi {
             file,
-            state: Mutex::new(State {
-                bmap,
-                next,
-                head: head.to_vec(),
-            }),
+            state: Mutex::new(State { bmap, next }),
             h,
         })
-    }
-
-    /// Writes map entry `b` (now `e`) and the header's count `e + 1`
-    /// together, in one write of the header sector and the map up to the
-    /// entry where they are contiguous (as every VDI tool lays them out):
-    /// a crash then leaves both old or both new, never a count that
-    /// qemu-img check calls a mismatch. Elsewhere the count goes first (a
-    /// crash leaks the block, never maps two onto it).
-    fn commit_entry(&self, b: u64, e: u32) -> Result<()> {
-        let entry_end = (self.h.offset_bmap + (b + 1) * 4).next_multiple_of(SECTOR);
-        let buf = {
-            let mut s = self.state.lock();
-            s.head[OFF_ALLOCATED..OFF_ALLOCATED + 4].copy_from_slice(&(e + 1).to_le_bytes());
-            if self.h.offset_bmap != HEADER_LEN as u64 || entry_end > COMBINED_MAX {
-                None
-            } else {
-                let mut buf = s.head.clone();
-                let n = ((entry_end - self.h.offset_bmap) / 4) as usize;
-                for i in 0..n {
-                    let v = match i as u64 {
-                        i if i == b => e,
-                        _ => s.bmap.get(i).copied().unwrap_or(0),
-                    };
-                    buf.extend_from_slice(&v.to_le_bytes());
-                }
-                Some(buf)
-            }
-        };
-        match buf {
-            Some(buf) => write_at(&self.file, 0, &buf),
-            None => {
-                write_at(&self.file, OFF_ALLOCATED as u64, &(e + 1).to_le_bytes())?;
-                wait(|d| self.file.flush(d))?;
-                write_at(&self.file, self.h.offset_bmap + b * 4, &e.to_le_bytes())
-            }
-        }
     }
 
     fn host(&self, e: u32) -> u64 {
@@ -284,8 +238,11 @@ impl Layout for Vdi {
         self.h.image_type == TYPE_STATIC
     }
 
-    /// The block goes after the last one; the map entry (with the count)
-    /// only once the data is on disk.
+    /// The block goes after the last one. The header's count moves first,
+    /// with the data, and the map entry only once both are on disk: a
+    /// crash (or a torn write) leaves at worst a count ahead of the map,
+    /// a leaked block (qemu-img check calls it a mismatch, as after a
+    /// QEMU crash at the same point), never two map entries on one block.
     fn allocate(&self, b: u64, content: &[u8]) -> Result<()> {
         let e = {
             let s = self.state.lock();
@@ -295,8 +252,9 @@ impl Layout for Vdi {
             s.next
         };
         write_at(&self.file, self.host(e), content)?;
+        write_at(&self.file, OFF_ALLOCATED as u64, &(e + 1).to_le_bytes())?;
         wait(|d| self.file.flush(d))?;
-        self.commit_entry(b, e)?;
+        write_at(&self.file, self.h.offset_bmap + b * 4, &e.to_le_bytes())?;
         let mut s = self.state.lock();
         s.next = e + 1;
         s.bmap[b as usize] = e;

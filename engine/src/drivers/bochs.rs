@@ -85,7 +85,12 @@ impl Header {
         if (h.catalog_entries as u64) < h.size.div_ceil(h.extent_size) {
             return Err(invalid("Catalog size is too small for this disk size"));
         }
-        if h.bitmap_size == 0 || h.bitmap_size * 8 < h.extent_size / SECTOR {
+        // The bitmap covers the extent's sectors, and no more than a
+        // sector's worth over (an extent has at most 16384 sectors).
+        if h.bitmap_size == 0
+            || h.bitmap_size * 8 < h.extent_size / SECTOR
+            || h.bitmap_size > (h.extent_size / SECTOR).div_ceil(8) + SECTOR
+        {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 "Bochs image is corrupt: the bitmap is too small for an extent",

@@ -151,10 +151,11 @@ impl Cow {
             // Written: off the list (bytes changed again since stay on it
             // through the next allocation's insert).
             let mut s = self.state.lock();
-            for b in first..=last {
-                if s.bitmap[b] == bitmap[b] {
-                    s.dirty.remove(&b);
-                }
+            let unchanged: Vec<usize> = (first..=last)
+                .filter(|&b| s.bitmap[b] == bitmap[b])
+                .collect();
+            for b in unchanged {
+                s.dirty.remove(&b);
             }
         }
         Ok(())

@@ -126,6 +126,12 @@ pub fn parse_mish(blob: &[u8], base: u64, unknown: &mut Vec<u32>) -> Result<Opti
             .ok_or_else(|| invalid(format!("sector of chunk {n} overflows")))?;
         let sectors = be64(e, 0x10);
         let length = be64(e, 0x20);
+        if sector
+            .checked_add(sectors)
+            .is_none_or(|end| end > i64::MAX as u64 / SECTOR)
+        {
+            return Err(invalid(format!("chunk {n} lies past any disk size")));
+        }
         if kind != Kind::Zero {
             if length > MAX_CHUNK_BYTES {
                 return Err(invalid(format!(

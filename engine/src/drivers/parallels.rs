@@ -125,6 +125,9 @@ impl Parallels {
                 file.driver.filename()
             );
         }
+        if HEADER_LEN + h.bat_entries as u64 * 4 > len {
+            return Err(corrupt("the BAT runs past the end of the file"));
+        }
         let raw = read_at(&file, HEADER_LEN, h.bat_entries as usize * 4)?;
         let bat: Vec<u32> = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
         let cs = h.cluster();
@@ -200,7 +203,8 @@ impl Layout for Parallels {
             ));
         }
         let unit = self.h.multiplier * SECTOR;
-        let at = self.state.lock().end;
+        // Whole BAT units: the entry must point exactly at the data.
+        let at = self.state.lock().end.next_multiple_of(unit);
         let e = u32::try_from(at / unit)
             .map_err(|_| Error::io(libc::EFBIG, "Parallels image file too large"))?;
         write_at(&self.file, at, content)?;

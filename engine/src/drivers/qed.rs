@@ -94,16 +94,23 @@ impl Header {
         let file_end = file_size / cluster_size * cluster_size;
         if !h.l1_offset.is_multiple_of(cluster_size)
             || h.l1_offset < h.header_bytes()
-            || h.l1_offset + h.table_bytes() > file_end
+            || h.l1_offset
+                .checked_add(h.table_bytes())
+                .is_none_or(|e| e > file_end)
         {
             return Err(invalid("QED table offset is invalid"));
         }
-        if h.header_size == 0 || h.header_size > 0x8000 || h.header_bytes() > file_end {
+        if h.header_size == 0
+            || h.header_size > 0x8000
+            || h.header_size
+                .checked_mul(cluster_size)
+                .is_none_or(|b| b > file_end)
+        {
             return Err(invalid("QED header size is too large"));
         }
         let name_off = le32(b, 56) as u64;
         let name_len = le32(b, 60) as u64;
-        if name_off + name_len > h.header_bytes() {
+        if name_off + name_len > h.header_bytes() || name_len > 64 << 10 {
             return Err(invalid("QED backing filename offset is invalid"));
         }
         let backing_file = if features & F_BACKING_FILE != 0 {
@@ -201,7 +208,8 @@ impl Qed {
                 )));
             }
             let raw = read_at(&self.file, off, self.h.table_bytes() as usize)?;
-            if s.l2.len() >= L2_CACHE {
+            // At most 64 MiB of tables (QED's can be 1 GiB each).
+            if s.l2.len() >= L2_CACHE.min(((64 << 20) / self.h.table_bytes()).max(1) as usize) {
                 s.l2.clear();
             }
             s.l2.insert(off, raw.chunks_exact(8).map(|c| le64(c, 0)).collect());

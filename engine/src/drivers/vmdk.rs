@@ -79,7 +79,7 @@ impl SparseHeader {
                 h.grain
             )));
         }
-        if h.gtes == 0 || h.gtes > 512 * 1024 {
+        if h.gtes == 0 || h.gtes > 512 {
             return Err(invalid(format!("L2 table size too big ({})", h.gtes)));
         }
         if h.capacity > 1 << 40 {
@@ -339,7 +339,10 @@ impl Vmdk {
             let kind = match line.kind {
                 ExtentType::Zero => Kind::Zero,
                 ExtentType::Flat => Kind::Flat {
-                    offset: line.offset * SECTOR,
+                    offset: line
+                        .offset
+                        .checked_mul(SECTOR)
+                        .ok_or_else(|| invalid("VMDK extent offset is too large"))?,
                 },
                 ExtentType::Sparse => Kind::Sparse(open_sparse(&node, line.sectors, read_only)?),
             };
@@ -349,7 +352,9 @@ impl Vmdk {
                 len,
                 kind,
             });
-            start += len;
+            start = start
+                .checked_add(len)
+                .ok_or_else(|| invalid("VMDK image is too large"))?;
         }
         let grains: Vec<u64> = extents
             .iter()
@@ -423,7 +428,13 @@ fn open_sparse(file: &Node, sectors: u64, read_only: bool) -> Result<Sparse> {
         return Err(invalid("VMDK version 3 must be read only"));
     }
     if h.gd == GD_AT_END {
-        // streamOptimized: the real header is the footer, 1024 bytes from the end.
+        // streamOptimized as VMware writes it: the real header is the
+        // footer, 1024 bytes from the end. Appending grains would bury it.
+        if !read_only {
+            return Err(invalid(
+                "streamOptimized VMDK images with their grain directory in the footer open read-only only",
+            ));
+        }
         let len = file.size();
         if len < 1536 {
             return Err(corrupt("streamOptimized image without a footer"));
@@ -434,12 +445,24 @@ fn open_sparse(file: &Node, sectors: u64, read_only: bool) -> Result<Sparse> {
     if h.capacity < sectors {
         return Err(corrupt("the extent is smaller than the descriptor says"));
     }
-    let n = h.gd_entries() as usize;
+    // QEMU's bounds ("L1 size too big"), and the directory inside the file.
+    let n = h.gd_entries();
+    if n > 32 << 20 {
+        return Err(invalid("L1 size too big"));
+    }
+    let n = n as usize;
     let read_dir = |at: u64| -> Result<Vec<u32>> {
         if at == 0 {
             return Ok(Vec::new());
         }
-        let raw = read_at(file, at * SECTOR, n * 4)?;
+        let start = at
+            .checked_mul(SECTOR)
+            .filter(|s| {
+                s.checked_add(n as u64 * 4)
+                    .is_some_and(|e| e <= file.size())
+            })
+            .ok_or_else(|| corrupt("the grain directory lies outside the file"))?;
+        let raw = read_at(file, start, n * 4)?;
         Ok(raw.chunks_exact(4).map(|c| le32(c, 0)).collect())
     };
     let gd = read_dir(h.gd)?;
@@ -520,13 +543,19 @@ impl Layout for Vmdk {
                             .unwrap_or(0);
                         (Block::Special(special_id(ei, g as u64)), 1)
                     }
-                    g => (
-                        Block::DataIn {
-                            file: e.file,
-                            host: g as u64 * SECTOR,
-                        },
-                        1,
-                    ),
+                    g => {
+                        // A grain past the end (a truncated copy): new
+                        // grains must not land on it.
+                        let grain_end = g as u64 * SECTOR + self.block;
+                        st.end = st.end.max(grain_end);
+                        (
+                            Block::DataIn {
+                                file: e.file,
+                                host: g as u64 * SECTOR,
+                            },
+                            1,
+                        )
+                    }
                 })
             }
         }
@@ -695,6 +724,11 @@ impl Layout for Vmdk {
             gt_at as u64 * SECTOR + gti as u64 * 4,
             &1u32.to_le_bytes(),
         )?;
+        // The redundant table says the same.
+        let rgt = s.state.lock().rgd.get(gdi).copied().unwrap_or(0);
+        if rgt != 0 {
+            write_at(f, rgt as u64 * SECTOR + gti as u64 * 4, &1u32.to_le_bytes())?;
+        }
         if let Some(t) = s.state.lock().gts.get_mut(&gt_at) {
             t[gti] = 1;
         }

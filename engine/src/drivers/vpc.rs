@@ -134,7 +134,8 @@ impl Header {
             return Err(invalid("Invalid header magic"));
         }
         let block_size = be32(d, D_BLOCK_SIZE) as u64;
-        if !block_size.is_power_of_two() || block_size < SECTOR {
+        // Blocks are copied whole: 256 MiB is Hyper-V's largest.
+        if !block_size.is_power_of_two() || !(SECTOR..=256 << 20).contains(&block_size) {
             return Err(invalid(format!("Invalid block size {block_size}")));
         }
         let entries = be32(d, D_MAX_ENTRIES);

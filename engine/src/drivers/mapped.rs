@@ -106,6 +106,11 @@ pub trait Layout: Send + Sync {
             ),
         ))
     }
+    /// Before the first change of a session (VHDX gives its headers a new
+    /// data write GUID).
+    fn first_write(&self) -> Result<()> {
+        Ok(())
+    }
     /// Makes block `b` read as zeroes with no data, if the format can say
     /// so in its map (true when it did). Called one at a time.
     fn zero_block(&self, _b: u64) -> Result<bool> {
@@ -227,6 +232,8 @@ pub struct Mapped {
     backing: Slot,
     /// Serialises the writes that allocate or read-modify-write.
     writer: Mutex<()>,
+    /// [`Layout::first_write`] has run.
+    written: std::sync::atomic::AtomicBool,
 }
 
 type Segment = segments::Segment<Block>;
@@ -241,6 +248,7 @@ impl Mapped {
             layout,
             backing: Slot::new(backing),
             writer: Mutex::new(()),
+            written: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -428,12 +436,20 @@ impl Mapped {
         Ok(r)
     }
 
+    /// Whether the format writes; runs its first-write step once.
     fn writable(&self) -> Result<()> {
-        if self.layout.writable() {
-            Ok(())
-        } else {
-            Err(read_only_error(self.layout.format_name()))
+        use std::sync::atomic::Ordering;
+        if !self.layout.writable() {
+            return Err(read_only_error(self.layout.format_name()));
         }
+        if !self.written.load(Ordering::Acquire) {
+            let _w = self.writer.lock();
+            if !self.written.load(Ordering::Acquire) {
+                self.layout.first_write()?;
+                self.written.store(true, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -426,8 +426,6 @@ struct State {
     /// Headers: which slot is current, and its contents.
     current: usize,
     header: Header,
-    /// The first write of this session has changed the data write GUID.
-    written: bool,
     /// Where the next log entry goes, and its sequence number.
     log_pos: u64,
     log_seq: u64,
@@ -501,7 +499,6 @@ impl Vhdx {
                 end: len,
                 current,
                 header,
-                written: false,
                 log_pos: 0,
                 log_seq: 1,
             }),
@@ -782,8 +779,15 @@ impl Layout for Vhdx {
 
     /// The block at the next MiB after the file's end; the BAT entry
     /// through the log once the data is on disk.
+    fn first_write(&self) -> Result<()> {
+        let (file_guid, data_guid) = (super::create::uuid_v4()?, super::create::uuid_v4()?);
+        self.update_headers(|h| {
+            h.file_write_guid = file_guid;
+            h.data_write_guid = data_guid;
+        })
+    }
+
     fn allocate(&self, b: u64, content: &[u8]) -> Result<()> {
-        self.first_write()?;
         let at = {
             let mut s = self.state.lock();
             let at = s.end.next_multiple_of(MIB);
@@ -797,21 +801,6 @@ impl Layout for Vhdx {
 
     fn image_info(&self, v: &mut serde_json::Value) {
         v["cluster-size"] = serde_json::json!(self.p.block_size);
-    }
-}
-
-impl Vhdx {
-    /// The first change of a session gives the headers a new data write
-    /// GUID (and this session's file write GUID).
-    fn first_write(&self) -> Result<()> {
-        if std::mem::replace(&mut self.state.lock().written, true) {
-            return Ok(());
-        }
-        let (file_guid, data_guid) = (super::create::uuid_v4()?, super::create::uuid_v4()?);
-        self.update_headers(|h| {
-            h.file_write_guid = file_guid;
-            h.data_write_guid = data_guid;
-        })
     }
 }
 

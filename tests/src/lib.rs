@@ -753,3 +753,78 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// Crash rounds: blocks of `block` bytes, each written once.
+pub const CRASH_BLOCK: u64 = 6000;
+
+/// The content of block `i` of crash round `round`.
+pub fn crash_block_data(round: u64, i: u64) -> Vec<u8> {
+    vec![((round * 31 + i) % 251) as u8 + 1; CRASH_BLOCK as usize]
+}
+
+/// One crash round: the daemon opens `spec` (device d0) and a writer fills
+/// `region` bytes from `round * region` block after block, fsyncing every
+/// eighth; after `after` the daemon gets SIGKILL. Returns how many blocks
+/// an fsync that returned acknowledged.
+pub fn write_until_killed(
+    dir: &TestDir,
+    spec: &str,
+    round: u64,
+    region: u64,
+    after: Duration,
+) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let d = Daemon::start(dir, &[spec.to_string()]);
+    let dev = d.dev("d0");
+    let acked = std::sync::Arc::new(AtomicU64::new(0));
+    let writer = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(&dev) else {
+                return;
+            };
+            for i in 0..region / CRASH_BLOCK {
+                let at = round * region + i * CRASH_BLOCK;
+                if f.write_all_at(&crash_block_data(round, i), at).is_err() {
+                    return;
+                }
+                if i % 8 == 7 {
+                    if f.sync_all().is_err() {
+                        return;
+                    }
+                    acked.store(i + 1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    std::thread::sleep(after);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    let n = acked.load(Ordering::SeqCst);
+    drop(d); // reaps and lazily unmounts
+    let _ = writer.join();
+    n
+}
+
+/// Every block acknowledged in the crash rounds `durable` ((round, blocks))
+/// is in `raw`, an image converted to raw after the rounds.
+pub fn assert_durable(raw: &str, region: u64, durable: &[(u64, u64)], what: &str) {
+    use std::os::unix::fs::FileExt;
+    assert!(
+        durable.iter().any(|&(_, n)| n > 0),
+        "{what}: the writer made no progress before any kill"
+    );
+    let out = std::fs::File::open(raw).unwrap();
+    let mut buf = vec![0u8; CRASH_BLOCK as usize];
+    for &(round, n) in durable {
+        for i in 0..n {
+            out.read_exact_at(&mut buf, round * region + i * CRASH_BLOCK)
+                .unwrap();
+            assert!(
+                buf == crash_block_data(round, i),
+                "{what}: round {round}: acknowledged block {i} is not in the image"
+            );
+        }
+    }
+}

@@ -5,21 +5,13 @@
 
 use blkfs_tests::*;
 use serde_json::json;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-/// Not a divisor of any block size: writes straddle blocks and fill them
-/// piece by piece (copy-on-write of the block's old content).
-const BLOCK: u64 = 6000;
+// Blocks of CRASH_BLOCK (6000) bytes, a divisor of no block size: writes
+// straddle blocks and fill them piece by piece (copy-on-write of the
+// block's old content).
 const REGION: u64 = 8 << 20;
 const ROUNDS: u64 = 4;
-
-fn block_data(round: u64, i: u64) -> Vec<u8> {
-    vec![((round * 31 + i) % 251) as u8 + 1; BLOCK as usize]
-}
 
 /// qemu-img check: no corruption. Parallels counts an image left open
 /// for writing as corrupt: that one is checked after a clean open.
@@ -73,36 +65,8 @@ fn crash_rounds(format: &str, options: &str) {
         .to_string();
     let mut durable: Vec<(u64, u64)> = Vec::new();
     for round in 0..ROUNDS {
-        let d = Daemon::start(&dir, std::slice::from_ref(&spec));
-        let dev = d.dev("d0");
-        let acked = Arc::new(AtomicU64::new(0));
-        let writer = {
-            let (dev, acked) = (dev.clone(), acked.clone());
-            std::thread::spawn(move || {
-                let Ok(f) = OpenOptions::new().write(true).open(&dev) else {
-                    return;
-                };
-                for i in 0..REGION / BLOCK {
-                    if f.write_all_at(&block_data(round, i), round * REGION + i * BLOCK)
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if i % 8 == 7 {
-                        if f.sync_all().is_err() {
-                            return;
-                        }
-                        acked.store(i + 1, Ordering::SeqCst);
-                    }
-                }
-            })
-        };
-        std::thread::sleep(Duration::from_millis(120 + round * 37));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
-        let n = acked.load(Ordering::SeqCst);
-        drop(d); // reaps and lazily unmounts
-        let _ = writer.join();
+        let after = Duration::from_millis(120 + round * 37);
+        let n = write_until_killed(&dir, &spec, round, REGION, after);
         match format {
             "parallels" | "vpc" => {}
             "vdi" => vdi_consistent(&img),
@@ -110,10 +74,6 @@ fn crash_rounds(format: &str, options: &str) {
         }
         durable.push((round, n));
     }
-    assert!(
-        durable.iter().any(|&(_, n)| n > 0),
-        "{format}: the writer made no progress before any kill"
-    );
     if format == "parallels" {
         // A clean open and close takes the in-use mark off.
         Daemon::start(&dir, std::slice::from_ref(&spec)).quit();
@@ -121,18 +81,7 @@ fn crash_rounds(format: &str, options: &str) {
     }
     let raw = dir.file("out.raw");
     qemu_img(&["convert", "-f", format, "-O", "raw", &img, &raw]);
-    let out = OpenOptions::new().read(true).open(&raw).unwrap();
-    let mut buf = vec![0u8; BLOCK as usize];
-    for (round, n) in durable {
-        for i in 0..n {
-            out.read_exact_at(&mut buf, round * REGION + i * BLOCK)
-                .unwrap();
-            assert!(
-                buf == block_data(round, i),
-                "{format}: round {round}: acknowledged block {i} is not in the image"
-            );
-        }
-    }
+    assert_durable(&raw, REGION, &durable, format);
 }
 
 #[test]

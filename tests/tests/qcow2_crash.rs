@@ -5,13 +5,7 @@
 
 use blkfs_tests::*;
 use serde_json::json;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-
-const BLOCK: u64 = 6000;
 
 fn check_no_corruption(img: &str) {
     let v = qemu_img_check(img);
@@ -50,61 +44,14 @@ fn kill_9_during_writes_never_corrupts() {
     const REGION: u64 = 8 << 20;
     let mut durable: Vec<(u64, u64)> = Vec::new();
     for round in 0..8u64 {
-        let d = Daemon::start(&dir, std::slice::from_ref(&spec));
-        let dev = d.dev("d0");
-        let acked = Arc::new(AtomicU64::new(0));
-        let writer = {
-            let (dev, acked) = (dev.clone(), acked.clone());
-            std::thread::spawn(move || {
-                let Ok(f) = OpenOptions::new().write(true).open(&dev) else {
-                    return;
-                };
-                for i in 0..REGION / BLOCK {
-                    // 6000-byte blocks: every write is a partial-cluster copy-on-write
-                    // whose cluster is shared with its neighbours.
-                    if f.write_all_at(&block_data(round, i), round * REGION + i * BLOCK)
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if i % 8 == 7 {
-                        if f.sync_all().is_err() {
-                            return;
-                        }
-                        acked.store(i + 1, Ordering::SeqCst);
-                    }
-                }
-            })
-        };
-        std::thread::sleep(Duration::from_millis(100 + round * 23));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
-        let n = acked.load(Ordering::SeqCst);
-        drop(d); // reaps and lazily unmounts
-        let _ = writer.join();
+        // 6000-byte blocks: every write is a partial-cluster copy-on-write
+        // whose cluster is shared with its neighbours.
+        let after = Duration::from_millis(100 + round * 23);
+        let n = write_until_killed(&dir, &spec, round, REGION, after);
         check_no_corruption(&img);
         durable.push((round, n));
     }
-    assert!(
-        durable.iter().any(|&(_, n)| n > 0),
-        "the writer made no progress before any kill"
-    );
     let raw = dir.file("out.raw");
     qemu_img(&["convert", "-f", "qcow2", "-O", "raw", &img, &raw]);
-    let out = OpenOptions::new().read(true).open(&raw).unwrap();
-    let mut buf = vec![0u8; BLOCK as usize];
-    for (round, n) in durable {
-        for i in 0..n {
-            out.read_exact_at(&mut buf, round * REGION + i * BLOCK)
-                .unwrap();
-            assert!(
-                buf == block_data(round, i),
-                "round {round}: acknowledged block {i} is not in the image"
-            );
-        }
-    }
-}
-
-fn block_data(round: u64, i: u64) -> Vec<u8> {
-    vec![((round * 31 + i) % 251) as u8 + 1; BLOCK as usize]
+    assert_durable(&raw, REGION, &durable, "qcow2");
 }

@@ -212,8 +212,7 @@ fn writes_roundtrip(fmt: &str, backing: bool) {
         std::fs::read(d.dev("d0")).unwrap(),
         std::fs::read(&expected).unwrap()
     );
-    q.ok("quit", json!({}));
-    drop(d);
+    d.quit();
     assert!(same_as_raw(fmt, &img, &expected), "qemu reads other data");
     // Spot check with qemu-io's pattern reader too.
     qio(fmt, &img, &["read -P 0 3149824 64k"]); // inside the zeroed range
@@ -357,8 +356,7 @@ fn concurrent_writes(fmt: &str) {
         std::fs::read(d.dev("d0")).unwrap(),
         std::fs::read(&expected).unwrap()
     );
-    d.qmp().ok("quit", json!({}));
-    drop(d);
+    d.quit();
     assert!(same_as_raw(fmt, &img, &expected));
 }
 

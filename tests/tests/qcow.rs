@@ -53,8 +53,7 @@ fn write_and_compare(dir: &TestDir, img: &str, expected: &str) {
         Path::new(expected),
         "raw"
     ));
-    d.qmp().ok("quit", json!({}));
-    drop(d);
+    d.quit();
     assert!(
         images_identical(Path::new(img), "qcow", Path::new(expected), "raw"),
         "qemu reads other data than was written"
@@ -89,8 +88,7 @@ fn reads_qemu_image_and_writes_back() {
     // SEEK_DATA from block_status: the first data is qemu-io's at 9000, rounded to its cluster.
     let f = std::fs::File::open(d.dev("d0")).unwrap();
     assert_eq!(lseek(&f, 0, libc::SEEK_DATA), Ok(8192));
-    q.ok("quit", json!({}));
-    drop(d);
+    d.quit();
     let expected = dir.file("expected.raw");
     qemu_img(&["convert", "-O", "raw", &img, &expected]);
     write_and_compare(&dir, &img, &expected);
@@ -124,8 +122,7 @@ fn backing_chain_with_probing() {
         Path::new(&top),
         "qcow"
     ));
-    q.ok("quit", json!({}));
-    drop(d);
+    d.quit();
     let expected = dir.file("expected.raw");
     qemu_img(&["convert", "-O", "raw", &top, &expected]);
     // Partial-cluster writes must copy the rest of the cluster from the chain.
@@ -156,8 +153,7 @@ fn compressed_clusters() {
         Path::new(&img),
         "qcow"
     ));
-    d.qmp().ok("quit", json!({}));
-    drop(d);
+    d.quit();
     let expected = dir.file("expected.raw");
     qemu_img(&["convert", "-O", "raw", &img, &expected]);
     // Writes into compressed clusters re-allocate them with the inflated content.

@@ -841,3 +841,44 @@ fn blkctl_check_agrees_with_qemu_img_check() {
     assert_ne!(code, 0);
     assert!(err.contains("qcow2"), "{err}");
 }
+
+/// A vmdk's CID changes with its first write of a session, as QEMU's does
+/// (its overlays then see it changed); its descriptor stays readable.
+#[test]
+fn vmdk_cid_changes_on_the_first_write() {
+    let dir = TestDir::new("formats-vmdk-cid");
+    let src = source(&dir);
+    for options in ["", "subformat=monolithicFlat"] {
+        let c = Case {
+            format: "vmdk",
+            options,
+            writable: true,
+            check: true,
+            create: true,
+        };
+        let img = convert(&dir, &src, &c, "cid.vmdk");
+        let cid = |img: &str| qemu_img_info_of(img, &c)["format-specific"]["data"]["cid"].clone();
+        let before = cid(&img);
+        // Reading changes nothing.
+        let d = Daemon::start(&dir, &[spec("vmdk", "d0", &img, false)]);
+        std::fs::read(d.dev("d0")).unwrap();
+        d.quit();
+        assert_eq!(cid(&img), before, "{options}");
+        let expected = dir.file("cid.raw");
+        std::fs::copy(&src, &expected).unwrap();
+        let d = Daemon::start(&dir, &[spec("vmdk", "d0", &img, false)]);
+        write_patterns(
+            &d.dev("d0"),
+            &expected,
+            std::fs::metadata(&src).unwrap().len(),
+        );
+        let ours = d.qmp().ok("query-block", json!({}))[0]["inserted"]["image"]["format-specific"]
+            ["data"]["cid"]
+            .clone();
+        d.quit();
+        let after = cid(&img);
+        assert_ne!(after, before, "{options}");
+        assert_eq!(ours, after, "{options}: query-block shows the new CID");
+        assert_qemu_reads(&img, &c, &expected);
+    }
+}

@@ -243,6 +243,11 @@ struct Extent {
 pub struct Vmdk {
     files: Vec<Arc<Node>>,
     desc: Descriptor,
+    /// This image's CID (a new one from the first write of a session on).
+    cid: std::sync::atomic::AtomicU32,
+    /// Where the descriptor text is in the first file (offset, bytes), if
+    /// the image has one.
+    desc_at: Option<(u64, u64)>,
     extents: Vec<Extent>,
     size: u64,
     block: u64,
@@ -374,13 +379,54 @@ impl Vmdk {
                 "VMDK extents not aligned to the grain size are not supported",
             ));
         }
+        let desc_at = match &own_header {
+            Some(h) if h.desc_offset != 0 && h.desc_size != 0 => {
+                Some((h.desc_offset * SECTOR, (h.desc_size * SECTOR).min(1 << 20)))
+            }
+            Some(_) => None,
+            None => Some((0, file.size())),
+        };
         Ok(Vmdk {
             files,
+            cid: std::sync::atomic::AtomicU32::new(desc.cid),
             desc,
+            desc_at,
             extents,
             size: start,
             block,
         })
+    }
+
+    /// Rewrites the descriptor's `CID=` line with `cid` (the same bytes
+    /// otherwise; NUL-padded to its old length, as QEMU writes it).
+    fn write_cid(&self, cid: u32) -> Result<()> {
+        let Some((at, len)) = self.desc_at else {
+            return Ok(());
+        };
+        let f = &self.files[0];
+        let raw = read_at(f, at, len as usize)?;
+        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+        let text = String::from_utf8_lossy(&raw[..end]);
+        let mut out = String::with_capacity(text.len() + 8);
+        for line in text.split_inclusive('\n') {
+            if line.trim_start().starts_with("CID=") {
+                out.push_str(&format!("CID={cid:x}\n"));
+            } else {
+                out.push_str(line);
+            }
+        }
+        let mut bytes = out.into_bytes();
+        if bytes.len() < raw.len() {
+            bytes.resize(raw.len(), 0);
+        }
+        if self
+            .desc_at
+            .is_some_and(|(_, l)| at != 0 && bytes.len() as u64 > l)
+        {
+            return Err(invalid("the VMDK descriptor does not fit its space"));
+        }
+        write_at(f, at, &bytes)?;
+        wait(|d| f.flush(d))
     }
 
     fn extent_at(&self, guest: u64) -> Option<&Extent> {
@@ -612,6 +658,19 @@ impl Layout for Vmdk {
         true
     }
 
+    /// A new CID for the image on the first write of a session, as QEMU
+    /// does (overlays of it record its CID as their parentCID).
+    fn first_write(&self) -> Result<()> {
+        let cid = u32::from_le_bytes(
+            super::create::uuid_v4()?[..4]
+                .try_into()
+                .unwrap_or([1, 2, 3, 4]),
+        );
+        self.write_cid(cid)?;
+        self.cid.store(cid, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     fn checkable(&self) -> bool {
         true
     }
@@ -777,7 +836,7 @@ impl Layout for Vmdk {
             v["cluster-size"] = json!(self.block);
         }
         v["format-specific"] = json!({"type": "vmdk", "data": {
-            "cid": self.desc.cid, "parent-cid": self.desc.parent_cid,
+            "cid": self.cid.load(std::sync::atomic::Ordering::Relaxed), "parent-cid": self.desc.parent_cid,
             "create-type": self.desc.create_type, "extents": extents}});
     }
 }

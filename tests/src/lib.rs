@@ -740,6 +740,14 @@ pub fn assert_check_clean(img: &str) {
     assert!(c.get("check-errors").is_none_or(|e| e == 0), "{img}: {c}");
 }
 
+/// Asserts `qemu-img check` finds no corruption (leaks are allowed: a
+/// crash may leave them).
+pub fn assert_no_corruption(img: &str) {
+    let c = qemu_img_check(img);
+    assert_eq!(c["check-errors"], 0, "{img}: {c}");
+    assert_eq!(c["corruptions"].as_u64().unwrap_or(0), 0, "{img}: {c}");
+}
+
 /// Asserts two byte strings are equal; on a mismatch says where, not the bytes.
 pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length differs");

@@ -211,6 +211,19 @@ fn unsafe_fallocate(f: &std::fs::File, mode: i32, off: u64, len: u64) -> i32 {
     }
 }
 
+/// Device d0 of `d` reads as `src`, takes [`write_patterns`] (mirrored
+/// into `expected`), and reads as `expected` after them.
+fn reads_then_takes_writes(d: &Daemon, src: &str, expected: &str, size: u64) {
+    assert!(images_identical(&d.dev("d0"), "raw", Path::new(src), "raw"));
+    write_patterns(&d.dev("d0"), expected, size);
+    assert!(images_identical(
+        &d.dev("d0"),
+        "raw",
+        Path::new(expected),
+        "raw"
+    ));
+}
+
 /// qemu-img reads `img` as `expected` (raw) holds, and checks it clean.
 fn assert_qemu_reads(img: &str, c: &Case, expected: &str) {
     assert!(
@@ -224,9 +237,7 @@ fn assert_qemu_reads(img: &str, c: &Case, expected: &str) {
 
 fn check_image(img: &str, c: &Case) {
     if c.check {
-        let r = qemu_img_check(img);
-        assert_eq!(r["check-errors"], 0, "{} {}: {r}", c.format, c.options);
-        assert!(r["corruptions"].as_u64().unwrap_or(0) == 0, "{r}");
+        assert_no_corruption(img);
     }
 }
 
@@ -468,31 +479,13 @@ fn qed_over_a_backing_file_copies_on_write() {
         let expected = dir.file("expected.raw");
         std::fs::copy(&src, &expected).unwrap();
         let d = Daemon::start(&dir, &[spec(fmt, "d0", &top, false)]);
-        assert!(images_identical(
-            &d.dev("d0"),
-            "raw",
-            Path::new(&src),
-            "raw"
-        ));
-        write_patterns(&d.dev("d0"), &expected, size);
-        assert!(images_identical(
-            &d.dev("d0"),
-            "raw",
-            Path::new(&expected),
-            "raw"
-        ));
+        reads_then_takes_writes(&d, &src, &expected, size);
         d.quit();
         assert!(
             images_identical(Path::new(&top), fmt, Path::new(&expected), "raw"),
             "{fmt} {opts}: qemu-img reads other data than was written"
         );
-        let r = qemu_img_check(&top);
-        assert_eq!(r["check-errors"], 0, "{r}");
-        assert_eq!(
-            r.get("corruptions").and_then(Value::as_u64).unwrap_or(0),
-            0,
-            "{r}"
-        );
+        assert_no_corruption(&top);
         // The backing file is untouched.
         let base = std::fs::read(&src).unwrap();
         assert_eq!(base.len() as u64, size);
@@ -518,19 +511,7 @@ fn uml_cow_images_read_write_and_keep_the_backing_file() {
     let expected = dir.file("expected.raw");
     std::fs::copy(&src, &expected).unwrap();
     let d = Daemon::start(&dir, &[spec("cow", "d0", &cow, false)]);
-    assert!(images_identical(
-        &d.dev("d0"),
-        "raw",
-        Path::new(&src),
-        "raw"
-    ));
-    write_patterns(&d.dev("d0"), &expected, size);
-    assert!(images_identical(
-        &d.dev("d0"),
-        "raw",
-        Path::new(&expected),
-        "raw"
-    ));
+    reads_then_takes_writes(&d, &src, &expected, size);
     d.quit();
     // The bitmap on disk: the sectors written are this file's.
     let img = std::fs::read(&cow).unwrap();
@@ -657,13 +638,7 @@ fn jobs_create_targets_in_the_block_mapped_formats() {
                 images_identical(Path::new(img), format, Path::new(want), "raw"),
                 "{format} {what}: other data than the device's"
             );
-            let r = qemu_img_check(img);
-            assert_eq!(r["check-errors"], 0, "{format} {what}: {r}");
-            assert_eq!(
-                r.get("corruptions").and_then(Value::as_u64).unwrap_or(0),
-                0,
-                "{r}"
-            );
+            assert_no_corruption(img);
         }
     }
 }

@@ -7,15 +7,6 @@ use blkfs_tests::*;
 use serde_json::json;
 use std::time::Duration;
 
-fn check_no_corruption(img: &str) {
-    let v = qemu_img_check(img);
-    assert_eq!(v["check-errors"], 0, "{v}");
-    assert!(
-        v.get("corruptions").is_none_or(|c| c == 0),
-        "corruption after kill -9: {v}"
-    );
-}
-
 #[test]
 fn kill_9_during_writes_never_corrupts() {
     let dir = TestDir::new("q2-crash");
@@ -48,7 +39,7 @@ fn kill_9_during_writes_never_corrupts() {
         // whose cluster is shared with its neighbours.
         let after = Duration::from_millis(100 + round * 23);
         let n = write_until_killed(&dir, &spec, round, REGION, after);
-        check_no_corruption(&img);
+        assert_no_corruption(&img);
         durable.push((round, n));
     }
     let raw = dir.file("out.raw");

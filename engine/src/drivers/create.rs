@@ -74,6 +74,17 @@ fn on_off(k: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// `subformat=dynamic|fixed` (vpc, vhdx): whether fixed.
+fn fixed_subformat(v: &str) -> Result<bool> {
+    match v {
+        "dynamic" => Ok(false),
+        "fixed" => Ok(true),
+        _ => Err(Error::generic(format!(
+            "Invalid subformat '{v}' (dynamic or fixed)"
+        ))),
+    }
+}
+
 fn unknown(format: &str, k: &str) -> Error {
     Error::generic(format!("Invalid parameter '{k}' for format '{format}'"))
 }
@@ -147,13 +158,7 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
             let (mut fixed, mut bs, mut log, mut zero) = (false, None, None, true);
             for (k, v) in &img.options {
                 match (k.as_str(), v.as_str()) {
-                    ("subformat", "dynamic") => fixed = false,
-                    ("subformat", "fixed") => fixed = true,
-                    ("subformat", _) => {
-                        return Err(Error::generic(format!(
-                            "Invalid subformat '{v}' (dynamic or fixed)"
-                        )))
-                    }
+                    ("subformat", _) => fixed = fixed_subformat(v)?,
                     ("block_size", _) => bs = Some(parse_size(v).map_err(Error::generic)?),
                     ("log_size", _) => log = Some(parse_size(v).map_err(Error::generic)?),
                     ("block_state_zero", _) => zero = on_off(k, v)?,
@@ -185,13 +190,7 @@ pub fn create(path: &str, format: &str, img: &NewImage) -> Result<()> {
             let (mut fixed, mut force_size) = (false, false);
             for (k, v) in &img.options {
                 match (k.as_str(), v.as_str()) {
-                    ("subformat", "dynamic") => fixed = false,
-                    ("subformat", "fixed") => fixed = true,
-                    ("subformat", _) => {
-                        return Err(Error::generic(format!(
-                            "Invalid subformat '{v}' (dynamic or fixed)"
-                        )))
-                    }
+                    ("subformat", _) => fixed = fixed_subformat(v)?,
                     ("force_size", _) => force_size = on_off(k, v)?,
                     _ => return Err(unknown(format, k)),
                 }

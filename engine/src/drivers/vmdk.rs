@@ -259,27 +259,19 @@ pub fn read_descriptor(file: &Node) -> Result<(Descriptor, Option<SparseHeader>)
     let head = read_at(file, 0, 512.min(len) as usize)?;
     if head.len() >= 4 && le32(&head, 0) == MAGIC {
         let h = SparseHeader::parse(&head)?;
-        if h.desc_offset == 0 || h.desc_size == 0 {
-            // A bare sparse extent: itself, whole.
-            let d = Descriptor {
-                cid: 0,
+        let mut d = if h.desc_offset == 0 || h.desc_size == 0 {
+            // A bare sparse extent.
+            Descriptor {
                 parent_cid: u32::MAX,
                 create_type: "monolithicSparse".into(),
-                parent_hint: None,
-                extents: vec![ExtentLine {
-                    read_only: false,
-                    sectors: h.capacity,
-                    kind: ExtentType::Sparse,
-                    file: file.driver.filename(),
-                    offset: 0,
-                }],
-            };
-            return Ok((d, Some(h)));
-        }
-        let n = (h.desc_size * SECTOR).min(1 << 20);
-        let raw = read_at(file, h.desc_offset * SECTOR, n as usize)?;
-        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-        let mut d = Descriptor::parse(&String::from_utf8_lossy(&raw[..end]))?;
+                ..Default::default()
+            }
+        } else {
+            let n = (h.desc_size * SECTOR).min(1 << 20);
+            let raw = read_at(file, h.desc_offset * SECTOR, n as usize)?;
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            Descriptor::parse(&String::from_utf8_lossy(&raw[..end]))?
+        };
         // As QEMU: the file itself is the one extent, as its header says.
         d.extents = vec![ExtentLine {
             read_only: false,

@@ -300,6 +300,7 @@ impl Graph {
             depth: 0,
             chain: Vec::new(),
             refs: Vec::new(),
+            events: self.events.clone(),
         };
         if let Some(id) = &opts.id {
             check_name(id, "id")?;
@@ -453,9 +454,10 @@ impl Graph {
                 break;
             }
             cur = n.driver.backing_child();
-            let mut f = Some(n);
-            while let Some(x) = f {
-                f = x.driver.file_child().cloned();
+            let mut below = vec![n];
+            while let Some(x) = below.pop() {
+                below.extend(x.driver.file_child().cloned());
+                below.extend(x.driver.other_children());
                 candidates.push(x);
             }
         }
@@ -598,6 +600,8 @@ struct Opener<'r> {
     moving: Option<Arc<Device>>,
     /// A node the new one replaces (a reopen): its name is free.
     replacing: Option<Arc<Node>>,
+    /// Where filters report what they find (quorum votes, blkverify).
+    events: Arc<EventBus>,
 }
 
 /// How a parent uses a child it opens or references.
@@ -724,6 +728,46 @@ impl Opener<'_> {
                     *align,
                     inject_error,
                     set_state,
+                )?)
+            }
+            (DriverOptions::Blkverify { test, raw }, DriverName::Blkverify) => {
+                let test = self.child(test, &opts, &join(path, "test"), Use::Metadata)?;
+                let raw = self.child(raw, &opts, &join(path, "raw"), Use::Metadata)?;
+                Box::new(drivers::blkverify::BlkverifyDriver::open(
+                    name.clone(),
+                    test,
+                    raw,
+                    self.events.clone(),
+                )?)
+            }
+            (
+                DriverOptions::Quorum {
+                    blkverify,
+                    children,
+                    vote_threshold,
+                    rewrite_corrupted,
+                },
+                DriverName::Quorum,
+            ) => {
+                let children = children
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let at = join(path, &format!("children.{i}"));
+                        self.child(c, &opts, &at, Use::Metadata)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let config = drivers::quorum::Config {
+                    threshold: *vote_threshold,
+                    blkverify: blkverify.unwrap_or(false),
+                    rewrite_corrupted: rewrite_corrupted.unwrap_or(false),
+                };
+                let reference = o.id.clone().unwrap_or_else(|| name.clone());
+                Box::new(drivers::quorum::QuorumDriver::open(
+                    reference,
+                    children,
+                    config,
+                    self.events.clone(),
                 )?)
             }
             (DriverOptions::Format { file, backing, .. }, DriverName::Qcow) => {

@@ -93,6 +93,9 @@ pub fn users(nodes: &[Arc<Node>], devices: &[Arc<Device>], node: &Arc<Node>) -> 
         if d.file_child().is_some_and(|c| Arc::ptr_eq(c, node)) {
             out.push(User::node(p, Role::File));
         }
+        if d.other_children().iter().any(|c| Arc::ptr_eq(c, node)) {
+            out.push(User::node(p, Role::File));
+        }
         if d.backing_child().is_some_and(|c| Arc::ptr_eq(&c, node)) {
             out.push(User::node(p, Role::Backing));
         }

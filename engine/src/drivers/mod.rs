@@ -12,6 +12,7 @@
 pub mod aes_legacy;
 pub mod backing;
 pub mod blkdebug;
+pub mod blkverify;
 pub mod bochs;
 pub(crate) mod bytes;
 pub mod cloop;
@@ -19,6 +20,7 @@ pub mod cow;
 pub mod create;
 pub mod deflate;
 pub mod dmg;
+pub mod fanout;
 pub mod file;
 pub mod join;
 pub mod lock;
@@ -28,6 +30,7 @@ pub mod probe;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;
+pub mod quorum;
 pub mod raw;
 mod segments;
 pub mod vdi;
@@ -97,6 +100,20 @@ pub trait Driver: Send + Sync {
     }
     fn backing_child(&self) -> Option<Arc<Node>> {
         None
+    }
+    /// Children besides `file` and `backing` (blkverify's test image,
+    /// quorum's children); each is used as a `file` is.
+    fn other_children(&self) -> Vec<Arc<Node>> {
+        Vec::new()
+    }
+    /// Puts `new` in `old`'s place among `other_children` (a mirror's
+    /// `replaces`), with this node's users quiesced.
+    fn replace_child(&self, old: &Arc<Node>, _new: Arc<Node>) -> Result<()> {
+        Err(Error::generic(format!(
+            "Node '{}' cannot be replaced under a '{}' node",
+            old.name,
+            self.format_name()
+        )))
     }
     /// Replaces the backing node (block jobs, with the node's users quiesced);
     /// the image header is rewritten separately (`change_backing_file`).

@@ -60,6 +60,9 @@ pub struct Mirror {
     /// Also what becomes of the target when the job ends without switching:
     /// a mirror's is closed, a commit's base is read-only again.
     pub switch: Switch,
+    /// `replaces` naming a child of the source (a quorum's broken copy):
+    /// the target takes that child's place instead of the device's root.
+    pub replaces: Option<Arc<Node>>,
     /// Filled by the device's write hook.
     pub dirty: Arc<Dirty>,
 }
@@ -279,14 +282,21 @@ impl Mirror {
             self.last_copies(dirty)?;
             // Flushed: every change is on disk; guests commit their own from now.
             self.target.driver.defer_metadata(false);
-            job.device.replace_root(self.target.clone());
+            match &self.replaces {
+                Some(child) => self
+                    .source
+                    .driver
+                    .replace_child(child, self.target.clone())?,
+                None => job.device.replace_root(self.target.clone()),
+            }
             Ok(())
         })?;
-        match &self.switch {
-            Switch::Base => self
+        match (&self.switch, &self.replaces) {
+            (_, Some(child)) => self.graph.forget_chain(Some(child.clone()), None),
+            (Switch::Base, None) => self
                 .graph
                 .forget_chain(Some(self.source.clone()), Some(&self.target)),
-            Switch::Target => self.graph.forget_chain(Some(self.source.clone()), None),
+            (Switch::Target, None) => self.graph.forget_chain(Some(self.source.clone()), None),
         }
         Ok(())
     }

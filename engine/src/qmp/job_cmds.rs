@@ -265,6 +265,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         Some(b) if b > 0 => b as u64,
         Some(_) => return Err(Error::generic("Invalid parameter 'buf-size'")),
     };
+    let mut replaces_child = None;
     if let Some(r) = &replaces {
         if node_name.is_none() {
             return Err(Error::generic(
@@ -277,7 +278,22 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
                 format!("Cannot find device= nor node_name={r}"),
             )
         })?;
-        if !Arc::ptr_eq(&node, &source) {
+        // A quorum's child may be replaced: the quorum's vote keeps the
+        // data the guest sees the same (QEMU's recursive can-replace).
+        let child_of_quorum = source.driver.format_name() == "quorum"
+            && source
+                .driver
+                .other_children()
+                .iter()
+                .any(|c| Arc::ptr_eq(c, &node));
+        if child_of_quorum {
+            if sync != Sync::Full {
+                return Err(Error::generic(
+                    "replacing a quorum child needs sync=full: the new child must hold all the data",
+                ));
+            }
+            replaces_child = Some(node);
+        } else if !Arc::ptr_eq(&node, &source) {
             return Err(Error::generic("Only top most non filter can be replaced"));
         }
     }
@@ -300,6 +316,7 @@ pub fn drive_mirror(e: &Engine, mut a: Args) -> Result<Value> {
         on_source_error,
         on_target_error,
         switch: Switch::Target,
+        replaces: replaces_child,
     };
     let hook = Some(body.hook());
     let body: jobs::Body = Box::new(move |job| body.run(job));
@@ -426,6 +443,7 @@ pub fn block_commit(e: &Engine, mut a: Args) -> Result<Value> {
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             switch: Switch::Base,
+            replaces: None,
         };
         (Some(m.hook()), Box::new(move |job| m.run(job)))
     } else {

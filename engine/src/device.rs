@@ -597,11 +597,13 @@ struct Request<T> {
 /// metadata locks never held while a read of theirs is waited for. Other
 /// drivers (blkdebug's rules, quorum votes) are not vouched for.
 fn reads_never_block(node: &Node) -> bool {
-    matches!(node.driver.format_name(), "raw" | "qcow2" | "file")
-        && node
-            .driver
-            .file_child()
-            .is_none_or(|f| reads_never_block(f))
+    matches!(
+        node.driver.format_name(),
+        "raw" | "qcow2" | "file" | "host_device"
+    ) && node
+        .driver
+        .file_child()
+        .is_none_or(|f| reads_never_block(f))
         && node
             .driver
             .backing_child()

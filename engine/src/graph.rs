@@ -672,10 +672,12 @@ impl Opener<'_> {
             )));
         }
         let driver: Box<dyn Driver> = match (&o.specific, o.driver) {
-            (
-                DriverOptions::File { filename, locking },
-                DriverName::File | DriverName::HostDevice,
-            ) => Box::new(drivers::file::FileDriver::open(filename, *locking, &opts)?),
+            (DriverOptions::File { filename, locking }, d) if host(d).is_some() => {
+                let host = host(d).unwrap_or(drivers::file::Host::File);
+                Box::new(drivers::file::FileDriver::open(
+                    host, filename, *locking, &opts,
+                )?)
+            }
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
                 let child = self.child(file, &opts, &join(path, "file"), Use::Shared)?;
                 Box::new(drivers::raw::RawDriver::new(
@@ -990,6 +992,18 @@ impl Opener<'_> {
                 Ok(node)
             }
         }
+    }
+}
+
+/// The host driver behind a protocol name, if it is one.
+fn host(d: DriverName) -> Option<drivers::file::Host> {
+    use drivers::file::Host;
+    match d {
+        DriverName::File => Some(Host::File),
+        DriverName::HostDevice => Some(Host::Device),
+        DriverName::HostCdrom => Some(Host::Cdrom),
+        DriverName::HostFloppy => Some(Host::Floppy),
+        _ => None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The `file` protocol (and `host_device`): a host file or block device.
+//! The `file` protocol and the host devices: `host_device` (a block or
+//! character device), `host_cdrom` and `host_floppy` (removable media).
 //!
 //! With `cache.direct=on` the descriptor is O_DIRECT; requests that are not
 //! aligned go through an aligned bounce buffer (reads) or a serialised
@@ -23,7 +24,39 @@ use std::sync::Arc;
 /// every common device.
 const FALLBACK_ALIGN: u64 = 4096;
 
+/// Which of the host drivers opened the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    File,
+    Device,
+    Cdrom,
+    Floppy,
+}
+
+impl Host {
+    fn name(self) -> &'static str {
+        match self {
+            Host::File => "file",
+            Host::Device => "host_device",
+            Host::Cdrom => "host_cdrom",
+            Host::Floppy => "host_floppy",
+        }
+    }
+
+    fn removable(self) -> bool {
+        matches!(self, Host::Cdrom | Host::Floppy)
+    }
+}
+
+/// The state of a removable medium (`BlockInfo`'s `inserted`, `tray_open`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Media {
+    pub inserted: bool,
+    pub tray_open: bool,
+}
+
 pub struct FileDriver {
+    host: Host,
     fd: Arc<OwnedFd>,
     filename: Arc<str>,
     backend: Arc<dyn Backend>,
@@ -55,6 +88,7 @@ impl Drop for FileDriver {
 
 impl FileDriver {
     pub fn open(
+        host: Host,
         filename: &str,
         locking: Option<OnOffAuto>,
         opts: &NodeOptions,
@@ -73,6 +107,10 @@ impl FileDriver {
         if !opts.writeback {
             flags |= libc::O_DSYNC;
         }
+        if host.removable() {
+            // As QEMU: an empty drive must still open.
+            flags |= libc::O_NONBLOCK;
+        }
         // SAFETY: cpath is a valid NUL-terminated string.
         let raw = unsafe { libc::open(cpath.as_ptr(), flags) };
         if raw < 0 {
@@ -84,10 +122,43 @@ impl FileDriver {
         let perms = super::lock::Perms::for_node(opts.read_only, opts.force_share);
         let mode = locking.unwrap_or(OnOffAuto::Auto);
         let locked = super::lock::lock(fd.as_fd(), filename, mode, perms)?.then_some(perms);
-        let (size, blockdev) = fd_size(&fd)
-            .map_err(|e| Error::from_io(&e, format!("Could not get the size of '{filename}'")))?;
-        let align = if opts.direct { dio_align(&fd) } else { 1 };
+        let kind = file_kind(&fd)
+            .map_err(|e| Error::from_io(&e, format!("Could not stat '{filename}'")))?;
+        match (host, kind) {
+            (Host::Device, libc::S_IFBLK | libc::S_IFCHR) => {}
+            (Host::Device, _) => {
+                return Err(Error::generic(format!(
+                    "'host_device' driver expects either a character or block device: '{filename}' is neither"
+                )))
+            }
+            (Host::Cdrom | Host::Floppy, libc::S_IFBLK) => {}
+            (Host::Cdrom | Host::Floppy, _) => {
+                return Err(Error::generic(format!(
+                    "'{}' driver expects a block device: '{filename}' is not one",
+                    host.name()
+                )))
+            }
+            (Host::File, _) => {}
+        }
+        let blockdev = kind == libc::S_IFBLK;
+        let size = match fd_size(&fd, blockdev) {
+            Ok(size) => size,
+            // No medium in the drive: an empty device until one is inserted.
+            Err(e) if host.removable() && e.raw_os_error() == Some(libc::ENOMEDIUM) => 0,
+            Err(e) => {
+                return Err(Error::from_io(
+                    &e,
+                    format!("Could not get the size of '{filename}'"),
+                ))
+            }
+        };
+        let align = match (opts.direct, blockdev) {
+            (false, _) => 1,
+            (true, true) => logical_block_size(&fd).unwrap_or(FALLBACK_ALIGN),
+            (true, false) => dio_align(&fd),
+        };
         Ok(FileDriver {
+            host,
             fd,
             filename: filename.into(),
             backend: io::backend(opts.aio),
@@ -163,11 +234,41 @@ impl FileDriver {
     fn fallocate(&self, mode: i32, offset: u64, len: u64, done: Done<()>) {
         self.submit_control(OpKind::Fallocate(mode), offset, len, done);
     }
+
+    /// BLKDISCARD of the whole logical blocks inside the range, off the
+    /// caller's thread (the ioctl waits for the device).
+    fn discard_blocks(&self, offset: u64, len: u64, done: Done<()>) {
+        let block = logical_block_size(&self.fd).unwrap_or(512);
+        let start = offset.next_multiple_of(block);
+        let end = (offset + len) / block * block;
+        if end <= start {
+            return done(Ok(()));
+        }
+        let fd = self.fd.clone();
+        let name = self.filename.clone();
+        io::spawn_blocking(move || {
+            // _IO(0x12, 119): not exported by the libc crate.
+            const BLKDISCARD: libc::c_ulong = 0x1277;
+            let range: [u64; 2] = [start, end - start];
+            // SAFETY: BLKDISCARD reads two u64 from the pointer we pass.
+            let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+            done(if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // Advisory: a device without discard keeps the data.
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(()),
+                    _ => Err(Error::from_io(&e, &name)),
+                }
+            } else {
+                Ok(())
+            })
+        });
+    }
 }
 
 impl Driver for FileDriver {
     fn format_name(&self) -> &'static str {
-        "file"
+        self.host.name()
     }
 
     fn size(&self) -> u64 {
@@ -247,6 +348,9 @@ impl Driver for FileDriver {
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
+        if self.blockdev {
+            return self.discard_blocks(offset, len, done);
+        }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.fallocate(
             mode,
@@ -265,6 +369,37 @@ impl Driver for FileDriver {
             return done(Ok(()));
         }
         self.submit_control(OpKind::Fdatasync, 0, 0, done);
+    }
+
+    /// A removable drive's medium now; the size follows a medium change.
+    fn media(&self) -> Option<Media> {
+        if !self.host.removable() {
+            return None;
+        }
+        let size = fd_size(&self.fd, true).unwrap_or(0);
+        self.size.store(size, Ordering::Relaxed);
+        // _IO(0x53, 0x26) with CDSL_CURRENT; drives that are not CD-ROMs
+        // (floppies, loop devices) answer ENOTTY and the size decides.
+        const CDROM_DRIVE_STATUS: libc::c_ulong = 0x5326;
+        const CDS_TRAY_OPEN: i32 = 2;
+        const CDS_DISC_OK: i32 = 4;
+        let status = if self.host == Host::Cdrom {
+            // SAFETY: the ioctl takes its slot argument by value.
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), CDROM_DRIVE_STATUS, libc::c_int::MAX) }
+        } else {
+            -1
+        };
+        Some(if status >= 0 {
+            Media {
+                inserted: status == CDS_DISC_OK,
+                tray_open: status == CDS_TRAY_OPEN,
+            }
+        } else {
+            Media {
+                inserted: size > 0,
+                tray_open: false,
+            }
+        })
     }
 
     fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -460,23 +595,42 @@ fn dio_align(fd: &OwnedFd) -> u64 {
     }
 }
 
-/// The size of a file or block device, and whether it is a block device.
-fn fd_size(fd: &OwnedFd) -> std::io::Result<(u64, bool)> {
+fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
     // SAFETY: fstat fills a zeroed struct for a descriptor we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: see above.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(st)
+}
+
+/// The file type bits (`S_IFREG`, `S_IFBLK`, ...).
+fn file_kind(fd: &OwnedFd) -> std::io::Result<libc::mode_t> {
+    Ok(fstat(fd)?.st_mode & libc::S_IFMT)
+}
+
+/// The size of a file, or of a block device (BLKGETSIZE64).
+fn fd_size(fd: &OwnedFd, blockdev: bool) -> std::io::Result<u64> {
     // _IOR(0x12, 114, size_t): not exported by the libc crate.
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+    if blockdev {
         let mut size: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass.
         if unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64, &mut size) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        return Ok((size, true));
+        return Ok(size);
     }
-    Ok((st.st_size as u64, false))
+    Ok(fstat(fd)?.st_size as u64)
+}
+
+/// A block device's logical block size (BLKSSZGET): its O_DIRECT alignment.
+fn logical_block_size(fd: &OwnedFd) -> Option<u64> {
+    // _IO(0x12, 104): not exported by the libc crate.
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the pointer we pass.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET, &mut size) };
+    (r == 0 && size > 0 && (size as u64).is_power_of_two()).then_some(size as u64)
 }

@@ -196,6 +196,11 @@ pub trait Driver: Send + Sync {
             None => Ok(()),
         }
     }
+    /// The medium of a removable drive (host_cdrom, host_floppy) below;
+    /// None for other drivers.
+    fn media(&self) -> Option<file::Media> {
+        self.file_child().and_then(|f| f.driver.media())
+    }
     /// Encryption state of this layer.
     fn encryption(&self) -> Encryption {
         Encryption::None

@@ -7,20 +7,33 @@ use crate::policy::throttle::{AVG_NAMES, MAX_NAMES};
 use serde_json::{json, Value};
 
 pub fn block_info(d: &Device) -> Value {
+    // First: looking at the medium refreshes the size a change altered.
+    let media = d.root().driver.media();
     let mut inserted = block_device_info(&d.root());
     add_throttle(&mut inserted, d);
     if d.passthrough() {
         // blkfs extension, shown only where it is on.
         inserted["x-passthrough"] = json!(true);
     }
-    json!({
+    let mut v = json!({
         "device": d.id,
         "type": "unknown",
         "removable": false,
         "locked": false,
-        "inserted": inserted,
         "io-status": d.io_status().as_str(),
-    })
+    });
+    match media {
+        None => v["inserted"] = inserted,
+        // No guest locks the door: `locked` stays false.
+        Some(m) => {
+            v["removable"] = json!(true);
+            v["tray_open"] = json!(m.tray_open);
+            if m.inserted {
+                v["inserted"] = inserted;
+            }
+        }
+    }
+    v
 }
 
 /// The device's limits in a `BlockDeviceInfo`; the optional ones only when set.

@@ -60,6 +60,26 @@ pub struct Export {
 struct Inodes {
     by_id: HashMap<String, u64>,
     by_ino: HashMap<u64, Arc<Device>>,
+    /// chmod/chown of device files (the kernel checks who may, with
+    /// `default_permissions`); kept for the life of the mount.
+    owners: HashMap<u64, Owner>,
+}
+
+/// What chmod and chown set on a device file.
+#[derive(Debug, Clone, Copy, Default)]
+struct Owner {
+    perm: Option<u16>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// The members of a setattr blkfs acts on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -183,6 +203,23 @@ impl Export {
         ino
     }
 
+    /// ioctl(2) on a device file. Tools size a device with BLKGETSIZE64,
+    /// so it gets a real answer; every other request a quiet ENOTTY, as a
+    /// regular file gives (mkfs, losetup and qemu-img probe with several).
+    pub fn ioctl(&self, ino: u64, cmd: u32, out_size: u32) -> Result<Vec<u8>, Errno> {
+        // _IOR(0x12, 114, u64).
+        const BLKGETSIZE64: u32 = 0x8008_1272;
+        let dev = self.device(ino)?;
+        if cmd == BLKGETSIZE64 && out_size as usize >= 8 {
+            return Ok(dev.size().to_le_bytes().to_vec());
+        }
+        log::debug!(
+            "ioctl {cmd:#x} on '{}': not a block device (ENOTTY)",
+            dev.id
+        );
+        Err(Errno::ENOTTY)
+    }
+
     pub fn device(&self, ino: u64) -> Result<Arc<Device>, Errno> {
         self.inodes
             .read()
@@ -193,11 +230,20 @@ impl Export {
     }
 
     fn attr(&self, ino: u64, dev: Option<&Device>) -> FileAttr {
+        let owner = self
+            .inodes
+            .read()
+            .owners
+            .get(&ino)
+            .copied()
+            .unwrap_or_default();
         let (kind, perm, size, blocks, nlink) = match dev {
             None => (FileType::Directory, 0o755, 0, 0, 2),
             Some(d) => {
                 let root = d.root();
-                let perm = if root.opts.read_only { 0o400 } else { 0o600 };
+                let perm = owner
+                    .perm
+                    .unwrap_or(if root.opts.read_only { 0o400 } else { 0o600 });
                 let alloc = root.driver.allocated_size().unwrap_or(0);
                 (
                     FileType::RegularFile,
@@ -219,8 +265,8 @@ impl Export {
             kind,
             perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid: owner.uid.unwrap_or(self.uid),
+            gid: owner.gid.unwrap_or(self.gid),
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -268,17 +314,21 @@ impl Export {
         Ok(self.attr(ino, Some(&d)))
     }
 
-    /// A device's size changes only through block_resize; ownership and
-    /// mode follow the device, not the caller.
-    pub fn setattr(
-        &self,
-        ino: u64,
-        size: Option<u64>,
-        owner_or_mode: bool,
-    ) -> Result<FileAttr, Errno> {
+    /// A device's size changes only through block_resize; its mode and
+    /// owner may be set (an operator hands a device file to a VM's user).
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<FileAttr, Errno> {
         let dev = self.device(ino)?;
-        if size.is_some_and(|s| s != dev.size()) || owner_or_mode {
+        if set.size.is_some_and(|s| s != dev.size()) {
             return Err(Errno::EPERM);
+        }
+        if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
+            let mut inodes = self.inodes.write();
+            let o = inodes.owners.entry(ino).or_default();
+            if let Some(m) = set.mode {
+                o.perm = Some((m & 0o7777) as u16);
+            }
+            o.uid = set.uid.or(o.uid);
+            o.gid = set.gid.or(o.gid);
         }
         Ok(self.attr(ino, Some(&dev)))
     }
@@ -456,8 +506,13 @@ impl Filesystem for BlkFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let owner = mode.is_some() || uid.is_some() || gid.is_some();
-        match self.0.setattr(ino.0, size, owner) {
+        let set = SetAttr {
+            size,
+            mode,
+            uid,
+            gid,
+        };
+        match self.0.setattr(ino.0, set) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
@@ -638,6 +693,23 @@ impl Filesystem for BlkFs {
             reply.size(0)
         } else {
             reply.data(&[])
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        match self.0.ioctl(ino.0, cmd, out_size) {
+            Ok(data) => reply.ioctl(0, &data),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -33,6 +33,7 @@ pub mod opcode {
     pub const READDIR: u32 = 28;
     pub const RELEASEDIR: u32 = 29;
     pub const DESTROY: u32 = 38;
+    pub const IOCTL: u32 = 39;
     pub const FALLOCATE: u32 = 43;
     pub const LSEEK: u32 = 46;
 }
@@ -63,6 +64,9 @@ pub enum Op<'a> {
     Setattr {
         valid: u32,
         size: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
     },
     Open {
         flags: u32,
@@ -100,6 +104,10 @@ pub enum Op<'a> {
     Lseek {
         offset: u64,
         whence: u32,
+    },
+    Ioctl {
+        cmd: u32,
+        out_size: u32,
     },
     /// An operation blkfs does not serve: answered ENOSYS.
     Other(u32),
@@ -155,6 +163,9 @@ pub fn decode<'a>(hdr: &'a [u8], payload: &'a [u8]) -> Result<(InHeader, Op<'a>)
         opcode::SETATTR => Op::Setattr {
             valid: u32_at(op_in, 0).ok_or(inval)?,
             size: u64_at(op_in, 16).ok_or(inval)?,
+            mode: u32_at(op_in, 68).ok_or(inval)?,
+            uid: u32_at(op_in, 76).ok_or(inval)?,
+            gid: u32_at(op_in, 80).ok_or(inval)?,
         },
         opcode::OPEN => Op::Open {
             flags: u32_at(op_in, 0).ok_or(inval)?,
@@ -195,6 +206,10 @@ pub fn decode<'a>(hdr: &'a [u8], payload: &'a [u8]) -> Result<(InHeader, Op<'a>)
         opcode::LSEEK => Op::Lseek {
             offset: u64_at(op_in, 8).ok_or(inval)?,
             whence: u32_at(op_in, 16).ok_or(inval)?,
+        },
+        opcode::IOCTL => Op::Ioctl {
+            cmd: u32_at(op_in, 12).ok_or(inval)?,
+            out_size: u32_at(op_in, 28).ok_or(inval)?,
         },
         other => Op::Other(other),
     };
@@ -295,6 +310,13 @@ pub fn xattr_size_out(out: &mut [u8], size: u32) -> usize {
 pub fn lseek_out(out: &mut [u8], offset: u64) -> usize {
     let mut w = Out { buf: out, at: 0 };
     w.u64(offset);
+    w.at
+}
+
+/// `fuse_ioctl_out` (result 0, no retry) followed by `data`.
+pub fn ioctl_out(out: &mut [u8], data: &[u8]) -> usize {
+    let mut w = Out { buf: out, at: 0 };
+    w.u32(0).u32(0).u32(0).u32(0).bytes(data);
     w.at
 }
 

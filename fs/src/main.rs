@@ -6,6 +6,7 @@ mod fuse;
 mod fuse_abi;
 mod qmp_server;
 mod ring;
+mod service;
 
 use blkfs_engine::options::BlockdevOptions;
 use blkfs_engine::Engine;
@@ -40,21 +41,53 @@ struct Cli {
     /// it (auto), io_uring or fail (uring), or /dev/fuse reads (dev).
     #[arg(long, value_enum, env = "BLKFS_TRANSPORT", default_value = "auto")]
     transport: fuse::Transport,
+    /// Log level; overrides BLKFS_LOG and RUST_LOG (which also take
+    /// module=level directives). Default: info.
+    #[arg(long, value_enum)]
+    log_level: Option<service::LogLevel>,
+    /// Run in the background once ready: the command returns when the mount
+    /// and the socket are up (exit 0) or start-up failed (exit 1).
+    #[arg(long)]
+    daemonize: bool,
+    /// Write the daemon's pid to this file, locked while it runs.
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+    /// Let users other than the daemon's use the mount (FUSE allow_other;
+    /// needs `user_allow_other` in /etc/fuse.conf unless run by root).
+    #[arg(long)]
+    allow_other: bool,
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
-    match run(cli) {
+    if let Err(e) = service::init_logging(cli.log_level) {
+        eprintln!("blkfs: {e}");
+        return ExitCode::from(2);
+    }
+    // Before any thread exists: only the calling thread survives a fork.
+    let mut readiness = if cli.daemonize {
+        match service::daemonize() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("blkfs: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        service::Readiness::none()
+    };
+    match run(cli, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("blkfs: {msg}");
+            if !readiness.failed(&msg) {
+                eprintln!("blkfs: {msg}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(mut cli: Cli) -> Result<(), String> {
+fn run(mut cli: Cli, readiness: &mut service::Readiness) -> Result<(), String> {
     if cli.demo {
         let d = demo::prepare()?;
         cli.mount.get_or_insert(d.mount);
@@ -67,6 +100,11 @@ fn run(mut cli: Cli) -> Result<(), String> {
     // Signals are taken by one thread with sigwait; block them before any
     // other thread exists so none of those receives them.
     let signals = block_signals();
+    let _pidfile = cli
+        .pidfile
+        .as_deref()
+        .map(service::PidFile::create)
+        .transpose()?;
     let engine = Engine::new();
     for spec in &cli.blockdevs {
         let (opts, throttle) = BlockdevOptions::from_daemon_cli(spec)
@@ -87,7 +125,12 @@ fn run(mut cli: Cli) -> Result<(), String> {
         fuser::MountOption::FSName("blkfs".into()),
         fuser::MountOption::Subtype("blkfs".into()),
         fuser::MountOption::NoAtime,
+        // The kernel checks the files' modes and owners (chmod/chown work).
+        fuser::MountOption::DefaultPermissions,
     ];
+    if cli.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
     config.n_threads = Some(cli.threads as usize);
     config.clone_fd = true;
     let export = fuse::Export::new(engine.clone(), cli.transport);
@@ -107,13 +150,16 @@ fn run(mut cli: Cli) -> Result<(), String> {
         demo::print_usage(&mount, &socket);
     }
     log::info!(
-        "ready: {} devices under {}, QMP on {}, FUSE transport {transport}",
-        engine.graph.devices().len(),
+        "ready: mount {}, socket {}, {} devices, FUSE transport {transport}",
         mount.display(),
-        socket.display()
+        socket.display(),
+        engine.graph.devices().len(),
     );
+    readiness.ready();
+    service::sd_notify("READY=1");
 
     let _ = engine.quit_requests().recv();
+    service::sd_notify("STOPPING=1");
     // Jobs first: a cancelled job leaves its images consistent (a mirror
     // stays on its source) before the devices drain.
     engine.jobs.cancel_all(std::time::Duration::from_secs(30));
@@ -173,30 +219,5 @@ fn spawn_signal_thread(set: libc::sigset_t, engine: Arc<Engine>) {
         });
     if let Err(e) = r {
         log::error!("cannot start the signal thread: {e}");
-    }
-}
-
-/// Minimal stderr logger; level from BLKFS_LOG (error, warn, info, debug).
-fn init_logging() {
-    struct Stderr;
-    impl log::Log for Stderr {
-        fn enabled(&self, m: &log::Metadata) -> bool {
-            m.level() <= log::max_level()
-        }
-        fn log(&self, r: &log::Record) {
-            if self.enabled(r.metadata()) {
-                eprintln!("blkfs: {}: {}", r.level().as_str().to_lowercase(), r.args());
-            }
-        }
-        fn flush(&self) {}
-    }
-    let level = match std::env::var("BLKFS_LOG").as_deref() {
-        Ok("error") => log::LevelFilter::Error,
-        Ok("info") => log::LevelFilter::Info,
-        Ok("debug") => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Warn,
-    };
-    if log::set_logger(&Stderr).is_ok() {
-        log::set_max_level(level);
     }
 }

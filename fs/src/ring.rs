@@ -107,7 +107,7 @@ impl Prepared {
             rx.recv()
                 .map_err(|_| io::Error::other("a FUSE worker thread ended at start"))??;
         }
-        log::info!(
+        log::debug!(
             "FUSE transport: io_uring, {} queues of {} entries, {workers} worker threads",
             self.queues,
             self.per_queue
@@ -467,10 +467,21 @@ impl Running {
             Op::Getattr => ex
                 .getattr(ino)
                 .map(|a| abi::attr_out(q.payload(idx), &Export::wire_attr(&a))),
-            Op::Setattr { valid, size } => {
-                let size = (valid & abi::FATTR_SIZE != 0).then_some(size);
-                let owner = valid & (abi::FATTR_MODE | abi::FATTR_UID | abi::FATTR_GID) != 0;
-                ex.setattr(ino, size, owner)
+            Op::Setattr {
+                valid,
+                size,
+                mode,
+                uid,
+                gid,
+            } => {
+                let has = |bit: u32| valid & bit != 0;
+                let set = crate::fuse::SetAttr {
+                    size: has(abi::FATTR_SIZE).then_some(size),
+                    mode: has(abi::FATTR_MODE).then_some(mode),
+                    uid: has(abi::FATTR_UID).then_some(uid),
+                    gid: has(abi::FATTR_GID).then_some(gid),
+                };
+                ex.setattr(ino, set)
                     .map(|a| abi::attr_out(q.payload(idx), &Export::wire_attr(&a)))
             }
             Op::Open { flags } => ex.open(ino, flags as i32).map(|backing| match backing {
@@ -515,6 +526,9 @@ impl Running {
             Op::Lseek { offset, whence } => ex
                 .lseek(ino, offset as i64, whence as i32)
                 .map(|pos| abi::lseek_out(q.payload(idx), pos)),
+            Op::Ioctl { cmd, out_size } => ex
+                .ioctl(ino, cmd, out_size)
+                .map(|data| abi::ioctl_out(q.payload(idx), &data)),
             Op::Other(_) => Err(fuser::Errno::ENOSYS),
         };
         q.answer(idx, h.unique, result.map_err(|e| e.code()))

@@ -141,7 +141,8 @@ fn self_signed(dir: &TestDir) -> (String, String) {
     (cert, key)
 }
 
-/// nginx serving `root`, over TLS when `tls` gives a certificate and key.
+/// nginx serving `root`, over TLS when `tls` gives a certificate and key;
+/// files under `private/` only to requests with the cookie `k=v`.
 fn nginx_on(dir: &TestDir, root: &Path, port: u16, tls: Option<&(String, String)>) -> Server {
     need("nginx", "nginx-light");
     let prefix = dir.join(&format!("nginx-{port}"));
@@ -167,6 +168,9 @@ http {{
     server {{
         {listen}
         root {root};
+        location /private/ {{
+            if ($cookie_k != v) {{ return 403; }}
+        }}
     }}
 }}
 ",
@@ -397,6 +401,17 @@ fn raw_over_http() {
     );
     assert_eq!(query_block(&mut q, "bare")["inserted"]["drv"], "http");
     assert_same_bytes(&read_all(&d.dev("bare")), &want, "bare http");
+    // The cookie option: the private copy needs it.
+    std::fs::create_dir_all(www.join("private")).unwrap();
+    std::fs::copy(www.join("disk.img"), www.join("private/disk.img")).unwrap();
+    let private = srv.url("http", "private/disk.img");
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"options": {"driver": "http", "id": "p", "read-only": true, "filename": private}}),
+    );
+    assert!(desc.contains("HTTP error 403"), "{desc}");
+    add_remote_raw(&mut q, "p", "http", &private, json!({"cookie": "a=b; k=v"}));
+    assert_same_bytes(&read_all(&d.dev("p")), &want, "with a cookie");
     // Writes are refused: the device is read-only.
     let w = std::fs::OpenOptions::new().write(true).open(d.dev("d0"));
     assert!(w.is_err(), "a read-only device opened for writing");

@@ -119,11 +119,7 @@ impl CurlDriver {
         let opening = |e: Error| e.context(format!("Could not open '{url}'"));
         let mut h = transfer::handle(&cfg).map_err(opening)?;
         let (size, source) = if protocol == Protocol::Tftp {
-            let data = transfer::read_all(&mut h, TFTP_MAX).map_err(|e| {
-                opening(e).context(format!(
-                    "tftp reads whole files, of at most {TFTP_MAX} bytes"
-                ))
-            })?;
+            let data = transfer::read_all(&mut h, TFTP_MAX).map_err(opening)?;
             (data.len() as u64, Source::Whole(data))
         } else {
             let size = remote_size(&mut h, protocol).map_err(opening)?;
@@ -271,7 +267,8 @@ impl Remote {
 
     /// Reads `len` bytes at `start` on this thread, with retries.
     fn fetch(&self, start: u64, len: u64) -> Result<Buf> {
-        let mut h = match self.idle.lock().pop() {
+        let pooled = self.idle.lock().pop();
+        let mut h = match pooled {
             Some(h) => h,
             None => transfer::handle(&self.cfg)?,
         };

@@ -377,7 +377,9 @@ fn refusal_error(why: Refusal, start: u64) -> Error {
             ))
         ),
         Refusal::TooLong => "server sent more bytes than asked for".to_string(),
-        Refusal::TooBig(limit) => format!("file is larger than {limit} bytes"),
+        Refusal::TooBig(limit) => format!(
+            "the file is larger than {limit} bytes, the most read whole (tftp has no byte ranges)"
+        ),
     };
     Error::io(libc::EIO, what)
 }

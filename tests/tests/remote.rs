@@ -349,6 +349,17 @@ fn qcow2_over_http_with_backing_chain() {
     assert_eq!(ins["image"]["full-backing-filename"], base_url.as_str());
     assert_eq!(ins["image"]["backing-image"]["filename"], base_url.as_str());
     assert_eq!(query_block(&mut q, "probed")["inserted"]["drv"], "qcow2");
+    // An image whose backing file is itself, by URL: refused at once.
+    let lp = www.join("loop.qcow2");
+    let lp_s = lp.to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &lp_s, "1M"]);
+    qemu_img(&["rebase", "-u", "-b", "loop.qcow2", "-F", "qcow2", &lp_s]);
+    let (_, desc) = q.err(
+        "blockdev-add",
+        json!({"options": {"driver": "qcow2", "id": "loop", "read-only": true,
+            "file": {"driver": "http", "filename": srv.url("http", "loop.qcow2")}}}),
+    );
+    assert!(desc.contains("backing file loop"), "{desc}");
     let nodes = q.ok("query-named-block-nodes", json!({}));
     let http_nodes = nodes
         .as_array()

@@ -649,7 +649,7 @@ fn open_errors_are_clear() {
 
 /// A small HTTP server that lies in one way per path.
 const LIAR: &str = r#"
-import sys
+import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 DATA = bytes(range(256)) * 4096  # 1 MiB
 class H(BaseHTTPRequestHandler):
@@ -664,6 +664,8 @@ class H(BaseHTTPRequestHandler):
             self.head(9 * 10**18)
         elif self.path == "/absurd":
             self.head(10**30)
+        elif self.path == "/stall":
+            time.sleep(60)
         elif self.path == "/nosize":
             self.send_response(200)
             self.send_header("Accept-Ranges", "bytes")
@@ -719,8 +721,9 @@ fn lying_servers_never_give_wrong_bytes() {
         ("huge", "implausible size"),
         ("absurd", "Could not open"),
         ("nosize", "did not report the file's size"),
+        ("stall", "Timeout was reached"),
     ] {
-        let file = json!({"driver": "http", "filename": srv.url("http", path)});
+        let file = json!({"driver": "http", "filename": srv.url("http", path), "timeout": 1});
         let opts = json!({"driver": "raw", "id": "x", "read-only": true, "file": file});
         let (_, desc) = q.err("blockdev-add", json!({"options": opts}));
         assert!(desc.contains(want), "{path}: {desc}");

@@ -591,9 +591,9 @@ struct Opener<'r> {
     next_auto: u64,
     /// Backing files opened above the current node.
     depth: usize,
-    /// (device, inode) of the images of the chain being opened, top first:
-    /// a backing file that is one of them is a loop.
-    chain: Vec<(u64, u64)>,
+    /// The images of the chain being opened, top first: a backing file
+    /// that is one of them is a loop.
+    chain: Vec<ChainId>,
     /// Existing nodes this add uses by reference, and how.
     refs: Vec<(Arc<Node>, perm::User)>,
     /// A device that moves onto the new node (a snapshot's overlay).
@@ -678,6 +678,7 @@ impl Opener<'_> {
                     host, filename, *locking, &opts,
                 )?)
             }
+            (DriverOptions::Curl(c), d) => Box::new(drivers::curl::CurlDriver::open(d, c, &opts)?),
             (DriverOptions::Format { file, .. }, DriverName::Raw) => {
                 let child = self.child(file, &opts, &join(path, "file"), Use::Shared)?;
                 Box::new(drivers::raw::RawDriver::new(
@@ -890,7 +891,8 @@ impl Opener<'_> {
         node
     }
 
-    /// Opens the backing file an image names, relative to the image's directory.
+    /// Opens the backing file an image names, relative to the image's
+    /// directory (or URL: a remote image's backing file is remote too).
     fn backing_from_header(
         &mut self,
         name: &str,
@@ -899,20 +901,22 @@ impl Opener<'_> {
         ro: &NodeOptions,
         path: &str,
     ) -> Result<Arc<Node>> {
-        let full = if name.starts_with('/') {
+        let top = image.driver.filename();
+        let url = drivers::curl::backing_url(&top, name);
+        let full = if let Some(url) = &url {
+            url.clone()
+        } else if name.starts_with('/') {
             name.to_string()
         } else {
-            let image_path = image.driver.filename();
-            let dir = std::path::Path::new(&image_path)
+            let dir = std::path::Path::new(&top)
                 .parent()
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default();
             dir.join(name).to_string_lossy().into_owned()
         };
-        let top = image.driver.filename();
-        let top_id = file_identity(&top);
-        if let Some(id) = file_identity(&full) {
-            if Some(id) == top_id || self.chain.contains(&id) {
+        let top_id = chain_identity(&top);
+        if let Some(id) = chain_identity(&full) {
+            if Some(&id) == top_id.as_ref() || self.chain.contains(&id) {
                 return Err(Error::generic(format!(
                     "{BACKING_FAILED} '{full}': backing file loop: '{top}' leads back to an image of its own chain"
                 )));
@@ -922,21 +926,25 @@ impl Opener<'_> {
             Some(f) => f.to_string(),
             None => drivers::probe::probe(&full)?.to_string(),
         };
-        let spec =
-            serde_json::json!({"driver": format, "file": {"driver": "file", "filename": full}});
+        let file_driver = url
+            .as_deref()
+            .and_then(drivers::curl::Protocol::of_url)
+            .map_or("file", drivers::curl::Protocol::name);
+        let spec = serde_json::json!({"driver": format, "file": {"driver": file_driver, "filename": full}});
         let opts = BlockdevOptions::from_json(spec).map_err(|e| {
             Error::generic(format!(
                 "Backing file '{name}' of {}: {e}",
                 image.driver.filename()
             ))
         })?;
+        let pushed = top_id.is_some();
         self.chain.extend(top_id);
         let node = self.backing(
             &BlockdevRef::Definition(Box::new(opts)),
             ro,
             &join(path, "backing"),
         );
-        if top_id.is_some() {
+        if pushed {
             self.chain.pop();
         }
         node.map_err(|e| {
@@ -1005,6 +1013,21 @@ fn host(d: DriverName) -> Option<drivers::file::Host> {
         DriverName::HostFloppy => Some(Host::Floppy),
         _ => None,
     }
+}
+
+/// What tells two images of a chain apart: a local file's (device, inode),
+/// a remote file's URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChainId {
+    File(u64, u64),
+    Url(String),
+}
+
+fn chain_identity(name: &str) -> Option<ChainId> {
+    if drivers::curl::Protocol::of_url(name).is_some() {
+        return Some(ChainId::Url(name.to_string()));
+    }
+    file_identity(name).map(|(dev, ino)| ChainId::File(dev, ino))
 }
 
 /// (device, inode) of a path, following symlinks; None when it cannot be stat'ed.

@@ -91,12 +91,14 @@ pub struct SetState {
 /// The driver-specific branch of the union.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DriverOptions {
-    /// `BlockdevOptionsFile` (file, host_* and the network protocols).
+    /// `BlockdevOptionsFile` of file and host_*.
     File {
         filename: String,
         /// `locking` (file, host_device, host_cdrom only): QEMU's image locks.
         locking: Option<OnOffAuto>,
     },
+    /// `BlockdevOptionsFile` of http, https, ftp, ftps and tftp.
+    Curl(CurlOptions),
     Vvfat {
         dir: String,
         fat_type: Option<i64>,
@@ -127,6 +129,21 @@ pub enum DriverOptions {
         vote_threshold: i64,
         rewrite_corrupted: Option<bool>,
     },
+}
+
+/// The curl protocols' options: `filename` (the URL) and QEMU's curl keys
+/// that block-core.json of QEMU 2.1 lacks (extension keys, as in later QEMU).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurlOptions {
+    pub url: String,
+    /// `readahead`: bytes fetched past each read (a multiple of 512).
+    pub readahead: Option<u64>,
+    /// `timeout`: seconds a transfer may take.
+    pub timeout: Option<u64>,
+    /// `sslverify`: check the server's certificate and name (https, ftps).
+    pub sslverify: Option<bool>,
+    /// `cookie`: sent with every request (`name=value; name2=value2`).
+    pub cookie: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -248,7 +265,7 @@ impl BlockdevOptions {
     /// device, QEMU's `-drive` throttling keys (`throttling.iops-total=...`).
     pub fn from_daemon_cli(s: &str) -> Result<(Self, Option<ThrottleConfig>)> {
         let (mut v, lenient) = cli_value(s)?;
-        let probed = probe_missing_driver(&mut v)?;
+        let probed = probe_missing_driver(&mut v, lenient)?;
         let throttling = v.as_object_mut().and_then(|m| m.remove("throttling"));
         let cfg = throttling
             .map(|t| parse_throttling(Args::new(t, "throttling", lenient)?))
@@ -304,28 +321,37 @@ impl BlockdevOptions {
 /// A `--blockdev` without a driver over a file (`file.filename=...`):
 /// the format is probed from the file's first bytes (raw when no magic
 /// matches). True when it was.
-fn probe_missing_driver(v: &mut Value) -> Result<bool> {
+fn probe_missing_driver(v: &mut Value, lenient: bool) -> Result<bool> {
     let Some(m) = v.as_object_mut() else {
         return Ok(false);
     };
     if m.contains_key("driver") {
         return Ok(false);
     }
-    let filename = match m.get_mut("file") {
-        Some(Value::Object(f)) => {
-            f.entry("driver").or_insert_with(|| Value::from("file"));
-            f.get("filename")
+    let file = match m.get_mut("file") {
+        Some(Value::Object(f)) if f.get("filename").is_some_and(Value::is_string) => {
+            // As QEMU: a URL's scheme names its protocol driver.
+            let by_url = f
+                .get("filename")
                 .and_then(Value::as_str)
-                .map(str::to_string)
+                .and_then(crate::drivers::curl::Protocol::of_url)
+                .map_or("file", crate::drivers::curl::Protocol::name);
+            f.entry("driver").or_insert_with(|| Value::from(by_url));
+            Value::Object(f.clone())
         }
-        _ => None,
+        _ => {
+            return Err(Error::generic(
+                "Parameter 'driver' is missing (it can be left out only over a file, whose format is then probed)",
+            ))
+        }
     };
-    let Some(filename) = filename else {
-        return Err(Error::generic(
-            "Parameter 'driver' is missing (it can be left out only over a file, whose format is then probed)",
-        ));
+    let file = BlockdevOptions::parse(Args::new(file, "file", lenient)?)?;
+    let curl = crate::drivers::curl::Protocol::from_name(file.driver.as_str());
+    let format = match (file.specific, curl) {
+        (DriverOptions::Curl(o), Some(protocol)) => crate::drivers::curl::probe(protocol, &o)?,
+        (DriverOptions::File { filename, .. }, _) => crate::drivers::probe::probe(&filename)?,
+        _ => return Err(Error::generic("Parameter 'driver' is missing")),
     };
-    let format = crate::drivers::probe::probe(&filename)?;
     m.insert("driver".into(), Value::from(format));
     Ok(true)
 }
@@ -382,15 +408,20 @@ fn ref_from_value(v: Value, path: &str, lenient: bool) -> Result<BlockdevRef> {
 fn parse_specific(driver: DriverName, a: &mut Args) -> Result<DriverOptions> {
     use DriverName::*;
     Ok(match driver {
-        File | HostDevice | HostCdrom | HostFloppy | Http | Https | Ftp | Ftps | Tftp => {
-            DriverOptions::File {
-                filename: a.req("filename", Args::str)?,
-                locking: match driver {
-                    File | HostDevice | HostCdrom => a.enumeration("locking", OnOffAuto::ALL)?,
-                    _ => None,
-                },
-            }
-        }
+        File | HostDevice | HostCdrom | HostFloppy => DriverOptions::File {
+            filename: a.req("filename", Args::str)?,
+            locking: match driver {
+                File | HostDevice | HostCdrom => a.enumeration("locking", OnOffAuto::ALL)?,
+                _ => None,
+            },
+        },
+        Http | Https | Ftp | Ftps | Tftp => DriverOptions::Curl(CurlOptions {
+            url: a.req("filename", Args::str)?,
+            readahead: size(a, "readahead")?,
+            timeout: a.uint("timeout")?,
+            sslverify: a.bool("sslverify")?,
+            cookie: a.str("cookie")?,
+        }),
         Vvfat => DriverOptions::Vvfat {
             dir: a.req("dir", Args::str)?,
             fat_type: a.int("fat-type")?,

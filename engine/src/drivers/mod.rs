@@ -18,6 +18,7 @@ pub(crate) mod bytes;
 pub mod cloop;
 pub mod cow;
 pub mod create;
+pub mod curl;
 pub mod deflate;
 pub mod dmg;
 pub mod fanout;

@@ -60,8 +60,16 @@ pub fn probe_bytes(head: &[u8], name: &str) -> &'static str {
     "raw"
 }
 
-/// The format of the image at `path`, by [`probe_bytes`].
+/// The format of the image at `path` (a local file, or a URL of the curl
+/// protocols read with their default options), by [`probe_bytes`].
 pub fn probe(path: &str) -> Result<&'static str> {
+    if let Some(p) = super::curl::Protocol::of_url(path) {
+        let o = crate::options::CurlOptions {
+            url: path.to_string(),
+            ..Default::default()
+        };
+        return super::curl::probe(p, &o);
+    }
     let mut head = Vec::with_capacity(PROBE_LEN);
     let f = std::fs::File::open(path)
         .map_err(|e| Error::from_io(&e, format!("Could not open '{path}'")))?;

@@ -213,7 +213,7 @@ pub fn on_completer() -> bool {
     COMPLETER.with(|c| c.get())
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
 static WORKERS: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
 const WORKER_THREADS: usize = 8;
 
@@ -222,7 +222,11 @@ const WORKER_THREADS: usize = 8;
 /// ([`mark_completer`]). A panicking job is a bug, but it must not take its
 /// thread with it: its completion is dropped, and
 /// `drivers::completes_on_drop` answers that with EIO.
-fn job_threads(name: &str, threads: usize, completer: bool) -> crossbeam_channel::Sender<Job> {
+pub(crate) fn job_threads(
+    name: &str,
+    threads: usize,
+    completer: bool,
+) -> crossbeam_channel::Sender<Job> {
     let (tx, rx) = crossbeam_channel::unbounded::<Job>();
     for i in 0..threads {
         let rx = rx.clone();
@@ -247,7 +251,7 @@ fn job_threads(name: &str, threads: usize, completer: bool) -> crossbeam_channel
 
 /// Sends `job` to `tx`, or runs it here when no thread could start
 /// rather than lose it.
-fn send_job(tx: &crossbeam_channel::Sender<Job>, job: Job) {
+pub(crate) fn send_job(tx: &crossbeam_channel::Sender<Job>, job: Job) {
     if let Err(e) = tx.send(job) {
         (e.into_inner())();
     }

@@ -198,6 +198,10 @@ fn rerror_stop_holds_the_read_and_later_writes_until_cont() {
     expect_io_error(&mut q, "d0", "read", "stop");
     q.wait_event("STOP", EV);
     assert_eq!(io_status(&mut q, "d0"), "failed");
+    assert_eq!(
+        q.ok("query-status", json!({})),
+        json!({"running": false, "singlestep": false, "status": "io-error"})
+    );
     assert_held(&reader, "the failed read");
     let p = dev(&d);
     let writer = spawn(move || write_at(&p, 65536, &pattern(7, 8192)));
@@ -206,6 +210,10 @@ fn rerror_stop_holds_the_read_and_later_writes_until_cont() {
     assert_no_event(&mut q, "RESUME");
     q.ok("cont", json!({}));
     q.wait_event("RESUME", EV);
+    assert_eq!(
+        q.ok("query-status", json!({})),
+        json!({"running": true, "singlestep": false, "status": "running"})
+    );
     // The retry succeeds (the rule fired once) and returns the real data.
     let data = join(reader).unwrap();
     assert!(data.iter().all(|&b| b == 0x5a), "retried read data");

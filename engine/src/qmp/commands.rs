@@ -14,6 +14,7 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("query-version", query_version),
     ("query-commands", query_commands),
     ("quit", quit),
+    ("query-status", query_status),
     ("blockdev-add", blockdev_add),
     ("query-block", query_block),
     ("query-named-block-nodes", query_named_block_nodes),
@@ -76,6 +77,18 @@ fn query_commands(_: &Engine, a: Args) -> Result<Value> {
 fn quit(_: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
     Ok(json!({}))
+}
+
+/// As QEMU's (management tools poll it): `io-error` while the error
+/// policy holds a device stopped (until `cont`), else `running`.
+fn query_status(e: &Engine, a: Args) -> Result<Value> {
+    no_args(a)?;
+    let stopped = e.graph.devices().iter().any(|d| d.is_stopped());
+    Ok(json!({
+        "running": !stopped,
+        "singlestep": false,
+        "status": if stopped { "io-error" } else { "running" },
+    }))
 }
 
 /// Accepts the seed form `{"options": {...}}` and, as later QEMU does, the

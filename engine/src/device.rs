@@ -28,6 +28,8 @@ struct Gate {
     stopped: bool,
     /// Quiesced by a graph change (resize, snapshot) in progress.
     paused: u32,
+    /// Deleted (blockdev-del, block-export-del): requests fail with ENODEV.
+    removed: bool,
     /// The daemon is shutting down: nobody will `cont` any more, so the
     /// error policy no longer stops (see [`Device::shut_down`]).
     closing: bool,
@@ -67,8 +69,19 @@ pub trait WriteHook: Send + Sync {
     fn after(&self, offset: u64, len: u64);
 }
 
+/// What a device is to its users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A QMP device: a blockdev with an `id`.
+    Device,
+    /// The device of an export of a node (block-export-add, `--export`):
+    /// no QMP device, named by the export's id.
+    Export { writable: bool },
+}
+
 pub struct Device {
     pub id: String,
+    pub role: Role,
     root: RwLock<Arc<Node>>,
     pub stats: Arc<Stats>,
     pub rerror: OnError,
@@ -94,6 +107,7 @@ type Attempt<T> = Arc<dyn Fn(&Arc<Node>, Done<T>) + Send + Sync>;
 impl Device {
     pub fn new(
         id: String,
+        role: Role,
         root: Arc<Node>,
         rerror: OnError,
         werror: OnError,
@@ -102,6 +116,7 @@ impl Device {
     ) -> Arc<Device> {
         Arc::new(Device {
             id,
+            role,
             root: RwLock::new(root),
             stats: Arc::default(),
             rerror,
@@ -143,7 +158,7 @@ impl Device {
     }
 
     pub fn read_only(&self) -> bool {
-        self.root.read().opts.read_only
+        self.root.read().opts.read_only || self.role == Role::Export { writable: false }
     }
 
     pub fn io_status(&self) -> IoStatus {
@@ -256,6 +271,12 @@ impl Device {
                 format!("Node '{}' is read-only", root.name),
             ));
         }
+        if self.read_only() {
+            return Err(Error::io(
+                libc::EROFS,
+                format!("Export '{}' is not writable", self.id),
+            ));
+        }
         match offset.checked_add(len) {
             Some(end) if end <= root.size() => Ok(()),
             _ => Err(Error::io(
@@ -311,6 +332,11 @@ impl Device {
         self.inflight.fetch_add(1, Ordering::SeqCst);
         if self.blocked.load(Ordering::SeqCst) {
             let mut g = self.gate.lock();
+            if g.removed {
+                drop(g);
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                return req.fail(self.removed_error());
+            }
             if g.stopped || g.paused > 0 {
                 self.inflight.fetch_sub(1, Ordering::SeqCst);
                 g.held.push_back(req);
@@ -479,6 +505,35 @@ impl Device {
         }
     }
 
+    fn removed_error(&self) -> Error {
+        Error::io(libc::ENODEV, format!("device '{}' was removed", self.id))
+    }
+
+    /// The device is deleted: held requests and every later one fail with
+    /// ENODEV, and the ones in flight finish (at most the quiesce timeout).
+    /// Returns whether nothing is left in flight.
+    pub fn remove(&self) -> bool {
+        let held: Vec<_> = {
+            let mut g = self.gate.lock();
+            g.removed = true;
+            g.stopped = false;
+            self.blocked.store(true, Ordering::SeqCst);
+            let (retry, held) = (std::mem::take(&mut g.retry), std::mem::take(&mut g.held));
+            retry.into_iter().chain(held).collect()
+        };
+        for req in held {
+            req.fail(self.removed_error());
+        }
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// At shutdown, after [`Device::shut_down`]: new requests wait at the
     /// gate for good and the ones in flight finish, so images are closed
     /// with no allocation half done (QEMU drains before it closes; exiting
@@ -528,7 +583,7 @@ impl Device {
         loop {
             let job = {
                 let mut g = self.gate.lock();
-                if g.stopped || g.paused > 0 {
+                if g.stopped || g.paused > 0 || g.removed {
                     return;
                 }
                 match g.retry.pop_front().or_else(|| g.held.pop_front()) {

@@ -60,6 +60,12 @@ pub struct Export {
 struct Inodes {
     by_id: HashMap<String, u64>,
     by_ino: HashMap<u64, Arc<Device>>,
+    /// Inode numbers are never reused: a deleted device's stay dead.
+    next: u64,
+    /// Deleted devices' inodes: descriptors still open on them get ENODEV.
+    gone: std::collections::HashSet<u64>,
+    /// Open descriptors per inode: a device whose file is open is not deleted.
+    opens: HashMap<u64, usize>,
     /// chmod/chown of device files (the kernel checks who may, with
     /// `default_permissions`); kept for the life of the mount.
     owners: HashMap<u64, Owner>,
@@ -197,10 +203,80 @@ impl Export {
             return *ino;
         }
         let mut inodes = self.inodes.write();
-        let next = inodes.by_id.len() as u64 + 2;
-        let ino = *inodes.by_id.entry(dev.id.clone()).or_insert(next);
+        if let Some(ino) = inodes.by_id.get(&dev.id) {
+            return *ino;
+        }
+        inodes.next = inodes.next.max(INodeNo::ROOT.0) + 1;
+        let ino = inodes.next;
+        inodes.by_id.insert(dev.id.clone(), ino);
         inodes.by_ino.insert(ino, dev);
         ino
+    }
+
+    /// Hooks the mount to device deletion: a device whose file is open is
+    /// not deleted (unless forced), and a deleted one leaves the directory.
+    pub fn watch_removals(self: &Arc<Self>, notifier: fuser::Notifier) {
+        let me = self.clone();
+        self.engine.graph.on_busy_check(move |dev| {
+            let inodes = me.inodes.read();
+            let ino = inodes.by_id.get(&dev.id)?;
+            let n = inodes.opens.get(ino).copied().unwrap_or(0);
+            (n > 0).then(|| format!("its file in the mount is open ({n} descriptors)"))
+        });
+        let me = self.clone();
+        self.engine.graph.on_removed(move |id| {
+            let ino = {
+                let mut inodes = me.inodes.write();
+                let Some(ino) = inodes.by_id.remove(id) else {
+                    return;
+                };
+                inodes.by_ino.remove(&ino);
+                inodes.owners.remove(&ino);
+                inodes.gone.insert(ino);
+                ino
+            };
+            me.close_backing(ino);
+            if let Err(e) = notifier.inval_entry(INodeNo::ROOT, OsStr::new(id)) {
+                log::debug!("forgetting the file of '{id}': {e}");
+            }
+        });
+    }
+
+    /// Gives the kernel back the backing file of a deleted passthrough
+    /// device (descriptors still open keep their own reference).
+    fn close_backing(&self, ino: u64) {
+        let Some(id) = self.backing.lock().remove(&ino) else {
+            return;
+        };
+        let Some(fuse) = self.dev_fd.get() else {
+            return;
+        };
+        // _IOW(229, 2, u32): FUSE_DEV_IOC_BACKING_CLOSE.
+        const BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+        // SAFETY: the ioctl reads one u32 from the pointer we pass.
+        if unsafe { libc::ioctl(fuse.as_raw_fd(), BACKING_CLOSE, &id) } < 0 {
+            let e = std::io::Error::last_os_error();
+            log::warn!("closing passthrough backing id {id}: {e}");
+        }
+    }
+
+    /// A descriptor of `ino` was released.
+    pub fn release(&self, ino: u64) {
+        self.opened(ino, false)
+    }
+
+    /// An open of `ino` succeeded / a descriptor of it was released.
+    fn opened(&self, ino: u64, open: bool) {
+        let mut inodes = self.inodes.write();
+        let n = inodes.opens.entry(ino).or_insert(0);
+        if open {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inodes.opens.remove(&ino);
+            }
+        }
     }
 
     /// ioctl(2) on a device file. Tools size a device with BLKGETSIZE64,
@@ -221,12 +297,12 @@ impl Export {
     }
 
     pub fn device(&self, ino: u64) -> Result<Arc<Device>, Errno> {
-        self.inodes
-            .read()
-            .by_ino
-            .get(&ino)
-            .cloned()
-            .ok_or(Errno::ENOENT)
+        let inodes = self.inodes.read();
+        match inodes.by_ino.get(&ino) {
+            Some(d) => Ok(d.clone()),
+            None if inodes.gone.contains(&ino) => Err(Errno::ENODEV),
+            None => Err(Errno::ENOENT),
+        }
     }
 
     fn attr(&self, ino: u64, dev: Option<&Device>) -> FileAttr {
@@ -301,7 +377,7 @@ impl Export {
             return Err(Errno::ENOENT);
         }
         let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
-        let dev = self.engine.graph.device(name).map_err(|_| Errno::ENOENT)?;
+        let dev = self.engine.graph.file(name).ok_or(Errno::ENOENT)?;
         let ino = self.inode_of(dev.clone());
         Ok(self.attr(ino, Some(&dev)))
     }
@@ -340,10 +416,13 @@ impl Export {
         if flags & libc::O_ACCMODE != libc::O_RDONLY && dev.read_only() {
             return Err(Errno::EROFS);
         }
-        if dev.passthrough() {
-            return self.open_passthrough(ino, &dev).map(Some);
-        }
-        Ok(None)
+        let backing = if dev.passthrough() {
+            Some(self.open_passthrough(ino, &dev)?)
+        } else {
+            None
+        };
+        self.opened(ino, true);
+        Ok(backing)
     }
 
     /// Opens a passthrough device: the kernel reads and writes its file.
@@ -384,7 +463,7 @@ impl Export {
             (root, true, ".".to_string()),
             (root, true, "..".to_string()),
         ];
-        for d in self.engine.graph.devices() {
+        for d in self.engine.graph.all_devices() {
             let id = d.id.clone();
             entries.push((self.inode_of(d), false, id));
         }
@@ -533,6 +612,20 @@ impl Filesystem for BlkFs {
             }
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.0.release(ino.0);
+        reply.ok();
     }
 
     fn read(

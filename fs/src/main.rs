@@ -31,6 +31,10 @@ struct Cli {
     /// A block device to open at start: BlockdevOptions as JSON or as dotted key=value.
     #[arg(long = "blockdev", value_name = "SPEC")]
     blockdevs: Vec<String>,
+    /// Export a node as a file of the mount, as qemu-storage-daemon's
+    /// --export: type=fuse,id=NAME,node-name=NODE[,writable=on].
+    #[arg(long = "export", value_name = "SPEC")]
+    exports: Vec<String>,
     /// Create a sample image under ./blkfs-demo and export it there.
     #[arg(long)]
     demo: bool,
@@ -111,12 +115,22 @@ fn run(mut cli: Cli, readiness: &mut service::Readiness) -> Result<(), String> {
             .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
         let added = engine
             .graph
-            .add(&opts)
+            .add_by_user(&opts)
             .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
         if let (Some(d), Some(t)) = (added.device, throttle) {
             d.set_throttle(t)
                 .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
         }
+    }
+    for spec in &cli.exports {
+        blkfs_engine::qmp::export_cmds::export_from_cli(&engine, spec)
+            .map_err(|e| format!("--export '{spec}': {e}"))?;
+    }
+    for name in blkfs_engine::qmp::export_cmds::unused_nodes(&engine) {
+        log::warn!(
+            "node '{name}' is opened but not exported: give it an id, or add \
+             --export type=fuse,id=NAME,node-name={name}"
+        );
     }
     std::fs::create_dir_all(&mount)
         .map_err(|e| format!("cannot create {}: {e}", mount.display()))?;
@@ -138,6 +152,7 @@ fn run(mut cli: Cli, readiness: &mut service::Readiness) -> Result<(), String> {
     let session = fuser::Session::new(fuse::BlkFs(export.clone()), &mount, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.display()))?;
     engine.graph.on_resize(listener(session.notifier()));
+    export.watch_removals(session.notifier());
     let transport = export.connect(&session)?;
     let background = session
         .spawn()

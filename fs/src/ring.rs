@@ -503,7 +503,11 @@ impl Running {
             Op::Statfs => Ok(abi::statfs_out(q.payload(idx))),
             Op::Flush => ex.device(ino).map(|_| 0),
             Op::Opendir => Ok(abi::open_out(q.payload(idx), 0, 0)),
-            Op::Release | Op::Releasedir | Op::Destroy => Ok(0),
+            Op::Release => {
+                ex.release(ino);
+                Ok(0)
+            }
+            Op::Releasedir | Op::Destroy => Ok(0),
             Op::Readdir { offset, size } => ex.readdir(ino).map(|entries| {
                 let out = q.payload(idx);
                 let limit = (size as usize).min(out.len());

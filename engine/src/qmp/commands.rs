@@ -1,7 +1,7 @@
 //! The command table: name -> handler. Handlers read their arguments
 //! strictly (unknown, missing and mistyped members are errors).
 
-use super::{device_cmds, info, job_cmds, policy_cmds};
+use super::{device_cmds, export_cmds, info, job_cmds, policy_cmds};
 use crate::args::Args;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::BlockdevOptions;
@@ -16,6 +16,10 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("quit", quit),
     ("query-status", query_status),
     ("blockdev-add", blockdev_add),
+    ("blockdev-del", export_cmds::blockdev_del),
+    ("block-export-add", export_cmds::block_export_add),
+    ("block-export-del", export_cmds::block_export_del),
+    ("query-block-exports", export_cmds::query_block_exports),
     ("query-block", query_block),
     ("query-named-block-nodes", query_named_block_nodes),
     ("query-blockstats", query_blockstats),
@@ -83,7 +87,7 @@ fn quit(_: &Engine, a: Args) -> Result<Value> {
 /// policy holds a device stopped (until `cont`), else `running`.
 fn query_status(e: &Engine, a: Args) -> Result<Value> {
     no_args(a)?;
-    let stopped = e.graph.devices().iter().any(|d| d.is_stopped());
+    let stopped = e.graph.all_devices().iter().any(|d| d.is_stopped());
     Ok(json!({
         "running": !stopped,
         "singlestep": false,
@@ -101,7 +105,7 @@ fn blockdev_add(e: &Engine, mut a: Args) -> Result<Value> {
         }
         None => BlockdevOptions::parse(a)?,
     };
-    e.graph.add(&options)?;
+    e.graph.add_by_user(&options)?;
     Ok(json!({}))
 }
 

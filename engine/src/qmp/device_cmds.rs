@@ -40,7 +40,7 @@ pub fn block_resize(e: &Engine, mut a: Args) -> Result<Value> {
     if node.opts.read_only {
         return Err(Error::generic(format!("Device '{name}' is read only")));
     }
-    crate::perm::check_resize(&e.graph.nodes(), &e.graph.devices(), &node)?;
+    crate::perm::check_resize(&e.graph.nodes(), &e.graph.all_devices(), &node)?;
     e.graph.resize(&node, size as u64)?;
     Ok(json!({}))
 }

@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod device_cmds;
 pub mod events;
+pub mod export_cmds;
 pub mod framing;
 pub mod info;
 pub mod job_cmds;

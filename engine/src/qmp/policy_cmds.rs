@@ -26,7 +26,8 @@ pub fn block_set_io_throttle(e: &Engine, mut a: Args) -> Result<Value> {
 /// encrypted image still lacks its key, as QEMU does.
 pub fn cont(e: &Engine, a: Args) -> Result<Value> {
     a.finish()?;
-    let devices = e.graph.devices();
+    // Exports' devices stop under their error policy too.
+    let devices = e.graph.all_devices();
     for d in &devices {
         let missing = chain(&d.root())
             .find(|n| n.driver.encryption() == Encryption::Encrypted { key_missing: true });

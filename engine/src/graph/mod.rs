@@ -4,7 +4,9 @@
 //! of a top-level blockdev) with the device-level policies. Every request
 //! through a node is accounted in that node's statistics.
 
-pub use crate::device::Device;
+mod removal;
+
+pub use crate::device::{Device, Role};
 use crate::drivers::{self, Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::io::Buf;
@@ -182,8 +184,12 @@ impl Node {
 #[derive(Default)]
 struct Registry {
     nodes: Vec<Arc<Node>>,
+    /// QMP devices and the devices of exports (see [`Role`]).
     devices: Vec<Arc<Device>>,
     next_auto: u64,
+    /// Top nodes of the user's blockdev-adds: deleted by name only, never
+    /// as a side effect of deleting what used them (QEMU's monitor-owned).
+    owned: std::collections::HashSet<String>,
 }
 
 impl Registry {
@@ -197,6 +203,8 @@ impl Registry {
 }
 
 type ResizeListener = Box<dyn Fn(&str) + Send + Sync>;
+/// Says why a device may not be deleted now (its file is open), if so.
+type BusyCheck = Box<dyn Fn(&Device) -> Option<String> + Send + Sync>;
 
 /// All nodes and devices of the daemon.
 pub struct Graph {
@@ -204,6 +212,9 @@ pub struct Graph {
     events: Arc<EventBus>,
     /// Told the id of every device whose size changed (the export drops cached sizes).
     resize_listeners: parking_lot::Mutex<Vec<ResizeListener>>,
+    /// Told the id of every device deleted (the export forgets its file).
+    remove_listeners: parking_lot::Mutex<Vec<ResizeListener>>,
+    busy_checks: parking_lot::Mutex<Vec<BusyCheck>>,
 }
 
 /// The result of `blockdev-add`.
@@ -218,6 +229,8 @@ impl Graph {
             reg: RwLock::default(),
             events,
             resize_listeners: Default::default(),
+            remove_listeners: Default::default(),
+            busy_checks: Default::default(),
         }
     }
 
@@ -230,7 +243,7 @@ impl Graph {
     /// children); they see the new size at once.
     pub fn resize(&self, node: &Arc<Node>, size: u64) -> Result<()> {
         let devices: Vec<_> = self
-            .devices()
+            .all_devices()
             .into_iter()
             .filter(|d| {
                 std::iter::successors(Some(d.root()), |n| n.driver.file_child().cloned())
@@ -247,16 +260,36 @@ impl Graph {
         Ok(())
     }
 
+    /// A QMP device by id (exports are not devices).
     pub fn device(&self, id: &str) -> Result<Arc<Device>> {
         self.reg
             .read()
             .device(id)
+            .filter(|d| d.role == Role::Device)
             .cloned()
             .ok_or_else(|| Error::device_not_found(id))
     }
 
+    /// The QMP devices (query-block, query-blockstats).
     pub fn devices(&self) -> Vec<Arc<Device>> {
+        self.reg
+            .read()
+            .devices
+            .iter()
+            .filter(|d| d.role == Role::Device)
+            .cloned()
+            .collect()
+    }
+
+    /// Every device: the QMP ones and those of exports. Each is a file in
+    /// the mount, named by its id.
+    pub fn all_devices(&self) -> Vec<Arc<Device>> {
         self.reg.read().devices.clone()
+    }
+
+    /// A device or an export's device by id: the file of that name.
+    pub fn file(&self, id: &str) -> Option<Arc<Device>> {
+        self.reg.read().device(id).cloned()
     }
 
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
@@ -271,6 +304,17 @@ impl Graph {
     /// registered unless the whole tree opens.
     pub fn add(&self, opts: &BlockdevOptions) -> Result<Added> {
         self.add_inner(opts, None)
+    }
+
+    /// `add` for the user (blockdev-add, `--blockdev`). A node without a
+    /// device is theirs: it stays until blockdev-del names it, whatever
+    /// stops using it. A device's nodes go with the device.
+    pub fn add_by_user(&self, opts: &BlockdevOptions) -> Result<Added> {
+        let added = self.add_inner(opts, None)?;
+        if added.device.is_none() {
+            self.reg.write().owned.insert(added.node.name.clone());
+        }
+        Ok(added)
     }
 
     /// `add` for an overlay that `device` moves onto once it is open: the
@@ -334,6 +378,7 @@ impl Graph {
         let device = opts.id.as_ref().map(|id| {
             let d = Device::new(
                 id.clone(),
+                Role::Device,
                 node.clone(),
                 rerror,
                 werror,
@@ -444,8 +489,9 @@ impl Graph {
 
     /// Drops from the registry the nodes a job took out of a chain: `top`
     /// and its backing chain down to `base` (exclusive), with their file
-    /// children, as far as nothing else uses them. They close once their
-    /// last request is done.
+    /// children, as far as nothing else uses them and the user did not add
+    /// them as nodes of their own. They close once their last request is
+    /// done.
     pub fn forget_chain(&self, top: Option<Arc<Node>>, base: Option<&Arc<Node>>) {
         let mut candidates = Vec::new();
         let mut cur = top;
@@ -465,6 +511,7 @@ impl Graph {
         loop {
             let unused = candidates.iter().position(|c| {
                 reg.nodes.iter().any(|n| Arc::ptr_eq(n, c))
+                    && !reg.owned.contains(&c.name)
                     && perm::users(&reg.nodes, &reg.devices, c).is_empty()
             });
             let Some(i) = unused else { break };
@@ -492,7 +539,7 @@ impl Graph {
     /// Then drains every device: requests in flight finish, new ones wait
     /// at the gate until the process exits.
     pub fn shut_down(&self) {
-        let devices = self.devices();
+        let devices = self.all_devices();
         for d in &devices {
             d.shut_down();
         }
@@ -504,7 +551,7 @@ impl Graph {
     /// Flushes every device's root node (the devices are drained, their
     /// gates closed); used at shutdown. Returns the failures.
     pub fn flush_all(&self) -> Vec<Error> {
-        self.devices()
+        self.all_devices()
             .iter()
             .filter_map(|d| {
                 let root = d.root();

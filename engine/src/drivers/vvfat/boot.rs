@@ -26,8 +26,13 @@ fn chs(g: &Geometry, lba: u32) -> Option<[u8; 3]> {
     let sector = lba % g.sectors_per_track + 1;
     let head = lba / g.sectors_per_track % g.heads;
     let cyl = lba / g.sectors_per_track / g.heads;
-    (cyl < g.cylinders.min(1024))
-        .then(|| [head as u8, (sector as u8) | ((cyl >> 8) << 6) as u8, cyl as u8])
+    (cyl < g.cylinders.min(1024)).then(|| {
+        [
+            head as u8,
+            (sector as u8) | ((cyl >> 8) << 6) as u8,
+            cyl as u8,
+        ]
+    })
 }
 
 /// The MBR of a hard disk: one bootable partition over the rest of the disk.
@@ -74,7 +79,11 @@ pub(super) fn boot_sector(g: &Geometry) -> Sector {
     let small = !fat32 && total <= 0xffff;
     put16(&mut s, 0x13, if small { total as u16 } else { 0 });
     s[0x15] = media(g);
-    put16(&mut s, 0x16, if fat32 { 0 } else { g.sectors_per_fat as u16 });
+    put16(
+        &mut s,
+        0x16,
+        if fat32 { 0 } else { g.sectors_per_fat as u16 },
+    );
     put16(&mut s, 0x18, g.sectors_per_track as u16);
     put16(&mut s, 0x1a, g.heads as u16);
     put32(&mut s, 0x1c, g.partition_start);

@@ -39,8 +39,10 @@ const SHORT_EXTRA: &[u8] = b"$%'-_@~`!(){}^#&";
 
 fn short_char(c: char) -> Option<u8> {
     let c = c.to_ascii_uppercase();
-    (c.is_ascii_uppercase() || c.is_ascii_digit() || (c.is_ascii() && SHORT_EXTRA.contains(&(c as u8))))
-        .then_some(c as u8)
+    (c.is_ascii_uppercase()
+        || c.is_ascii_digit()
+        || (c.is_ascii() && SHORT_EXTRA.contains(&(c as u8))))
+    .then_some(c as u8)
 }
 
 /// The name `name` gets in a directory whose short names so far are
@@ -189,7 +191,14 @@ pub(super) fn fat_date_time(secs: i64) -> (u16, u16) {
     if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
         return (FIRST_DATE, 0);
     }
-    pack(tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec)
+    pack(
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+    )
 }
 
 /// 1980-01-01.
@@ -213,7 +222,10 @@ mod tests {
 
     fn name(n: &str, taken: &mut HashSet<[u8; 11]>) -> (String, bool) {
         let d = dir_name(n, taken).unwrap();
-        (String::from_utf8(d.short.to_vec()).unwrap(), d.long.is_some())
+        (
+            String::from_utf8(d.short.to_vec()).unwrap(),
+            d.long.is_some(),
+        )
     }
 
     #[test]
@@ -227,9 +239,18 @@ mod tests {
     #[test]
     fn lossy_names_get_a_tail_and_collisions_count_up() {
         let mut t = HashSet::new();
-        assert_eq!(name("Long File Name.txt", &mut t), ("LONGFI~1TXT".into(), true));
-        assert_eq!(name("longfilename.txt", &mut t), ("LONGFI~2TXT".into(), true));
-        assert_eq!(name("LongFileNameToo.txt", &mut t), ("LONGFI~3TXT".into(), true));
+        assert_eq!(
+            name("Long File Name.txt", &mut t),
+            ("LONGFI~1TXT".into(), true)
+        );
+        assert_eq!(
+            name("longfilename.txt", &mut t),
+            ("LONGFI~2TXT".into(), true)
+        );
+        assert_eq!(
+            name("LongFileNameToo.txt", &mut t),
+            ("LONGFI~3TXT".into(), true)
+        );
         // Lower case alone is exact once upper-cased, so no tail at first.
         assert_eq!(name("short.c", &mut t), ("SHORT   C  ".into(), true));
         assert_eq!(name("SHORT.C", &mut t), ("SHORT~1 C  ".into(), true));
@@ -241,7 +262,10 @@ mod tests {
         for i in 1..=9 {
             name(&format!("collide-{i}-long.dat"), &mut t);
         }
-        assert_eq!(name("collide-x-long.dat", &mut t), ("COLLI~10DAT".into(), true));
+        assert_eq!(
+            name("collide-x-long.dat", &mut t),
+            ("COLLI~10DAT".into(), true)
+        );
         let mut t = HashSet::new();
         assert_eq!(name("ab cd", &mut t), ("ABCD~1     ".into(), true));
     }
@@ -315,7 +339,10 @@ mod tests {
     #[test]
     fn dates_pack_and_clamp() {
         assert_eq!(pack(1970, 1, 1, 0, 0, 0), (FIRST_DATE, 0));
-        assert_eq!(pack(2021, 3, 4, 5, 6, 8), ((41 << 9) | (3 << 5) | 4, (5 << 11) | (6 << 5) | 4));
+        assert_eq!(
+            pack(2021, 3, 4, 5, 6, 8),
+            ((41 << 9) | (3 << 5) | 4, (5 << 11) | (6 << 5) | 4)
+        );
         assert_eq!(pack(2200, 1, 1, 0, 0, 0).0 >> 9, 127);
     }
 }

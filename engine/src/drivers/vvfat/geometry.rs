@@ -158,14 +158,23 @@ impl Geometry {
             + u64::from(cluster - 2) * self.cluster_size()
     }
 
-    /// "FAT16 hard disk (504 MB)" and the like, for messages.
+    /// "FAT16 hard disk (504 MiB)" and the like, for messages.
     pub fn describe(&self) -> String {
         format!(
-            "FAT{} {} ({:.2} MB)",
+            "FAT{} {} ({})",
             self.fat_bits,
             if self.floppy { "floppy" } else { "hard disk" },
-            self.size() as f64 / 1_000_000.0
+            human(self.size())
         )
+    }
+}
+
+/// Bytes in KiB below 10 MiB (floppies: 1440 KiB), in MiB above.
+pub(super) fn human(bytes: u64) -> String {
+    if bytes < 10 << 20 {
+        format!("{} KiB", bytes.div_ceil(1024))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
     }
 }
 
@@ -193,7 +202,10 @@ mod tests {
             assert!(entries * u64::from(bits) <= g.fat_bytes() * 8, "{g:?}");
             let end = g.cluster_offset(2 + g.data_clusters);
             assert!(end <= g.size(), "{g:?}");
-            assert!(end + g.cluster_size() > g.size(), "a cluster left unused: {g:?}");
+            assert!(
+                end + g.cluster_size() > g.size(),
+                "a cluster left unused: {g:?}"
+            );
         }
     }
 

@@ -6,7 +6,7 @@
 
 use super::boot;
 use super::dirent::{self, DirName, Short, Times, ATTR_ARCHIVE, ATTR_DIR, ATTR_VOLUME, ENTRY};
-use super::geometry::{Geometry, BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR};
+use super::geometry::{human, Geometry, BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR};
 use super::scan::{self, Budget, Entry, Kind, MAX_DIR_ENTRIES};
 use crate::error::{Error, Result};
 use std::collections::HashSet;
@@ -108,7 +108,8 @@ impl Builder<'_> {
             .collect::<Result<_>>()
             .map_err(|e| e.context(format!("vvfat: directory '{}'", path.display())))?;
         // A label in the root, "." and ".." elsewhere.
-        let slots = names.iter().map(DirName::slots).sum::<usize>() + 2 - usize::from(parent.is_none());
+        let slots =
+            names.iter().map(DirName::slots).sum::<usize>() + 2 - usize::from(parent.is_none());
         if slots > MAX_DIR_ENTRIES {
             return Err(Error::generic(format!(
                 "vvfat: directory '{}' needs {slots} directory entries (long names take several), more than the {MAX_DIR_ENTRIES} a FAT directory can hold",
@@ -161,10 +162,22 @@ impl Builder<'_> {
             times,
         };
         match parent {
-            None => dirent::push_entries(&mut out, None, &short(boot::LABEL, ATTR_VOLUME, 0, 0, times)),
+            None => dirent::push_entries(
+                &mut out,
+                None,
+                &short(boot::LABEL, ATTR_VOLUME, 0, 0, times),
+            ),
             Some((up, up_times)) => {
-                dirent::push_entries(&mut out, None, &short(b".          ", ATTR_DIR, first, 0, times));
-                dirent::push_entries(&mut out, None, &short(b"..         ", ATTR_DIR, up, 0, up_times));
+                dirent::push_entries(
+                    &mut out,
+                    None,
+                    &short(b".          ", ATTR_DIR, first, 0, times),
+                );
+                dirent::push_entries(
+                    &mut out,
+                    None,
+                    &short(b"..         ", ATTR_DIR, up, 0, up_times),
+                );
             }
         }
         for ((e, name), &cluster) in entries.iter().zip(&names).zip(&firsts) {
@@ -197,10 +210,6 @@ fn clamp32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-fn mb(bytes: u64) -> String {
-    format!("{:.2} MB", bytes as f64 / 1_000_000.0)
-}
-
 /// The error for a tree that needs `clusters` data clusters (`at_least`:
 /// counted before the walk ended).
 fn too_big(dir: &Path, g: &Geometry, clusters: u64, at_least: bool) -> Error {
@@ -211,9 +220,9 @@ fn too_big(dir: &Path, g: &Geometry, clusters: u64, at_least: bool) -> Error {
         g.describe(),
         if at_least { "at least " } else { "" },
         clusters,
-        mb(clusters * cs),
+        human(clusters * cs),
         g.data_clusters,
-        mb(u64::from(g.data_clusters) * cs),
+        human(u64::from(g.data_clusters) * cs),
     ))
 }
 
@@ -247,7 +256,12 @@ fn plan(dir: &Path, g: Geometry, times: Times, entries: &[Entry]) -> Result<Plan
     }
     let mut fat = vec![0u8; g.fat_bytes() as usize];
     let eoc = end_of_chain(g.fat_bits);
-    fat_set(&mut fat, g.fat_bits, 0, (eoc & !0xff) | u32::from(boot::media(&g)));
+    fat_set(
+        &mut fat,
+        g.fat_bits,
+        0,
+        (eoc & !0xff) | u32::from(boot::media(&g)),
+    );
     fat_set(&mut fat, g.fat_bits, 1, eoc);
     for &(first, n) in &b.chains {
         for c in first..first + n - 1 {
@@ -328,5 +342,141 @@ impl Plan {
         }
         let next = self.regions.get(i).map_or(end, |r| r.start);
         (None, next.saturating_sub(pos).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fat_get(fat: &[u8], bits: u32, c: u32) -> u32 {
+        let c = c as usize;
+        match bits {
+            12 => {
+                let pair = u16::from_le_bytes([fat[c * 3 / 2], fat[c * 3 / 2 + 1]]);
+                u32::from(if c % 2 == 0 { pair & 0xfff } else { pair >> 4 })
+            }
+            16 => u32::from(u16::from_le_bytes([fat[c * 2], fat[c * 2 + 1]])),
+            _ => u32::from_le_bytes([fat[c * 4], fat[c * 4 + 1], fat[c * 4 + 2], fat[c * 4 + 3]]),
+        }
+    }
+
+    fn file(name: &str, size: u64) -> Entry {
+        Entry {
+            name: name.into(),
+            times: Times::default(),
+            kind: Kind::File {
+                path: PathBuf::from(name),
+                size,
+            },
+        }
+    }
+
+    fn dir(name: &str, entries: Vec<Entry>) -> Entry {
+        Entry {
+            name: name.into(),
+            times: Times::default(),
+            kind: Kind::Dir {
+                path: PathBuf::from(name),
+                entries,
+            },
+        }
+    }
+
+    /// The bytes of the image at `start`, through the plan.
+    fn bytes(p: &Plan, start: u64, len: usize) -> Vec<u8> {
+        let (r, _) = p.at(start);
+        let r = r.expect("a region");
+        match r.source {
+            Source::Meta(at) => p.meta[at + (start - r.start) as usize..][..len].to_vec(),
+            Source::File(_) => panic!("file data"),
+        }
+    }
+
+    #[test]
+    fn twelve_bit_entries_share_bytes() {
+        let mut fat = vec![0u8; 6];
+        fat_set(&mut fat, 12, 2, 0xabc);
+        fat_set(&mut fat, 12, 3, 0x123);
+        assert_eq!(&fat[3..6], &[0xbc, 0x3a, 0x12]);
+        assert_eq!(fat_get(&fat, 12, 2), 0xabc);
+        assert_eq!(fat_get(&fat, 12, 3), 0x123);
+    }
+
+    #[test]
+    fn chains_directories_and_dot_entries() {
+        for (t, floppy) in [(Some(12), true), (None, false), (Some(32), false)] {
+            let g = Geometry::new(t, floppy).unwrap();
+            let cs = g.cluster_size();
+            let tree = vec![
+                file("a.bin", 2 * cs + 1),
+                dir("d", vec![file("b.bin", cs), file("empty", 0)]),
+            ];
+            let p = plan(Path::new("/x"), g, Times::default(), &tree).unwrap();
+            let bits = g.fat_bits;
+            let fat = bytes(&p, g.fat_offset(0), g.fat_bytes() as usize);
+            assert_eq!(fat, bytes(&p, g.fat_offset(1), fat.len()), "FATs differ");
+            assert_eq!(fat_get(&fat, bits, 0) & 0xff, u32::from(boot::media(&g)));
+            let eoc = end_of_chain(bits);
+            // FAT32: the root directory is cluster 2; FAT12/16 start files there.
+            let a: u32 = if bits == 32 { 3 } else { 2 };
+            if bits == 32 {
+                assert_eq!(fat_get(&fat, bits, 2), eoc);
+            }
+            assert_eq!(fat_get(&fat, bits, a), a + 1);
+            assert_eq!(fat_get(&fat, bits, a + 1), a + 2);
+            assert_eq!(fat_get(&fat, bits, a + 2), eoc);
+            let (d, b) = (a + 3, a + 4);
+            assert_eq!(fat_get(&fat, bits, d), eoc);
+            assert_eq!(fat_get(&fat, bits, b), eoc);
+            assert_eq!(fat_get(&fat, bits, b + 1), 0);
+            // "." is the directory, ".." the root (always 0), then b.bin.
+            let sub = bytes(&p, g.cluster_offset(d), cs as usize);
+            let first = |e: &[u8]| {
+                u32::from(u16::from_le_bytes([e[26], e[27]]))
+                    | u32::from(u16::from_le_bytes([e[20], e[21]])) << 16
+            };
+            assert_eq!(&sub[..11], b".          ");
+            assert_eq!(first(&sub[..32]), d);
+            assert_eq!(&sub[32..43], b"..         ");
+            assert_eq!(first(&sub[32..64]), 0);
+            // b.bin: one long name entry, then its short entry.
+            assert_eq!(first(&sub[96..128]), b);
+            assert_eq!(&sub[96..107], b"B       BIN");
+            // Regions are sorted, disjoint and inside the disk.
+            for w in p.regions.windows(2) {
+                assert!(w[0].start + w[0].len <= w[1].start, "{w:?}");
+            }
+            let last = p.regions.last().unwrap();
+            assert!(last.start + last.len <= g.size());
+            assert_eq!(p.at(g.cluster_offset(a)).0.unwrap().source, Source::File(0));
+            assert_eq!(p.at(g.cluster_offset(b)).0.unwrap().source, Source::File(1));
+        }
+    }
+
+    #[test]
+    fn overflow_is_an_error_naming_the_directory() {
+        let g = Geometry::new(Some(12), true).unwrap();
+        let tree = vec![file("big", 2 << 20)];
+        let e = plan(Path::new("/data/dir"), g, Times::default(), &tree)
+            .err()
+            .unwrap();
+        assert!(
+            e.msg
+                .contains("'/data/dir' does not fit on a FAT12 floppy (1440 KiB)"),
+            "{e}"
+        );
+        // Many long names overflow the fixed root directory first.
+        let g = Geometry::new(None, false).unwrap();
+        let tree: Vec<Entry> = (0..300)
+            .map(|i| file(&format!("file number {i}"), 1))
+            .collect();
+        let e = plan(Path::new("/d"), g, Times::default(), &tree)
+            .err()
+            .unwrap();
+        assert!(e.msg.contains("root directory of FAT16 holds 512"), "{e}");
+        // FAT32 has no fixed root: the same tree fits.
+        let g = Geometry::new(Some(32), false).unwrap();
+        assert!(plan(Path::new("/d"), g, Times::default(), &tree).is_ok());
     }
 }

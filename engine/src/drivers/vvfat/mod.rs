@@ -122,7 +122,9 @@ impl Image {
                 Some(r) => {
                     let inside = (pos - r.start) as usize;
                     match r.source {
-                        Source::Meta(at) => out.copy_from_slice(&self.plan.meta[at + inside..][..n]),
+                        Source::Meta(at) => {
+                            out.copy_from_slice(&self.plan.meta[at + inside..][..n])
+                        }
                         Source::File(f) => self.read_file(f, inside as u64, out)?,
                     }
                 }
@@ -220,7 +222,10 @@ impl Driver for VvfatDriver {
         let size = self.size();
         let len = len.min(size.saturating_sub(offset));
         if len == 0 {
-            return Err(Error::io(libc::ENXIO, "block status past the end of the disk"));
+            return Err(Error::io(
+                libc::ENXIO,
+                "block status past the end of the disk",
+            ));
         }
         let (region, n) = self.image.plan.at(offset);
         Ok(Status {

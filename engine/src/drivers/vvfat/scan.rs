@@ -57,8 +57,12 @@ impl Budget {
 /// The root directory's times and entries, sorted by name (QEMU lists them
 /// in `readdir` order; sorting makes the image the same on every open).
 pub(super) fn scan(root: &Path, budget: &mut Budget) -> Result<(Times, Vec<Entry>)> {
-    let meta = std::fs::metadata(root)
-        .map_err(|e| Error::from_io(&e, format!("vvfat: cannot open directory '{}'", root.display())))?;
+    let meta = std::fs::metadata(root).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!("vvfat: cannot open directory '{}'", root.display()),
+        )
+    })?;
     if !meta.is_dir() {
         return Err(Error::generic(format!(
             "vvfat: '{}' is not a directory",
@@ -78,9 +82,16 @@ pub(super) fn times(m: &Metadata) -> Times {
     }
 }
 
-fn read_dir(dir: &Path, ancestors: &mut Vec<(u64, u64)>, budget: &mut Budget) -> Result<Vec<Entry>> {
+fn read_dir(
+    dir: &Path,
+    ancestors: &mut Vec<(u64, u64)>,
+    budget: &mut Budget,
+) -> Result<Vec<Entry>> {
     let cannot = |e: std::io::Error| {
-        Error::from_io(&e, format!("vvfat: cannot read directory '{}'", dir.display()))
+        Error::from_io(
+            &e,
+            format!("vvfat: cannot read directory '{}'", dir.display()),
+        )
     };
     let mut out = Vec::new();
     for item in std::fs::read_dir(dir).map_err(cannot)? {
@@ -95,11 +106,17 @@ fn read_dir(dir: &Path, ancestors: &mut Vec<(u64, u64)>, budget: &mut Budget) ->
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                log::warn!("vvfat: skipping '{}': dangling symbolic link", path.display());
+                log::warn!(
+                    "vvfat: skipping '{}': dangling symbolic link",
+                    path.display()
+                );
                 continue;
             }
             Err(e) => {
-                return Err(Error::from_io(&e, format!("vvfat: cannot stat '{}'", path.display())))
+                return Err(Error::from_io(
+                    &e,
+                    format!("vvfat: cannot stat '{}'", path.display()),
+                ))
             }
         };
         let kind = if meta.is_dir() {
@@ -120,8 +137,9 @@ fn read_dir(dir: &Path, ancestors: &mut Vec<(u64, u64)>, budget: &mut Budget) ->
                 entries: entries?,
             }
         } else if meta.is_file() {
-            std::fs::File::open(&path)
-                .map_err(|e| Error::from_io(&e, format!("vvfat: cannot read '{}'", path.display())))?;
+            std::fs::File::open(&path).map_err(|e| {
+                Error::from_io(&e, format!("vvfat: cannot read '{}'", path.display()))
+            })?;
             let size = meta.len();
             budget.spend(size.div_ceil(budget.cluster_size))?;
             Kind::File { path, size }

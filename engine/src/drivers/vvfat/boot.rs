@@ -26,13 +26,12 @@ fn chs(g: &Geometry, lba: u32) -> Option<[u8; 3]> {
     let sector = lba % g.sectors_per_track + 1;
     let head = lba / g.sectors_per_track % g.heads;
     let cyl = lba / g.sectors_per_track / g.heads;
-    (cyl < g.cylinders.min(1024)).then(|| {
-        [
-            head as u8,
-            (sector as u8) | ((cyl >> 8) << 6) as u8,
-            cyl as u8,
-        ]
-    })
+    let packed = [
+        head as u8,
+        (sector as u8) | ((cyl >> 8) << 6) as u8,
+        cyl as u8,
+    ];
+    (cyl < g.cylinders.min(1024)).then_some(packed)
 }
 
 /// The MBR of a hard disk: one bootable partition over the rest of the disk.

@@ -59,7 +59,7 @@ pub(super) fn fat_set(fat: &mut [u8], bits: u32, cluster: u32, value: u32) {
             let at = c * 3 / 2;
             let pair = u16::from_le_bytes([fat[at], fat[at + 1]]);
             let v = (value & 0xfff) as u16;
-            let pair = if c % 2 == 0 {
+            let pair = if c.is_multiple_of(2) {
                 (pair & 0xf000) | v
             } else {
                 (pair & 0x000f) | (v << 4)
@@ -354,7 +354,11 @@ mod tests {
         match bits {
             12 => {
                 let pair = u16::from_le_bytes([fat[c * 3 / 2], fat[c * 3 / 2 + 1]]);
-                u32::from(if c % 2 == 0 { pair & 0xfff } else { pair >> 4 })
+                u32::from(if c.is_multiple_of(2) {
+                    pair & 0xfff
+                } else {
+                    pair >> 4
+                })
             }
             16 => u32::from(u16::from_le_bytes([fat[c * 2], fat[c * 2 + 1]])),
             _ => u32::from_le_bytes([fat[c * 4], fat[c * 4 + 1], fat[c * 4 + 2], fat[c * 4 + 3]]),

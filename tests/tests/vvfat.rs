@@ -388,12 +388,14 @@ fn symlinks_and_files_changing_under_the_export() {
     std::os::unix::fs::symlink("target.txt", src.join("link.txt")).unwrap();
     std::os::unix::fs::symlink("nowhere", src.join("dangling")).unwrap();
     std::os::unix::fs::symlink("..", src.join("loop/up")).unwrap();
+    std::os::unix::fs::symlink("self", src.join("self")).unwrap();
     let spec = json!({"driver": "vvfat", "id": "d0", "dir": src, "floppy": true});
     let d = Daemon::start(&dir, &[spec.to_string()]);
 
     let stderr = d.stderr();
     assert!(stderr.contains("dangling"), "{stderr}");
     assert!(stderr.contains("loop/up"), "{stderr}");
+    assert!(stderr.contains("self': dangling"), "{stderr}");
     File::options()
         .write(true)
         .open(src.join("shrinks.bin"))
@@ -485,6 +487,25 @@ fn refused_exports_leave_the_daemon_running() {
     assert!(e.contains("12, 16 and 32"), "{e}");
     let e = add(&mut q, json!({"floppy": true, "fat-type": 32}));
     assert!(e.contains("FAT32"), "{e}");
+    // A file the daemon cannot open (even as root: sysctl files keep their
+    // mode) fails the open, naming it.
+    let unreadable = Path::new("/proc/sys/vm/compact_memory");
+    assert!(
+        unreadable.exists(),
+        "{} is missing: the test needs a file root cannot read",
+        unreadable.display()
+    );
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::os::unix::fs::symlink(unreadable, bad.join("write-only")).unwrap();
+    let e = add(&mut q, json!({"dir": bad}));
+    assert!(
+        e.contains(&format!(
+            "cannot read '{}'",
+            bad.join("write-only").display()
+        )) && e.contains("Permission denied"),
+        "{e}"
+    );
     // Under a writable format node, vvfat would be written: refused too.
     let e = q
         .err(

@@ -105,9 +105,13 @@ fn read_dir(
         };
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A link to nothing, or to itself through others, as QEMU skips a failed stat.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
                 log::warn!(
-                    "vvfat: skipping '{}': dangling symbolic link",
+                    "vvfat: skipping '{}': dangling symbolic link ({e})",
                     path.display()
                 );
                 continue;

@@ -404,8 +404,18 @@ fn symlinks_and_files_changing_under_the_export() {
         .unwrap();
     std::fs::remove_file(src.join("vanishes.bin")).unwrap();
 
+    // Block status: the used clusters are data, the free ones after them zeroes.
+    let size = 80 * 2 * 36 * SECTOR;
+    let disk = File::open(d.dev("d0")).unwrap();
+    let hole = lseek(&disk, 0, libc::SEEK_HOLE).unwrap() as u64;
+    assert!(hole > 64 << 10 && hole < size, "hole at {hole}");
+    assert_eq!(lseek(&disk, hole as i64, libc::SEEK_DATA), Err(libc::ENXIO));
+    let mut rest = vec![0u8; (size - hole) as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut rest, hole).unwrap();
+    assert!(rest.iter().all(|&b| b == 0));
+
     let fs = dir.join("fs.img");
-    copy_out(&d.dev("d0"), 0, 80 * 2 * 36 * SECTOR, &fs);
+    copy_out(&d.dev("d0"), 0, size, &fs);
     run("fsck.fat", &["-n", &fs.to_string_lossy()]);
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// Directory entries a FAT directory may hold (2 MiB of 32-byte entries).
 pub(super) const MAX_DIR_ENTRIES: usize = 65536;
+/// Nesting the walk accepts: far beyond what DOS paths reach, and a bound
+/// on the recursion here and in the layout.
+const MAX_DEPTH: usize = 128;
 
 pub(super) struct Entry {
     pub name: String,
@@ -131,6 +134,12 @@ fn read_dir(
                     path.display()
                 );
                 continue;
+            }
+            if ancestors.len() >= MAX_DEPTH {
+                return Err(Error::generic(format!(
+                    "vvfat: '{}' is nested more than {MAX_DEPTH} directories deep",
+                    path.display()
+                )));
             }
             budget.spend(1)?;
             ancestors.push(id);

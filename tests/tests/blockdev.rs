@@ -181,13 +181,13 @@ fn failed_adds_report_clearly_and_register_nothing() {
     assert_eq!(class, "GenericError");
     assert!(desc.contains("not in VMDK format"), "{desc}");
     assert!(desc.contains(&junk), "{desc}");
-    // A driver blkfs does not have yet.
+    // An option blkfs does not support.
     let (class, desc) = q.err(
         "blockdev-add",
-        json!({"driver": "vvfat", "id": "d1", "node-name": "n2", "dir": dir.file("")}),
+        json!({"driver": "vvfat", "id": "d1", "node-name": "n2", "dir": dir.file(""), "rw": true}),
     );
     assert_eq!(class, "GenericError");
-    assert!(desc.contains("is not supported by blkfs yet"), "{desc}");
+    assert!(desc.contains("is not supported by blkfs"), "{desc}");
     assert!(desc.contains("vvfat"), "{desc}");
 
     // Nothing of the failed adds was registered.

@@ -264,9 +264,9 @@ fn bad_blockdev_specs_fail_cleanly() {
             Some("read-only"),
         ),
         (
-            "unsupported driver",
-            vec![format!("driver=vvfat,id=d0,dir={}", dir.file(""))],
-            Some("vvfat"),
+            "unsupported option",
+            vec![format!("driver=vvfat,id=d0,rw=on,dir={}", dir.file(""))],
+            Some("vvfat: rw=on"),
         ),
         (
             "duplicate id",

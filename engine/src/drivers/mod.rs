@@ -38,6 +38,7 @@ pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
+pub mod vvfat;
 
 use crate::error::{Error, Result};
 use crate::graph::Node;

@@ -702,7 +702,10 @@ impl Opener<'_> {
                 format!("#block{:03}", self.next_auto)
             }
         };
-        let opts = NodeOptions::resolve(o, parent);
+        let mut opts = NodeOptions::resolve(o, parent);
+        if let DriverOptions::Vvfat { rw, .. } = &o.specific {
+            drivers::vvfat::settle_read_only(*rw, o.read_only, top, &mut opts)?;
+        }
         if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != Discard::Unmap {
             return Err(Error::generic(
                 "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
@@ -870,6 +873,15 @@ impl Opener<'_> {
                     child, layout, backing,
                 )))
             }
+            (
+                DriverOptions::Vvfat {
+                    dir,
+                    fat_type,
+                    floppy,
+                    ..
+                },
+                DriverName::Vvfat,
+            ) => Box::new(drivers::vvfat::VvfatDriver::open(dir, *fat_type, *floppy)?),
             (_, d) => {
                 return Err(Error::generic(format!(
                     "Driver '{}' is not supported by blkfs yet",

@@ -26,6 +26,8 @@ use std::time::{Duration, SystemTime};
 /// Attributes are not cached: sizes and allocation change under the kernel's feet.
 const TTL: Duration = Duration::ZERO;
 pub const MAX_IO: u32 = 1 << 20;
+/// How long a deletion waits for the releases of files closed just before.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
 
 /// How requests travel between the kernel and the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -218,10 +220,20 @@ impl Export {
     pub fn watch_removals(self: &Arc<Self>, notifier: fuser::Notifier) {
         let me = self.clone();
         self.engine.graph.on_busy_check(move |dev| {
-            let inodes = me.inodes.read();
-            let ino = inodes.by_id.get(&dev.id)?;
-            let n = inodes.opens.get(ino).copied().unwrap_or(0);
-            (n > 0).then(|| format!("its file in the mount is open ({n} descriptors)"))
+            let open = || {
+                let inodes = me.inodes.read();
+                let ino = inodes.by_id.get(&dev.id)?;
+                inodes.opens.get(ino).copied().filter(|&n| n > 0)
+            };
+            // close(2) returns before the kernel's RELEASE reaches us: give
+            // a file closed just now the moment its release takes.
+            let deadline = std::time::Instant::now() + RELEASE_GRACE;
+            let mut n = open();
+            while n.is_some() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+                n = open();
+            }
+            n.map(|n| format!("its file in the mount is open ({n} descriptors)"))
         });
         let me = self.clone();
         self.engine.graph.on_removed(move |id| {

@@ -195,21 +195,46 @@ impl ThrottleLimits {
         self.values().iter().all(Option::is_none)
     }
 
-    /// block_set_io_throttle's arguments: the mandatory averages default to
-    /// 0 (unlimited), the optional limits are sent only when given; `off`
-    /// sends every limit as 0.
-    pub fn arguments(&self, device: &str, off: bool) -> QmpArgs {
+    /// block_set_io_throttle's arguments: the limits given, the others as
+    /// they are now (`current`: the device's `inserted` from query-block,
+    /// where an unset optional limit is absent); `off` sends every limit as 0.
+    pub fn arguments(&self, device: &str, off: bool, current: &Value) -> QmpArgs {
+        let given: Vec<&str> = throttle_names()
+            .zip(self.values())
+            .filter_map(|(n, v)| v.map(|_| n))
+            .collect();
         let mut args = Map::new();
         args.insert("device".into(), Value::from(device));
         for (i, (name, value)) in throttle_names().zip(self.values()).enumerate() {
             let mandatory = i < AVG_NAMES.len();
-            let value = if off { Some(0) } else { value };
+            // A total and the read/write limits of its kind exclude each
+            // other: naming one side drops the other's current values.
+            let replaced = given.iter().any(|g| excludes(g, name));
+            let now = current
+                .get(name)
+                .and_then(Value::as_u64)
+                .filter(|_| !replaced);
+            let value = if off { Some(0) } else { value.or(now) };
             if let Some(v) = value.or(mandatory.then_some(0)) {
                 args.insert(name.into(), Value::from(v));
             }
         }
         args
     }
+}
+
+/// Whether limit `a` and limit `b` cannot both be set: a total (`bps`,
+/// `bps_max`) and a read/write limit (`bps_rd`, `bps_wr_max`...) of one kind.
+fn excludes(a: &str, b: &str) -> bool {
+    let parts = |n: &str| {
+        let n = n.strip_suffix("_max").unwrap_or(n);
+        match n.split_once('_') {
+            Some((kind, _)) => (kind.to_string(), false),
+            None => (n.to_string(), true),
+        }
+    };
+    let ((ka, ta), (kb, tb)) = (parts(a), parts(b));
+    a != "iops_size" && b != "iops_size" && ka == kb && ta != tb
 }
 
 /// The first line of `input` without its line ending; `None` at end of input.
@@ -244,7 +269,11 @@ mod tests {
         assert_eq!(parse_size("64KB"), Ok(64 << 10));
         assert_eq!(parse_size("100B"), Ok(100));
         assert_eq!(parse_size(" 3M "), Ok(3 << 20));
-        for bad in ["", "M", "B", "1X", "1.5G", "-1", "+1", "1 M", "K1", "é"] {
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5k"), Ok(512));
+        for bad in [
+            "", "M", "B", "1X", "1.5", "1.G", "1.5.5G", "-1", "+1", "1 M", "K1", "é",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(parse_size("16E").is_err(), "overflows u64");
@@ -337,7 +366,10 @@ mod tests {
             "iops": 0, "iops_rd": 0, "iops_wr": 0});
         let none = limits(&[]).unwrap();
         assert!(none.is_empty());
-        assert_eq!(Value::Object(none.arguments("d0", false)), all_avg_zero);
+        assert_eq!(
+            Value::Object(none.arguments("d0", false, &Value::Null)),
+            all_avg_zero
+        );
 
         let l = limits(&["--iops", "100", "--bps-wr", "1M", "--bps-max", "2M"]).unwrap();
         assert!(!l.is_empty());
@@ -345,16 +377,37 @@ mod tests {
         want["iops"] = json!(100);
         want["bps_wr"] = json!(1 << 20);
         want["bps_max"] = json!(2 << 20);
-        assert_eq!(Value::Object(l.arguments("d0", false)), want);
+        assert_eq!(Value::Object(l.arguments("d0", false, &Value::Null)), want);
 
         let l = limits(&["--iops-size", "4K", "--iops-rd-max", "7"]).unwrap();
-        let args = l.arguments("d0", false);
+        let args = l.arguments("d0", false, &Value::Null);
         assert_eq!(args["iops_size"], json!(4096));
         assert_eq!(args["iops_rd_max"], json!(7));
         assert_eq!(args.len(), 9);
 
+        // The limits not named keep their current values.
+        let now = json!({"bps": 5, "iops_rd": 9, "iops_max": 3, "iops_size": 512});
+        let args = limits(&["--iops", "100"])
+            .unwrap()
+            .arguments("d0", false, &now);
+        assert_eq!(
+            (
+                &args["bps"],
+                &args["iops"],
+                &args["iops_max"],
+                &args["iops_size"]
+            ),
+            (&json!(5), &json!(100), &json!(3), &json!(512))
+        );
+        // ... except the read/write limits a total replaces.
+        assert_eq!(args["iops_rd"], json!(0));
+
+        assert!(excludes("iops", "iops_wr") && excludes("bps_rd_max", "bps_max"));
+        assert!(!excludes("iops", "bps_rd") && !excludes("iops_rd", "iops_wr"));
+        assert!(!excludes("iops_size", "iops") && !excludes("iops", "iops_max"));
+
         // --off: every limit, optional ones included, as 0.
-        let off = l.arguments("d0", true);
+        let off = l.arguments("d0", true, &Value::Null);
         assert_eq!(off.len(), 14);
         assert!(throttle_names().all(|n| off[n] == json!(0)));
 

@@ -54,6 +54,22 @@ impl fmt::Display for QmpError {
 
 impl std::error::Error for QmpError {}
 
+/// What to tell a user whose socket does not answer.
+fn why_not(socket: &Path, e: &io::Error) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let hint = "start blkfs (--qmp PATH) or pass --socket PATH (or set BLKFS_SOCKET)";
+    match std::fs::metadata(socket) {
+        Err(_) => format!("no blkfs there: {hint}"),
+        Ok(m) if !m.file_type().is_socket() => {
+            "not a socket: pass the control socket blkfs was started with (--qmp)".to_string()
+        }
+        Ok(_) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            format!("no blkfs is listening (a stale socket?): {hint}")
+        }
+        Ok(_) => e.to_string(),
+    }
+}
+
 impl QmpError {
     /// Error reply as the `{"error": ...}` member of a reply.
     fn from_reply(error: &Value) -> QmpError {
@@ -122,7 +138,7 @@ impl Client {
             socket: socket.to_path_buf(),
             reason,
         };
-        let stream = UnixStream::connect(socket).map_err(|e| connect_err(e.to_string()))?;
+        let stream = UnixStream::connect(socket).map_err(|e| connect_err(why_not(socket, &e)))?;
         let mut client = Client::over(stream, timeout).map_err(|e| connect_err(e.to_string()))?;
         client.handshake().map_err(|e| match e {
             QmpError::Connect { .. } => e,

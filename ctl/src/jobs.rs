@@ -35,7 +35,7 @@ const NOJOB_GRACE: Duration = Duration::from_millis(500);
 /// The rate is measured over about this much recent progress.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Exit status when the job's result cannot be known.
-const EXIT_UNKNOWN: u8 = 2;
+pub const EXIT_UNKNOWN: u8 = 4;
 
 /// What a job does when an I/O error occurs (BlockdevOnError).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,7 +201,8 @@ impl StartJob for CommitArgs {
 /// What mirror and backup share: the target and how the job copies to it.
 #[derive(Args, Debug, Clone)]
 pub struct CopyArgs {
-    /// Target image file
+    /// Target image file (a relative name is resolved here, not by the daemon)
+    #[arg(value_parser = crate::paths::absolute)]
     target: String,
     /// What to copy
     #[arg(long, value_enum)]
@@ -1071,10 +1072,10 @@ mod tests {
         );
         assert!(parse(&["mirror", "d0", "t", "--sync", "some"]).is_err());
         assert_eq!(
-            start(&["mirror", "d0", "t.qcow2", "--sync", "full"]),
+            start(&["mirror", "d0", "/img/t.qcow2", "--sync", "full"]),
             (
                 "drive-mirror",
-                json!({"device": "d0", "target": "t.qcow2", "sync": "full"}),
+                json!({"device": "d0", "target": "/img/t.qcow2", "sync": "full"}),
                 None
             )
         );
@@ -1082,7 +1083,7 @@ mod tests {
             start(&[
                 "mirror",
                 "d0",
-                "t.raw",
+                "/img/t.raw",
                 "--sync",
                 "none",
                 "--format",
@@ -1107,7 +1108,7 @@ mod tests {
             ]),
             (
                 "drive-mirror",
-                json!({"device": "d0", "target": "t.raw", "sync": "none", "format": "raw",
+                json!({"device": "d0", "target": "/img/t.raw", "sync": "none", "format": "raw",
                     "node-name": "tn", "replaces": "old", "mode": "absolute-paths",
                     "speed": 10 << 20, "granularity": 65536, "buf-size": 8 << 20,
                     "on-source-error": "stop", "on-target-error": "ignore"}),
@@ -1145,7 +1146,8 @@ mod tests {
             ]),
             (
                 "drive-backup",
-                json!({"device": "d0", "target": "b.qcow2", "sync": "top", "format": "qcow2",
+                json!({"device": "d0", "target": crate::paths::absolute("b.qcow2").unwrap(),
+                    "sync": "top", "format": "qcow2",
                     "mode": "existing", "speed": 512 << 10, "on-source-error": "report",
                     "on-target-error": "enospc"}),
                 Some(Until::ReadyOrEnd)
@@ -1394,8 +1396,8 @@ mod tests {
         );
         let (msg, code) = verdict("d0", &End::NoJob).unwrap_err();
         assert!(msg.starts_with("no active job on d0"), "{msg}");
-        assert_eq!(code, 2);
-        assert_eq!(verdict("d0", &End::Vanished).unwrap_err().1, 2);
+        assert_eq!(code, EXIT_UNKNOWN);
+        assert_eq!(verdict("d0", &End::Vanished).unwrap_err().1, EXIT_UNKNOWN);
     }
 
     #[test]

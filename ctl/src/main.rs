@@ -4,11 +4,12 @@ mod args;
 mod client;
 mod format;
 mod jobs;
-mod keyval;
 mod offline;
+mod paths;
 mod table;
 
 use args::{SizeChange, Target, ThrottleLimits};
+use blkfs_engine::policy::throttle::ThrottleConfig;
 use clap::{CommandFactory, Parser, Subcommand};
 use client::{Client, QmpError};
 use format::{bool_cell, cell, human_size, size_cell};
@@ -23,11 +24,21 @@ const DEFAULT_SOCKET: &str = "./blkfs.sock";
 const SOCKET_ENV: &str = "BLKFS_SOCKET";
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Exit statuses, for scripts (documented in `--help`).
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_NO_CONNECTION: u8 = 3;
+
 #[derive(Parser)]
 #[command(
     name = "blkctl",
     version,
-    about = "Command-line QMP client for the blkfs daemon"
+    about = "Command-line QMP client for the blkfs daemon",
+    after_help = "Exit status: 0 done; 1 the command failed (the daemon's error, a failed \
+job); 2 usage error; 3 no connection to the daemon (no socket, nobody listening, \
+connection lost); 4 `job wait`: the job's result cannot be known. `check` exits as \
+qemu-img check does (2 corruption, 3 leaks only). With --json, errors are printed \
+on stdout as {\"error\": {\"class\": ..., \"desc\": ...}}."
 )]
 struct Cli {
     /// QMP control socket of the daemon [default: $BLKFS_SOCKET, else ./blkfs.sock]
@@ -60,12 +71,15 @@ enum Command {
     },
     /// Add a block device (blockdev-add)
     ///
-    /// SPEC is a JSON object or QEMU's dotted key=value form, e.g.
+    /// SPEC is what `blkfs --blockdev` takes, checked by the same parser: a
+    /// JSON object or QEMU's dotted key=value form, e.g.
     /// driver=raw,id=disk0,file.driver=file,file.filename=a.img
-    /// (a comma inside a value is written ",,").
+    /// (a comma inside a value is written ","), `throttling.*` keys
+    /// included. Relative file names are made absolute here (the daemon's
+    /// working directory is not yours).
     Add {
         #[arg(value_parser = parse_spec, value_name = "SPEC")]
-        spec: Map<String, Value>,
+        spec: AddSpec,
     },
     /// List block devices (query-block)
     Block,
@@ -231,6 +245,37 @@ enum Command {
         #[arg(long = "force-share", short = 'U')]
         force_share: bool,
     },
+    /// Print a shell completion script (no daemon needed), e.g.
+    /// `source <(blkctl completions bash)`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page in roff (no daemon needed), e.g.
+    /// `blkctl man | man -l -`
+    Man,
+}
+
+/// The subcommands that work without a daemon: their help leaves out --socket.
+const OFFLINE: &[&str] = &["check", "create", "map", "completions", "man"];
+
+/// blkctl's command line, with --socket hidden where it does not apply.
+fn cli_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for name in OFFLINE {
+        // A subcommand's own arg of the same id stops the global one
+        // reaching it: this one is accepted and ignored, and not listed.
+        cmd = cmd.mut_subcommand(name, |c| {
+            c.arg(
+                clap::Arg::new("socket")
+                    .long("socket")
+                    .value_name("PATH")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .hide(true),
+            )
+        });
+    }
+    cmd
 }
 
 #[derive(Clone)]
@@ -257,12 +302,18 @@ fn parse_qmp_target(s: &str) -> Result<QmpTarget, String> {
     }
 }
 
-fn parse_spec(s: &str) -> Result<Map<String, Value>, String> {
-    if s.trim_start().starts_with('{') {
-        parse_json_object(s)
-    } else {
-        keyval::parse(s).map_err(|e| e.to_string())
-    }
+/// `blkctl add`'s SPEC: blockdev-add's options and the throttling limits.
+#[derive(Clone, Debug)]
+struct AddSpec {
+    options: Value,
+    throttle: Option<ThrottleConfig>,
+}
+
+fn parse_spec(s: &str) -> Result<AddSpec, String> {
+    let (mut options, throttle) =
+        blkfs_engine::options::BlockdevOptions::qmp_from_cli(s).map_err(|e| e.to_string())?;
+    paths::absolutize_spec(&mut options)?;
+    Ok(AddSpec { options, throttle })
 }
 
 /// Why a subcommand stopped early.
@@ -305,8 +356,34 @@ fn usage(command: &'static str, message: impl Into<String>) -> Failure {
     }
 }
 
+/// Ends with an error: JSON on stdout with --json, else a line on stderr.
+fn fail(json: bool, class: &str, desc: &str, code: u8) -> ExitCode {
+    if json {
+        println!("{}", json!({"error": {"class": class, "desc": desc}}));
+    } else {
+        eprintln!("blkctl: {desc}");
+    }
+    ExitCode::from(code)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let parsed = cli_command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::{DisplayHelp, DisplayVersion};
+            let json = std::env::args().any(|a| a == "--json");
+            if !json || matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                e.exit();
+            }
+            let text = e.to_string();
+            let desc = text.lines().next().unwrap_or_default();
+            let desc = desc.strip_prefix("error: ").unwrap_or(desc);
+            return fail(true, "UsageError", desc, EXIT_USAGE);
+        }
+    };
     let socket = cli.socket.clone().unwrap_or_else(|| {
         std::env::var_os(SOCKET_ENV)
             .filter(|s| !s.is_empty())
@@ -351,10 +428,35 @@ fn main() -> ExitCode {
             options.as_deref(),
         ) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("blkctl: {image}: {e}");
-                ExitCode::from(1)
-            }
+            Err(e) => fail(
+                cli.json,
+                "GenericError",
+                &format!("{image}: {e}"),
+                EXIT_FAILED,
+            ),
+        };
+    }
+    let generated = match &cli.command {
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cli_command(), "blkctl", &mut out);
+            Some(Ok(out))
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            Some(
+                clap_mangen::Man::new(cli_command())
+                    .render(&mut out)
+                    .map(|()| out),
+            )
+        }
+        _ => None,
+    };
+    if let Some(text) = generated {
+        return match text.and_then(|t| io::stdout().write_all(&t)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => fail(cli.json, "GenericError", &e.to_string(), EXIT_FAILED),
         };
     }
     if let Command::Check {
@@ -369,24 +471,27 @@ fn main() -> ExitCode {
         Command::Events => None,
         _ => Some(REPLY_TIMEOUT),
     };
+    let json = cli.json;
     let result = Client::connect(&socket, timeout)
         .map_err(Failure::from)
-        .and_then(|mut client| run(&mut client, cli.command, cli.json));
+        .and_then(|mut client| run(&mut client, cli.command, json));
     match result {
         Ok(code) => code,
+        Err(Failure::Qmp(QmpError::Command { class, desc })) => {
+            fail(json, &class, &format!("{class}: {desc}"), EXIT_FAILED)
+        }
         Err(Failure::Qmp(e @ QmpError::Connect { .. })) => {
-            eprintln!("blkctl: {e}");
-            ExitCode::from(2)
+            fail(json, "NoConnection", &e.to_string(), EXIT_NO_CONNECTION)
         }
-        Err(Failure::Qmp(e)) => {
-            eprintln!("blkctl: {e}");
-            ExitCode::from(1)
-        }
+        Err(Failure::Qmp(e)) => fail(json, "ConnectionLost", &e.to_string(), EXIT_NO_CONNECTION),
         // The reader went away (`blkctl events | head`): nothing left to say.
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(Failure::Output(e)) => {
             eprintln!("blkctl: cannot write output: {e}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(Failure::Usage { message, .. }) if json => {
+            fail(true, "UsageError", &message, EXIT_USAGE)
         }
         Err(Failure::Usage { command, message }) => {
             let mut cli = Cli::command();
@@ -398,13 +503,13 @@ fn main() -> ExitCode {
             }
             .exit()
         }
-        Err(Failure::Other(msg)) => {
-            eprintln!("blkctl: {msg}");
-            ExitCode::from(1)
-        }
+        Err(Failure::Other(msg)) => fail(json, "GenericError", &msg, EXIT_FAILED),
         Err(Failure::Exit { message, code }) => {
-            eprintln!("blkctl: {message}");
-            ExitCode::from(code)
+            let class = match code {
+                jobs::EXIT_UNKNOWN => "JobResultUnknown",
+                _ => "JobFailed",
+            };
+            fail(json, class, &message, code)
         }
     }
 }
@@ -461,9 +566,13 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
         Command::Backup(job) => jobs::cmd_start(client, &job, json),
         Command::Jobs => jobs::cmd_jobs(client, json),
         Command::Job { action } => jobs::cmd_job(client, action, json),
-        Command::Map { .. } | Command::Check { .. } | Command::Create { .. } => {
-            unreachable!("runs without a daemon")
-        }
+        Command::Map { .. }
+        | Command::Check { .. }
+        | Command::Create { .. }
+        | Command::Completions { .. }
+        | Command::Man => Err(Failure::Other(
+            "this subcommand runs without a daemon".into(),
+        )),
     }
 }
 
@@ -619,13 +728,19 @@ fn cmd_qmp(
     })
 }
 
-fn cmd_add(client: &mut Client, spec: Map<String, Value>, json: bool) -> Outcome {
+fn cmd_add(client: &mut Client, spec: AddSpec, json: bool) -> Outcome {
     let name = spec
+        .options
         .get("id")
-        .or_else(|| spec.get("node-name"))
+        .or_else(|| spec.options.get("node-name"))
         .and_then(Value::as_str)
         .map(str::to_string);
-    let ret = client.execute("blockdev-add", Some(json!({ "options": spec })))?;
+    let ret = client.execute("blockdev-add", Some(json!({ "options": spec.options })))?;
+    if let (Some(cfg), Some(id)) = (spec.throttle, &name) {
+        let mut args = cfg.to_qmp();
+        args.insert("device".into(), json!(id));
+        client.execute("block_set_io_throttle", Some(Value::Object(args)))?;
+    }
     if json {
         emit_json(&ret)?;
     } else {
@@ -846,7 +961,17 @@ fn cmd_throttle(
     json: bool,
 ) -> Outcome {
     if off || !limits.is_empty() {
-        let args = limits.arguments(device, off);
+        // Only the limits named change: the others are read first.
+        let current = match off {
+            true => Value::Null,
+            // An unknown device: block_set_io_throttle says DeviceNotFound.
+            false => match find_in_query(client, "query-block", "device", device) {
+                Ok(dev) => dev.get("inserted").cloned().unwrap_or(Value::Null),
+                Err(Failure::Other(_)) => Value::Null,
+                Err(e) => return Err(e),
+            },
+        };
+        let args = limits.arguments(device, off, &current);
         let msg = match throttle_summary(&Value::Object(args.clone())) {
             none if none == "-" => format!("{device}: no I/O limits"),
             set => format!("{device}: I/O limits {set}"),
@@ -895,6 +1020,7 @@ fn cmd_snapshot(
 ) -> Outcome {
     let (mut args, [file]) = target.resolve([file]).map_err(|m| usage("snapshot", m))?;
     let file = file.ok_or_else(|| usage("snapshot", "FILE is missing"))?;
+    let file = paths::absolute(&file).map_err(Failure::Other)?;
     args.insert("snapshot-file".into(), json!(file));
     if let Some(n) = node_name {
         args.insert("snapshot-node-name".into(), json!(n));

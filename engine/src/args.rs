@@ -9,6 +9,66 @@
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
+use std::cell::RefCell;
+
+thread_local! {
+    /// While [`typed`] runs: the typed value of every string a lenient
+    /// read converted, by dotted path.
+    static CONVERTED: RefCell<Option<Vec<(String, Value)>>> = const { RefCell::new(None) };
+}
+
+/// Records that the lenient string at `path` means `v`.
+pub(crate) fn note_converted(path: String, v: Value) {
+    CONVERTED.with(|c| {
+        if let Some(list) = c.borrow_mut().as_mut() {
+            list.push((path, v));
+        }
+    });
+}
+
+/// Runs a lenient `parse` of the key=value object `v` and returns, beside
+/// its result, `v` with the types the parser gave its strings (numbers,
+/// booleans) and numbered objects as arrays: what QMP's strict parser
+/// takes. One parser decides the types for both.
+pub fn typed<T>(v: Value, parse: impl FnOnce(Value) -> Result<T>) -> Result<(T, Value)> {
+    CONVERTED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let r = parse(v.clone());
+    let converted = CONVERTED
+        .with(|c| c.borrow_mut().take())
+        .unwrap_or_default();
+    let out = r?;
+    let mut v = v;
+    for (path, typed) in converted {
+        let pointer: String = path
+            .split('.')
+            .map(|p| format!("/{}", p.replace('~', "~0").replace('/', "~1")))
+            .collect();
+        if let Some(slot) = v.pointer_mut(&pointer) {
+            *slot = typed;
+        }
+    }
+    Ok((out, numbered_to_arrays(v)))
+}
+
+/// Objects whose keys are all `0`, `1`, ... (keyval's lists) become arrays.
+fn numbered_to_arrays(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let numbered = !m.is_empty() && m.keys().all(|k| k.parse::<usize>().is_ok());
+            let mut items: Vec<(String, Value)> = m
+                .into_iter()
+                .map(|(k, v)| (k, numbered_to_arrays(v)))
+                .collect();
+            if numbered {
+                items.sort_by_key(|(k, _)| k.parse::<usize>().unwrap_or(usize::MAX));
+                Value::Array(items.into_iter().map(|(_, v)| v).collect())
+            } else {
+                Value::Object(items.into_iter().collect())
+            }
+        }
+        other => other,
+    }
+}
 
 pub struct Args {
     map: Map<String, Value>,
@@ -86,14 +146,20 @@ impl Args {
         match self.take(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(Value::String(s)) if self.lenient => match s.as_str() {
-                "on" | "yes" | "true" => Ok(Some(true)),
-                "off" | "no" | "false" => Ok(Some(false)),
-                _ => Err(Error::generic(format!(
-                    "Parameter '{}' expects 'on' or 'off'",
-                    self.path(key)
-                ))),
-            },
+            Some(Value::String(s)) if self.lenient => {
+                let b = match s.as_str() {
+                    "on" | "yes" | "true" => true,
+                    "off" | "no" | "false" => false,
+                    _ => {
+                        return Err(Error::generic(format!(
+                            "Parameter '{}' expects 'on' or 'off'",
+                            self.path(key)
+                        )))
+                    }
+                };
+                note_converted(self.path(key), Value::Bool(b));
+                Ok(Some(b))
+            }
             Some(_) => Err(self.type_error(key, "boolean")),
         }
     }
@@ -105,9 +171,13 @@ impl Args {
                 .as_i64()
                 .map(Some)
                 .ok_or_else(|| self.type_error(key, "integer")),
-            Some(Value::String(s)) if self.lenient => s.parse::<i64>().map(Some).map_err(|_| {
-                Error::generic(format!("Parameter '{}' expects an integer", self.path(key)))
-            }),
+            Some(Value::String(s)) if self.lenient => {
+                let n = s.parse::<i64>().map_err(|_| {
+                    Error::generic(format!("Parameter '{}' expects an integer", self.path(key)))
+                })?;
+                note_converted(self.path(key), Value::from(n));
+                Ok(Some(n))
+            }
             Some(_) => Err(self.type_error(key, "integer")),
         }
     }

@@ -266,18 +266,23 @@ impl BlockdevOptions {
     pub fn from_daemon_cli(s: &str) -> Result<(Self, Option<ThrottleConfig>)> {
         let (mut v, lenient) = cli_value(s)?;
         let probed = probe_missing_driver(&mut v, lenient)?;
-        let throttling = v.as_object_mut().and_then(|m| m.remove("throttling"));
-        let cfg = throttling
-            .map(|t| parse_throttling(Args::new(t, "throttling", lenient)?))
-            .transpose()?;
+        let cfg = take_throttling(&mut v, lenient)?;
         let mut opts = Self::parse(Args::new(v, "", lenient)?)?;
         opts.probed = probed;
-        if cfg.is_some() && opts.id.is_none() {
-            return Err(Error::generic(
-                "'throttling' applies to a device: it needs an 'id'",
-            ));
-        }
+        check_throttling_target(&opts, &cfg)?;
         Ok((opts, cfg))
+    }
+
+    /// The same spec for a client (`blkctl add`): checked by the daemon's
+    /// parser, returned as the typed JSON `blockdev-add` takes, with the
+    /// throttling limits apart (they go to block_set_io_throttle). No
+    /// probing: the daemon's blockdev-add needs the driver.
+    pub fn qmp_from_cli(s: &str) -> Result<(Value, Option<ThrottleConfig>)> {
+        let (mut v, lenient) = cli_value(s)?;
+        let cfg = take_throttling(&mut v, lenient)?;
+        let (opts, typed) = crate::args::typed(v, |v| Self::parse(Args::new(v, "", lenient)?))?;
+        check_throttling_target(&opts, &cfg)?;
+        Ok((typed, cfg))
     }
 
     pub fn parse(mut a: Args) -> Result<Self> {
@@ -364,6 +369,23 @@ fn cli_value(s: &str) -> Result<(Value, bool)> {
     } else {
         Ok((crate::args::parse_keyval(s)?, true))
     }
+}
+
+/// Takes out and parses the `throttling` group of a spec.
+fn take_throttling(v: &mut Value, lenient: bool) -> Result<Option<ThrottleConfig>> {
+    v.as_object_mut()
+        .and_then(|m| m.remove("throttling"))
+        .map(|t| parse_throttling(Args::new(t, "throttling", lenient)?))
+        .transpose()
+}
+
+fn check_throttling_target(opts: &BlockdevOptions, cfg: &Option<ThrottleConfig>) -> Result<()> {
+    if cfg.is_some() && opts.id.is_none() {
+        return Err(Error::generic(
+            "'throttling' applies to a device: it needs an 'id'",
+        ));
+    }
+    Ok(())
 }
 
 /// QEMU's `-drive` throttling group, in bucket order.
@@ -521,7 +543,9 @@ fn size(a: &mut Args, key: &str) -> Result<Option<u64>> {
                 _ => (s, 0),
             };
             let n: u64 = digits.parse().map_err(|_| bad(a))?;
-            n.checked_mul(1u64 << shift).map(Some).ok_or_else(|| bad(a))
+            let n = n.checked_mul(1u64 << shift).ok_or_else(|| bad(a))?;
+            crate::args::note_converted(a.path(key), Value::from(n));
+            Ok(Some(n))
         }
         Some(_) => Err(Error::generic(format!(
             "Invalid parameter type for '{}', expected: integer",
@@ -610,6 +634,28 @@ fn parse_set_state(mut a: Args) -> Result<SetState> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_client_gets_the_spec_typed_as_qmp_takes_it() {
+        let (v, t) = BlockdevOptions::qmp_from_cli(
+            "driver=quorum,id=q,vote-threshold=2,children.0=n0,\
+             children.1.driver=qcow2,children.1.l2-cache-size=1M,\
+             children.1.file.driver=file,children.1.file.filename=/a,\
+             children.1.file.cache.direct=on,throttling.iops-total=7",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver": "quorum", "id": "q", "vote-threshold": 2, "children": ["n0",
+                {"driver": "qcow2", "l2-cache-size": 1 << 20, "file": {"driver": "file",
+                 "filename": "/a", "cache": {"direct": true}}}]})
+        );
+        assert_eq!(t.map(|t| t.avg[3]), Some(7));
+        // Exactly what QMP's strict parser accepts.
+        BlockdevOptions::from_json(v).unwrap();
+        let e = BlockdevOptions::qmp_from_cli("driver=raw,id=x,file=n,bogus=1").unwrap_err();
+        assert_eq!(e.msg, "Parameter 'bogus' is unexpected");
+    }
 
     #[test]
     fn json_and_keyval_agree() {

@@ -63,9 +63,9 @@ fn job_wait_and_cancel_without_a_job_fail() {
     let img = raw_image(&dir, "a.img", "1M");
     let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
 
-    // No job at the start: the result cannot be known, exit 2.
+    // No job at the start: the result cannot be known, exit 4.
     let (code, out, err) = blkctl(&d.sock, &["job", "wait", "nodev"]);
-    assert_eq!(code, 2, "blkctl job wait nodev: {out} {err}");
+    assert_eq!(code, 4, "blkctl job wait nodev: {out} {err}");
     assert!(err.contains("no active job on nodev"), "stderr: {err}");
 
     let (code, out, err) = blkctl(&d.sock, &["job", "cancel", "d0"]);

@@ -59,9 +59,27 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     if !num.starts_with(|c: char| c.is_ascii_digit()) {
         return Err(format!("invalid size '{s}'"));
     }
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    let bad = || format!("invalid size '{s}'");
+    let too_large = || format!("size '{s}' is too large");
+    // As qemu-img: a fraction needs a unit ("1.5G"); bytes are whole.
+    let (whole, frac) = match num.split_once('.') {
+        Some(_) if shift == 0 => return Err(format!("invalid size '{s}': fractional bytes")),
+        Some((w, f)) if !f.is_empty() && f.len() <= 18 && f.bytes().all(|b| b.is_ascii_digit()) => {
+            (w, Some(f))
+        }
+        Some(_) => return Err(bad()),
+        None => (num, None),
+    };
+    let n: u64 = whole.parse().map_err(|_| bad())?;
+    let mut bytes = n.checked_mul(1 << shift).ok_or_else(too_large)?;
+    if let Some(f) = frac {
+        let digits: u128 = f.parse().map_err(|_| bad())?;
+        let part = (digits << shift) / 10u128.pow(f.len() as u32);
+        bytes = bytes
+            .checked_add(u64::try_from(part).map_err(|_| too_large())?)
+            .ok_or_else(too_large)?;
+    }
+    Ok(bytes)
 }
 
 fn on_off(k: &str, v: &str) -> Result<bool> {

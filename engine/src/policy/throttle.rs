@@ -44,6 +44,22 @@ pub struct ThrottleConfig {
 }
 
 impl ThrottleConfig {
+    /// The limits as block_set_io_throttle and query-block name them: the
+    /// averages always, the bursts and `iops_size` only when set.
+    pub fn to_qmp(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        for i in 0..6 {
+            m.insert(AVG_NAMES[i].into(), self.avg[i].into());
+            if self.max[i] != 0 {
+                m.insert(MAX_NAMES[i].into(), self.max[i].into());
+            }
+        }
+        if self.iops_size != 0 {
+            m.insert("iops_size".into(), self.iops_size.into());
+        }
+        m
+    }
+
     /// Builds a config from signed values, checking them as QEMU does.
     pub fn new(avg: [i64; 6], max: [i64; 6], iops_size: i64) -> Result<ThrottleConfig> {
         if avg.iter().chain(&max).any(|v| *v < 0) || iops_size < 0 {

@@ -3,7 +3,6 @@
 
 use crate::drivers::Encryption;
 use crate::graph::{Device, Node};
-use crate::policy::throttle::{AVG_NAMES, MAX_NAMES};
 use serde_json::{json, Value};
 
 pub fn block_info(d: &Device) -> Value {
@@ -38,15 +37,8 @@ pub fn block_info(d: &Device) -> Value {
 
 /// The device's limits in a `BlockDeviceInfo`; the optional ones only when set.
 pub fn add_throttle(v: &mut Value, d: &Device) {
-    let cfg = d.throttle_config();
-    for i in 0..6 {
-        v[AVG_NAMES[i]] = json!(cfg.avg[i]);
-        if cfg.max[i] != 0 {
-            v[MAX_NAMES[i]] = json!(cfg.max[i]);
-        }
-    }
-    if cfg.iops_size != 0 {
-        v["iops_size"] = json!(cfg.iops_size);
+    for (k, limit) in d.throttle_config().to_qmp() {
+        v[k] = limit;
     }
 }
 

@@ -169,6 +169,12 @@ enum Command {
     },
     /// Resume the devices stopped by their error policy (cont)
     Cont,
+    /// Delete a device with the nodes only it uses, or a node added by
+    /// itself (blockdev-del); refused while the device's file is open
+    Del {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Copy the data of a device's backing chain into its image, so the
     /// image no longer needs it (block-stream)
     ///
@@ -560,6 +566,22 @@ fn run(client: &mut Client, command: Command, json: bool) -> Outcome {
             password_file,
         } => cmd_passwd(client, target, password, password_file, json),
         Command::Cont => simple_command(client, "cont", json!({}), "resumed", json),
+        Command::Del { target } => {
+            let (t, []) = target.resolve([]).map_err(|m| usage("del", m))?;
+            let name = args::target_name(&t).to_string();
+            // blockdev-del names a device by its `id`.
+            let arg = match t.get("device") {
+                Some(d) => json!({"id": d}),
+                None => Value::Object(t),
+            };
+            simple_command(
+                client,
+                "blockdev-del",
+                arg,
+                &format!("deleted {name}"),
+                json,
+            )
+        }
         Command::Stream(job) => jobs::cmd_start(client, &job, json),
         Command::Commit(job) => jobs::cmd_start(client, &job, json),
         Command::Mirror(job) => jobs::cmd_start(client, &job, json),

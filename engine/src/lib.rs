@@ -7,6 +7,7 @@
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
 //! - [`jobs`]: block jobs (stream, commit, mirror, backup) and their control.
+//! - [`nbd`]: the NBD server exporting devices (`nbd-server-*` commands).
 //! - [`perm`]: may an operation change a node under its users (resize).
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
 //! - `testutil` (tests only): helpers shared by the unit tests.
@@ -19,6 +20,7 @@ pub mod graph;
 pub mod io;
 pub mod jobs;
 pub mod map;
+pub mod nbd;
 pub mod options;
 pub mod perm;
 pub mod policy;
@@ -37,6 +39,7 @@ pub struct Engine {
     pub graph: Arc<graph::Graph>,
     pub jobs: Arc<jobs::Jobs>,
     pub events: Arc<qmp::EventBus>,
+    pub nbd: nbd::Server,
     quit_tx: Sender<()>,
     quit_rx: Receiver<()>,
 }
@@ -49,6 +52,7 @@ impl Engine {
             graph: Arc::new(graph::Graph::new(events.clone())),
             jobs: Arc::new(jobs::Jobs::new(events.clone())),
             events,
+            nbd: nbd::Server::default(),
             quit_tx,
             quit_rx,
         })

@@ -7,6 +7,7 @@ pub mod events;
 pub mod framing;
 pub mod info;
 pub mod job_cmds;
+pub mod nbd_cmds;
 pub mod policy_cmds;
 pub mod session;
 

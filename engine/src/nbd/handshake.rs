@@ -331,7 +331,7 @@ mod tests {
             vec![("d0".into(), String::new()), ("d1".into(), String::new())]
         }
         fn info(&self, name: &str) -> Option<ExportInfo> {
-            (name == "d0" || name == "d1").then(|| ExportInfo {
+            (name == "d0" || name == "d1").then_some(ExportInfo {
                 size: 1 << 20,
                 flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY,
                 description: None,

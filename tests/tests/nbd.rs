@@ -705,3 +705,61 @@ fn qmp_commands_and_their_errors() {
     assert!(c.closed());
     qemu_io("raw", raw.as_ref(), &["read -P 0x21 0 64k"]);
 }
+
+/// GO on any stream (here TCP); panics unless the export is entered.
+fn go_on(s: &mut (impl Read + Write), name: &str) {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    s.write_all(&option(proto::OPT_GO, &go_payload(name)))
+        .unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut p = vec![0u8; len as usize];
+        s.read_exact(&mut p).unwrap();
+        match kind {
+            proto::REP_INFO => continue,
+            proto::REP_ACK => return,
+            _ => panic!("GO failed: {kind:#x}"),
+        }
+    }
+}
+
+#[test]
+fn tcp_clients_are_closed_by_remove_stop_and_quit() {
+    let dir = TestDir::new("nbd-tcp-close");
+    let raw = raw_image(&dir, "r.raw", "4M");
+    let d = Daemon::start(&dir, &[raw_spec("d0", &raw, json!({}))]);
+    let mut q = d.qmp();
+    let port = free_port();
+    let addr = json!({"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}});
+    q.ok("nbd-server-start", json!({"addr": addr.clone()}));
+    q.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    let closed = |s: &mut std::net::TcpStream| matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_));
+    let mut a = connect();
+    go_on(&mut a, "d0");
+    q.ok("nbd-server-remove", json!({"name": "d0", "mode": "hard"}));
+    assert!(closed(&mut a));
+    q.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    let (mut b, mut c) = (connect(), connect());
+    go_on(&mut b, "d0");
+    q.ok("nbd-server-stop", json!({}));
+    assert!(closed(&mut b));
+    // c never read its greeting: all it gets is the greeting, then the end.
+    let mut rest = Vec::new();
+    assert_eq!(c.read_to_end(&mut rest).unwrap(), 18);
+    q.ok("nbd-server-start", json!({"addr": addr}));
+    q.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    let mut e = connect();
+    go_on(&mut e, "d0");
+    d.quit();
+    assert!(closed(&mut e));
+}

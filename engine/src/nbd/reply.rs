@@ -20,6 +20,10 @@ pub const MAX_REQUESTS: usize = 128;
 /// (up to 32 MiB) still goes alone.
 pub const MAX_BYTES: u64 = 64 << 20;
 
+/// Replies the writer gathers into one sendmsg (at most 2 iovecs each,
+/// within IOV_MAX).
+const BATCH: usize = 64;
+
 #[derive(Default)]
 pub struct Budget {
     used: Mutex<(usize, u64)>,
@@ -95,25 +99,49 @@ impl Reply {
         self.head.len() + self.data.as_ref().map_or(0, |d| d.len())
     }
 
+    /// The parts still to send.
+    fn rest(&self) -> [&[u8]; 2] {
+        let h = self.head.len();
+        let data: &[u8] = self.data.as_deref().unwrap_or(&[]);
+        if self.sent < h {
+            [&self.head[self.sent..], data]
+        } else {
+            [&[], &data[self.sent - h..]]
+        }
+    }
+
     /// Writes what is left; Ok(true) once all of it is out.
     fn write(&mut self, s: &Stream, nonblocking: bool) -> std::io::Result<bool> {
-        while self.sent < self.len() {
-            let h = self.head.len();
-            let data: &[u8] = self.data.as_deref().unwrap_or(&[]);
-            let parts: [&[u8]; 2] = if self.sent < h {
-                [&self.head[self.sent..], data]
-            } else {
-                [&[], &data[self.sent - h..]]
-            };
-            match s.send(&parts, nonblocking) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
+        write_batch(std::slice::from_mut(self), s, nonblocking)
+    }
+}
+
+/// Writes `replies` in order, gathered into as few sendmsg calls as the
+/// socket allows; Ok(true) once all are out.
+fn write_batch(replies: &mut [Reply], s: &Stream, nonblocking: bool) -> std::io::Result<bool> {
+    let mut first = 0;
+    while first < replies.len() {
+        let parts: Vec<&[u8]> = replies[first..].iter().flat_map(|r| r.rest()).collect();
+        let mut n = match s.send(&parts, nonblocking) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        while n > 0 && first < replies.len() {
+            let r = &mut replies[first];
+            let step = n.min(r.len() - r.sent);
+            r.sent += step;
+            n -= step;
+            if r.sent == r.len() {
+                first += 1;
             }
         }
-        Ok(true)
+        while first < replies.len() && replies[first].sent == replies[first].len() {
+            first += 1;
+        }
     }
+    Ok(true)
 }
 
 #[derive(Default)]
@@ -170,19 +198,20 @@ impl Sender {
         drop(dropped);
     }
 
-    /// The writer thread: sends queued replies, blocking, until
-    /// [`Sender::finish`] and an empty queue, or a dead socket.
+    /// The writer thread: sends queued replies, blocking, several at a
+    /// time, until [`Sender::finish`] and an empty queue, or a dead socket.
     pub fn run(&self) {
         loop {
-            let mut r = {
+            let mut batch: Vec<Reply> = {
                 let mut st = self.st.lock();
                 loop {
                     if st.dead {
                         return;
                     }
-                    if let Some(r) = st.queue.pop_front() {
+                    if !st.queue.is_empty() {
                         st.busy = true;
-                        break r;
+                        let n = st.queue.len().min(BATCH);
+                        break st.queue.drain(..n).collect();
                     }
                     if st.finishing {
                         return;
@@ -190,13 +219,13 @@ impl Sender {
                     self.cv.wait(&mut st);
                 }
             };
-            let res = r.write(&self.stream, false);
+            let res = write_batch(&mut batch, &self.stream, false);
             let mut st = self.st.lock();
             st.busy = false;
             if let Err(e) = res {
                 self.kill(st, e);
             }
-            drop(r);
+            drop(batch);
         }
     }
 

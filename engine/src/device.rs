@@ -76,7 +76,29 @@ pub enum Role {
     Device,
     /// The device of an export of a node (block-export-add, `--export`):
     /// no QMP device, named by the export's id.
-    Export { writable: bool },
+    Export { writable: bool, kind: ExportKind },
+}
+
+/// Where an export's device is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// A file of the FUSE mount.
+    Fuse,
+    /// The NBD server, under the export's NBD name.
+    Nbd,
+}
+
+impl Role {
+    /// Whether the device is a file of the mount.
+    pub fn in_mount(self) -> bool {
+        !matches!(
+            self,
+            Role::Export {
+                kind: ExportKind::Nbd,
+                ..
+            }
+        )
+    }
 }
 
 pub struct Device {
@@ -158,7 +180,14 @@ impl Device {
     }
 
     pub fn read_only(&self) -> bool {
-        self.root.read().opts.read_only || self.role == Role::Export { writable: false }
+        self.root.read().opts.read_only
+            || matches!(
+                self.role,
+                Role::Export {
+                    writable: false,
+                    ..
+                }
+            )
     }
 
     pub fn io_status(&self) -> IoStatus {

@@ -7,6 +7,7 @@
 //! - [`io`]: backends for `aio=native` (io_uring) and `aio=threads`, aligned buffers.
 //! - [`qmp`]: framing, sessions, the command table and the event bus.
 //! - [`jobs`]: block jobs (stream, commit, mirror, backup) and their control.
+//! - [`nbd`]: the NBD server exporting devices (`nbd-server-*` commands).
 //! - [`perm`]: may an operation change a node under its users (resize).
 //! - [`error`]: one error type, mapped to QMP error classes and errnos.
 //! - `testutil` (tests only): helpers shared by the unit tests.
@@ -19,6 +20,7 @@ pub mod graph;
 pub mod io;
 pub mod jobs;
 pub mod map;
+pub mod nbd;
 pub mod options;
 pub mod perm;
 pub mod policy;
@@ -37,6 +39,7 @@ pub struct Engine {
     pub graph: Arc<graph::Graph>,
     pub jobs: Arc<jobs::Jobs>,
     pub events: Arc<qmp::EventBus>,
+    pub nbd: Arc<nbd::Server>,
     quit_tx: Sender<()>,
     quit_rx: Receiver<()>,
 }
@@ -45,10 +48,24 @@ impl Engine {
     pub fn new() -> Arc<Engine> {
         let (quit_tx, quit_rx) = crossbeam_channel::unbounded();
         let events = Arc::new(qmp::EventBus::default());
+        let graph = Arc::new(graph::Graph::new(events.clone()));
+        let nbd = Arc::new(nbd::Server::default());
+        let exported = nbd.clone();
+        // A device an NBD export serves is not deleted under its clients.
+        graph.on_busy_check(move |dev| {
+            let names = exported.names_of(dev);
+            (!names.is_empty()).then(|| {
+                format!(
+                    "it is exported over NBD as '{}' (nbd-server-remove first)",
+                    names.join("', '")
+                )
+            })
+        });
         Arc::new(Engine {
-            graph: Arc::new(graph::Graph::new(events.clone())),
+            graph,
             jobs: Arc::new(jobs::Jobs::new(events.clone())),
             events,
+            nbd,
             quit_tx,
             quit_rx,
         })

@@ -71,8 +71,9 @@ pub fn map(top: &Arc<Node>) -> Result<Vec<MapEntry>> {
     Ok(out)
 }
 
-/// Walks down the chain until a layer allocates `pos`.
-fn entry_at(top: &Arc<Node>, pos: u64, mut len: u64) -> Result<MapEntry> {
+/// Walks down the chain until a layer allocates `pos` (the NBD server's
+/// block status too).
+pub fn entry_at(top: &Arc<Node>, pos: u64, mut len: u64) -> Result<MapEntry> {
     let mut node = top.clone();
     let mut depth = 0;
     loop {

@@ -475,7 +475,7 @@ impl Export {
             (root, true, ".".to_string()),
             (root, true, "..".to_string()),
         ];
-        for d in self.engine.graph.all_devices() {
+        for d in self.engine.graph.files() {
             let id = d.id.clone();
             entries.push((self.inode_of(d), false, id));
         }

@@ -175,6 +175,9 @@ fn run(mut cli: Cli, readiness: &mut service::Readiness) -> Result<(), String> {
 
     let _ = engine.quit_requests().recv();
     service::sd_notify("STOPPING=1");
+    // NBD clients first: their requests in flight finish, and no new
+    // ones wait at the drained devices' gates.
+    engine.nbd.shut_down();
     // Jobs first: a cancelled job leaves its images consistent (a mirror
     // stays on its source) before the devices drain.
     engine.jobs.cancel_all(std::time::Duration::from_secs(30));

@@ -322,3 +322,61 @@ fn deleting_a_passthrough_device_gives_its_backing_file_back() {
     qemu_io("raw", img.as_ref(), &["write -P 5 0 4k"]);
     d.quit();
 }
+
+#[test]
+fn nbd_exports_of_nodes_and_devices_held_by_nbd() {
+    let dir = TestDir::new("export-nbd");
+    let img = qcow2_image(&dir, "a.qcow2", "", "4M");
+    qemu_io("qcow2", img.as_ref(), &["write -P 0x6b 0 1M"]);
+    let raw = raw_image(&dir, "d.img", "1M");
+    let d = Daemon::start(
+        &dir,
+        &[qcow2_node("n0", &img), raw_spec("d0", &raw, json!({}))],
+    );
+    let mut q = d.qmp();
+    let nbd_sock = dir.join("nbd.sock");
+    let url = |name: &str| format!("nbd+unix:///{name}?socket={}", nbd_sock.display());
+    let (_, desc) = q.err(
+        "block-export-add",
+        json!({"type": "nbd", "id": "x0", "node-name": "n0"}),
+    );
+    assert_eq!(desc, "NBD server not running");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd_sock}}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "x0", "node-name": "n0", "writable": true}),
+    );
+    // Served over NBD under the node's name, not a file of the mount.
+    assert!(list_dir(&d.mnt).iter().all(|f| f != "x0"));
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(
+        exports,
+        json!([{"type": "nbd", "id": "x0", "node-name": "n0", "shutting-down": false}])
+    );
+    qemu_io("raw", url("n0").as_ref(), &["write -P 0x6c 1M 64k"]);
+    let out = qemu_io_ro(
+        "raw",
+        url("n0").as_ref(),
+        &["read -P 0x6b 0 1M", "read -P 0x6c 1M 64k"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // A device exported by nbd-server-add is kept from deletion.
+    q.ok("nbd-server-add", json!({"device": "d0"}));
+    let (_, desc) = q.err("blockdev-del", json!({"id": "d0"}));
+    assert!(desc.contains("exported over NBD as 'd0'"), "{desc}");
+    q.ok("nbd-server-remove", json!({"name": "d0"}));
+    q.ok("blockdev-del", json!({"id": "d0"}));
+    // Stopping the server ends the NBD exports of nodes too.
+    q.ok("nbd-server-stop", json!({}));
+    let ev = q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(5));
+    assert_eq!(ev["data"], json!({"id": "x0"}));
+    assert_eq!(q.ok("query-block-exports", json!({})), json!([]));
+    q.ok("blockdev-del", json!({"node-name": "n0"}));
+    d.quit();
+    assert_check_clean(&img);
+    let out = qemu_io_ro("qcow2", img.as_ref(), &["read -P 0x6c 1M 64k"]);
+    assert!(!out.contains("failed"), "{out}");
+}

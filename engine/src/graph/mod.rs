@@ -6,7 +6,7 @@
 
 mod removal;
 
-pub use crate::device::{Device, Role};
+pub use crate::device::{Device, ExportKind, Role};
 use crate::drivers::{self, Done, Driver, Status};
 use crate::error::{Error, Result};
 use crate::io::Buf;
@@ -281,15 +281,28 @@ impl Graph {
             .collect()
     }
 
-    /// Every device: the QMP ones and those of exports. Each is a file in
-    /// the mount, named by its id.
+    /// Every device: the QMP ones and those of exports.
     pub fn all_devices(&self) -> Vec<Arc<Device>> {
         self.reg.read().devices.clone()
     }
 
-    /// A device or an export's device by id: the file of that name.
+    /// The files of the mount: QMP devices and FUSE exports, named by id.
+    pub fn files(&self) -> Vec<Arc<Device>> {
+        let reg = self.reg.read();
+        reg.devices
+            .iter()
+            .filter(|d| d.role.in_mount())
+            .cloned()
+            .collect()
+    }
+
+    /// The file `id` of the mount.
     pub fn file(&self, id: &str) -> Option<Arc<Device>> {
-        self.reg.read().device(id).cloned()
+        self.reg
+            .read()
+            .device(id)
+            .filter(|d| d.role.in_mount())
+            .cloned()
     }
 
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {

@@ -7,7 +7,7 @@
 //! blockdev-del names it.
 
 use super::{check_name, Graph};
-use crate::device::{Device, Role};
+use crate::device::{Device, ExportKind, Role};
 use crate::drivers;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::OnError;
@@ -26,8 +26,15 @@ impl Graph {
         self.busy_checks.lock().push(Box::new(f));
     }
 
-    /// Exports node `node_name` as the file `id`.
-    pub fn add_export(&self, id: &str, node_name: &str, writable: bool) -> Result<Arc<Device>> {
+    /// Exports node `node_name` as `id` (a file of the mount, or the device
+    /// an NBD export serves).
+    pub fn add_export(
+        &self,
+        id: &str,
+        node_name: &str,
+        writable: bool,
+        kind: ExportKind,
+    ) -> Result<Arc<Device>> {
         check_name(id, "id")?;
         let mut reg = self.reg.write();
         if reg.device(id).is_some() {
@@ -58,7 +65,7 @@ impl Graph {
         perm::check_new_user(&node, &existing, &user)?;
         let dev = Device::new(
             id.to_string(),
-            Role::Export { writable },
+            Role::Export { writable, kind },
             node,
             OnError::Report,
             OnError::Enospc,
@@ -87,8 +94,9 @@ impl Graph {
 
     /// An export's device by id.
     pub fn export(&self, id: &str) -> Result<Arc<Device>> {
-        self.file(id)
-            .filter(|d| d.role != Role::Device)
+        self.exports()
+            .into_iter()
+            .find(|d| d.id == id)
             .ok_or_else(|| Error::generic(format!("Export '{id}' is not found")))
     }
 

@@ -1,7 +1,7 @@
 //! The command table: name -> handler. Handlers read their arguments
 //! strictly (unknown, missing and mistyped members are errors).
 
-use super::{device_cmds, export_cmds, info, job_cmds, policy_cmds};
+use super::{device_cmds, export_cmds, info, job_cmds, nbd_cmds, policy_cmds};
 use crate::args::Args;
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::BlockdevOptions;
@@ -42,6 +42,10 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block-job-pause", job_cmds::block_job_pause),
     ("block-job-resume", job_cmds::block_job_resume),
     ("block-job-complete", job_cmds::block_job_complete),
+    ("nbd-server-start", nbd_cmds::nbd_server_start),
+    ("nbd-server-add", nbd_cmds::nbd_server_add),
+    ("nbd-server-remove", nbd_cmds::nbd_server_remove),
+    ("nbd-server-stop", nbd_cmds::nbd_server_stop),
 ];
 
 pub fn execute(engine: &Engine, name: &str, args: Value) -> Result<Value> {

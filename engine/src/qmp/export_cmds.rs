@@ -2,7 +2,7 @@
 //! `query-block-exports`, in their modern QEMU form) and `blockdev-del`.
 
 use crate::args::Args;
-use crate::device::Role;
+use crate::device::{ExportKind, Role};
 use crate::error::{Error, Result};
 use crate::Engine;
 use serde_json::{json, Value};
@@ -48,12 +48,28 @@ pub fn block_export_add(e: &Engine, mut a: Args) -> Result<Value> {
                 ));
             }
             a.finish()?;
-            e.graph.add_export(&id, &node, writable)?;
+            e.graph.add_export(&id, &node, writable, ExportKind::Fuse)?;
             Ok(json!({}))
         }
-        "nbd" => Err(Error::generic(
-            "NBD exports are added with nbd-server-add once nbd-server-start runs",
-        )),
+        "nbd" => {
+            // As QEMU: the NBD name defaults to the node's name.
+            let name = a.str("name")?.unwrap_or_else(|| node.clone());
+            if a.str("description")?.is_some() || a.list("bitmaps")?.is_some() {
+                return Err(Error::generic(
+                    "blkfs's NBD server has no export descriptions or bitmaps",
+                ));
+            }
+            a.finish()?;
+            if !e.nbd.is_running() {
+                return Err(Error::generic("NBD server not running"));
+            }
+            let dev = e.graph.add_export(&id, &node, writable, ExportKind::Nbd)?;
+            if let Err(err) = e.nbd.add(&name, dev.clone(), writable) {
+                let _ = e.graph.delete_device(&dev, true);
+                return Err(err);
+            }
+            Ok(json!({}))
+        }
         other => Err(Error::generic(format!(
             "Export type '{other}' is not supported by blkfs (fuse is)"
         ))),
@@ -85,6 +101,19 @@ pub fn unused_nodes(e: &Engine) -> Vec<String> {
         .collect()
 }
 
+/// Deletes the devices of NBD exports (block-export-add type=nbd) that no
+/// NBD export serves any more (after nbd-server-remove or -stop).
+pub fn sweep_nbd_exports(e: &Engine) {
+    for dev in e.graph.exports() {
+        if !dev.role.in_mount() && e.nbd.names_of(&dev).is_empty() {
+            if let Err(err) = e.graph.delete_device(&dev, true) {
+                log::warn!("export '{}': {err}", dev.id);
+            }
+            e.events.emit("BLOCK_EXPORT_DELETED", json!({"id": dev.id}));
+        }
+    }
+}
+
 /// `block-export-del`: `mode=safe` (the default) refuses while the file is
 /// open; `hard` deletes it anyway and its open descriptors get ENODEV.
 pub fn block_export_del(e: &Engine, mut a: Args) -> Result<Value> {
@@ -92,11 +121,19 @@ pub fn block_export_del(e: &Engine, mut a: Args) -> Result<Value> {
     let hard = a.enumeration("mode", &[("safe", false), ("hard", true)])?;
     a.finish()?;
     let dev = e.graph.export(&id)?;
-    e.graph
-        .delete_device(&dev, hard.unwrap_or(false))
-        .map_err(|err| {
-            Error::generic(format!("{}; use mode='hard' to delete it anyway", err.msg))
-        })?;
+    let hard = hard.unwrap_or(false);
+    if let Role::Export {
+        kind: ExportKind::Nbd,
+        ..
+    } = dev.role
+    {
+        for name in e.nbd.names_of(&dev) {
+            e.nbd.remove(&name, hard)?;
+        }
+    }
+    e.graph.delete_device(&dev, hard).map_err(|err| {
+        Error::generic(format!("{}; use mode='hard' to delete it anyway", err.msg))
+    })?;
     e.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
     Ok(json!({}))
 }
@@ -108,7 +145,8 @@ pub fn query_block_exports(e: &Engine, a: Args) -> Result<Value> {
             .exports()
             .iter()
             .map(|d| {
-                json!({"type": "fuse", "id": d.id, "node-name": d.root().name,
+                let kind = if d.role.in_mount() { "fuse" } else { "nbd" };
+                json!({"type": kind, "id": d.id, "node-name": d.root().name,
                        "shutting-down": false})
             })
             .collect(),

@@ -8,6 +8,7 @@ pub mod export_cmds;
 pub mod framing;
 pub mod info;
 pub mod job_cmds;
+pub mod nbd_cmds;
 pub mod policy_cmds;
 pub mod session;
 

@@ -553,14 +553,7 @@ impl Device {
         for req in held {
             req.fail(self.removed_error());
         }
-        let deadline = Instant::now() + QUIESCE_TIMEOUT;
-        while self.inflight.load(Ordering::SeqCst) > 0 {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.wait_idle()
     }
 
     /// At shutdown, after [`Device::shut_down`]: new requests wait at the
@@ -585,6 +578,12 @@ impl Device {
             g.paused += 1;
             self.blocked.store(true, Ordering::SeqCst);
         }
+        self.wait_idle()
+    }
+
+    /// Waits, at most the quiesce timeout, for the requests in flight;
+    /// false when some are left.
+    fn wait_idle(&self) -> bool {
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
         while self.inflight.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {

@@ -195,13 +195,7 @@ impl Driver for BlkverifyDriver {
     }
 
     fn block_status(&self, _offset: u64, len: u64) -> Result<Status> {
-        Ok(Status {
-            len,
-            data: true,
-            zero: false,
-            offset: None,
-            allocated: true,
-        })
+        Ok(Status::data(len, None))
     }
 
     /// QEMU's form: `blkverify:RAW:TEST`.

@@ -408,13 +408,7 @@ impl Driver for FileDriver {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
         let size = self.size();
-        let len = len.min(size.saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::io(
-                libc::ENXIO,
-                "block status past the end of the file",
-            ));
-        }
+        let len = super::status_len(offset, len, size)?;
         let fd = self.fd.as_raw_fd();
         let seek = |whence| {
             // SAFETY: plain syscall on a descriptor we own.
@@ -442,13 +436,7 @@ impl Driver for FileDriver {
             });
         }
         let hole_at = seek(libc::SEEK_HOLE).unwrap_or(size).max(offset + 1);
-        Ok(Status {
-            len: (hole_at - offset).min(len),
-            data: true,
-            zero: false,
-            offset: Some(offset),
-            allocated: true,
-        })
+        Ok(Status::data((hole_at - offset).min(len), Some(offset)))
     }
 
     fn allocated_size(&self) -> Option<u64> {

@@ -68,6 +68,31 @@ pub struct Status {
     pub allocated: bool,
 }
 
+impl Status {
+    /// `len` bytes of data, as a layer without a map reports them.
+    pub fn data(len: u64, offset: Option<u64>) -> Status {
+        Status {
+            len,
+            data: true,
+            zero: false,
+            offset,
+            allocated: true,
+        }
+    }
+}
+
+/// The length a block status query may answer for: `len` cut at `size`;
+/// past the end is ENXIO, as lseek's SEEK_DATA says.
+pub fn status_len(offset: u64, len: u64, size: u64) -> Result<u64> {
+    match len.min(size.saturating_sub(offset)) {
+        0 => Err(Error::io(
+            libc::ENXIO,
+            format!("block status at {offset} is past the end ({size} bytes)"),
+        )),
+        n => Ok(n),
+    }
+}
+
 pub trait Driver: Send + Sync {
     /// `drv` in QMP replies.
     fn format_name(&self) -> &'static str;

@@ -334,15 +334,8 @@ impl Driver for QuorumDriver {
         );
     }
 
-    fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let _ = offset;
-        Ok(Status {
-            len,
-            data: true,
-            zero: false,
-            offset: None,
-            allocated: true,
-        })
+    fn block_status(&self, _offset: u64, len: u64) -> Result<Status> {
+        Ok(Status::data(len, None))
     }
 
     fn filename(&self) -> String {

@@ -31,13 +31,7 @@ pub(crate) fn block_status<M: ClusterMapping>(
     hide_offset: bool,
     plan_first: impl FnOnce(u64) -> Result<Vec<Segment<M>>>,
 ) -> Result<Status> {
-    let len = len.min(size.saturating_sub(offset));
-    if len == 0 {
-        return Err(Error::io(
-            libc::ENXIO,
-            "block status past the end of the image",
-        ));
-    }
+    let len = super::status_len(offset, len, size)?;
     let seg = *plan_first(len)?
         .first()
         .ok_or_else(|| Error::io(libc::EIO, "empty block status"))?;

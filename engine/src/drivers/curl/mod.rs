@@ -328,20 +328,8 @@ impl Driver for CurlDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::io(
-                libc::ENXIO,
-                "block status past the end of the file",
-            ));
-        }
-        Ok(Status {
-            len,
-            data: true,
-            zero: false,
-            offset: Some(offset),
-            allocated: true,
-        })
+        let len = super::status_len(offset, len, self.size)?;
+        Ok(Status::data(len, Some(offset)))
     }
 
     fn allocated_size(&self) -> Option<u64> {

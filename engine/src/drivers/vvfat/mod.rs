@@ -219,14 +219,7 @@ impl Driver for VvfatDriver {
 
     /// Data wherever the plan has bytes; zeroes in free clusters and gaps.
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
-        let size = self.size();
-        let len = len.min(size.saturating_sub(offset));
-        if len == 0 {
-            return Err(Error::io(
-                libc::ENXIO,
-                "block status past the end of the disk",
-            ));
-        }
+        let len = super::status_len(offset, len, self.size())?;
         let (region, n) = self.image.plan.at(offset);
         Ok(Status {
             len: n.min(len),

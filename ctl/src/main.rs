@@ -362,14 +362,19 @@ fn usage(command: &'static str, message: impl Into<String>) -> Failure {
     }
 }
 
-/// Ends with an error: JSON on stdout with --json, else a line on stderr.
-fn fail(json: bool, class: &str, desc: &str, code: u8) -> ExitCode {
+/// Ends with an error: JSON on stdout with --json, else a line on stderr
+/// (`text`, where it says more than `desc`).
+fn fail_with(json: bool, class: &str, desc: &str, text: &str, code: u8) -> ExitCode {
     if json {
         println!("{}", json!({"error": {"class": class, "desc": desc}}));
     } else {
-        eprintln!("blkctl: {desc}");
+        eprintln!("blkctl: {text}");
     }
     ExitCode::from(code)
+}
+
+fn fail(json: bool, class: &str, desc: &str, code: u8) -> ExitCode {
+    fail_with(json, class, desc, desc, code)
 }
 
 fn main() -> ExitCode {
@@ -380,7 +385,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::{DisplayHelp, DisplayVersion};
-            let json = std::env::args().any(|a| a == "--json");
+            let json = std::env::args_os().any(|a| a == "--json");
             if !json || matches!(e.kind(), DisplayHelp | DisplayVersion) {
                 e.exit();
             }
@@ -484,7 +489,12 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Failure::Qmp(QmpError::Command { class, desc })) => {
-            fail(json, &class, &format!("{class}: {desc}"), EXIT_FAILED)
+            let text = format!("{class}: {desc}");
+            fail_with(json, &class, &desc, &text, EXIT_FAILED)
+        }
+        // The command may have run: not a connection failure.
+        Err(Failure::Qmp(e @ QmpError::Timeout(_))) => {
+            fail(json, "Timeout", &e.to_string(), EXIT_FAILED)
         }
         Err(Failure::Qmp(e @ QmpError::Connect { .. })) => {
             fail(json, "NoConnection", &e.to_string(), EXIT_NO_CONNECTION)
@@ -761,7 +771,11 @@ fn cmd_add(client: &mut Client, spec: AddSpec, json: bool) -> Outcome {
     if let (Some(cfg), Some(id)) = (spec.throttle, &name) {
         let mut args = cfg.to_qmp();
         args.insert("device".into(), json!(id));
-        client.execute("block_set_io_throttle", Some(Value::Object(args)))?;
+        if let Err(e) = client.execute("block_set_io_throttle", Some(Value::Object(args))) {
+            // All or nothing: a retry must not meet "Duplicate ID".
+            let _ = client.execute("blockdev-del", Some(json!({"id": id})));
+            return Err(e.into());
+        }
     }
     if json {
         emit_json(&ret)?;

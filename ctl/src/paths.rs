@@ -20,13 +20,15 @@ pub fn absolute(path: &str) -> Result<String, String> {
 const LOCAL: &[&str] = &["file", "host_device", "host_cdrom", "host_floppy"];
 
 /// Resolves every local file name of a blockdev spec: the `filename` of
-/// protocol nodes and vvfat's `dir`, at any depth (children, backing).
+/// protocol nodes, vvfat's `dir` and blkdebug's `config`, at any depth
+/// (children, backing).
 pub fn absolutize_spec(v: &mut Value) -> Result<(), String> {
     match v {
         Value::Object(m) => {
             let driver = m.get("driver").and_then(Value::as_str).map(str::to_string);
             let key = match driver.as_deref() {
                 Some("vvfat") => Some("dir"),
+                Some("blkdebug") => Some("config"),
                 Some(d) if LOCAL.contains(&d) => Some("filename"),
                 _ => None,
             };

@@ -489,7 +489,8 @@ impl Device {
     /// Hands it back when the device is shutting down (no `cont` will come).
     fn stop(&self, req: Box<dyn Pending>) -> Option<Box<dyn Pending>> {
         let mut g = self.gate.lock();
-        if g.closing {
+        // Nobody will `cont` a device that is going away: report instead.
+        if g.closing || g.removed {
             return Some(req);
         }
         g.retry.push_back(req);
@@ -536,6 +537,13 @@ impl Device {
 
     fn removed_error(&self) -> Error {
         Error::io(libc::ENODEV, format!("device '{}' was removed", self.id))
+    }
+
+    /// A deletion that could not drain the device is undone: requests run
+    /// again.
+    pub fn restore(&self) {
+        self.gate.lock().removed = false;
+        self.release();
     }
 
     /// The device is deleted: held requests and every later one fail with

@@ -68,6 +68,8 @@ struct Inodes {
     gone: std::collections::HashSet<u64>,
     /// Open descriptors per inode: a device whose file is open is not deleted.
     opens: HashMap<u64, usize>,
+    /// Being deleted (found closed): opens are refused from then on.
+    deleting: std::collections::HashSet<u64>,
     /// chmod/chown of device files (the kernel checks who may, with
     /// `default_permissions`); kept for the life of the mount.
     owners: HashMap<u64, Owner>,
@@ -199,20 +201,38 @@ impl Export {
         }
     }
 
-    /// The inode of a device, assigned on first sight and stable afterwards.
-    fn inode_of(&self, dev: Arc<Device>) -> u64 {
-        if let Some(ino) = self.inodes.read().by_id.get(&dev.id) {
-            return *ino;
+    /// The inode of a device, assigned on first sight and stable afterwards;
+    /// a device added again under the same id gets a new one.
+    fn inode_of(&self, dev: Arc<Device>) -> Result<u64, Errno> {
+        let mine = |inodes: &Inodes| {
+            let ino = *inodes.by_id.get(&dev.id)?;
+            inodes
+                .by_ino
+                .get(&ino)
+                .is_some_and(|d| Arc::ptr_eq(d, &dev))
+                .then_some(ino)
+        };
+        if let Some(ino) = mine(&self.inodes.read()) {
+            return Ok(ino);
         }
         let mut inodes = self.inodes.write();
-        if let Some(ino) = inodes.by_id.get(&dev.id) {
-            return *ino;
+        if let Some(ino) = mine(&inodes) {
+            return Ok(ino);
+        }
+        // Looked up just as it was deleted: never map a deleted device
+        // (it would stay open for good).
+        let current = self.engine.graph.file(&dev.id);
+        if !current.is_some_and(|d| Arc::ptr_eq(&d, &dev)) {
+            return Err(Errno::ENOENT);
         }
         inodes.next = inodes.next.max(INodeNo::ROOT.0) + 1;
         let ino = inodes.next;
-        inodes.by_id.insert(dev.id.clone(), ino);
+        if let Some(old) = inodes.by_id.insert(dev.id.clone(), ino) {
+            inodes.by_ino.remove(&old);
+            inodes.gone.insert(old);
+        }
         inodes.by_ino.insert(ino, dev);
-        ino
+        Ok(ino)
     }
 
     /// Hooks the mount to device deletion: a device whose file is open is
@@ -220,36 +240,62 @@ impl Export {
     pub fn watch_removals(self: &Arc<Self>, notifier: fuser::Notifier) {
         let me = self.clone();
         self.engine.graph.on_busy_check(move |dev| {
-            let open = || {
-                let inodes = me.inodes.read();
-                let ino = inodes.by_id.get(&dev.id)?;
-                inodes.opens.get(ino).copied().filter(|&n| n > 0)
+            // Closed, it is marked in the same lock: no open slips in
+            // between this check and the deletion.
+            let open_or_mark = || {
+                let mut inodes = me.inodes.write();
+                let ino = *inodes.by_id.get(&dev.id).filter(|i| {
+                    inodes
+                        .by_ino
+                        .get(i)
+                        .is_some_and(|d| std::ptr::eq(&**d, dev))
+                })?;
+                match inodes.opens.get(&ino).copied().filter(|&n| n > 0) {
+                    Some(n) => Some(n),
+                    None => {
+                        inodes.deleting.insert(ino);
+                        None
+                    }
+                }
             };
             // close(2) returns before the kernel's RELEASE reaches us: give
             // a file closed just now the moment its release takes.
             let deadline = std::time::Instant::now() + RELEASE_GRACE;
-            let mut n = open();
+            let mut n = open_or_mark();
             while n.is_some() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
-                n = open();
+                n = open_or_mark();
             }
             n.map(|n| format!("its file in the mount is open ({n} descriptors)"))
         });
         let me = self.clone();
-        self.engine.graph.on_removed(move |id| {
+        self.engine.graph.on_delete_cancelled(move |dev| {
+            let mut inodes = me.inodes.write();
+            if let Some(ino) = inodes.by_id.get(&dev.id).copied() {
+                inodes.deleting.remove(&ino);
+            }
+        });
+        let me = self.clone();
+        self.engine.graph.on_removed(move |dev| {
             let ino = {
                 let mut inodes = me.inodes.write();
-                let Some(ino) = inodes.by_id.remove(id) else {
+                let Some(&ino) = inodes.by_id.get(&dev.id) else {
                     return;
                 };
+                // The id may already name a device added since.
+                if !inodes.by_ino.get(&ino).is_some_and(|d| Arc::ptr_eq(d, dev)) {
+                    return;
+                }
+                inodes.by_id.remove(&dev.id);
                 inodes.by_ino.remove(&ino);
                 inodes.owners.remove(&ino);
+                inodes.deleting.remove(&ino);
                 inodes.gone.insert(ino);
                 ino
             };
             me.close_backing(ino);
-            if let Err(e) = notifier.inval_entry(INodeNo::ROOT, OsStr::new(id)) {
-                log::debug!("forgetting the file of '{id}': {e}");
+            if let Err(e) = notifier.inval_entry(INodeNo::ROOT, OsStr::new(&dev.id)) {
+                log::debug!("forgetting the file of '{}': {e}", dev.id);
             }
         });
     }
@@ -274,20 +320,11 @@ impl Export {
 
     /// A descriptor of `ino` was released.
     pub fn release(&self, ino: u64) {
-        self.opened(ino, false)
-    }
-
-    /// An open of `ino` succeeded / a descriptor of it was released.
-    fn opened(&self, ino: u64, open: bool) {
         let mut inodes = self.inodes.write();
         let n = inodes.opens.entry(ino).or_insert(0);
-        if open {
-            *n += 1;
-        } else {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                inodes.opens.remove(&ino);
-            }
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            inodes.opens.remove(&ino);
         }
     }
 
@@ -331,7 +368,7 @@ impl Export {
                 let root = d.root();
                 let perm = owner
                     .perm
-                    .unwrap_or(if root.opts.read_only { 0o400 } else { 0o600 });
+                    .unwrap_or(if d.read_only() { 0o400 } else { 0o600 });
                 let alloc = root.driver.allocated_size().unwrap_or(0);
                 (
                     FileType::RegularFile,
@@ -390,7 +427,7 @@ impl Export {
         }
         let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
         let dev = self.engine.graph.file(name).ok_or(Errno::ENOENT)?;
-        let ino = self.inode_of(dev.clone());
+        let ino = self.inode_of(dev.clone())?;
         Ok(self.attr(ino, Some(&dev)))
     }
 
@@ -428,13 +465,20 @@ impl Export {
         if flags & libc::O_ACCMODE != libc::O_RDONLY && dev.read_only() {
             return Err(Errno::EROFS);
         }
-        let backing = if dev.passthrough() {
-            Some(self.open_passthrough(ino, &dev)?)
-        } else {
-            None
-        };
-        self.opened(ino, true);
-        Ok(backing)
+        {
+            // Counted in the lock a deletion's check marks it in.
+            let mut inodes = self.inodes.write();
+            if inodes.deleting.contains(&ino) {
+                return Err(Errno::ENODEV);
+            }
+            *inodes.opens.entry(ino).or_insert(0) += 1;
+        }
+        if !dev.passthrough() {
+            return Ok(None);
+        }
+        self.open_passthrough(ino, &dev).map(Some).inspect_err(|_| {
+            self.release(ino);
+        })
     }
 
     /// Opens a passthrough device: the kernel reads and writes its file.
@@ -477,7 +521,10 @@ impl Export {
         ];
         for d in self.engine.graph.files() {
             let id = d.id.clone();
-            entries.push((self.inode_of(d), false, id));
+            // One deleted meanwhile is left out.
+            if let Ok(ino) = self.inode_of(d) {
+                entries.push((ino, false, id));
+            }
         }
         Ok(entries)
     }

@@ -5,7 +5,7 @@
 use blkfs_engine::qmp::framing::{Frame, Splitter};
 use blkfs_engine::qmp::Session;
 use blkfs_engine::Engine;
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{bounded, Sender};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -35,6 +35,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
 /// management stack needs a handful. Past it a client gets an error and
 /// is closed, so a flood of idle connections cannot exhaust the daemon.
 pub const MAX_CLIENTS: usize = 128;
+
+/// Messages queued for one client before its events stop.
+const EVENT_BACKLOG: usize = 4096;
 
 /// Stack of a client thread: opening a backing chain recurses once per
 /// image (up to 1024). Reserved, not touched, unless a chain is that deep.
@@ -100,7 +103,9 @@ fn client(stream: UnixStream, engine: Arc<Engine>) {
     let Ok(mut write_half) = stream.try_clone() else {
         return;
     };
-    let (tx, rx) = unbounded::<String>();
+    // Replies wait for room; events to a client that does not read are
+    // dropped once this many are queued (see EventBus::emit).
+    let (tx, rx) = bounded::<String>(EVENT_BACKLOG);
     let writer = std::thread::Builder::new()
         .name("qmp-writer".into())
         .spawn(move || {

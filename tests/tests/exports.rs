@@ -21,14 +21,25 @@ fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
 }
 
 /// The daemon's descriptors open on `file` (other descriptors come and go
-/// with the threads and rings it starts on demand).
+/// with the threads and rings it starts on demand). The last one closes
+/// when the last completion of the deletion's flush lets go of it, just
+/// after the reply: a leak stays past the second this waits.
 fn fds_on(pid: u32, file: &str) -> usize {
     let want = std::fs::canonicalize(file).unwrap();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|p| *p == want)
-        .count()
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| *p == want)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut n = count();
+    while n > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        n = count();
+    }
+    n
 }
 
 fn rss_kib(pid: u32) -> u64 {

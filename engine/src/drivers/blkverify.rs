@@ -40,8 +40,9 @@ impl Pair {
             self.offset,
             self.len
         );
-        self.events.emit(
+        self.events.emit_limited(
             "BLKVERIFY_MISMATCH",
+            &self.name,
             json!({"node-name": self.name, "type": self.op, "offset": self.offset,
                    "bytes": self.len, "detail": detail}),
         );

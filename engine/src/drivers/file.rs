@@ -234,36 +234,6 @@ impl FileDriver {
     fn fallocate(&self, mode: i32, offset: u64, len: u64, done: Done<()>) {
         self.submit_control(OpKind::Fallocate(mode), offset, len, done);
     }
-
-    /// BLKDISCARD of the whole logical blocks inside the range, off the
-    /// caller's thread (the ioctl waits for the device).
-    fn discard_blocks(&self, offset: u64, len: u64, done: Done<()>) {
-        let block = logical_block_size(&self.fd).unwrap_or(512);
-        let start = offset.next_multiple_of(block);
-        let end = (offset + len) / block * block;
-        if end <= start {
-            return done(Ok(()));
-        }
-        let fd = self.fd.clone();
-        let name = self.filename.clone();
-        io::spawn_blocking(move || {
-            // _IO(0x12, 119): not exported by the libc crate.
-            const BLKDISCARD: libc::c_ulong = 0x1277;
-            let range: [u64; 2] = [start, end - start];
-            // SAFETY: BLKDISCARD reads two u64 from the pointer we pass.
-            let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
-            done(if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    // Advisory: a device without discard keeps the data.
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(()),
-                    _ => Err(Error::from_io(&e, &name)),
-                }
-            } else {
-                Ok(())
-            })
-        });
-    }
 }
 
 impl Driver for FileDriver {
@@ -348,9 +318,20 @@ impl Driver for FileDriver {
     }
 
     fn discard(&self, offset: u64, len: u64, done: Done<()>) {
-        if self.blockdev {
-            return self.discard_blocks(offset, len, done);
-        }
+        // A block device takes whole logical blocks (EINVAL otherwise); its
+        // punch is a write of zeroes that may unmap (BLKDISCARD's effect
+        // with a guarantee), through the same backend as every request.
+        let (offset, len) = if self.blockdev {
+            let block = logical_block_size(&self.fd).unwrap_or(512);
+            let start = offset.next_multiple_of(block);
+            let end = (offset + len) / block * block;
+            if end <= start {
+                return done(Ok(()));
+            }
+            (start, end - start)
+        } else {
+            (offset, len)
+        };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.fallocate(
             mode,

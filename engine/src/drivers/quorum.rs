@@ -106,13 +106,15 @@ impl Tally {
         if let Some(e) = error {
             data["error"] = json!(e.to_string());
         }
-        self.events.emit("QUORUM_REPORT_BAD", data);
+        self.events
+            .emit_limited("QUORUM_REPORT_BAD", &child.name, data);
     }
 
     fn failure(&self, why: String) -> Error {
         let (first, count) = sectors(self.offset, self.len);
-        self.events.emit(
+        self.events.emit_limited(
             "QUORUM_FAILURE",
+            &self.reference,
             json!({"reference": self.reference, "sector-num": first, "sectors-count": count}),
         );
         log::error!(
@@ -192,8 +194,9 @@ impl QuorumDriver {
     }
 }
 
-/// Children grouped by identical content, the largest group first (the
-/// earliest child's group on a tie, as QEMU picks its winner).
+/// Children grouped by identical content, the largest group first; on a
+/// tie the group seen last first, as QEMU picks its winner (new versions go
+/// to the head of its list, and a later one needs more votes to lose).
 fn versions(bufs: &[Option<Buf>]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, b) in bufs.iter().enumerate() {
@@ -206,7 +209,8 @@ fn versions(bufs: &[Option<Buf>]) -> Vec<Vec<usize>> {
             None => groups.push(vec![i]),
         }
     }
-    // Stable: equal counts keep the order of their first child.
+    groups.reverse();
+    // Stable: equal counts keep that order.
     groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
     groups
 }
@@ -273,22 +277,26 @@ impl Driver for QuorumDriver {
                 let fixes: Vec<Arc<Node>> = losers.iter().map(|&i| cs[i].clone()).collect();
                 let data = Buf::from_slice(&out);
                 let fixed = fixes.clone();
-                fanout::all(
-                    fixes.len(),
-                    |i, d| fixes[i].write(offset, Buf::from_slice(&data), d),
-                    move |results| {
-                        for (r, child) in results.iter().zip(&fixed) {
-                            if let Err(e) = r {
-                                log::warn!(
-                                    "quorum '{}': rewriting '{}' at {offset}: {e}",
-                                    tally.reference,
-                                    child.name
-                                );
+                // Not from this completion: a child's write may wait for
+                // its metadata, which a completion thread must not.
+                crate::io::spawn_blocking(move || {
+                    fanout::all(
+                        fixes.len(),
+                        |i, d| fixes[i].write(offset, Buf::from_slice(&data), d),
+                        move |results| {
+                            for (r, child) in results.iter().zip(&fixed) {
+                                if let Err(e) = r {
+                                    log::warn!(
+                                        "quorum '{}': rewriting '{}' at {offset}: {e}",
+                                        tally.reference,
+                                        child.name
+                                    );
+                                }
                             }
-                        }
-                        done(Ok(out))
-                    },
-                );
+                            done(Ok(out))
+                        },
+                    )
+                });
             },
         );
     }
@@ -383,11 +391,13 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_group_wins_and_ties_go_to_the_first_child() {
+    fn the_largest_group_wins_and_ties_go_to_the_last_version() {
         let g = versions(&[b(b"x"), b(b"y"), b(b"y"), None]);
         assert_eq!(g, vec![vec![1, 2], vec![0]]);
         let g = versions(&[b(b"x"), b(b"y")]);
-        assert_eq!(g, vec![vec![0], vec![1]]);
+        assert_eq!(g, vec![vec![1], vec![0]]);
+        let g = versions(&[b(b"x"), b(b"y"), b(b"x"), b(b"z"), b(b"y")]);
+        assert_eq!(g, vec![vec![1, 4], vec![0, 2], vec![3]]);
         let g = versions(&[None, b(b"z"), b(b"z")]);
         assert_eq!(g, vec![vec![1, 2]]);
     }

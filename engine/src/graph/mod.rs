@@ -203,6 +203,7 @@ impl Registry {
 }
 
 type ResizeListener = Box<dyn Fn(&str) + Send + Sync>;
+type RemoveListener = Box<dyn Fn(&Arc<Device>) + Send + Sync>;
 /// Says why a device may not be deleted now (its file is open), if so.
 type BusyCheck = Box<dyn Fn(&Device) -> Option<String> + Send + Sync>;
 
@@ -212,8 +213,10 @@ pub struct Graph {
     events: Arc<EventBus>,
     /// Told the id of every device whose size changed (the export drops cached sizes).
     resize_listeners: parking_lot::Mutex<Vec<ResizeListener>>,
-    /// Told the id of every device deleted (the export forgets its file).
-    remove_listeners: parking_lot::Mutex<Vec<ResizeListener>>,
+    /// Told every device deleted (the export forgets its file).
+    remove_listeners: parking_lot::Mutex<Vec<RemoveListener>>,
+    /// Told of a deletion that did not happen after all.
+    cancel_listeners: parking_lot::Mutex<Vec<RemoveListener>>,
     busy_checks: parking_lot::Mutex<Vec<BusyCheck>>,
 }
 
@@ -230,6 +233,7 @@ impl Graph {
             events,
             resize_listeners: Default::default(),
             remove_listeners: Default::default(),
+            cancel_listeners: Default::default(),
             busy_checks: Default::default(),
         }
     }
@@ -520,19 +524,27 @@ impl Graph {
                 candidates.push(x);
             }
         }
-        let mut reg = self.reg.write();
-        loop {
-            let unused = candidates.iter().position(|c| {
-                reg.nodes.iter().any(|n| Arc::ptr_eq(n, c))
-                    && !reg.owned.contains(&c.name)
-                    && perm::users(&reg.nodes, &reg.devices, c).is_empty()
-            });
-            let Some(i) = unused else { break };
-            let node = candidates.swap_remove(i);
+        let mut closing = Vec::new();
+        {
+            let mut reg = self.reg.write();
+            loop {
+                let unused = candidates.iter().position(|c| {
+                    reg.nodes.iter().any(|n| Arc::ptr_eq(n, c))
+                        && !reg.owned.contains(&c.name)
+                        && perm::users(&reg.nodes, &reg.devices, c).is_empty()
+                });
+                let Some(i) = unused else { break };
+                let node = candidates.swap_remove(i);
+                reg.nodes.retain(|n| !Arc::ptr_eq(n, &node));
+                closing.push(node);
+            }
+        }
+        // Parents first (their close may write to their files), and
+        // outside the registry lock: a close may run a whole repair.
+        for node in closing {
             if let Err(e) = node.driver.close() {
                 log::warn!("closing node '{}': {e}", node.name);
             }
-            reg.nodes.retain(|n| !Arc::ptr_eq(n, &node));
         }
     }
 

@@ -15,13 +15,20 @@ use crate::perm;
 use std::sync::Arc;
 
 impl Graph {
-    /// Told the id of every deleted device or export (the mount forgets
-    /// its file).
-    pub fn on_removed(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+    /// Told every deleted device or export (the mount forgets its file).
+    pub fn on_removed(&self, f: impl Fn(&Arc<Device>) + Send + Sync + 'static) {
         self.remove_listeners.lock().push(Box::new(f));
     }
 
-    /// Adds a check that may refuse a deletion (a file still open).
+    /// Told of a deletion that the checks let through but that could not
+    /// finish (the device is in use again).
+    pub fn on_delete_cancelled(&self, f: impl Fn(&Arc<Device>) + Send + Sync + 'static) {
+        self.cancel_listeners.lock().push(Box::new(f));
+    }
+
+    /// Adds a check that may refuse a deletion (a file still open); a check
+    /// that lets it through may hold further use back until the device is
+    /// removed or the deletion cancelled.
     pub fn on_busy_check(&self, f: impl Fn(&Device) -> Option<String> + Send + Sync + 'static) {
         self.busy_checks.lock().push(Box::new(f));
     }
@@ -108,6 +115,9 @@ impl Graph {
         if !force {
             for check in self.busy_checks.lock().iter() {
                 if let Some(why) = check(dev) {
+                    for l in self.cancel_listeners.lock().iter() {
+                        l(dev);
+                    }
                     let what = match dev.role {
                         Role::Device => "Device",
                         Role::Export { .. } => "Export",
@@ -119,12 +129,19 @@ impl Graph {
                 }
             }
         }
+        if !dev.remove() {
+            dev.restore();
+            for l in self.cancel_listeners.lock().iter() {
+                l(dev);
+            }
+            return Err(Error::generic(format!(
+                "'{}' still has requests in flight; it was not deleted",
+                dev.id
+            )));
+        }
         self.reg.write().devices.retain(|d| !Arc::ptr_eq(d, dev));
         for l in self.remove_listeners.lock().iter() {
-            l(&dev.id);
-        }
-        if !dev.remove() {
-            log::warn!("'{}': requests still in flight at its deletion", dev.id);
+            l(dev);
         }
         let root = dev.root();
         if let Err(e) = drivers::wait(|d| root.flush(d)) {

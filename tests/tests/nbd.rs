@@ -763,3 +763,69 @@ fn tcp_clients_are_closed_by_remove_stop_and_quit() {
     d.quit();
     assert!(closed(&mut e));
 }
+
+/// nbdfuse, killed and its mount detached on drop even when the test fails.
+struct NbdFuse {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status();
+        lazy_umount(&self.dir);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn nbdfuse_mounts_an_export_as_a_file() {
+    need("nbdfuse", "nbdfuse");
+    let dir = TestDir::new("nbd-nbdfuse");
+    let img = raw_image(&dir, "a.img", "8M");
+    qemu_io("raw", img.as_ref(), &["write -P 0x3d 0 8M"]);
+    let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
+    let mut q = d.qmp();
+    let sock = dir.join("nbd.sock");
+    start_unix(&mut q, &sock);
+    q.ok("nbd-server-add", json!({"device": "d0", "writable": true}));
+    let fdir = dir.join("nbdfuse");
+    std::fs::create_dir_all(&fdir).unwrap();
+    let pidfile = dir.join("nbdfuse.pid");
+    let child = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(fdir.join("disk"))
+        .arg(unix_url(&sock, "d0"))
+        .spawn()
+        .expect("start nbdfuse");
+    let fuse = NbdFuse {
+        child,
+        dir: fdir.clone(),
+    };
+    // nbdfuse writes its pid file once the file is served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "nbdfuse not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = fdir.join("disk");
+    let data = std::fs::read(&file).unwrap();
+    assert_same_bytes(&data, &vec![0x3d; 8 << 20], "the export through nbdfuse");
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(4, 65536), M).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    drop(fuse);
+    q.ok("nbd-server-stop", json!({}));
+    d.quit();
+    let disk = std::fs::read(&img).unwrap();
+    assert_eq!(
+        &disk[M as usize..M as usize + 65536],
+        &pattern(4, 65536)[..]
+    );
+}

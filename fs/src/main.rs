@@ -53,6 +53,10 @@ struct Cli {
     /// and the socket are up (exit 0) or start-up failed (exit 1).
     #[arg(long)]
     daemonize: bool,
+    /// Append the log to this file instead of stderr (which --daemonize
+    /// sends to /dev/null once ready).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
     /// Write the daemon's pid to this file, locked while it runs.
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
@@ -64,7 +68,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = service::init_logging(cli.log_level) {
+    if let Err(e) = service::init_logging(cli.log_level, cli.log_file.as_deref()) {
         eprintln!("blkfs: {e}");
         return ExitCode::from(2);
     }

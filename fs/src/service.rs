@@ -40,12 +40,20 @@ fn check_filter(var: &str, spec: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Sets up logging to stderr with timestamps. The level comes from
-/// `--log-level`, else BLKFS_LOG, else RUST_LOG (both may hold
-/// `module=level` directives), else info.
-pub fn init_logging(level: Option<LogLevel>) -> Result<(), String> {
+/// Sets up logging with timestamps, to stderr or appended to `file`. The
+/// level comes from `--log-level`, else BLKFS_LOG, else RUST_LOG (both may
+/// hold `module=level` directives), else info.
+pub fn init_logging(level: Option<LogLevel>, file: Option<&Path>) -> Result<(), String> {
     let mut b = env_logger::Builder::new();
     b.format_timestamp_millis();
+    if let Some(path) = file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
     match level {
         Some(l) => {
             b.filter_level(match l {

@@ -61,9 +61,18 @@ fn blkfs(dir: &TestDir, extra: &[&str]) -> Command {
 fn daemonized(dir: &TestDir, img: &str) -> (Background, std::process::Output) {
     let spec = raw_spec("d0", img, json!({}));
     let pidfile = dir.file("blkfs.pid");
+    let log = dir.file("blkfs.log");
     let out = blkfs(
         dir,
-        &["--daemonize", "--pidfile", &pidfile, "--blockdev", &spec],
+        &[
+            "--daemonize",
+            "--pidfile",
+            &pidfile,
+            "--log-file",
+            &log,
+            "--blockdev",
+            &spec,
+        ],
     )
     .output()
     .unwrap();
@@ -93,6 +102,9 @@ fn daemonize_returns_once_ready_and_the_pid_file_guards_the_instance() {
         std::fs::metadata(dir.join("mnt/d0")).unwrap().len(),
         4 << 20
     );
+    // Its log goes to --log-file, not to the terminal it left.
+    let log = std::fs::read_to_string(dir.join("blkfs.log")).unwrap();
+    assert!(log.contains("ready: mount"), "{log}");
     // A second daemon with the same pid file refuses to start, and says so once.
     let other = TestDir::new("daemonize-2");
     let pidfile = bg.pidfile.to_string_lossy().into_owned();

@@ -21,6 +21,7 @@
 
 use crate::fuse::Export;
 use crate::fuse_abi::{self as abi, Op};
+use blkfs_engine::drivers::completes_on_drop;
 use blkfs_engine::io::uring::{Reaped, Slots};
 use blkfs_engine::io::{Buf, IoDone, IoReq, LocalRing};
 use io_uring::{opcode, squeue::Entry128, types, IoUring};
@@ -123,6 +124,10 @@ struct Entry {
     commit_id: AtomicU64,
     /// A request has arrived in it: a later error is not a REGISTER's.
     registered: AtomicBool,
+    /// The `unique` of the request it holds until that is answered (0: none):
+    /// an entry is committed once, and one whose request panicked is
+    /// answered (EIO) rather than lost with its caller waiting for good.
+    unanswered: AtomicU64,
 }
 
 struct Worker {
@@ -179,6 +184,7 @@ impl Worker {
                 ],
                 commit_id: AtomicU64::new(0),
                 registered: AtomicBool::new(false),
+                unanswered: AtomicU64::new(0),
             })
             .collect();
         // SAFETY: eventfd returns a new descriptor or -1.
@@ -279,6 +285,15 @@ impl Worker {
 
     /// Answers the request in entry `idx` and fetches the next one.
     fn answer(&self, idx: usize, unique: u64, result: Result<usize, i32>) {
+        let pending = &self.entries[idx].unanswered;
+        if pending
+            .compare_exchange(unique, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Already answered (a panic's EIO went first): committing again
+            // would hand the kernel an entry it may be filling.
+            return log::error!("FUSE worker {}: entry {idx} answered twice", self.id);
+        }
         abi::put_reply(self.header(idx), unique, result);
         let commit_id = self.entries[idx].commit_id.load(Ordering::Relaxed);
         self.push(&self.cmd(COMMIT_AND_FETCH, idx, commit_id));
@@ -394,11 +409,33 @@ impl Running {
                 }));
                 match one {
                     Ok(gone) => dead += gone,
-                    Err(_) => log::error!("FUSE worker {}: a request panicked; it is lost", q.id),
+                    Err(_) => self.answer_panicked(tag),
                 }
             }
         }
         log::debug!("FUSE worker {}: connection ended", q.id);
+    }
+
+    /// After a panic: the request of a FUSE entry is answered EIO if it was
+    /// not yet (its asynchronous answers fail with EIO when their closures
+    /// are dropped, see `completes_on_drop`).
+    fn answer_panicked(&self, tag: u64) {
+        let q = &self.q;
+        log::error!(
+            "FUSE worker {}: a request panicked (a bug); answering EIO",
+            q.id
+        );
+        if tag == WAKE || tag & DISK != 0 {
+            return;
+        }
+        let idx = tag as usize;
+        let unique = q
+            .entries
+            .get(idx)
+            .map_or(0, |e| e.unanswered.load(Ordering::Acquire));
+        if unique != 0 {
+            q.answer(idx, unique, Err(libc::EIO));
+        }
     }
 
     /// Handles one completion; returns 1 when it ends an entry for good.
@@ -449,6 +486,7 @@ impl Running {
         q.entries[idx]
             .commit_id
             .store(abi::commit_id(hdr).unwrap_or(h.unique), Ordering::Relaxed);
+        q.entries[idx].unanswered.store(h.unique, Ordering::Release);
         let psz = abi::payload_size(hdr).unwrap_or(0) as usize;
         let payload = q.payload(idx);
         let Some(args) = payload.get(..psz) else {
@@ -546,14 +584,14 @@ impl Running {
         };
         let size = (size as usize).min(q.payload(idx).len());
         let me = self.clone();
-        let done: blkfs_engine::drivers::Done<Buf> = Box::new(move |r| {
+        let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
             let result = r.map(|buf| {
                 q.payload(idx)[..buf.len()].copy_from_slice(&buf);
                 buf.len()
             });
             q.answer(idx, unique, result.map_err(|e| e.errno()))
-        });
+        }));
         // The engine answers it from this thread's ring where it can.
         dev.read(offset, size, done)
     }
@@ -569,11 +607,11 @@ impl Running {
         dev.write(
             offset,
             Buf::from_slice(data),
-            Box::new(move |r| {
+            completes_on_drop(Box::new(move |r| {
                 let q = &me.q;
                 let result = r.map(|_| abi::write_out(q.payload(idx), len));
                 q.answer(idx, unique, result.map_err(|e| e.errno()))
-            }),
+            })),
         );
     }
 
@@ -584,9 +622,9 @@ impl Running {
             Err(e) => return q.answer(idx, unique, Err(e.code())),
         };
         let me = self.clone();
-        dev.flush(Box::new(move |r| {
+        dev.flush(completes_on_drop(Box::new(move |r| {
             me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
-        }));
+        })));
     }
 
     fn fallocate(
@@ -609,9 +647,9 @@ impl Running {
             offset,
             length,
             mode as i32,
-            Box::new(move |r| {
+            completes_on_drop(Box::new(move |r| {
                 me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
-            }),
+            })),
         );
     }
 }

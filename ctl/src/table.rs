@@ -6,7 +6,8 @@ pub enum Align {
     Right,
 }
 
-const GAP: &str = "  ";
+/// Blanks between columns.
+const GAP: u16 = 2;
 
 pub struct Table {
     headers: Vec<String>,
@@ -34,35 +35,28 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// Columns two blanks apart, sized by display width (comfy-table
+    /// measures wide characters as the terminal shows them); no trailing
+    /// blanks.
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::NOTHING)
+            .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+            .set_header(self.headers.clone());
         for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
+            t.add_row(row.clone());
+        }
+        let last = self.headers.len().saturating_sub(1);
+        for (i, (c, a)) in t.column_iter_mut().zip(&self.align).enumerate() {
+            c.set_padding((0, if i == last { 0 } else { GAP }));
+            c.set_cell_alignment(match a {
+                Align::Left => comfy_table::CellAlignment::Left,
+                Align::Right => comfy_table::CellAlignment::Right,
+            });
         }
         let mut out = String::new();
-        for line in std::iter::once(&self.headers).chain(&self.rows) {
-            let last = line.len().saturating_sub(1);
-            for (i, cell) in line.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(GAP);
-                }
-                let pad = widths[i].saturating_sub(cell.chars().count());
-                match self.align[i] {
-                    Align::Right => {
-                        out.extend(std::iter::repeat_n(' ', pad));
-                        out.push_str(cell);
-                    }
-                    Align::Left => {
-                        out.push_str(cell);
-                        // No trailing blanks at the end of a line.
-                        if i != last {
-                            out.extend(std::iter::repeat_n(' ', pad));
-                        }
-                    }
-                }
-            }
+        for line in t.lines() {
+            out.push_str(line.trim_end());
             out.push('\n');
         }
         out
@@ -129,10 +123,14 @@ mod tests {
     }
 
     #[test]
-    fn counts_characters_not_bytes_and_hides_control_chars() {
+    fn counts_display_width_not_bytes_and_hides_control_chars() {
         let mut t = Table::new(&[("N", Align::Left), ("F", Align::Left)]);
         t.row(cells(&["é", "a\nb"]));
         t.row(cells(&["ab", "c"]));
         assert_eq!(t.render(), "N   F\né   a?b\nab  c\n");
+        let mut t = Table::new(&[("N", Align::Left), ("F", Align::Left)]);
+        t.row(cells(&["日本", "x"]));
+        t.row(cells(&["a", "y"]));
+        assert_eq!(t.render(), "N     F\n日本  x\na     y\n");
     }
 }

@@ -13,8 +13,9 @@ fuzz_target!(|data: &[u8]| {
     let mut frames = Vec::new();
     split.push(data, &mut frames);
     for msg in frames.into_iter().flatten() {
-        // Never open real files from fuzz input.
-        if msg.windows(12).any(|w| w == b"blockdev-add") {
+        // Never open real files or sockets from fuzz input.
+        let opens = |w: &[u8]| w == b"blockdev-add" || w == b"nbd-server-s";
+        if msg.windows(12).any(opens) {
             continue;
         }
         let _ = s.handle(&msg);
@@ -23,5 +24,7 @@ fuzz_target!(|data: &[u8]| {
     // which covers every driver's options (overlap-check, cache sizes, locking).
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = blkfs_engine::options::BlockdevOptions::from_daemon_cli(text);
+        // blkctl's: the same parse, giving the typed JSON back.
+        let _ = blkfs_engine::options::BlockdevOptions::qmp_from_cli(text);
     }
 });

@@ -135,10 +135,7 @@ impl Driver for BlkverifyDriver {
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
         let len = buf.len();
-        let mut spare = Some(buf);
-        let mut take = move || spare.take().unwrap_or_else(|| Buf::recycled(len));
-        let bufs = [take(), take()];
-        let bufs = parking_lot::Mutex::new(bufs.map(Some));
+        let bufs = parking_lot::Mutex::new([Some(buf), Some(Buf::recycled(len))]);
         self.both(
             self.pair("read", offset, len as u64),
             |node, d| match bufs.lock().iter_mut().find_map(Option::take) {

@@ -235,7 +235,7 @@ impl Driver for QuorumDriver {
             children.len(),
             |i, d| children[i].read(offset, Buf::recycled(len), d),
             move |results| {
-                let bufs = match tally.settle("read", &cs, results, threshold) {
+                let mut bufs = match tally.settle("read", &cs, results, threshold) {
                     Ok(b) => b,
                     Err(e) => return done(Err(e)),
                 };
@@ -266,10 +266,10 @@ impl Driver for QuorumDriver {
                 for &i in &losers {
                     tally.report_bad("read", &cs[i], None);
                 }
-                let mut out = buf;
-                if let Some(w) = &bufs[winner[0]] {
-                    out.copy_from_slice(w);
-                }
+                // The winner's own buffer goes back: no copy.
+                let Some(out) = bufs[winner[0]].take() else {
+                    return done(Err(Error::io(libc::EIO, "quorum: read buffer lost")));
+                };
                 if !rewrite || losers.is_empty() {
                     return done(Ok(out));
                 }

@@ -163,7 +163,6 @@ pub fn blockdev_del(e: &Engine, mut a: Args) -> Result<Value> {
     match (id, node) {
         (Some(id), None) => {
             let dev = e.graph.device(&id)?;
-            debug_assert_eq!(dev.role, Role::Device);
             if e.jobs.find(&id).is_ok() {
                 return Err(Error::generic(format!(
                     "Device '{id}' is in use by a block job"

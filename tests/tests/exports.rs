@@ -285,6 +285,8 @@ fn blockdev_del_of_a_device_gives_back_descriptors_and_memory() {
 fn blockdev_del_refusals() {
     let dir = TestDir::new("del-refuse");
     let img = raw_image(&dir, "a.img", "64M");
+    // Data to copy: a backup of zeroes has nothing to copy and may end at once.
+    qemu_io("raw", img.as_ref(), &["write -P 0x55 0 64M"]);
     let t = dir.file("t.img");
     let d = Daemon::start(&dir, &[raw_spec("d0", &img, json!({}))]);
     let mut q = d.qmp();

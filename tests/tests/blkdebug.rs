@@ -534,18 +534,34 @@ fn qcow2_raises_its_events() {
         });
         let d = Daemon::start(&dir, &[spec("qcow2", "d0", &img, rules)]);
         let f = rw(&d, "d0");
-        match act {
-            Act::Open => {}
-            Act::Read(off, len) => assert_eq!(read_errno(&f, len, off), None, "{event}"),
-            Act::Write(off, len) => {
-                assert_eq!(write_errno(&f, &pattern(off, len), off), None, "{event}")
+        // The armed error fails the first request after the flush that
+        // arms it: the act itself (a write that frees a cluster flushes
+        // before the refcount drops), the sync, or the write at 0, which
+        // always reaches blkdebug (a read may not: zero clusters and
+        // backing files are read without it). Once, and only then.
+        let act = match act {
+            Act::Open => None,
+            Act::Read(off, len) => {
+                assert_eq!(read_errno(&f, len, off), None, "{event}");
+                None
             }
-        }
-        f.sync_all().unwrap();
-        // A write at 0 always reaches blkdebug (a read may not: zero
-        // clusters and backing files are read without it).
-        let raised = write_errno(&f, &[0xee; 512], 0).is_some();
-        assert_eq!(raised, event != "vmstate_save", "event {event}");
+            // One call: a request failing after others succeeded makes
+            // it short, which a retrying write would hide.
+            Act::Write(off, len) => match f.write_at(&pattern(off, len), off) {
+                Ok(n) if n == len => None,
+                Ok(_) => Some(libc::EIO),
+                Err(e) => e.raw_os_error(),
+            },
+        };
+        let sync = f.sync_all().err().and_then(|e| e.raw_os_error());
+        let write = write_errno(&f, &[0xee; 512], 0);
+        let errors: Vec<i32> = [act, sync, write].into_iter().flatten().collect();
+        let want: &[i32] = if event == "vmstate_save" {
+            &[]
+        } else {
+            &[libc::EIO]
+        };
+        assert_eq!(errors, want, "event {event}: act, sync, write");
         assert_eq!(write_errno(&f, &[0xee; 512], 0), None, "{event}: once");
         drop(f);
         d.quit();
@@ -553,13 +569,13 @@ fn qcow2_raises_its_events() {
     }
 }
 
-/// With cache.direct=on, a qcow2 metadata batch flushes the disk between its
-/// refcount writes and its L2 writes, so a power loss cannot keep an L2
-/// entry whose cluster's refcount never reached the disk. blkdebug sees the
-/// order: the flush moves its state to 2, where L2 updates fail. Without
-/// `cache.direct` the barrier is not made (it would write all dirty data).
+/// A qcow2 metadata batch writes its refcounts durably (FUA, which blkdebug
+/// sees as a flush) before its L2 entries, with and without the page cache,
+/// so a power loss cannot keep an L2 entry whose cluster's refcount never
+/// reached the disk. blkdebug sees the order: the flush moves its state to
+/// 2, where L2 updates fail.
 #[test]
-fn direct_qcow2_metadata_batches_flush_between_refcounts_and_l2() {
+fn qcow2_metadata_batches_make_refcounts_durable_before_l2() {
     let dir = TestDir::new("bd-barrier");
     let rules = json!({
         "inject-error": [{"event": "l2_update", "state": 2, "errno": 5}],
@@ -574,9 +590,52 @@ fn direct_qcow2_metadata_batches_flush_between_refcounts_and_l2() {
         let f = rw(&d, "d0");
         // Cluster 1 is new: its refcount and its L2 entry change together.
         let got = write_errno(&f, &[0x55; 65536], 65536);
-        let want = if direct { Some(libc::EIO) } else { None };
-        assert_eq!(got, want, "allocating write with cache.direct={direct}");
+        assert_eq!(
+            got,
+            Some(libc::EIO),
+            "allocating write, cache.direct={direct}"
+        );
         drop(f);
         d.quit();
+    }
+}
+
+/// The other order: a freed cluster's L2 entry is removed and flushed
+/// before its refcount drops (QEMU's dependency of the refcount cache on
+/// the L2 cache), so a power loss cannot leave an entry pointing at a
+/// cluster counted free. The L2 update moves blkdebug to state 2, where
+/// refcount updates fail; the flush moves it on to 3.
+#[test]
+fn qcow2_freed_cluster_refcount_drops_after_its_l2_removal_is_flushed() {
+    let dir = TestDir::new("bd-release");
+    let rules = json!({
+        "inject-error": [{"event": "refblock_update", "state": 2, "errno": 5}],
+        "set-state": [
+            {"event": "l2_update", "state": 1, "new_state": 2},
+            {"event": "flush_to_disk", "state": 2, "new_state": 3}
+        ]
+    });
+    for direct in [true, false] {
+        let img = prepared_qcow2(&dir, &format!("release-{direct}.qcow2"));
+        let mut s: Value =
+            serde_json::from_str(&spec("qcow2", "d0", &img, rules.clone())).expect("spec is JSON");
+        s["cache"] = json!({"direct": direct});
+        s["discard"] = json!("unmap");
+        let d = Daemon::start(&dir, &[s.to_string()]);
+        let f = rw(&d, "d0");
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fallocate(&f, punch, 0, 65536).expect("discard of an allocated cluster");
+        f.sync_all().expect("flush after the discard");
+        drop(f);
+        d.quit();
+        assert_no_corruption(&img);
+        let map: Value =
+            serde_json::from_str(&qemu_img(&["map", "--output=json", "-f", "qcow2", &img]))
+                .expect("map is JSON");
+        assert_eq!(map[0]["start"], 0, "{map}");
+        assert_eq!(map[0]["data"], false, "the cluster is unmapped: {map}");
+        // check exits non-zero on leaks: the cluster was freed too.
+        let check = qemu_img(&["check", "--output=json", "-f", "qcow2", &img]);
+        assert!(!check.contains("\"leaks\""), "{check}");
     }
 }

@@ -179,9 +179,12 @@ impl FileDriver {
     }
 
     fn submit_data(&self, kind: OpKind, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.submit(IoReq::data(self.fd.clone(), kind, offset, buf), done)
+    }
+
+    fn submit(&self, mut req: IoReq, done: Done<Buf>) {
         let name = self.filename.clone();
-        let mut req = IoReq::data(self.fd.clone(), kind, offset, buf);
-        if kind == OpKind::Write {
+        if req.kind == OpKind::Write {
             req.serial = self.buffered_writes.clone();
         }
         self.backend.submit(
@@ -231,6 +234,33 @@ impl FileDriver {
         Ok(())
     }
 
+    fn write_with(&self, offset: u64, buf: Buf, fua: bool, done: Done<Buf>) {
+        let len = buf.len() as u64;
+        let mut req = IoReq::data(self.fd.clone(), OpKind::Write, offset, buf);
+        req.fua = fua;
+        if !self.direct {
+            self.size.fetch_max(offset + len, Ordering::Relaxed);
+            return self.submit(req, done);
+        }
+        if self.aligned(offset, len) {
+            let shared = self.rmw.read_arc();
+            self.size.fetch_max(offset + len, Ordering::Relaxed);
+            return self.submit(
+                req,
+                Box::new(move |r| {
+                    drop(shared);
+                    done(r)
+                }),
+            );
+        }
+        let buf = req.buf;
+        let mut r = self.write_unaligned(offset, &buf);
+        if fua && r.is_ok() {
+            r = super::wait(|d| self.submit_control(OpKind::Fdatasync, 0, 0, d));
+        }
+        done(r.map(|()| buf));
+    }
+
     fn fallocate(&self, mode: i32, offset: u64, len: u64, done: Done<()>) {
         self.submit_control(OpKind::Fallocate(mode), offset, len, done);
     }
@@ -268,26 +298,7 @@ impl Driver for FileDriver {
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        let len = buf.len() as u64;
-        if !self.direct {
-            self.size.fetch_max(offset + len, Ordering::Relaxed);
-            return self.submit_data(OpKind::Write, offset, buf, done);
-        }
-        if self.aligned(offset, len) {
-            let shared = self.rmw.read_arc();
-            self.size.fetch_max(offset + len, Ordering::Relaxed);
-            return self.submit_data(
-                OpKind::Write,
-                offset,
-                buf,
-                Box::new(move |r| {
-                    drop(shared);
-                    done(r)
-                }),
-            );
-        }
-        let r = self.write_unaligned(offset, &buf);
-        done(r.map(|()| buf));
+        self.write_with(offset, buf, false, done)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
@@ -350,6 +361,14 @@ impl Driver for FileDriver {
             return done(Ok(()));
         }
         self.submit_control(OpKind::Fdatasync, 0, 0, done);
+    }
+
+    fn has_fua(&self) -> bool {
+        true
+    }
+
+    fn write_fua(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.write_with(offset, buf, !self.no_flush, done)
     }
 
     /// A removable drive's medium now; the size follows a medium change.

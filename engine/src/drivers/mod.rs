@@ -107,6 +107,15 @@ pub trait Driver: Send + Sync {
     /// A hint that the range is no longer used; it may read back as anything.
     fn discard(&self, offset: u64, len: u64, done: Done<()>);
     fn flush(&self, done: Done<()>);
+    /// Whether [`Driver::write_fua`] makes a write durable by itself.
+    fn has_fua(&self) -> bool {
+        false
+    }
+    /// A write on stable storage when `done` runs; called only when
+    /// [`Driver::has_fua`] (elsewhere [`Node::write_fua`] flushes after).
+    fn write_fua(&self, offset: u64, buf: Buf, done: Done<Buf>) {
+        self.write(offset, buf, done)
+    }
     /// Allocation status of this layer at `offset` (at most `len` bytes).
     fn block_status(&self, offset: u64, len: u64) -> Result<Status>;
     /// Bytes the image occupies on the host, where that is known; a format

@@ -127,6 +127,28 @@ impl Node {
         );
     }
 
+    /// Writes `buf` to stable storage before `done` runs: in one request
+    /// where the driver can (`RWF_DSYNC`), else a write and a flush.
+    pub fn write_fua(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {
+        if let Err(e) = self.writable() {
+            return done(Err(e));
+        }
+        let len = buf.len() as u64;
+        let done = accounted(&self.stats, Op::Write, offset, len, done);
+        if self.driver.has_fua() {
+            return self.driver.write_fua(offset, buf, done);
+        }
+        let node = self.clone();
+        self.driver.write(
+            offset,
+            buf,
+            Box::new(move |r| match r {
+                Ok(buf) => node.flush(Box::new(move |f| done(f.map(|()| buf)))),
+                Err(e) => done(Err(e)),
+            }),
+        );
+    }
+
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
         if let Err(e) = self.writable() {
             return done(Err(e));

@@ -38,6 +38,9 @@ pub struct IoReq {
     /// file take its inode lock anyway, and waiting here costs less than
     /// the kernel's spinning on that lock (io_uring serializes them too).
     pub serial: Option<Arc<parking_lot::Mutex<()>>>,
+    /// A write that is on stable storage when it completes (`RWF_DSYNC`):
+    /// only its own range is written back, where a flush writes the file.
+    pub fua: bool,
 }
 
 impl IoReq {
@@ -50,6 +53,7 @@ impl IoReq {
             buf,
             done: 0,
             serial: None,
+            fua: false,
         }
     }
 
@@ -62,6 +66,7 @@ impl IoReq {
             buf: Buf::zeroed(0),
             done: 0,
             serial: None,
+            fua: false,
         }
     }
 

@@ -60,6 +60,13 @@ pub fn run(req: &mut IoReq) -> io::Result<()> {
                 OpKind::Read => {
                     libc::pread(fd, req.buf.as_mut_ptr().add(req.done).cast(), rest, off) as i64
                 }
+                OpKind::Write if req.fua => {
+                    let iov = libc::iovec {
+                        iov_base: req.buf.as_ptr().add(req.done) as *mut libc::c_void,
+                        iov_len: rest,
+                    };
+                    libc::pwritev2(fd, &iov, 1, off, libc::RWF_DSYNC) as i64
+                }
                 OpKind::Write => {
                     libc::pwrite(fd, req.buf.as_ptr().add(req.done).cast(), rest, off) as i64
                 }

@@ -261,6 +261,7 @@ fn sqe_for(req: &mut IoReq) -> squeue::Entry {
             .build(),
         OpKind::Write => opcode::Write::new(fd, unsafe { req.buf.as_ptr().add(req.done) }, rest)
             .offset(off)
+            .rw_flags(if req.fua { libc::RWF_DSYNC } else { 0 })
             .build(),
         OpKind::Fsync => opcode::Fsync::new(fd).build(),
         OpKind::Fdatasync => opcode::Fsync::new(fd)

@@ -16,9 +16,12 @@
 //!   data): requests hold an [`IoTicket`] of the epoch they were planned in,
 //!   and a cluster released in epoch E is reusable from epoch E + 2 on,
 //!   which is reached only once every request of epoch E has finished;
-//! - the release itself is flushed: the first reuse after a release flushes
-//!   the file, so the old L2 entry's removal is on disk before the cluster
-//!   holds other data.
+//! - the L2 entry's removal is on disk: a refcount drop waits in `drops`
+//!   until a write-back has written the removal and flushed the file
+//!   (QEMU's dependency of the refcount cache on the L2 cache), so not even
+//!   a power loss can leave an entry pointing at a cluster counted free.
+//!   Flushed drops apply at points where no structural change is half
+//!   made ([`Meta::apply_flushed`], [`Meta::free_released`]).
 //!
 //! Freed clusters are discarded in the file (after their refcount drop is
 //! written) when the `pass-discard-*` option of the release's kind says so.
@@ -28,8 +31,8 @@
 //! ([`super::cache`]). Changes to their entries are written back
 //! ([`super::writeback`]): by the request that made them before it
 //! completes (the driver's commit, batched with other requests'), and by
-//! [`Meta::write_dirty`] before anything whose order matters (a refcount
-//! drop, a structural write, a flush, an eviction). Every other metadata
+//! [`Meta::write_dirty`] before anything whose order matters (a structural
+//! write, a flush, an eviction, the flush before refcount drops). Every other metadata
 //! write (new tables, L1, refcount table, header) is written through.
 
 use super::cache::{CacheSizes, Lru};
@@ -124,8 +127,11 @@ pub struct Meta {
     quarantined: HashSet<u64>,
     inflight: Arc<InFlight>,
     epoch: u64,
-    /// A cluster was released since the file was last flushed.
-    unflushed_frees: bool,
+    /// Refcount drops waiting for the removals behind them to be flushed,
+    /// those a batch outside the lock carries, and those flushed.
+    drops: Vec<Release>,
+    dropping: Vec<Release>,
+    flushed: Vec<Release>,
     pass: PassDiscard,
     /// Freed byte ranges waiting to be discarded in the file.
     discards: Vec<(u64, u64)>,
@@ -167,7 +173,12 @@ pub struct Batch {
     pub io: Arc<Mutex<Outcome>>,
     pub writes: Vec<writeback::Write>,
     pub changes: u64,
+    /// Flush after the writes: refcount drops wait for it.
+    pub flush: bool,
 }
+
+/// A released run of host clusters: (offset, length, why).
+type Release = (u64, u64, FreeKind);
 
 pub fn read_at(file: &Node, offset: u64, len: usize) -> Result<Buf> {
     wait(|d| file.read(offset, Buf::zeroed(len), d))
@@ -193,6 +204,13 @@ impl Drop for Meta {
                 "{}: qcow2: {} changed metadata chunks were never written",
                 self.file.driver.filename(),
                 self.dirty.len()
+            );
+        }
+        if self.releasing() {
+            log::error!(
+                "{}: qcow2: {} released cluster runs were never freed (leaked)",
+                self.file.driver.filename(),
+                self.drops.len() + self.flushed.len()
             );
         }
     }
@@ -227,7 +245,9 @@ impl Meta {
             quarantined: HashSet::new(),
             inflight: Arc::new(InFlight::default()),
             epoch: 0,
-            unflushed_frees: false,
+            drops: Vec::new(),
+            dropping: Vec::new(),
+            flushed: Vec::new(),
             pass: PassDiscard::default(),
             discards: Vec::new(),
             lazy: None,
@@ -386,17 +406,23 @@ impl Meta {
         Ok(out)
     }
 
-    /// Takes the outcome of a batch written outside the lock, if it has
-    /// ended and nobody took it yet.
-    fn settle(&mut self, outcome: &mut Outcome) {
-        let Some((changes, r)) = outcome.take() else {
+    /// Takes the outcome of a batch written outside the lock, waiting for
+    /// the batch to end; nothing when nobody writes or it is taken already.
+    fn settle(&mut self) {
+        let outcome = self.io.clone().lock().take();
+        let Some((changes, r)) = outcome else {
             return;
         };
         let chunks = std::mem::take(&mut self.writing);
+        let drops = std::mem::take(&mut self.dropping);
         match r {
-            Ok(()) => self.wrote(changes),
+            Ok(()) => {
+                self.wrote(changes);
+                self.flushed.extend(drops);
+            }
             Err(e) => {
                 self.dirty.extend(chunks);
+                self.drops.extend(drops);
                 self.failed = Some((changes, e));
             }
         }
@@ -409,10 +435,11 @@ impl Meta {
         }
     }
 
-    /// Settles a batch written outside the lock (its writer calls this).
+    /// Settles a batch written outside the lock (its writer calls this,
+    /// between requests' changes: the drops it flushed apply here).
     pub fn settle_batch(&mut self) {
-        let io = self.io.clone();
-        self.settle(&mut io.lock());
+        self.settle();
+        self.apply_flushed();
     }
 
     /// Writes every pending change now, under the lock; waits for a batch
@@ -422,14 +449,12 @@ impl Meta {
         if self.dirty.is_empty() && self.writing.is_empty() {
             return Ok(());
         }
-        let io = self.io.clone();
-        let mut outcome = io.lock();
-        self.settle(&mut outcome);
+        self.settle();
         let chunks: Vec<Chunk> = self.dirty.iter().copied().collect();
         let changes = self.changes;
         let writes = self.take_writes(&chunks)?;
         self.dirty.clear();
-        match writeback::write_all(&self.file, writes) {
+        match writeback::write_all(&self.file, writes, false) {
             Ok(()) => {
                 self.wrote(changes);
                 Ok(())
@@ -439,6 +464,38 @@ impl Meta {
                 Err(e)
             }
         }
+    }
+
+    /// Frees what was released: writes and flushes the changes behind the
+    /// drops, lowers the refcounts, and writes those (unflushed: losing
+    /// them leaks clusters, nothing worse). Only where no structural
+    /// change is half made: a drop may rewrite a refcount it captured.
+    pub fn free_released(&mut self) -> Result<()> {
+        if !self.drops.is_empty() {
+            let drops = std::mem::take(&mut self.drops);
+            let flushed = self.write_dirty().and_then(|()| {
+                self.file.debug_event(Ev::FlushToDisk);
+                wait(|d| self.file.flush(d))
+            });
+            if let Err(e) = flushed {
+                self.drops.extend(drops);
+                return Err(e);
+            }
+            self.flushed.extend(drops);
+        }
+        self.apply_flushed();
+        self.write_dirty()
+    }
+
+    /// Lowers the refcounts whose removals a flush made durable.
+    pub fn apply_flushed(&mut self) {
+        let flushed = std::mem::take(&mut self.flushed);
+        self.apply_drops(flushed);
+    }
+
+    /// Whether released clusters wait to be freed.
+    pub fn releasing(&self) -> bool {
+        !self.drops.is_empty() || !self.flushed.is_empty()
     }
 
     /// Changes made so far: a commit waits until these are written.
@@ -460,7 +517,7 @@ impl Meta {
     /// Starts a batch of every pending change, to write outside the lock;
     /// None when nothing is pending (then it is all written).
     pub fn start_batch(&mut self) -> Result<Option<Batch>> {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.drops.is_empty() {
             self.wrote(self.changes);
             return Ok(None);
         }
@@ -468,10 +525,12 @@ impl Meta {
         let writes = self.take_writes(&chunks)?;
         self.dirty.clear();
         self.writing = chunks;
+        self.dropping = std::mem::take(&mut self.drops);
         Ok(Some(Batch {
             io: self.io.clone(),
             writes,
             changes: self.changes,
+            flush: !self.dropping.is_empty(),
         }))
     }
 
@@ -886,12 +945,6 @@ impl Meta {
         self.overlap
             .check_op(overlap::Op::Allocation, first * self.cs, n * self.cs)?;
         let end = first + n;
-        if first < self.next_free && self.unflushed_frees {
-            // The release that freed it (and the L2 change before that) must
-            // be on disk before the cluster holds anything else.
-            self.sync()?;
-            self.unflushed_frees = false;
-        }
         self.free_hint = gap.unwrap_or(end);
         self.next_free = self.next_free.max(end);
         self.set_refcounts(first..end, 1)?;
@@ -941,7 +994,6 @@ impl Meta {
 
     /// Records that cluster `c` reached refcount 0.
     fn freed(&mut self, c: u64, kind: FreeKind) {
-        self.unflushed_frees = true;
         // Were it an L2 table, its slices must not outlive it (the cluster
         // may become another table).
         self.forget_l2_table(c * self.cs);
@@ -957,6 +1009,16 @@ impl Meta {
                 _ => self.discards.push((off, self.cs)),
             }
         }
+    }
+
+    /// At the end of a request that released clusters: frees them and
+    /// discards them in the file. A failure leaves them allocated, to be
+    /// freed by a later write-back.
+    pub fn free_and_discard(&mut self) {
+        if let Err(e) = self.free_released() {
+            log::debug!("qcow2: released clusters stay allocated for now: {e}");
+        }
+        self.process_discards();
     }
 
     /// Discards the freed clusters queued so far in the file, once their
@@ -1051,30 +1113,47 @@ impl Meta {
         Ok(Some((l2_off, mappings)))
     }
 
-    /// Drops one reference of every host cluster in `off..off+len`; those
-    /// that reach zero become free (see the module doc).
-    /// What points there (an L2 entry changed in the cache) is written first.
+    /// Drops one reference of every host cluster in `off..off+len`, once
+    /// what pointed there (an L2 entry changed in the cache, a table
+    /// unhooked) is written and flushed: the drop waits for the next
+    /// batch or [`Meta::free_released`]. Those that reach zero become free
+    /// (see the module doc).
     pub fn release(&mut self, off: u64, len: u64, kind: FreeKind) -> Result<()> {
         self.file.debug_event(Ev::ClusterFree);
         if self.lazy.is_some() {
             return self.mark_dirty();
         }
-        self.write_dirty()?;
-        let first = off / self.cs;
-        let last = (off + len.max(1) - 1) / self.cs;
+        let (first, last) = (off / self.cs, (off + len.max(1) - 1) / self.cs);
         for c in first..=last {
-            let rc = self.refcount(c)?;
-            if rc == 0 {
+            if self.refcount(c)? == 0 {
                 return Err(corrupt(format!(
                     "refcount of cluster {c} would drop below zero"
                 )));
             }
-            self.set_refcount(c, rc - 1)?;
-            if rc == 1 {
-                self.freed(c, kind);
+        }
+        self.drops.push((off, len, kind));
+        Ok(())
+    }
+
+    /// Lowers the refcounts of released runs whose removal is on disk. A
+    /// failure keeps the clusters allocated (leaked, never shared).
+    fn apply_drops(&mut self, drops: Vec<Release>) {
+        for (off, len, kind) in drops {
+            let (first, last) = (off / self.cs, (off + len.max(1) - 1) / self.cs);
+            for c in first..=last {
+                let r = self.refcount(c).and_then(|rc| match rc {
+                    0 => Err(corrupt(format!(
+                        "refcount of cluster {c} would drop below zero"
+                    ))),
+                    _ => self.set_refcount(c, rc - 1).map(|()| rc),
+                });
+                match r {
+                    Ok(1) => self.freed(c, kind),
+                    Ok(_) => {}
+                    Err(e) => log::error!("qcow2: cluster {c} stays allocated: {e}"),
+                }
             }
         }
-        Ok(())
     }
 }
 
@@ -1151,6 +1230,12 @@ mod tests {
         // A request planned before the release keeps the clusters quarantined.
         let t = m.start_io();
         m.release(b * cs, 3 * cs, FreeKind::Never).unwrap();
+        assert_eq!(
+            m.refcount(b).unwrap(),
+            1,
+            "freed once the removal is flushed"
+        );
+        m.free_released().unwrap();
         assert_eq!(m.refcount(b).unwrap(), 0);
         assert_eq!(
             m.alloc_cluster().unwrap() / cs,
@@ -1199,10 +1284,14 @@ mod tests {
         m.release(first + 3 * cs, cs, FreeKind::Snapshot).unwrap();
         m.release(first + 4 * cs, cs, FreeKind::Never).unwrap();
         m.release(first + 6 * cs, cs, FreeKind::Request).unwrap();
+        assert!(m.discards.is_empty(), "nothing is free before the flush");
+        m.free_released().unwrap();
         assert_eq!(m.discards, vec![(first, 2 * cs), (first + 6 * cs, cs)]);
         // A shared cluster is not freed by dropping one reference.
         m.set_refcount(first / cs + 7, 2).unwrap();
         m.release(first + 7 * cs, cs, FreeKind::Request).unwrap();
+        m.free_released().unwrap();
+        assert_eq!(m.refcount(first / cs + 7).unwrap(), 1);
         assert_eq!(m.discards.len(), 2);
         m.process_discards();
         assert!(m.discards.is_empty());
@@ -1243,6 +1332,10 @@ mod tests {
                     owner.remove(&c);
                 }
                 m.release(first * cs, n * cs, FreeKind::Other).unwrap();
+                // Drops wait across allocations (and refcount table moves) too.
+                if next().is_multiple_of(4) {
+                    m.free_released().unwrap();
+                }
             }
             // Nothing we hold is metadata.
             let rt = m.reftable_offset / cs;
@@ -1256,7 +1349,7 @@ mod tests {
         }
         assert!(m.reftable.len() > 64, "the refcount table grew");
         // Held clusters were never written: extend the file over them.
-        m.write_dirty().unwrap();
+        m.free_released().unwrap();
         write_at(&file, (m.next_free - 1) * cs, &vec![0; cs as usize]).unwrap();
         wait(|d| file.flush(d)).unwrap();
         let h = read_header(&file).unwrap();

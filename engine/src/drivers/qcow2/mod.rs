@@ -301,7 +301,7 @@ impl Qcow2Driver {
                     let io = batch.io.clone();
                     let mut outcome = io.lock();
                     drop(meta);
-                    let r = writeback::write_all(&self.file, batch.writes);
+                    let r = writeback::write_all(&self.file, batch.writes, batch.flush);
                     *outcome = Some((batch.changes, r));
                     drop(outcome);
                     meta = self.meta.lock();
@@ -541,7 +541,7 @@ impl Qcow2Driver {
     /// guest requests.
     fn remap_clusters(&self, offset: u64, len: u64, entry: u64, keep: bool) -> Result<()> {
         let r = self.remap_each(offset, len, entry, keep);
-        self.meta.lock().process_discards();
+        self.meta.lock().free_and_discard();
         r
     }
 
@@ -616,7 +616,7 @@ impl Qcow2Driver {
         }
         meta.set_l2(cluster, if v3 { ZERO } else { 0 })?;
         self.release_old(&mut meta, old, false, FreeKind::Request)?;
-        meta.process_discards();
+        meta.free_and_discard();
         Ok(true)
     }
 
@@ -789,13 +789,19 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     /// Metadata changes still pending (of requests in flight, which other
-    /// writes may already rely on) are written before the file is flushed.
+    /// writes may already rely on) are written before the file is flushed,
+    /// and released clusters freed.
     fn flush(&self, done: Done<()>) {
-        if !self.meta.lock().pending() {
+        let idle = {
+            let meta = self.meta.lock();
+            !meta.pending() && !meta.releasing()
+        };
+        if idle {
             return self.file.flush(done);
         }
+        // Everything pending is written again, a failed batch's too.
         let me = self.clone();
-        crate::io::spawn_blocking(move || match me.commit() {
+        crate::io::spawn_blocking(move || match me.meta.lock().free_released() {
             Ok(()) => me.file.flush(done),
             Err(e) => done(Err(e)),
         });
@@ -848,7 +854,7 @@ impl Driver for Arc<Qcow2Driver> {
     /// Lazy refcounts: rebuild them and clear the dirty bit on a clean close.
     fn close(&self) -> Result<()> {
         let mut meta = self.meta.lock();
-        meta.write_dirty()?;
+        meta.free_released()?;
         if !meta.is_lazy() || self.read_only {
             return Ok(());
         }

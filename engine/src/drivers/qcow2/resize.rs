@@ -108,7 +108,7 @@ impl Qcow2Driver {
         for t in tables {
             meta.release(t, self.cs, FreeKind::Always)?;
         }
-        meta.process_discards();
+        meta.free_and_discard();
         drop(meta);
         self.set_size(new)
     }

@@ -6,9 +6,9 @@
 //! A batch writes every changed refcount chunk first and every changed L2
 //! chunk after: a refcount is raised before an L2 entry points at its
 //! cluster, as QEMU's dependency between its refcount and L2 caches does.
-//! With `cache.direct=on` the two stages are separated by a flush (see
-//! [`write_all`]); through the page cache only a process crash is covered
-//! between guest flushes.
+//! The refcount stage is written durably (FUA) when an L2 stage follows,
+//! so the order holds through a power loss, in both cache modes (see
+//! [`write_all`]).
 //! The other order (an L2 entry removed before the refcount drops) is kept
 //! by [`super::meta::Meta::release`], which writes what is pending before
 //! it lowers a refcount.
@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent as Ev;
+use std::sync::Arc;
 
 /// A metadata chunk (4 KiB, or the cluster when smaller) changed in the
 /// cache. Refcount chunks sort first: they are written first.
@@ -41,29 +42,34 @@ pub struct Write {
 pub type Outcome = Option<(u64, Result<()>)>;
 
 /// Writes `writes`: the refcount chunks, all in flight at once, then the
-/// L2 chunks likewise. Waits for them; the first error wins.
-pub fn write_all(file: &Node, mut writes: Vec<Write>) -> Result<()> {
+/// L2 chunks likewise; then flushes the file when `flush`. Waits for them;
+/// the first error wins.
+pub fn write_all(file: &Arc<Node>, mut writes: Vec<Write>, flush: bool) -> Result<()> {
     writes.sort_by_key(|w| w.chunk);
     let split = writes.partition_point(|w| matches!(w.chunk, Chunk::Refblock(..)));
     let l2 = writes.split_off(split);
-    let barrier = file.opts.direct && !writes.is_empty() && !l2.is_empty();
-    write_stage(file, writes)?;
     // The refcounts reach the disk before the L2 entries that need them,
-    // through a power loss too. Only without the page cache: there the
-    // flush would write all the file's dirty data, per batch.
+    // through a power loss too. FUA writes back only these chunks; a flush
+    // would write all the file's dirty data through the page cache.
+    let barrier = !writes.is_empty() && !l2.is_empty();
     if barrier {
         file.debug_event(Ev::FlushToDisk);
-        crate::drivers::wait(|d| file.flush(d))?;
     }
-    write_stage(file, l2)
+    write_stage(file, writes, barrier)?;
+    write_stage(file, l2, false)?;
+    if flush {
+        file.debug_event(Ev::FlushToDisk);
+        crate::io::without_local_ring(|| crate::drivers::wait(|d| file.flush(d)))?;
+    }
+    Ok(())
 }
 
-fn write_stage(file: &Node, writes: Vec<Write>) -> Result<()> {
+fn write_stage(file: &Arc<Node>, writes: Vec<Write>, fua: bool) -> Result<()> {
     // It blocks: its writes must go to rings other threads reap.
-    crate::io::without_local_ring(|| write_stage_blocking(file, writes))
+    crate::io::without_local_ring(|| write_stage_blocking(file, writes, fua))
 }
 
-fn write_stage_blocking(file: &Node, writes: Vec<Write>) -> Result<()> {
+fn write_stage_blocking(file: &Arc<Node>, writes: Vec<Write>, fua: bool) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -84,7 +90,11 @@ fn write_stage_blocking(file: &Node, writes: Vec<Write>) -> Result<()> {
         let done: Done<Buf> = Box::new(move |r| {
             let _ = tx.send(r.map(drop));
         });
-        file.write(w.offset, w.data, done);
+        if fua {
+            file.write_fua(w.offset, w.data, done);
+        } else {
+            file.write(w.offset, w.data, done);
+        }
     }
     let mut first = None;
     for _ in 0..n {

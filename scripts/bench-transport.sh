@@ -3,7 +3,8 @@
 # cache.direct=on, aio=native), blkfs restarted with each --transport in
 # turn every round (or each binary given with --bin, to A/B two builds).
 # fio libaio direct=1: 4k randread and randwrite QD32 (IOPS), 4k randread
-# QD1 (p50 and p99 latency in us); the median of each over the rounds.
+# QD1 (p50 and p99 latency in us), 1M sequential read QD8 (MiB/s); the
+# median of each over the rounds.
 #
 #   scripts/bench-transport.sh [--rounds N] [--runtime SECONDS]
 #                              [--transports "uring dev"] [--bin PATH]...
@@ -38,8 +39,8 @@ cleanup() {
 trap cleanup EXIT
 dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1024 status=none
 
-fio_json() { # rw depth
-    fio --name=b --filename="$work/mnt/d0" --rw="$1" --bs=4k --iodepth="$2" --ioengine=libaio \
+fio_json() { # rw depth [bs]
+    fio --name=b --filename="$work/mnt/d0" --rw="$1" --bs="${3:-4k}" --iodepth="$2" --ioengine=libaio \
         --direct=1 --size=1G --runtime="$runtime" --ramp_time=1 --time_based --norandommap \
         --randrepeat=0 --output-format=json 2>/dev/null
 }
@@ -57,7 +58,8 @@ for _ in $(seq "$rounds"); do
             rr=$(fio_json randread 32 | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))')
             rw=$(fio_json randwrite 32 | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))')
             lat=$(fio_json randread 1 | python3 -c 'import json,sys; p=json.load(sys.stdin)["jobs"][0]["read"]["clat_ns"]["percentile"]; print("%.1f %.1f" % (p["50.000000"]/1000, p["99.000000"]/1000))')
-            results[$key]+="$rr $rw $lat;"
+            rd=$(fio_json read 8 1M | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["bw"] / 1024))')
+            results[$key]+="$rr $rw $lat $rd;"
             kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
             rm -f "$work/q.sock"
         done
@@ -65,12 +67,12 @@ for _ in $(seq "$rounds"); do
 done
 
 echo "# $(date +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), raw, cache.direct=on, aio=native"
-printf '%-40s %10s %10s %8s %8s\n' "binary transport" randread randwrite p50-us p99-us
+printf '%-40s %10s %10s %8s %8s %10s\n' "binary transport" randread randwrite p50-us p99-us read1M-MiB/s
 for key in "${!results[@]}"; do
     python3 - "$key" "${results[$key]}" <<'EOF'
 import statistics, sys
 rows = [r.split() for r in sys.argv[2].split(";") if r.strip()]
-med = [statistics.median(float(r[i]) for r in rows) for i in range(4)]
-print("%-40s %10d %10d %8.1f %8.1f" % (sys.argv[1][-40:], med[0], med[1], med[2], med[3]))
+med = [statistics.median(float(r[i]) for r in rows) for i in range(5)]
+print("%-40s %10d %10d %8.1f %8.1f %10d" % (sys.argv[1][-40:], *med))
 EOF
 done

@@ -96,12 +96,16 @@ esac
 
 wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
 
-# qemu-storage-daemon exporting the same image through its FUSE export. Both
-# daemons have the image open at once (fio runs against one at a time), so
-# both turn their image locks off, or the second would be refused.
+# qemu-storage-daemon exporting a copy of the top image through its FUSE
+# export: two daemons writing one qcow2 would corrupt each other's
+# metadata, and the second one's writes would no longer allocate. A chain's
+# lower layers (and the raw file the native runs use) are shared, read-only
+# to both daemons, so both turn their image locks off.
+qsd_top=$work/qsd.top
+cp "$top" "$qsd_top"
 touch "$work/qsd.export"
 qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$top,cache.direct=$direct,aio=$qsd_aio,locking=off" \
+    --blockdev "driver=file,node-name=f0,filename=$qsd_top,cache.direct=$direct,aio=$qsd_aio,locking=off" \
     --blockdev "driver=$drv,node-name=r0,file=f0" \
     --export "type=fuse,id=e0,node-name=r0,mountpoint=$work/qsd.export,writable=on" \
     --chardev "socket,path=$work/qsd.sock,server=on,wait=off,id=m0" --monitor chardev=m0 &

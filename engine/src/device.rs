@@ -212,20 +212,40 @@ impl Device {
 
     /// Reads up to `len` bytes; a read that crosses the end is cut short.
     pub fn read(self: &Arc<Self>, offset: u64, len: usize, done: Done<Buf>) {
+        self.read_to(offset, len, None, done)
+    }
+
+    /// As [`Device::read`] of `into.len()` bytes, read into `into` (a FUSE
+    /// ring entry's payload, [`Buf::borrowed`]) where the chain hands the
+    /// buffer back only once every I/O into it has ended (the formats of
+    /// `reads_never_block`); `done` then gets `into` back. Elsewhere, and
+    /// on a retry, it gets a buffer of its own.
+    pub fn read_into(self: &Arc<Self>, offset: u64, into: Buf, done: Done<Buf>) {
+        self.read_to(offset, into.len(), Some(into), done)
+    }
+
+    fn read_to(self: &Arc<Self>, offset: u64, len: usize, into: Option<Buf>, done: Done<Buf>) {
         let len = self.size().saturating_sub(offset).min(len as u64) as usize;
         if len == 0 {
             return done(Ok(Buf::zeroed(0)));
         }
         let done = accounted(&self.stats, Op::Read, offset, len as u64, done);
+        let into = Mutex::new(into.map(|mut b| {
+            b.truncate(len);
+            b
+        }));
         let attempt: Attempt<Buf> = Arc::new(move |root, d| {
-            let read = || root.read(offset, Buf::recycled(len), d);
             // On a thread with its own ring (a FUSE worker), a read whose
             // chain never blocks is answered from that ring. Decided on the
             // root this attempt runs on: a switch may change the chain.
-            if crate::io::has_local_ring() && reads_never_block(root) {
-                crate::io::with_local_ring(read)
+            if !reads_never_block(root) {
+                return root.read(offset, Buf::recycled(len), d);
+            }
+            let buf = into.lock().take().unwrap_or_else(|| Buf::recycled(len));
+            if crate::io::has_local_ring() {
+                crate::io::with_local_ring(|| root.read(offset, buf, d))
             } else {
-                read()
+                root.read(offset, buf, d)
             }
         });
         self.submit(

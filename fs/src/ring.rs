@@ -582,18 +582,30 @@ impl Running {
             Ok(d) => d,
             Err(e) => return q.answer(idx, unique, Err(e.code())),
         };
-        let size = (size as usize).min(q.payload(idx).len());
+        let payload = q.payload(idx);
+        let size = (size as usize).min(payload.len());
+        let at = payload.as_mut_ptr();
+        // SAFETY: the entry is the daemon's until it is answered, and it is
+        // answered by `done`, which `read_into` calls with the buffer back
+        // once every I/O into it has ended (or drops it on a panic, with
+        // the buffer gone already).
+        let into = unsafe { Buf::borrowed(at, size) };
+        let at = at as usize;
         let me = self.clone();
         let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
             let result = r.map(|buf| {
-                q.payload(idx)[..buf.len()].copy_from_slice(&buf);
+                // A buffer of the engine's own (a retry, a chain that
+                // reads elsewhere) is copied; the payload is already there.
+                if buf.as_ptr() as usize != at {
+                    q.payload(idx)[..buf.len()].copy_from_slice(&buf);
+                }
                 buf.len()
             });
             q.answer(idx, unique, result.map_err(|e| e.errno()))
         }));
         // The engine answers it from this thread's ring where it can.
-        dev.read(offset, size, done)
+        dev.read_into(offset, into, done)
     }
 
     fn write(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, data: &[u8]) {

@@ -41,6 +41,7 @@ fn class_of(cap: usize) -> Option<usize> {
 pub struct Buf {
     ptr: NonNull<u8>,
     len: usize,
+    /// 0 for memory the buffer does not own ([`Buf::borrowed`]).
     cap: usize,
 }
 
@@ -104,6 +105,21 @@ impl Buf {
         Buf { ptr, len, cap }
     }
 
+    /// A buffer over `len` bytes at `ptr` that it does not own: dropping it
+    /// frees nothing. For a transport's own memory (a FUSE ring entry's
+    /// payload) that a read fills in place.
+    ///
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `len` bytes, initialised, and
+    /// used by nothing else until this buffer and every I/O into it are
+    /// gone.
+    pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> Buf {
+        match NonNull::new(ptr) {
+            Some(ptr) => Buf { ptr, len, cap: 0 },
+            None => Buf::zeroed(0),
+        }
+    }
+
     pub fn from_slice(data: &[u8]) -> Buf {
         let mut b = Buf::recycled(data.len());
         b.copy_from_slice(data);
@@ -157,6 +173,9 @@ impl std::ops::DerefMut for Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if self.cap == 0 {
+            return;
+        }
         if let Some(class) = class_of(self.cap) {
             let mut free = POOL[class].lock();
             if free.len() < KEEP_PER_CLASS {
@@ -208,6 +227,22 @@ mod tests {
         assert_eq!(r.as_ptr() as usize % ALIGN, 0);
         let big = Buf::recycled(3 << 20);
         assert_eq!(big.len(), 3 << 20);
+    }
+
+    #[test]
+    fn a_borrowed_buffer_writes_in_place_and_frees_nothing() {
+        let mut owner = Buf::zeroed(1 << 20);
+        let at = owner.as_mut_ptr();
+        {
+            // SAFETY: `owner` outlives it and is not used meanwhile.
+            let mut b = unsafe { Buf::borrowed(at, 1 << 20) };
+            b.truncate(4096);
+            b.fill(0xab);
+            assert_eq!(b.as_ptr(), at.cast_const());
+        }
+        // Not freed (an unmapped megabyte would fault here) nor pooled.
+        assert!(owner[..4096].iter().all(|&b| b == 0xab));
+        assert!(owner[4096..].iter().all(|&b| b == 0));
     }
 
     #[test]

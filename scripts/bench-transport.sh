@@ -3,7 +3,7 @@
 # cache.direct=on, aio=native), blkfs restarted with each --transport in
 # turn every round (or each binary given with --bin, to A/B two builds).
 # fio libaio direct=1: 4k randread and randwrite QD32 (IOPS), 4k randread
-# QD1 (p50 and p99 latency in us), 1M sequential read QD8 (MiB/s); the
+# QD1 (p50 and p99 latency in us), 1M sequential read and write QD8 (MiB/s); the
 # median of each over the rounds.
 #
 #   scripts/bench-transport.sh [--rounds N] [--runtime SECONDS]
@@ -59,7 +59,8 @@ for _ in $(seq "$rounds"); do
             rw=$(fio_json randwrite 32 | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))')
             lat=$(fio_json randread 1 | python3 -c 'import json,sys; p=json.load(sys.stdin)["jobs"][0]["read"]["clat_ns"]["percentile"]; print("%.1f %.1f" % (p["50.000000"]/1000, p["99.000000"]/1000))')
             rd=$(fio_json read 8 1M | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["bw"] / 1024))')
-            results[$key]+="$rr $rw $lat $rd;"
+            wr=$(fio_json write 8 1M | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["bw"] / 1024))')
+            results[$key]+="$rr $rw $lat $rd $wr;"
             kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
             rm -f "$work/q.sock"
         done
@@ -67,12 +68,12 @@ for _ in $(seq "$rounds"); do
 done
 
 echo "# $(date +%F) $(nproc) cores, $(uname -r); runtime ${runtime}s x $rounds rounds (median), raw, cache.direct=on, aio=native"
-printf '%-40s %10s %10s %8s %8s %10s\n' "binary transport" randread randwrite p50-us p99-us read1M-MiB/s
+printf '%-40s %10s %10s %8s %8s %10s %10s\n' "binary transport" randread randwrite p50-us p99-us read1M-MiB/s write1M-MiB/s
 for key in "${!results[@]}"; do
     python3 - "$key" "${results[$key]}" <<'EOF'
 import statistics, sys
 rows = [r.split() for r in sys.argv[2].split(";") if r.strip()]
-med = [statistics.median(float(r[i]) for r in rows) for i in range(5)]
-print("%-40s %10d %10d %8.1f %8.1f %10d" % (sys.argv[1][-40:], *med))
+med = [statistics.median(float(r[i]) for r in rows) for i in range(6)]
+print("%-40s %10d %10d %8.1f %8.1f %10d %10d" % (sys.argv[1][-40:], *med))
 EOF
 done

@@ -230,6 +230,8 @@ impl Device {
             return done(Ok(Buf::zeroed(0)));
         }
         let done = accounted(&self.stats, Op::Read, offset, len as u64, done);
+        // Page-aligned only, as an O_DIRECT file needs.
+        let into = into.filter(|b| (b.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN));
         let into = Mutex::new(into.map(|mut b| {
             b.truncate(len);
             b
@@ -259,21 +261,49 @@ impl Device {
     }
 
     pub fn write(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {
-        let len = buf.len() as u64;
-        if let Err(e) = self.check_write(offset, len) {
-            return done(Err(e));
-        }
-        let done = accounted(&self.stats, Op::Write, offset, len, done);
         // A request the policy may stop is retried later: keep its data
         // (in a pooled buffer: no allocation on the common path).
         let keep =
             matches!(self.werror, OnError::Stop | OnError::Enospc).then(|| Buf::from_slice(&buf));
-        let first = Mutex::new(Some(buf));
+        let data = WriteData::Owned {
+            first: Mutex::new(Some(buf)),
+            keep,
+        };
+        self.write_data(offset, data, done)
+    }
+
+    /// As [`Device::write`] of the `len` bytes at `at`, written from there:
+    /// where the chain hands buffers back only after their I/O and never
+    /// changes them (the formats of `reads_never_block`), every attempt (a
+    /// retry too) writes straight from that memory; elsewhere each attempt
+    /// copies it once.
+    ///
+    /// # Safety
+    /// `at` is valid for reads of `len` bytes, which nothing changes until
+    /// `done` has run (a FUSE ring entry's payload until it is answered).
+    pub unsafe fn write_in_place(
+        self: &Arc<Self>,
+        offset: u64,
+        at: *const u8,
+        len: usize,
+        done: Done<Buf>,
+    ) {
+        let data = WriteData::InPlace {
+            at: at as usize,
+            len,
+        };
+        self.write_data(offset, data, done)
+    }
+
+    fn write_data(self: &Arc<Self>, offset: u64, data: WriteData, done: Done<Buf>) {
+        let len = data.len() as u64;
+        if let Err(e) = self.check_write(offset, len) {
+            return done(Err(e));
+        }
+        let done = accounted(&self.stats, Op::Write, offset, len, done);
         let attempt: Attempt<Buf> = Arc::new(move |root, d| {
-            let buf = match (first.lock().take(), &keep) {
-                (Some(b), _) => b,
-                (None, Some(k)) => Buf::from_slice(k),
-                (None, None) => return d(Err(Error::io(libc::EIO, "write data was not kept"))),
+            let Some(buf) = data.take(reads_never_block(root)) else {
+                return d(Err(Error::io(libc::EIO, "write data was not kept")));
             };
             let dz = root.opts.detect_zeroes;
             if dz == DetectZeroes::Off || !buf.is_zero() {
@@ -707,6 +737,54 @@ struct Request<T> {
 /// `drivers::wait`, which steps out of a thread's own ring) and for short
 /// metadata locks never held while a read of theirs is waited for. Other
 /// drivers (blkdebug's rules, quorum votes) are not vouched for.
+/// Where a write's data comes from, for each attempt.
+enum WriteData {
+    /// The caller's buffer for the first attempt; a copy of it, if the
+    /// error policy may retry, for the others.
+    Owned {
+        first: Mutex<Option<Buf>>,
+        keep: Option<Buf>,
+    },
+    /// Memory the caller keeps unchanged until the write is answered
+    /// ([`Device::write_in_place`]).
+    InPlace { at: usize, len: usize },
+}
+
+impl WriteData {
+    fn len(&self) -> usize {
+        match self {
+            WriteData::Owned { first, keep } => first
+                .lock()
+                .as_ref()
+                .or(keep.as_ref())
+                .map_or(0, |b| b.len()),
+            WriteData::InPlace { len, .. } => *len,
+        }
+    }
+
+    /// The data for one attempt; `in_place` where the chain allows it.
+    fn take(&self, in_place: bool) -> Option<Buf> {
+        match self {
+            WriteData::Owned { first, keep } => first
+                .lock()
+                .take()
+                .or_else(|| keep.as_deref().map(Buf::from_slice)),
+            // SAFETY: `write_in_place`'s caller keeps the bytes valid and
+            // unchanged until the request is answered, which happens after
+            // this attempt's I/O, and these chains neither change a buffer
+            // nor hold it past its completion.
+            // (Page-aligned, as an O_DIRECT file needs.)
+            WriteData::InPlace { at, len } if in_place && at % crate::io::buf::ALIGN == 0 => {
+                Some(unsafe { Buf::borrowed(*at as *mut u8, *len) })
+            }
+            // SAFETY: as above; the bytes are only read.
+            WriteData::InPlace { at, len } => Some(Buf::from_slice(unsafe {
+                std::slice::from_raw_parts(*at as *const u8, *len)
+            })),
+        }
+    }
+}
+
 fn reads_never_block(node: &Node) -> bool {
     matches!(
         node.driver.format_name(),

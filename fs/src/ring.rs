@@ -616,15 +616,14 @@ impl Running {
         };
         let len = data.len() as u32;
         let me = self.clone();
-        dev.write(
-            offset,
-            Buf::from_slice(data),
-            completes_on_drop(Box::new(move |r| {
-                let q = &me.q;
-                let result = r.map(|_| abi::write_out(q.payload(idx), len));
-                q.answer(idx, unique, result.map_err(|e| e.errno()))
-            })),
-        );
+        let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
+            let q = &me.q;
+            let result = r.map(|_| abi::write_out(q.payload(idx), len));
+            q.answer(idx, unique, result.map_err(|e| e.errno()))
+        }));
+        // SAFETY: `data` is this entry's payload, the daemon's and unchanged
+        // until the entry is answered, which `done` does.
+        unsafe { dev.write_in_place(offset, data.as_ptr(), data.len(), done) }
     }
 
     fn fsync(self: &Arc<Self>, idx: usize, unique: u64, ino: u64) {

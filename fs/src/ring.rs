@@ -128,6 +128,10 @@ struct Entry {
     /// an entry is committed once, and one whose request panicked is
     /// answered (EIO) rather than lost with its caller waiting for good.
     unanswered: AtomicU64,
+    /// Its payload is lent to the engine (a read into it, a write from
+    /// it) until the request's completion runs: a panic elsewhere must
+    /// not answer it while I/O may still use the payload.
+    lent: AtomicBool,
 }
 
 struct Worker {
@@ -185,6 +189,7 @@ impl Worker {
                 commit_id: AtomicU64::new(0),
                 registered: AtomicBool::new(false),
                 unanswered: AtomicU64::new(0),
+                lent: AtomicBool::new(false),
             })
             .collect();
         // SAFETY: eventfd returns a new descriptor or -1.
@@ -429,10 +434,14 @@ impl Running {
             return;
         }
         let idx = tag as usize;
-        let unique = q
-            .entries
-            .get(idx)
-            .map_or(0, |e| e.unanswered.load(Ordering::Acquire));
+        let Some(entry) = q.entries.get(idx) else {
+            return;
+        };
+        if entry.lent.load(Ordering::Acquire) {
+            // Its completion answers it, once the I/O on the payload ended.
+            return;
+        }
+        let unique = entry.unanswered.load(Ordering::Acquire);
         if unique != 0 {
             q.answer(idx, unique, Err(libc::EIO));
         }
@@ -586,14 +595,16 @@ impl Running {
         let size = (size as usize).min(payload.len());
         let at = payload.as_mut_ptr();
         // SAFETY: the entry is the daemon's until it is answered, and it is
-        // answered by `done`, which `read_into` calls with the buffer back
-        // once every I/O into it has ended (or drops it on a panic, with
-        // the buffer gone already).
+        // answered by `done` (lent meanwhile: not by a panic's EIO), which
+        // `read_into` calls with the buffer back once every I/O into it has
+        // ended, or drops once nothing holds the buffer.
         let into = unsafe { Buf::borrowed(at, size) };
         let at = at as usize;
         let me = self.clone();
+        q.entries[idx].lent.store(true, Ordering::Release);
         let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
+            q.entries[idx].lent.store(false, Ordering::Release);
             let result = r.map(|buf| {
                 // A buffer of the engine's own (a retry, a chain that
                 // reads elsewhere) is copied; the payload is already there.
@@ -616,13 +627,15 @@ impl Running {
         };
         let len = data.len() as u32;
         let me = self.clone();
+        q.entries[idx].lent.store(true, Ordering::Release);
         let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
+            q.entries[idx].lent.store(false, Ordering::Release);
             let result = r.map(|_| abi::write_out(q.payload(idx), len));
             q.answer(idx, unique, result.map_err(|e| e.errno()))
         }));
         // SAFETY: `data` is this entry's payload, the daemon's and unchanged
-        // until the entry is answered, which `done` does.
+        // until the entry is answered, which `done` does (lent meanwhile).
         unsafe { dev.write_in_place(offset, data.as_ptr(), data.len(), done) }
     }
 

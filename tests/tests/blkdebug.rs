@@ -600,6 +600,32 @@ fn qcow2_metadata_batches_make_refcounts_durable_before_l2() {
     }
 }
 
+/// A new L2 table's refcount is durable before the L1 entry that points
+/// to it is written (through, not in a batch): the FUA write of the
+/// refcount moves blkdebug to state 2, where L1 updates fail.
+#[test]
+fn qcow2_new_table_refcount_is_durable_before_its_l1_entry() {
+    let dir = TestDir::new("bd-l1");
+    let rules = json!({
+        "inject-error": [{"event": "l1_update", "state": 2, "errno": 5}],
+        "set-state": [{"event": "flush_to_disk", "state": 1, "new_state": 2}]
+    });
+    for direct in [true, false] {
+        let img = qcow2_image(&dir, &format!("l1-{direct}.qcow2"), "", "16M");
+        let mut s: Value =
+            serde_json::from_str(&spec("qcow2", "d0", &img, rules.clone())).expect("spec is JSON");
+        s["cache"] = json!({"direct": direct});
+        let d = Daemon::start(&dir, &[s.to_string()]);
+        let f = rw(&d, "d0");
+        // The image has no L2 table yet: the first write allocates one.
+        let got = write_errno(&f, &[0x5a; 4096], 0);
+        assert_eq!(got, Some(libc::EIO), "first write, cache.direct={direct}");
+        drop(f);
+        d.quit();
+        assert_no_corruption(&img);
+    }
+}
+
 /// The other order: a freed cluster's L2 entry is removed and flushed
 /// before its refcount drops (QEMU's dependency of the refcount cache on
 /// the L2 cache), so a power loss cannot leave an entry pointing at a

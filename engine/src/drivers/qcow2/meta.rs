@@ -47,7 +47,7 @@ use crate::graph::Node;
 use crate::io::Buf;
 use crate::options::BlkdebugEvent as Ev;
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -132,6 +132,8 @@ pub struct Meta {
     drops: Vec<Release>,
     dropping: Vec<Release>,
     flushed: Vec<Release>,
+    /// Drops queued per cluster, not applied yet: a release counts them.
+    dropped: HashMap<u64, u64>,
     pass: PassDiscard,
     /// Freed byte ranges waiting to be discarded in the file.
     discards: Vec<(u64, u64)>,
@@ -208,9 +210,9 @@ impl Drop for Meta {
         }
         if self.releasing() {
             log::error!(
-                "{}: qcow2: {} released cluster runs were never freed (leaked)",
+                "{}: qcow2: {} released clusters were never freed (leaked)",
                 self.file.driver.filename(),
-                self.drops.len() + self.flushed.len()
+                self.dropped.len()
             );
         }
     }
@@ -248,6 +250,7 @@ impl Meta {
             drops: Vec::new(),
             dropping: Vec::new(),
             flushed: Vec::new(),
+            dropped: HashMap::new(),
             pass: PassDiscard::default(),
             discards: Vec::new(),
             lazy: None,
@@ -446,7 +449,7 @@ impl Meta {
     /// being written outside it first (its older copies must not land
     /// after these).
     pub fn write_dirty(&mut self) -> Result<()> {
-        if self.dirty.is_empty() && self.writing.is_empty() {
+        if self.dirty.is_empty() && self.writing.is_empty() && self.dropping.is_empty() {
             return Ok(());
         }
         self.settle();
@@ -495,7 +498,7 @@ impl Meta {
 
     /// Whether released clusters wait to be freed.
     pub fn releasing(&self) -> bool {
-        !self.drops.is_empty() || !self.flushed.is_empty()
+        !self.dropped.is_empty()
     }
 
     /// Changes made so far: a commit waits until these are written.
@@ -509,7 +512,7 @@ impl Meta {
         }
         match &self.failed {
             Some((c, e)) if *c >= changes => Commit::Failed(e.clone()),
-            _ if !self.writing.is_empty() => Commit::Busy,
+            _ if !self.writing.is_empty() || !self.dropping.is_empty() => Commit::Busy,
             _ => Commit::Idle,
         }
     }
@@ -525,6 +528,7 @@ impl Meta {
         let writes = self.take_writes(&chunks)?;
         self.dirty.clear();
         self.writing = chunks;
+        debug_assert!(self.dropping.is_empty(), "two batches in flight");
         self.dropping = std::mem::take(&mut self.drops);
         Ok(Some(Batch {
             io: self.io.clone(),
@@ -1125,11 +1129,14 @@ impl Meta {
         }
         let (first, last) = (off / self.cs, (off + len.max(1) - 1) / self.cs);
         for c in first..=last {
-            if self.refcount(c)? == 0 {
+            if self.refcount(c)? <= self.dropped.get(&c).copied().unwrap_or(0) {
                 return Err(corrupt(format!(
                     "refcount of cluster {c} would drop below zero"
                 )));
             }
+        }
+        for c in first..=last {
+            *self.dropped.entry(c).or_default() += 1;
         }
         self.drops.push((off, len, kind));
         Ok(())
@@ -1141,6 +1148,12 @@ impl Meta {
         for (off, len, kind) in drops {
             let (first, last) = (off / self.cs, (off + len.max(1) - 1) / self.cs);
             for c in first..=last {
+                if let Some(n) = self.dropped.get_mut(&c) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.dropped.remove(&c);
+                    }
+                }
                 let r = self.refcount(c).and_then(|rc| match rc {
                     0 => Err(corrupt(format!(
                         "refcount of cluster {c} would drop below zero"

@@ -801,9 +801,14 @@ impl Driver for Arc<Qcow2Driver> {
         }
         // Everything pending is written again, a failed batch's too.
         let me = self.clone();
-        crate::io::spawn_blocking(move || match me.meta.lock().free_released() {
-            Ok(()) => me.file.flush(done),
-            Err(e) => done(Err(e)),
+        crate::io::spawn_blocking(move || {
+            // Not in the match: the metadata lock would be held through the
+            // flush, whose completion may run inline and read this image.
+            let r = me.meta.lock().free_released();
+            match r {
+                Ok(()) => me.file.flush(done),
+                Err(e) => done(Err(e)),
+            }
         });
     }
 

@@ -6,9 +6,10 @@
 //! A batch writes every changed refcount chunk first and every changed L2
 //! chunk after: a refcount is raised before an L2 entry points at its
 //! cluster, as QEMU's dependency between its refcount and L2 caches does.
-//! The refcount stage is written durably (FUA) when an L2 stage follows,
-//! so the order holds through a power loss, in both cache modes (see
-//! [`write_all`]).
+//! The refcount stage is written durably (FUA), so the order holds through
+//! a power loss in both cache modes, for the L2 stage after it and for
+//! whatever is written through later (a new table's L1 entry).
+//! See [`write_all`].
 //! The other order (an L2 entry removed before the refcount drops) is kept
 //! by [`super::meta::Meta::release`], which writes what is pending before
 //! it lowers a refcount.
@@ -48,14 +49,15 @@ pub fn write_all(file: &Arc<Node>, mut writes: Vec<Write>, flush: bool) -> Resul
     writes.sort_by_key(|w| w.chunk);
     let split = writes.partition_point(|w| matches!(w.chunk, Chunk::Refblock(..)));
     let l2 = writes.split_off(split);
-    // The refcounts reach the disk before the L2 entries that need them,
-    // through a power loss too. FUA writes back only these chunks; a flush
-    // would write all the file's dirty data through the page cache.
-    let barrier = !writes.is_empty() && !l2.is_empty();
-    if barrier {
+    // The refcounts reach the disk before the L2 entries (or the L1 entry
+    // written through next) that need them, through a power loss too. FUA
+    // writes back only these chunks; a flush would write all the file's
+    // dirty data through the page cache.
+    let durable = !writes.is_empty();
+    if durable {
         file.debug_event(Ev::FlushToDisk);
     }
-    write_stage(file, writes, barrier)?;
+    write_stage(file, writes, durable)?;
     write_stage(file, l2, false)?;
     if flush {
         file.debug_event(Ev::FlushToDisk);

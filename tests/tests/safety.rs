@@ -578,6 +578,9 @@ fn a_written_node_has_no_other_writer_or_reader() {
 fn close_raises_no_flush_event() {
     let dir = TestDir::new("sf-flushev");
     let img = qcow2_image(&dir, "a.qcow2", "", "4M");
+    // Allocated already: an allocating write makes its refcount durable,
+    // which blkdebug sees as a flush.
+    qemu_io("qcow2", img.as_ref(), &["write -P 0 0 64k"]);
     let spec = json!({"driver": "qcow2", "id": "d0",
         "file": {"driver": "blkdebug",
                  "inject-error": [{"event": "flush_to_disk", "errno": 5, "once": true}],

@@ -260,16 +260,12 @@ impl Device {
         );
     }
 
+    /// Writes `buf` at `offset`; `done` gets `buf` back. Where the chain
+    /// allows (see [`Device::write_in_place`]) every attempt writes from
+    /// `buf` itself, else from a copy; `buf` stays for a retry by the error
+    /// policy either way.
     pub fn write(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {
-        // A request the policy may stop is retried later: keep its data
-        // (in a pooled buffer: no allocation on the common path).
-        let keep =
-            matches!(self.werror, OnError::Stop | OnError::Enospc).then(|| Buf::from_slice(&buf));
-        let data = WriteData::Owned {
-            first: Mutex::new(Some(buf)),
-            keep,
-        };
-        self.write_data(offset, data, done)
+        self.write_data(offset, WriteData::Owned(Mutex::new(Some(buf))), done)
     }
 
     /// As [`Device::write`] of the `len` bytes at `at`, written from there:
@@ -301,10 +297,15 @@ impl Device {
             return done(Err(e));
         }
         let done = accounted(&self.stats, Op::Write, offset, len, done);
+        let data = Arc::new(data);
         let attempt: Attempt<Buf> = Arc::new(move |root, d| {
             let Some(buf) = data.take(reads_never_block(root)) else {
                 return d(Err(Error::io(libc::EIO, "write data was not kept")));
             };
+            // The caller's buffer goes back on success; until then it lives
+            // here, under the view this attempt may be writing from.
+            let data = data.clone();
+            let d: Done<Buf> = Box::new(move |r| d(r.map(|b| data.hand_back().unwrap_or(b))));
             let dz = root.opts.detect_zeroes;
             if dz == DetectZeroes::Off || !buf.is_zero() {
                 return root.write(offset, buf, d);
@@ -739,12 +740,8 @@ struct Request<T> {
 /// drivers (blkdebug's rules, quorum votes) are not vouched for.
 /// Where a write's data comes from, for each attempt.
 enum WriteData {
-    /// The caller's buffer for the first attempt; a copy of it, if the
-    /// error policy may retry, for the others.
-    Owned {
-        first: Mutex<Option<Buf>>,
-        keep: Option<Buf>,
-    },
+    /// The caller's buffer, kept for retries until the write succeeds.
+    Owned(Mutex<Option<Buf>>),
     /// Memory the caller keeps unchanged until the write is answered
     /// ([`Device::write_in_place`]).
     InPlace { at: usize, len: usize },
@@ -753,34 +750,43 @@ enum WriteData {
 impl WriteData {
     fn len(&self) -> usize {
         match self {
-            WriteData::Owned { first, keep } => first
-                .lock()
-                .as_ref()
-                .or(keep.as_ref())
-                .map_or(0, |b| b.len()),
+            WriteData::Owned(buf) => buf.lock().as_ref().map_or(0, |b| b.len()),
             WriteData::InPlace { len, .. } => *len,
         }
     }
 
-    /// The data for one attempt; `in_place` where the chain allows it.
+    /// The data for one attempt: a view of the bytes where `in_place` (the
+    /// chain hands buffers back only after their I/O and never changes
+    /// them) and they are page-aligned (as O_DIRECT needs), else a copy.
     fn take(&self, in_place: bool) -> Option<Buf> {
-        match self {
-            WriteData::Owned { first, keep } => first
-                .lock()
-                .take()
-                .or_else(|| keep.as_deref().map(Buf::from_slice)),
-            // SAFETY: `write_in_place`'s caller keeps the bytes valid and
-            // unchanged until the request is answered, which happens after
-            // this attempt's I/O, and these chains neither change a buffer
-            // nor hold it past its completion.
-            // (Page-aligned, as an O_DIRECT file needs.)
-            WriteData::InPlace { at, len } if in_place && at % crate::io::buf::ALIGN == 0 => {
-                Some(unsafe { Buf::borrowed(*at as *mut u8, *len) })
+        let (at, len) = match self {
+            WriteData::Owned(buf) => {
+                let mut buf = buf.lock();
+                let b = buf.as_mut()?;
+                (b.as_mut_ptr(), b.len())
             }
-            // SAFETY: as above; the bytes are only read.
-            WriteData::InPlace { at, len } => Some(Buf::from_slice(unsafe {
-                std::slice::from_raw_parts(*at as *const u8, *len)
-            })),
+            WriteData::InPlace { at, len } => (*at as *mut u8, *len),
+        };
+        if in_place && (at as usize).is_multiple_of(crate::io::buf::ALIGN) {
+            // SAFETY: the bytes stay valid and unchanged until the attempt
+            // ends: the caller's buffer is kept in `self` (which the
+            // attempt's completion holds) until `hand_back` after success,
+            // and `write_in_place`'s caller keeps its memory until the
+            // request is answered; these chains neither change a buffer
+            // nor hold it past its completion.
+            return Some(unsafe { Buf::borrowed(at, len) });
+        }
+        // SAFETY: as above; the bytes are only read.
+        Some(Buf::from_slice(unsafe {
+            std::slice::from_raw_parts(at, len)
+        }))
+    }
+
+    /// The caller's buffer, once the write succeeded.
+    fn hand_back(&self) -> Option<Buf> {
+        match self {
+            WriteData::Owned(buf) => buf.lock().take(),
+            WriteData::InPlace { .. } => None,
         }
     }
 }

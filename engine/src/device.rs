@@ -216,10 +216,9 @@ impl Device {
     }
 
     /// As [`Device::read`] of `into.len()` bytes, read into `into` (a FUSE
-    /// ring entry's payload, [`Buf::borrowed`]) where the chain hands the
-    /// buffer back only once every I/O into it has ended (the formats of
-    /// `reads_never_block`); `done` then gets `into` back. Elsewhere, and
-    /// on a retry, it gets a buffer of its own.
+    /// ring entry's payload, [`Buf::borrowed`]) where the chain allows
+    /// ([`in_place`]); `done` then gets `into` back. Elsewhere, and on a
+    /// retry, it gets a buffer of its own.
     pub fn read_into(self: &Arc<Self>, offset: u64, into: Buf, done: Done<Buf>) {
         self.read_to(offset, into.len(), Some(into), done)
     }
@@ -230,8 +229,6 @@ impl Device {
             return done(Ok(Buf::zeroed(0)));
         }
         let done = accounted(&self.stats, Op::Read, offset, len as u64, done);
-        // Page-aligned only, as an O_DIRECT file needs.
-        let into = into.filter(|b| (b.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN));
         let into = Mutex::new(into.map(|mut b| {
             b.truncate(len);
             b
@@ -240,11 +237,9 @@ impl Device {
             // On a thread with its own ring (a FUSE worker), a read whose
             // chain never blocks is answered from that ring. Decided on the
             // root this attempt runs on: a switch may change the chain.
-            if !reads_never_block(root) {
-                return root.read(offset, Buf::recycled(len), d);
-            }
-            let buf = into.lock().take().unwrap_or_else(|| Buf::recycled(len));
-            if crate::io::has_local_ring() {
+            let into = into.lock().take().filter(|b| in_place(root, b));
+            let buf = into.unwrap_or_else(|| Buf::recycled(len));
+            if crate::io::has_local_ring() && reads_never_block(root) {
                 crate::io::with_local_ring(|| root.read(offset, buf, d))
             } else {
                 root.read(offset, buf, d)
@@ -260,46 +255,20 @@ impl Device {
         );
     }
 
-    /// Writes `buf` at `offset`; `done` gets `buf` back. Where the chain
-    /// allows (see [`Device::write_in_place`]) every attempt writes from
-    /// `buf` itself, else from a copy; `buf` stays for a retry by the error
-    /// policy either way.
+    /// Writes `buf` at `offset`; `done` gets `buf` back. `buf` is kept for
+    /// a retry by the error policy; where the chain allows ([`in_place`])
+    /// every attempt writes from `buf` itself, else from a copy. So `buf`
+    /// may be [`Buf::borrowed`] (a FUSE ring entry's payload) when its
+    /// memory stays unchanged until `done` has run.
     pub fn write(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {
-        self.write_data(offset, WriteData::Owned(Mutex::new(Some(buf))), done)
-    }
-
-    /// As [`Device::write`] of the `len` bytes at `at`, written from there:
-    /// where the chain hands buffers back only after their I/O and never
-    /// changes them (the formats of `reads_never_block`), every attempt (a
-    /// retry too) writes straight from that memory; elsewhere each attempt
-    /// copies it once.
-    ///
-    /// # Safety
-    /// `at` is valid for reads of `len` bytes, which nothing changes until
-    /// `done` has run (a FUSE ring entry's payload until it is answered).
-    pub unsafe fn write_in_place(
-        self: &Arc<Self>,
-        offset: u64,
-        at: *const u8,
-        len: usize,
-        done: Done<Buf>,
-    ) {
-        let data = WriteData::InPlace {
-            at: at as usize,
-            len,
-        };
-        self.write_data(offset, data, done)
-    }
-
-    fn write_data(self: &Arc<Self>, offset: u64, data: WriteData, done: Done<Buf>) {
-        let len = data.len() as u64;
+        let len = buf.len() as u64;
         if let Err(e) = self.check_write(offset, len) {
             return done(Err(e));
         }
         let done = accounted(&self.stats, Op::Write, offset, len, done);
-        let data = Arc::new(data);
+        let data = Arc::new(Kept(Mutex::new(Some(buf))));
         let attempt: Attempt<Buf> = Arc::new(move |root, d| {
-            let Some(buf) = data.take(reads_never_block(root)) else {
+            let Some(buf) = data.take(root) else {
                 return d(Err(Error::io(libc::EIO, "write data was not kept")));
             };
             // The caller's buffer goes back on success; until then it lives
@@ -731,6 +700,39 @@ struct Request<T> {
     done: Done<T>,
 }
 
+/// A write's data, kept for retries until the write succeeds.
+struct Kept(Mutex<Option<Buf>>);
+
+impl Kept {
+    /// The data for an attempt on `root`: a view of the kept buffer where
+    /// [`in_place`] allows, else a copy.
+    fn take(&self, root: &Node) -> Option<Buf> {
+        let mut kept = self.0.lock();
+        let b = kept.as_mut()?;
+        if in_place(root, b) {
+            // SAFETY: the kept buffer (and the memory a borrowed one views,
+            // by `Device::write`'s contract) stays valid and unchanged until
+            // the attempt ends: it is handed back only after success, and
+            // `in_place` chains neither change a buffer nor hold it past
+            // its completion.
+            return Some(unsafe { Buf::borrowed(b.as_mut_ptr(), b.len()) });
+        }
+        Some(Buf::from_slice(b))
+    }
+
+    /// The caller's buffer, once the write succeeded.
+    fn hand_back(&self) -> Option<Buf> {
+        self.0.lock().take()
+    }
+}
+
+/// Whether an attempt on `root` may read into, or write from, the caller's
+/// buffer itself (page-aligned, as O_DIRECT needs): the chain hands a buffer
+/// back only once every I/O on it has ended and never changes write data.
+fn in_place(root: &Node, buf: &Buf) -> bool {
+    reads_never_block(root) && (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
+}
+
 /// Whether no read of `node` waits, on the submitting thread, for another
 /// request's I/O, so its reads may go to that thread's own ring
 /// ([`crate::io::with_local_ring`]): raw, qcow2 and file nodes, all the way
@@ -738,59 +740,6 @@ struct Request<T> {
 /// `drivers::wait`, which steps out of a thread's own ring) and for short
 /// metadata locks never held while a read of theirs is waited for. Other
 /// drivers (blkdebug's rules, quorum votes) are not vouched for.
-/// Where a write's data comes from, for each attempt.
-enum WriteData {
-    /// The caller's buffer, kept for retries until the write succeeds.
-    Owned(Mutex<Option<Buf>>),
-    /// Memory the caller keeps unchanged until the write is answered
-    /// ([`Device::write_in_place`]).
-    InPlace { at: usize, len: usize },
-}
-
-impl WriteData {
-    fn len(&self) -> usize {
-        match self {
-            WriteData::Owned(buf) => buf.lock().as_ref().map_or(0, |b| b.len()),
-            WriteData::InPlace { len, .. } => *len,
-        }
-    }
-
-    /// The data for one attempt: a view of the bytes where `in_place` (the
-    /// chain hands buffers back only after their I/O and never changes
-    /// them) and they are page-aligned (as O_DIRECT needs), else a copy.
-    fn take(&self, in_place: bool) -> Option<Buf> {
-        let (at, len) = match self {
-            WriteData::Owned(buf) => {
-                let mut buf = buf.lock();
-                let b = buf.as_mut()?;
-                (b.as_mut_ptr(), b.len())
-            }
-            WriteData::InPlace { at, len } => (*at as *mut u8, *len),
-        };
-        if in_place && (at as usize).is_multiple_of(crate::io::buf::ALIGN) {
-            // SAFETY: the bytes stay valid and unchanged until the attempt
-            // ends: the caller's buffer is kept in `self` (which the
-            // attempt's completion holds) until `hand_back` after success,
-            // and `write_in_place`'s caller keeps its memory until the
-            // request is answered; these chains neither change a buffer
-            // nor hold it past its completion.
-            return Some(unsafe { Buf::borrowed(at, len) });
-        }
-        // SAFETY: as above; the bytes are only read.
-        Some(Buf::from_slice(unsafe {
-            std::slice::from_raw_parts(at, len)
-        }))
-    }
-
-    /// The caller's buffer, once the write succeeded.
-    fn hand_back(&self) -> Option<Buf> {
-        match self {
-            WriteData::Owned(buf) => buf.lock().take(),
-            WriteData::InPlace { .. } => None,
-        }
-    }
-}
-
 fn reads_never_block(node: &Node) -> bool {
     matches!(
         node.driver.format_name(),

@@ -636,7 +636,8 @@ impl Running {
         }));
         // SAFETY: `data` is this entry's payload, the daemon's and unchanged
         // until the entry is answered, which `done` does (lent meanwhile).
-        unsafe { dev.write_in_place(offset, data.as_ptr(), data.len(), done) }
+        let data = unsafe { Buf::borrowed(data.as_ptr().cast_mut(), data.len()) };
+        dev.write(offset, data, done)
     }
 
     fn fsync(self: &Arc<Self>, idx: usize, unique: u64, ino: u64) {

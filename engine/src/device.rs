@@ -277,6 +277,10 @@ impl Device {
             let d: Done<Buf> = Box::new(move |r| d(r.map(|b| data.hand_back().unwrap_or(b))));
             let dz = root.opts.detect_zeroes;
             if dz == DetectZeroes::Off || !buf.is_zero() {
+                // As reads: a FUSE worker answers it from its own ring.
+                if crate::io::has_local_ring() && writes_never_block(root) {
+                    return crate::io::with_local_ring(|| root.write(offset, buf, d));
+                }
                 return root.write(offset, buf, d);
             }
             let unmap = dz == DetectZeroes::Unmap;
@@ -731,6 +735,20 @@ impl Kept {
 /// back only once every I/O on it has ended and never changes write data.
 fn in_place(root: &Node, buf: &Buf) -> bool {
     reads_never_block(root) && (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
+}
+
+/// As [`reads_never_block`] for writes: raw over a file or a host device,
+/// or the file alone. A file write that would wait (for a read-modify-write
+/// under way) moves to a thread that may wait. qcow2 is left out: its
+/// writes wait for cluster claims of writes that may be in flight on the
+/// very ring their thread reaps.
+fn writes_never_block(node: &Node) -> bool {
+    matches!(node.driver.format_name(), "raw" | "file" | "host_device")
+        && node
+            .driver
+            .file_child()
+            .is_none_or(|f| writes_never_block(f))
+        && node.driver.backing_child().is_none()
 }
 
 /// Whether no read of `node` waits, on the submitting thread, for another

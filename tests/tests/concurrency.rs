@@ -213,6 +213,41 @@ fn parallel_unaligned_adjacent_writes_on_a_direct_device() {
     }
 }
 
+/// Aligned 4 KiB writes and unaligned ones at once, on an O_DIRECT device:
+/// a read-modify-write waits for the aligned writes in flight, which on the
+/// io_uring transport run on the FUSE workers' own rings; a worker must
+/// never wait for it in turn (it would stop reaping the writes it waits on).
+fn mixed_plan(threads: usize, per_thread: usize) -> Vec<Vec<Write>> {
+    (0..threads)
+        .map(|t| {
+            (0..per_thread)
+                .map(|i| {
+                    let n = i * threads + t;
+                    let (offset, len) = if (i + t) % 2 == 0 {
+                        ((8 << 20) + n * 4096, 4096)
+                    } else {
+                        ((3 << 20 | 123) + n * 1000, 1000)
+                    };
+                    Write {
+                        offset: offset as u64,
+                        data: pattern((7 + t * 131 + i) as u64, len),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn parallel_aligned_and_unaligned_writes_on_a_direct_device() {
+    let dir = TestDir::new("cc-mixed");
+    let (img, base) = base_image(&dir);
+    let spec = json!({"driver": "raw", "id": "d0", "cache": {"direct": true},
+                      "file": {"driver": "file", "filename": img, "aio": "native"}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    run(&dir, d, &img, base, mixed_plan(16, 60));
+}
+
 #[test]
 fn parallel_io_on_several_devices_and_qmp_at_once() {
     let dir = TestDir::new("cc-multi");

@@ -57,6 +57,18 @@ pub struct Media {
 
 pub struct FileDriver {
     host: Host,
+    io: Arc<FileIo>,
+    no_flush: bool,
+    read_only: bool,
+    /// A block device: its size is fixed.
+    blockdev: bool,
+    /// The image locks held on `fd`, if any.
+    locked: Option<super::lock::Perms>,
+}
+
+/// What the file's requests use: shared with a write that a thread owning
+/// its ring hands to a thread that may wait (see [`FileIo::write_with`]).
+struct FileIo {
     fd: Arc<OwnedFd>,
     filename: Arc<str>,
     backend: Arc<dyn Backend>,
@@ -65,15 +77,9 @@ pub struct FileDriver {
     buffered_writes: Option<Arc<parking_lot::Mutex<()>>>,
     /// Offset and length alignment of O_DIRECT requests.
     align: u64,
-    no_flush: bool,
-    read_only: bool,
-    /// A block device: its size is fixed.
-    blockdev: bool,
     size: AtomicU64,
     /// O_DIRECT only: aligned writes share it, a read-modify-write holds it alone.
     rmw: Arc<RwLock<()>>,
-    /// The image locks held on `fd`, if any.
-    locked: Option<super::lock::Perms>,
 }
 
 impl Drop for FileDriver {
@@ -81,7 +87,7 @@ impl Drop for FileDriver {
     /// completions still hold the descriptor for a moment.
     fn drop(&mut self) {
         if self.locked.is_some() {
-            super::lock::unlock_all(self.fd.as_fd());
+            super::lock::unlock_all(self.io.fd.as_fd());
         }
     }
 }
@@ -159,21 +165,25 @@ impl FileDriver {
         };
         Ok(FileDriver {
             host,
-            fd,
-            filename: filename.into(),
-            backend: io::backend(opts.aio),
-            direct: opts.direct,
-            buffered_writes: (!opts.direct).then(|| Arc::new(parking_lot::Mutex::new(()))),
-            align,
+            io: Arc::new(FileIo {
+                fd,
+                filename: filename.into(),
+                backend: io::backend(opts.aio),
+                direct: opts.direct,
+                buffered_writes: (!opts.direct).then(|| Arc::new(parking_lot::Mutex::new(()))),
+                align,
+                size: AtomicU64::new(size),
+                rmw: Arc::new(RwLock::new(())),
+            }),
             no_flush: opts.no_flush,
             read_only: opts.read_only,
             blockdev,
-            size: AtomicU64::new(size),
-            rmw: Arc::new(RwLock::new(())),
             locked,
         })
     }
+}
 
+impl FileIo {
     fn aligned(&self, offset: u64, len: u64) -> bool {
         offset.is_multiple_of(self.align) && len.is_multiple_of(self.align)
     }
@@ -234,7 +244,11 @@ impl FileDriver {
         Ok(())
     }
 
-    fn write_with(&self, offset: u64, buf: Buf, fua: bool, done: Done<Buf>) {
+    /// On a thread that reaps its own ring ([`io::on_local_ring`]) a write
+    /// never waits: the read-modify-write it would wait for may itself wait
+    /// for aligned writes in flight on that very ring. Such a write goes to
+    /// a thread that may wait instead.
+    fn write_with(self: &Arc<Self>, offset: u64, buf: Buf, fua: bool, done: Done<Buf>) {
         let len = buf.len() as u64;
         let mut req = IoReq::data(self.fd.clone(), OpKind::Write, offset, buf);
         req.fua = fua;
@@ -242,16 +256,27 @@ impl FileDriver {
             self.size.fetch_max(offset + len, Ordering::Relaxed);
             return self.submit(req, done);
         }
+        let local = io::on_local_ring();
         if self.aligned(offset, len) {
-            let shared = self.rmw.read_arc();
-            self.size.fetch_max(offset + len, Ordering::Relaxed);
-            return self.submit(
-                req,
-                Box::new(move |r| {
-                    drop(shared);
-                    done(r)
-                }),
-            );
+            let shared = if local {
+                self.rmw.try_read_arc()
+            } else {
+                Some(self.rmw.read_arc())
+            };
+            if let Some(shared) = shared {
+                self.size.fetch_max(offset + len, Ordering::Relaxed);
+                return self.submit(
+                    req,
+                    Box::new(move |r| {
+                        drop(shared);
+                        done(r)
+                    }),
+                );
+            }
+        }
+        if local {
+            let file = self.clone();
+            return io::spawn_blocking(move || file.write_with(offset, req.buf, fua, done));
         }
         let buf = req.buf;
         let mut r = self.write_unaligned(offset, &buf);
@@ -272,17 +297,17 @@ impl Driver for FileDriver {
     }
 
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        self.io.size.load(Ordering::Relaxed)
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {
         let len = buf.len() as u64;
-        if self.aligned(offset, len) {
-            return self.submit_data(OpKind::Read, offset, buf, done);
+        if self.io.aligned(offset, len) {
+            return self.io.submit_data(OpKind::Read, offset, buf, done);
         }
-        let (start, wide) = self.widen(offset, len);
+        let (start, wide) = self.io.widen(offset, len);
         let mut out = buf;
-        self.submit_data(
+        self.io.submit_data(
             OpKind::Read,
             start,
             Buf::recycled(wide as usize),
@@ -298,7 +323,7 @@ impl Driver for FileDriver {
     }
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        self.write_with(offset, buf, false, done)
+        self.io.write_with(offset, buf, false, done)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {
@@ -316,9 +341,9 @@ impl Driver for FileDriver {
         };
         // Waits here (the caller's thread, never a completion) so the
         // fallback can issue plain writes.
-        let r = super::wait(|d| self.fallocate(mode, offset, len, d));
+        let r = super::wait(|d| self.io.fallocate(mode, offset, len, d));
         if r.is_ok() {
-            self.size.fetch_max(end, Ordering::Relaxed);
+            self.io.size.fetch_max(end, Ordering::Relaxed);
         }
         match r {
             Err(e) if e.errno() == libc::EOPNOTSUPP || e.errno() == libc::EINVAL => {
@@ -333,7 +358,7 @@ impl Driver for FileDriver {
         // punch is a write of zeroes that may unmap (BLKDISCARD's effect
         // with a guarantee), through the same backend as every request.
         let (offset, len) = if self.blockdev {
-            let block = logical_block_size(&self.fd).unwrap_or(512);
+            let block = logical_block_size(&self.io.fd).unwrap_or(512);
             let start = offset.next_multiple_of(block);
             let end = (offset + len) / block * block;
             if end <= start {
@@ -344,7 +369,7 @@ impl Driver for FileDriver {
             (offset, len)
         };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        self.fallocate(
+        self.io.fallocate(
             mode,
             offset,
             len,
@@ -360,7 +385,7 @@ impl Driver for FileDriver {
         if self.no_flush {
             return done(Ok(()));
         }
-        self.submit_control(OpKind::Fdatasync, 0, 0, done);
+        self.io.submit_control(OpKind::Fdatasync, 0, 0, done);
     }
 
     fn has_fua(&self) -> bool {
@@ -368,7 +393,7 @@ impl Driver for FileDriver {
     }
 
     fn write_fua(&self, offset: u64, buf: Buf, done: Done<Buf>) {
-        self.write_with(offset, buf, !self.no_flush, done)
+        self.io.write_with(offset, buf, !self.no_flush, done)
     }
 
     /// A removable drive's medium now; the size follows a medium change.
@@ -376,8 +401,8 @@ impl Driver for FileDriver {
         if !self.host.removable() {
             return None;
         }
-        let size = fd_size(&self.fd, true).unwrap_or(0);
-        self.size.store(size, Ordering::Relaxed);
+        let size = fd_size(&self.io.fd, true).unwrap_or(0);
+        self.io.size.store(size, Ordering::Relaxed);
         // _IO(0x53, 0x26) with CDSL_CURRENT; drives that are not CD-ROMs
         // (floppies, loop devices) answer ENOTTY and the size decides.
         const CDROM_DRIVE_STATUS: libc::c_ulong = 0x5326;
@@ -385,7 +410,7 @@ impl Driver for FileDriver {
         const CDS_DISC_OK: i32 = 4;
         let status = if self.host == Host::Cdrom {
             // SAFETY: the ioctl takes its slot argument by value.
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), CDROM_DRIVE_STATUS, libc::c_int::MAX) }
+            unsafe { libc::ioctl(self.io.fd.as_raw_fd(), CDROM_DRIVE_STATUS, libc::c_int::MAX) }
         } else {
             -1
         };
@@ -403,13 +428,13 @@ impl Driver for FileDriver {
     }
 
     fn passthrough_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        (!self.blockdev).then(|| self.fd.as_fd())
+        (!self.blockdev).then(|| self.io.fd.as_fd())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
         let size = self.size();
         let len = super::status_len(offset, len, size)?;
-        let fd = self.fd.as_raw_fd();
+        let fd = self.io.fd.as_raw_fd();
         let seek = |whence| {
             // SAFETY: plain syscall on a descriptor we own.
             let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
@@ -443,12 +468,12 @@ impl Driver for FileDriver {
         // SAFETY: fstat fills a zeroed struct for a descriptor we own.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: see above.
-        let r = unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) };
+        let r = unsafe { libc::fstat(self.io.fd.as_raw_fd(), &mut st) };
         (r == 0).then_some(st.st_blocks as u64 * 512)
     }
 
     fn filename(&self) -> String {
-        self.filename.to_string()
+        self.io.filename.to_string()
     }
 
     /// The node is read-only: it takes the write and resize permissions for
@@ -457,13 +482,13 @@ impl Driver for FileDriver {
     fn write_through(&self, offset: u64, data: &[u8]) -> Result<()> {
         let _perms = match self.locked {
             Some(held) => Some(super::lock::Extra::take(
-                self.fd.as_fd(),
-                &self.filename,
+                self.io.fd.as_fd(),
+                &self.io.filename,
                 (super::lock::WRITE | super::lock::RESIZE) & !held.perm,
             )?),
             None => None,
         };
-        write_through_path(&self.filename, offset, data)
+        write_through_path(&self.io.filename, offset, data)
     }
 
     fn set_locks(&self, on: bool) -> Result<()> {
@@ -471,9 +496,9 @@ impl Driver for FileDriver {
             return Ok(());
         };
         if on {
-            super::lock::lock(self.fd.as_fd(), &self.filename, OnOffAuto::On, perms)?;
+            super::lock::lock(self.io.fd.as_fd(), &self.io.filename, OnOffAuto::On, perms)?;
         } else {
-            super::lock::unlock_all(self.fd.as_fd());
+            super::lock::unlock_all(self.io.fd.as_fd());
         }
         Ok(())
     }
@@ -482,7 +507,7 @@ impl Driver for FileDriver {
         if self.read_only {
             return Err(Error::generic(format!(
                 "Cannot resize '{}': it is open read-only",
-                self.filename
+                self.io.filename
             )));
         }
         if self.blockdev {
@@ -492,18 +517,18 @@ impl Driver for FileDriver {
             return Ok(());
         }
         let len = libc::off_t::try_from(size)
-            .map_err(|_| Error::from_errno(libc::EFBIG, &self.filename))?;
+            .map_err(|_| Error::from_errno(libc::EFBIG, &self.io.filename))?;
         // No read-modify-write may straddle the old end while it moves.
-        let _excl = self.rmw.write();
+        let _excl = self.io.rmw.write();
         // SAFETY: plain syscall on a descriptor we own.
-        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len) } < 0 {
+        if unsafe { libc::ftruncate(self.io.fd.as_raw_fd(), len) } < 0 {
             let e = std::io::Error::last_os_error();
             return Err(Error::from_io(
                 &e,
-                format!("Failed to resize '{}'", self.filename),
+                format!("Failed to resize '{}'", self.io.filename),
             ));
         }
-        self.size.store(size, Ordering::Relaxed);
+        self.io.size.store(size, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -197,6 +197,12 @@ fn local_ring_scope<T>(active: bool, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether the calling thread's requests go to its own ring now: it must
+/// not wait for I/O.
+pub(crate) fn on_local_ring() -> bool {
+    LOCAL_ACTIVE.with(|a| a.get()) && has_local_ring()
+}
+
 /// The calling thread's ring, when a [`with_local_ring`] call is running.
 fn local_ring() -> Option<std::rc::Rc<dyn LocalRing>> {
     if !LOCAL_ACTIVE.with(|a| a.get()) {

@@ -77,6 +77,19 @@ impl IoReq {
     /// Accounts a transfer of `n` bytes; true when the request is complete.
     /// A read that hits end of file (`n == 0`) is complete: the rest of the
     /// zeroed buffer stands for the bytes past the end.
+    /// Whether error `errno` on the continuation of a short read means the
+    /// read reached the end of the file: an O_DIRECT descriptor refuses
+    /// (EINVAL) a continuation at an end that is not aligned, which only a
+    /// read past the end makes. The rest reads as zeroes, as at the end of
+    /// any file.
+    fn ended(&mut self, errno: i32) -> bool {
+        let ended = self.kind == OpKind::Read && self.done > 0 && errno == libc::EINVAL;
+        if ended {
+            self.buf[self.done..].fill(0);
+        }
+        ended
+    }
+
     fn advance(&mut self, n: usize) -> io::Result<bool> {
         match self.kind {
             OpKind::Read | OpKind::Write => {

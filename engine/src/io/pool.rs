@@ -80,10 +80,11 @@ pub fn run(req: &mut IoReq) -> io::Result<()> {
         };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(errno) if req.ended(errno) => return Ok(()),
+                _ => return Err(e),
             }
-            return Err(e);
         }
         if req.advance(r as usize)? {
             return Ok(());

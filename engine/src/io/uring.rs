@@ -114,6 +114,8 @@ impl Slots {
         let outcome = if res < 0 {
             if res == -libc::EAGAIN || res == -libc::EINTR {
                 Ok(false)
+            } else if req.ended(-res) {
+                Ok(true)
             } else {
                 Err(io::Error::from_raw_os_error(-res))
             }

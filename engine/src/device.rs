@@ -737,18 +737,19 @@ fn in_place(root: &Node, buf: &Buf) -> bool {
     reads_never_block(root) && (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
 }
 
-/// As [`reads_never_block`] for writes: raw over a file or a host device,
-/// or the file alone. A file write that would wait (for a read-modify-write
-/// under way) moves to a thread that may wait. qcow2 is left out: its
-/// writes wait for cluster claims of writes that may be in flight on the
-/// very ring their thread reaps.
+/// As [`reads_never_block`] for writes: raw and qcow2 nodes down to a file
+/// or a host device (a qcow2 write never reads its backing file on the
+/// submitting thread). Where one would wait, it moves to a thread that may
+/// wait instead: a file write for a read-modify-write under way, a qcow2
+/// write for the metadata lock, an uncached L2 slice or an allocation.
 fn writes_never_block(node: &Node) -> bool {
-    matches!(node.driver.format_name(), "raw" | "file" | "host_device")
-        && node
-            .driver
-            .file_child()
-            .is_none_or(|f| writes_never_block(f))
-        && node.driver.backing_child().is_none()
+    matches!(
+        node.driver.format_name(),
+        "raw" | "qcow2" | "file" | "host_device"
+    ) && node
+        .driver
+        .file_child()
+        .is_none_or(|f| writes_never_block(f))
 }
 
 /// Whether no read of `node` waits, on the submitting thread, for another

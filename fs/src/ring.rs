@@ -541,12 +541,20 @@ impl Running {
             }),
             Op::Read { offset, size } => return self.read(idx, h.unique, ino, offset, size),
             Op::Write { offset, data } => return self.write(idx, h.unique, ino, offset, data),
-            Op::Fsync => return self.fsync(idx, h.unique, ino),
+            Op::Fsync => {
+                let unique = h.unique;
+                return self.elsewhere(idx, move |me| me.fsync(idx, unique, ino));
+            }
             Op::Fallocate {
                 offset,
                 length,
                 mode,
-            } => return self.fallocate(idx, h.unique, ino, offset, length, mode),
+            } => {
+                let unique = h.unique;
+                return self.elsewhere(idx, move |me| {
+                    me.fallocate(idx, unique, ino, offset, length, mode)
+                });
+            }
             Op::Statfs => Ok(abi::statfs_out(q.payload(idx))),
             Op::Flush => ex.device(ino).map(|_| 0),
             Op::Opendir => Ok(abi::open_out(q.payload(idx), 0, 0)),
@@ -574,15 +582,36 @@ impl Running {
             Op::Getxattr { .. } => Err(fuser::Errno::ENOSYS),
             Op::Listxattr { size: 0 } => Ok(abi::xattr_size_out(q.payload(idx), 0)),
             Op::Listxattr { .. } => Ok(0),
-            Op::Lseek { offset, whence } => ex
-                .lseek(ino, offset as i64, whence as i32)
-                .map(|pos| abi::lseek_out(q.payload(idx), pos)),
+            Op::Lseek { offset, whence } => {
+                let unique = h.unique;
+                return self.elsewhere(idx, move |me| {
+                    let r = me
+                        .export
+                        .lseek(ino, offset as i64, whence as i32)
+                        .map(|pos| abi::lseek_out(me.q.payload(idx), pos));
+                    me.q.answer(idx, unique, r.map_err(|e| e.code()))
+                });
+            }
             Op::Ioctl { cmd, out_size } => ex
                 .ioctl(ino, cmd, out_size)
                 .map(|data| abi::ioctl_out(q.payload(idx), &data)),
             Op::Other(_) => Err(fuser::Errno::ENOSYS),
         };
         q.answer(idx, h.unique, result.map_err(|e| e.code()))
+    }
+
+    /// Serves entry `idx` on a thread that may wait. A flush, a fallocate
+    /// or a block-status lookup may wait for a lock whose holder waits for
+    /// I/O in flight on this worker's ring (a metadata read-modify-write
+    /// waits for the aligned data writes there), which only this thread
+    /// reaps. The entry stays lent until `f` runs: no panic answers it.
+    fn elsewhere(self: &Arc<Self>, idx: usize, f: impl FnOnce(&Arc<Self>) + Send + 'static) {
+        self.q.entries[idx].lent.store(true, Ordering::Release);
+        let me = self.clone();
+        blkfs_engine::io::spawn_blocking(move || {
+            me.q.entries[idx].lent.store(false, Ordering::Release);
+            f(&me)
+        });
     }
 
     fn read(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, size: u32) {

@@ -23,6 +23,11 @@ struct Write {
 /// reading each one back right away), then checks the device and the image
 /// against `base` with the writes applied.
 fn run(dir: &TestDir, d: Daemon, img: &str, base: Vec<u8>, plan: Vec<Vec<Write>>) {
+    run_as(dir, d, img, "raw", base, plan)
+}
+
+/// As [`run`], for an image of format `fmt`.
+fn run_as(dir: &TestDir, d: Daemon, img: &str, fmt: &str, base: Vec<u8>, plan: Vec<Vec<Write>>) {
     let dev = d.dev("d0");
     let threads = plan.len();
     let barrier = Arc::new(Barrier::new(threads));
@@ -102,7 +107,7 @@ fn run(dir: &TestDir, d: Daemon, img: &str, base: Vec<u8>, plan: Vec<Vec<Write>>
     let status = d.terminate();
     assert!(status.success(), "daemon exit: {status}");
     assert!(
-        images_identical(img.as_ref(), "raw", exp_path.as_ref(), "raw"),
+        images_identical(img.as_ref(), fmt, exp_path.as_ref(), "raw"),
         "image differs from expected"
     );
 }
@@ -217,16 +222,21 @@ fn parallel_unaligned_adjacent_writes_on_a_direct_device() {
 /// a read-modify-write waits for the aligned writes in flight, which on the
 /// io_uring transport run on the FUSE workers' own rings; a worker must
 /// never wait for it in turn (it would stop reaping the writes it waits on).
-fn mixed_plan(threads: usize, per_thread: usize) -> Vec<Vec<Write>> {
+fn mixed_plan(
+    threads: usize,
+    per_thread: usize,
+    aligned: usize,
+    unaligned: usize,
+) -> Vec<Vec<Write>> {
     (0..threads)
         .map(|t| {
             (0..per_thread)
                 .map(|i| {
                     let n = i * threads + t;
                     let (offset, len) = if (i + t) % 2 == 0 {
-                        ((8 << 20) + n * 4096, 4096)
+                        (aligned + n * 4096, 4096)
                     } else {
-                        ((3 << 20 | 123) + n * 1000, 1000)
+                        (unaligned + n * 1000, 1000)
                     };
                     Write {
                         offset: offset as u64,
@@ -245,7 +255,110 @@ fn parallel_aligned_and_unaligned_writes_on_a_direct_device() {
     let spec = json!({"driver": "raw", "id": "d0", "cache": {"direct": true},
                       "file": {"driver": "file", "filename": img, "aio": "native"}});
     let d = Daemon::start(&dir, &[spec.to_string()]);
-    run(&dir, d, &img, base, mixed_plan(16, 60));
+    run(
+        &dir,
+        d,
+        &img,
+        base,
+        mixed_plan(16, 60, 8 << 20, 3 << 20 | 123),
+    );
+}
+
+/// The same on qcow2: aligned writes to allocated clusters go to the
+/// workers' rings, others allocate (metadata written meanwhile), unaligned
+/// ones read-modify-write their blocks in allocated clusters.
+#[test]
+fn parallel_aligned_and_unaligned_writes_on_a_direct_qcow2_device() {
+    let dir = TestDir::new("cc-mixed-qcow2");
+    let img = dir.file("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "32M"]);
+    qemu_io(
+        "qcow2",
+        img.as_ref(),
+        &["write -P 0x33 0 4M", "write -P 0x44 20M 2M"],
+    );
+    let mut base = vec![0u8; SIZE];
+    base[..4 << 20].fill(0x33);
+    base[20 << 20..22 << 20].fill(0x44);
+    let spec = json!({"driver": "qcow2", "id": "d0", "cache": {"direct": true},
+                      "file": {"driver": "file", "filename": img, "aio": "native"}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    // Aligned writes from 2 MiB on: the first half land in allocated
+    // clusters, the rest allocate; unaligned ones inside the 0x44 run.
+    let plan = mixed_plan(16, 60, 2 << 20, 20 << 20 | 123);
+    run_as(&dir, d, &img, "qcow2", base, plan);
+}
+
+/// An ext4 filesystem on a loop device with 4 KiB sectors, so O_DIRECT on
+/// its files needs 4 KiB alignment; unmounted and detached on drop.
+struct Fs4k {
+    dev: String,
+    mnt: String,
+}
+
+impl Fs4k {
+    fn mount(dir: &TestDir) -> Fs4k {
+        let img = dir.file("fs4k.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(256 << 20))
+            .unwrap();
+        let losetup = ["--find", "--show", "--sector-size", "4096", &img];
+        let dev = blkfs_tests::run("losetup", &losetup).trim().to_string();
+        let fs = Fs4k {
+            dev,
+            mnt: dir.file("fs4k"),
+        };
+        blkfs_tests::run("mkfs.ext4", &["-q", &fs.dev]);
+        std::fs::create_dir_all(&fs.mnt).unwrap();
+        blkfs_tests::run("mount", &[&fs.dev, &fs.mnt]);
+        fs
+    }
+}
+
+impl Drop for Fs4k {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &self.mnt])
+            .status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// qcow2 with 512-byte clusters where O_DIRECT needs 4 KiB: every metadata
+/// write of an allocation is a read-modify-write, which waits (under the
+/// metadata lock) for the aligned data writes in flight on the FUSE
+/// workers' rings, while those workers plan their next requests.
+#[test]
+fn parallel_writes_on_qcow2_whose_metadata_writes_read_modify_write() {
+    let dir = TestDir::new("cc-mixed-4k");
+    let fs = Fs4k::mount(&dir);
+    let img = format!("{}/a.qcow2", fs.mnt);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        &img,
+        "32M",
+    ]);
+    qemu_io(
+        "qcow2",
+        img.as_ref(),
+        &["write -P 0x33 0 4M", "write -P 0x44 20M 2M"],
+    );
+    let mut base = vec![0u8; SIZE];
+    base[..4 << 20].fill(0x33);
+    base[20 << 20..22 << 20].fill(0x44);
+    let spec = json!({"driver": "qcow2", "id": "d0", "cache": {"direct": true},
+                      "file": {"driver": "file", "filename": img, "aio": "native"}});
+    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let plan = mixed_plan(16, 120, 2 << 20, 20 << 20 | 123);
+    run_as(&dir, d, &img, "qcow2", base, plan);
+    assert_check_clean(&img);
 }
 
 #[test]

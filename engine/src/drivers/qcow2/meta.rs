@@ -603,6 +603,18 @@ impl Meta {
         }
     }
 
+    /// Whether looking up `count` guest clusters from `first` needs no
+    /// I/O: every L2 slice they map through is cached (or has no table).
+    pub fn cached(&self, first: u64, count: u64) -> bool {
+        let per = self.l2_entries();
+        (first..first + count).all(|c| {
+            let (l1_idx, l2_idx) = (c / per, c % per);
+            let l2_off = self.l1.get(l1_idx as usize).map_or(0, |e| e & OFFSET_MASK);
+            let key = l2_off + l2_idx / self.slice_entries * self.slice_entries * 8;
+            l2_off == 0 || self.l2.contains(key)
+        })
+    }
+
     /// The mapping of one guest cluster.
     pub fn lookup(&mut self, guest_cluster: u64) -> Result<Mapping> {
         self.lookup_run(guest_cluster).map(|(m, _)| m)

@@ -43,6 +43,11 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a thread that reaps its own ring waits for the metadata lock
+/// before it hands its request to a thread that may wait (`checked_plan`).
+const LOCAL_LOCK_WAIT: Duration = Duration::from_micros(50);
 
 pub struct Qcow2Driver {
     file: Arc<Node>,
@@ -209,13 +214,44 @@ impl Qcow2Driver {
     /// For a write (`write`), when the range is one owned data run (the
     /// fast path writes it in place), that host range is checked for
     /// metadata overlaps under the same lock.
+    ///
+    /// None on a thread that reaps its own ring ([`crate::io::on_local_ring`])
+    /// when the plan would wait there; the caller then hands the request to
+    /// a thread that may wait. The lock's holder may be waiting for a
+    /// read-modify-write of metadata, which waits for the aligned data
+    /// writes in flight on that very ring; an L2 slice not in the cache is
+    /// read, and may evict (write back) another; a corruption found is
+    /// recorded with a header write.
     fn checked_plan(
         &self,
         offset: u64,
         len: usize,
         write: bool,
+    ) -> Result<Option<(Vec<Segment>, IoTicket)>> {
+        if crate::io::on_local_ring() {
+            let Some(meta) = self.meta.try_lock_for(LOCAL_LOCK_WAIT) else {
+                return Ok(None);
+            };
+            let first = offset / self.cs;
+            let end = (offset + len as u64).div_ceil(self.cs);
+            if !meta.cached(first, end - first) {
+                return Ok(None);
+            }
+            return Ok(self.plan_locked(meta, offset, len, write).ok());
+        }
+        let meta = self.meta.lock();
+        self.plan_locked(meta, offset, len, write)
+            .map(Some)
+            .map_err(|e| self.signal_corruption(e))
+    }
+
+    fn plan_locked(
+        &self,
+        mut meta: parking_lot::MutexGuard<'_, Meta>,
+        offset: u64,
+        len: usize,
+        write: bool,
     ) -> Result<(Vec<Segment>, IoTicket)> {
-        let mut meta = self.meta.lock();
         let r = segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup_run(c)).and_then(
             |segs| {
                 if let (
@@ -232,7 +268,7 @@ impl Qcow2Driver {
             },
         );
         drop(meta);
-        r.map_err(|e| self.signal_corruption(e))
+        r
     }
 
     /// The segments of `offset..offset+len`, adjacent clusters merged when
@@ -706,7 +742,11 @@ impl Driver for Arc<Qcow2Driver> {
             Err(e) => return done(Err(e)),
         };
         let (segs, ticket) = match self.checked_plan(offset, buf.len(), false) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                let me = self.clone();
+                return crate::io::spawn_blocking(move || me.read(offset, buf, done));
+            }
             Err(e) => return done(Err(e)),
         };
         let done = holding(ticket, done);
@@ -751,7 +791,11 @@ impl Driver for Arc<Qcow2Driver> {
             Err(e) => return done(Err(e)),
         };
         let (segs, ticket) = match self.checked_plan(offset, buf.len(), true) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                let me = self.clone();
+                return crate::io::spawn_blocking(move || me.write(offset, buf, done));
+            }
             Err(e) => return done(Err(e)),
         };
         if let [Segment {

@@ -284,7 +284,16 @@ impl Device {
                 return root.write(offset, buf, d);
             }
             let unmap = dz == DetectZeroes::Unmap;
-            root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
+            let root = root.clone();
+            let zeroes = move || {
+                root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
+            };
+            // A zero write may wait (a fallocate, its fallback's plain
+            // writes): never on a thread that reaps its own ring.
+            if crate::io::has_local_ring() {
+                return crate::io::spawn_blocking(zeroes);
+            }
+            zeroes()
         });
         let changes = Some((offset, len));
         self.submit(Kind::Write, changes, len, attempt, |_| Buf::zeroed(0), done);
@@ -472,6 +481,25 @@ impl Device {
         let Some(((offset, len), hook)) = hook else {
             return run(&root, completion);
         };
+        // A job's hook may read or wait for metadata locks, whose holders
+        // may wait for writes in flight on a thread's own ring: never there.
+        if crate::io::has_local_ring() {
+            return crate::io::spawn_blocking(move || {
+                Self::hooked(hook, offset, len, root, run, completion)
+            });
+        }
+        Self::hooked(hook, offset, len, root, run, completion)
+    }
+
+    /// Runs a write through a block job's hook: `before` it, then `after`.
+    fn hooked<T: Send + 'static>(
+        hook: Arc<dyn WriteHook>,
+        offset: u64,
+        len: u64,
+        root: Arc<Node>,
+        run: Attempt<T>,
+        completion: Done<T>,
+    ) {
         hook.clone().before(
             offset,
             len,

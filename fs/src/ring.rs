@@ -543,7 +543,7 @@ impl Running {
             Op::Write { offset, data } => return self.write(idx, h.unique, ino, offset, data),
             Op::Fsync => {
                 let unique = h.unique;
-                return self.elsewhere(idx, move |me| me.fsync(idx, unique, ino));
+                return self.elsewhere(idx, unique, move |me| me.fsync(idx, unique, ino));
             }
             Op::Fallocate {
                 offset,
@@ -551,7 +551,7 @@ impl Running {
                 mode,
             } => {
                 let unique = h.unique;
-                return self.elsewhere(idx, move |me| {
+                return self.elsewhere(idx, unique, move |me| {
                     me.fallocate(idx, unique, ino, offset, length, mode)
                 });
             }
@@ -584,7 +584,7 @@ impl Running {
             Op::Listxattr { .. } => Ok(0),
             Op::Lseek { offset, whence } => {
                 let unique = h.unique;
-                return self.elsewhere(idx, move |me| {
+                return self.elsewhere(idx, unique, move |me| {
                     let r = me
                         .export
                         .lseek(ino, offset as i64, whence as i32)
@@ -604,13 +604,23 @@ impl Running {
     /// or a block-status lookup may wait for a lock whose holder waits for
     /// I/O in flight on this worker's ring (a metadata read-modify-write
     /// waits for the aligned data writes there), which only this thread
-    /// reaps. The entry stays lent until `f` runs: no panic answers it.
-    fn elsewhere(self: &Arc<Self>, idx: usize, f: impl FnOnce(&Arc<Self>) + Send + 'static) {
-        self.q.entries[idx].lent.store(true, Ordering::Release);
+    /// reaps. A panic there is answered EIO, as one here is.
+    fn elsewhere(
+        self: &Arc<Self>,
+        idx: usize,
+        unique: u64,
+        f: impl FnOnce(&Arc<Self>) + Send + 'static,
+    ) {
         let me = self.clone();
         blkfs_engine::io::spawn_blocking(move || {
-            me.q.entries[idx].lent.store(false, Ordering::Release);
-            f(&me)
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&me)));
+            if r.is_err() {
+                log::error!(
+                    "FUSE worker {}: a request panicked (a bug); answering EIO",
+                    me.q.id
+                );
+                me.q.answer(idx, unique, Err(libc::EIO));
+            }
         });
     }
 

@@ -74,22 +74,30 @@ impl IoReq {
         self.fd.as_raw_fd()
     }
 
-    /// Accounts a transfer of `n` bytes; true when the request is complete.
-    /// A read that hits end of file (`n == 0`) is complete: the rest of the
-    /// zeroed buffer stands for the bytes past the end.
     /// Whether error `errno` on the continuation of a short read means the
-    /// read reached the end of the file: an O_DIRECT descriptor refuses
-    /// (EINVAL) a continuation at an end that is not aligned, which only a
-    /// read past the end makes. The rest reads as zeroes, as at the end of
-    /// any file.
+    /// read reached the end of a regular file: a read of one is short only
+    /// at its end, and an O_DIRECT descriptor refuses (EINVAL) to go on
+    /// from an end that is not aligned. The rest reads as zeroes, as at the
+    /// end of any file; the file may have grown since, but the read saw
+    /// it end there.
     fn ended(&mut self, errno: i32) -> bool {
-        let ended = self.kind == OpKind::Read && self.done > 0 && errno == libc::EINVAL;
+        if self.kind != OpKind::Read || self.done == 0 || errno != libc::EINVAL {
+            return false;
+        }
+        // SAFETY: fstat fills a zeroed struct for a descriptor we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: see above.
+        let r = unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) };
+        let ended = r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
         if ended {
             self.buf[self.done..].fill(0);
         }
         ended
     }
 
+    /// Accounts a transfer of `n` bytes; true when the request is complete.
+    /// A read that hits end of file (`n == 0`) is complete: the rest of the
+    /// zeroed buffer stands for the bytes past the end.
     fn advance(&mut self, n: usize) -> io::Result<bool> {
         match self.kind {
             OpKind::Read | OpKind::Write => {

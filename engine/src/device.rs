@@ -771,13 +771,7 @@ fn in_place(root: &Node, buf: &Buf) -> bool {
 /// wait instead: a file write for a read-modify-write under way, a qcow2
 /// write for the metadata lock, an uncached L2 slice or an allocation.
 fn writes_never_block(node: &Node) -> bool {
-    matches!(
-        node.driver.format_name(),
-        "raw" | "qcow2" | "file" | "host_device"
-    ) && node
-        .driver
-        .file_child()
-        .is_none_or(|f| writes_never_block(f))
+    never_blocks(node, false)
 }
 
 /// Whether no read of `node` waits, on the submitting thread, for another
@@ -788,15 +782,22 @@ fn writes_never_block(node: &Node) -> bool {
 /// metadata locks never held while a read of theirs is waited for. Other
 /// drivers (blkdebug's rules, quorum votes) are not vouched for.
 fn reads_never_block(node: &Node) -> bool {
+    never_blocks(node, true)
+}
+
+/// The chain of `node` holds only the drivers vouched for above, down its
+/// file children and, when `backing`, its backing files.
+fn never_blocks(node: &Node, backing: bool) -> bool {
     matches!(
         node.driver.format_name(),
         "raw" | "qcow2" | "file" | "host_device"
     ) && node
         .driver
         .file_child()
-        .is_none_or(|f| reads_never_block(f))
-        && node
-            .driver
-            .backing_child()
-            .is_none_or(|b| reads_never_block(&b))
+        .is_none_or(|f| never_blocks(f, backing))
+        && (!backing
+            || node
+                .driver
+                .backing_child()
+                .is_none_or(|b| never_blocks(&b, true)))
 }

@@ -264,14 +264,12 @@ fn parallel_aligned_and_unaligned_writes_on_a_direct_device() {
     );
 }
 
-/// The same on qcow2: aligned writes to allocated clusters go to the
-/// workers' rings, others allocate (metadata written meanwhile), unaligned
-/// ones read-modify-write their blocks in allocated clusters.
-#[test]
-fn parallel_aligned_and_unaligned_writes_on_a_direct_qcow2_device() {
-    let dir = TestDir::new("cc-mixed-qcow2");
-    let img = dir.file("a.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "32M"]);
+/// A 32 MiB qcow2 image at `img` with clusters of `cluster_size` bytes and
+/// some data in it, served with `cache.direct=on` and `aio=native`; returns
+/// the daemon and the image's bytes.
+fn direct_qcow2(dir: &TestDir, img: &str, cluster_size: &str) -> (Daemon, Vec<u8>) {
+    let opts = format!("cluster_size={cluster_size}");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, img, "32M"]);
     qemu_io(
         "qcow2",
         img.as_ref(),
@@ -282,7 +280,17 @@ fn parallel_aligned_and_unaligned_writes_on_a_direct_qcow2_device() {
     base[20 << 20..22 << 20].fill(0x44);
     let spec = json!({"driver": "qcow2", "id": "d0", "cache": {"direct": true},
                       "file": {"driver": "file", "filename": img, "aio": "native"}});
-    let d = Daemon::start(&dir, &[spec.to_string()]);
+    (Daemon::start(dir, &[spec.to_string()]), base)
+}
+
+/// The same on qcow2: aligned writes to allocated clusters go to the
+/// workers' rings, others allocate (metadata written meanwhile), unaligned
+/// ones read-modify-write their blocks in allocated clusters.
+#[test]
+fn parallel_aligned_and_unaligned_writes_on_a_direct_qcow2_device() {
+    let dir = TestDir::new("cc-mixed-qcow2");
+    let img = dir.file("a.qcow2");
+    let (d, base) = direct_qcow2(&dir, &img, "65536");
     // Aligned writes from 2 MiB on: the first half land in allocated
     // clusters, the rest allocate; unaligned ones inside the 0x44 run.
     let plan = mixed_plan(16, 60, 2 << 20, 20 << 20 | 123);
@@ -335,27 +343,7 @@ fn parallel_writes_on_qcow2_whose_metadata_writes_read_modify_write() {
     let dir = TestDir::new("cc-mixed-4k");
     let fs = Fs4k::mount(&dir);
     let img = format!("{}/a.qcow2", fs.mnt);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        &img,
-        "32M",
-    ]);
-    qemu_io(
-        "qcow2",
-        img.as_ref(),
-        &["write -P 0x33 0 4M", "write -P 0x44 20M 2M"],
-    );
-    let mut base = vec![0u8; SIZE];
-    base[..4 << 20].fill(0x33);
-    base[20 << 20..22 << 20].fill(0x44);
-    let spec = json!({"driver": "qcow2", "id": "d0", "cache": {"direct": true},
-                      "file": {"driver": "file", "filename": img, "aio": "native"}});
-    let d = Daemon::start(&dir, &[spec.to_string()]);
+    let (d, base) = direct_qcow2(&dir, &img, "512");
     let plan = mixed_plan(16, 120, 2 << 20, 20 << 20 | 123);
     run_as(&dir, d, &img, "qcow2", base, plan);
     assert_check_clean(&img);

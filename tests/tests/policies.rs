@@ -263,6 +263,10 @@ fn detect_zeroes_unmap_deallocates_raw_and_needs_discard_unmap() {
 /// A raw device on a 1 MiB tmpfs whose image claims 8 MiB: writes past the
 /// free space fail with a real ENOSPC.
 fn enospc_setup(dir: &TestDir, werror: &str) -> (SmallFs, Daemon, String) {
+    enospc_setup_aio(dir, werror, "threads")
+}
+
+fn enospc_setup_aio(dir: &TestDir, werror: &str, aio: &str) -> (SmallFs, Daemon, String) {
     let small = SmallFs::new(dir, "1M");
     let img = small.path.join("a.img").to_string_lossy().into_owned();
     std::fs::File::create(&img)
@@ -270,7 +274,7 @@ fn enospc_setup(dir: &TestDir, werror: &str) -> (SmallFs, Daemon, String) {
         .set_len(8 << 20)
         .unwrap();
     let spec = json!({"driver": "raw", "id": "d0", "werror": werror,
-                      "file": {"driver": "file", "filename": img}});
+                      "file": {"driver": "file", "filename": img, "aio": aio}});
     let d = Daemon::start(dir, &[spec.to_string()]);
     (small, d, img)
 }
@@ -315,9 +319,9 @@ fn werror_ignore_pretends_success() {
 
 /// werror=enospc (the default) and stop: the failing write and every later
 /// one wait; `cont` after freeing space completes them all, nothing lost.
-fn stop_and_cont(werror: Option<&str>) {
+fn stop_and_cont(werror: Option<&str>, aio: &str) {
     let dir = TestDir::new("pol-stop");
-    let (small, d, img) = enospc_setup(&dir, werror.unwrap_or("enospc"));
+    let (small, d, img) = enospc_setup_aio(&dir, werror.unwrap_or("enospc"), aio);
     let mut q = d.qmp();
     let dev = d.dev("d0");
     let writer = std::thread::spawn(move || write_blocks(&dev, 0, 16));
@@ -365,12 +369,20 @@ fn stop_and_cont(werror: Option<&str>) {
 
 #[test]
 fn werror_enospc_default_stops_and_cont_resumes() {
-    stop_and_cont(None);
+    stop_and_cont(None, "threads");
 }
 
 #[test]
 fn werror_stop_holds_and_cont_retries() {
-    stop_and_cont(Some("stop"));
+    stop_and_cont(Some("stop"), "threads");
+}
+
+/// With `aio=native` a FUSE worker of the io_uring transport writes on its
+/// own ring: the failed write completes there, and `cont` retries it from
+/// the QMP thread.
+#[test]
+fn werror_stop_on_a_workers_ring_holds_and_cont_retries() {
+    stop_and_cont(Some("stop"), "native");
 }
 
 #[test]

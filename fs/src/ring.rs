@@ -615,11 +615,11 @@ impl Running {
         blkfs_engine::io::spawn_blocking(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&me)));
             if r.is_err() {
-                log::error!(
-                    "FUSE worker {}: a request panicked (a bug); answering EIO",
-                    me.q.id
-                );
-                me.q.answer(idx, unique, Err(libc::EIO));
+                log::error!("FUSE worker {}: a request panicked (a bug)", me.q.id);
+                // Unless its completion, dropped in the unwinding, did.
+                if me.q.entries[idx].unanswered.load(Ordering::Acquire) == unique {
+                    me.q.answer(idx, unique, Err(libc::EIO));
+                }
             }
         });
     }

@@ -5,7 +5,12 @@
 # of each side and their ratio printed. Sharing the daemon and the time
 # window makes the comparison far less noisy than two bench.sh runs.
 #
-#   scripts/bench-ab.sh [--rounds N] [--runtime SECONDS] [--format raw|qcow2] OPTS_A OPTS_B
+#   scripts/bench-ab.sh [--rounds N] [--runtime SECONDS] [--format raw|qcow2]
+#                       [--format-a F] [--format-b F] OPTS_A OPTS_B
+#
+# --format-a/--format-b give one side its own format (the same data), so
+# e.g. `--format-a raw --format-b qcow2 "" ""` measures qcow2 against raw
+# through blkfs in one time window.
 #
 # OPTS_*: extra dotted options of the device (e.g. overlap-check=none), or
 # "" for the defaults. fio: libaio, direct=1, randread and randwrite.
@@ -15,17 +20,23 @@ cd "$(dirname "$0")/.."
 rounds=6
 runtime=5
 format=qcow2
+format_a=
+format_b=
 while [ $# -gt 2 ]; do
     case "$1" in
         --rounds) rounds=$2; shift 2 ;;
         --runtime) runtime=$2; shift 2 ;;
         --format) format=$2; shift 2 ;;
+        --format-a) format_a=$2; shift 2 ;;
+        --format-b) format_b=$2; shift 2 ;;
         *) break ;;
     esac
 done
-[ $# -eq 2 ] || { echo "usage: $0 [--rounds N] [--runtime S] [--format raw|qcow2] OPTS_A OPTS_B" >&2; exit 2; }
+[ $# -eq 2 ] || { echo "usage: $0 [--rounds N] [--runtime S] [--format raw|qcow2] [--format-a F] [--format-b F] OPTS_A OPTS_B" >&2; exit 2; }
 opts_a=${1:+,$1}
 opts_b=${2:+,$2}
+format_a=${format_a:-$format}
+format_b=${format_b:-$format}
 for tool in fio qemu-img python3; do
     command -v "$tool" >/dev/null || { echo "bench-ab: $tool is required" >&2; exit 1; }
 done
@@ -43,12 +54,12 @@ trap cleanup EXIT
 
 fio --name=fill --filename="$work/d.raw" --size=1G --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
-qemu-img convert -f raw -O "$format" "$work/d.raw" "$work/a.img"
+qemu-img convert -f raw -O "$format_a" "$work/d.raw" "$work/a.img"
+qemu-img convert -f raw -O "$format_b" "$work/d.raw" "$work/b.img"
 rm -f "$work/d.raw"
-cp "$work/a.img" "$work/b.img"
-dev() { echo "driver=$format,id=$1,cache.direct=on,file.driver=file,file.filename=$work/$1.img,file.aio=native$2"; }
+dev() { echo "driver=$2,id=$1,cache.direct=on,file.driver=file,file.filename=$work/$1.img,file.aio=native$3"; }
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads 2 \
-    --blockdev "$(dev a "$opts_a")" --blockdev "$(dev b "$opts_b")" &
+    --blockdev "$(dev a "$format_a" "$opts_a")" --blockdev "$(dev b "$format_b" "$opts_b")" &
 pid=$!
 for _ in $(seq 200); do [ -S "$work/blkfs.sock" ] && break; sleep 0.05; done
 [ -S "$work/blkfs.sock" ] || { echo "bench-ab: blkfs did not start" >&2; exit 1; }
@@ -60,7 +71,7 @@ run_fio() { # device rw -> iops
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f" % d["iops"])'
 }
 
-echo "# $(date -u +%F) $(nproc) cores, $(uname -r); format=$format, runtime ${runtime}s x $rounds rounds (median); A: ${1:-defaults}; B: ${2:-defaults}"
+echo "# $(date -u +%F) $(nproc) cores, $(uname -r); format A=$format_a B=$format_b, runtime ${runtime}s x $rounds rounds (median); A: ${1:-defaults}; B: ${2:-defaults}"
 for rw in randread randwrite; do
     a=() b=()
     for r in $(seq "$rounds"); do

@@ -420,13 +420,14 @@ impl Device {
         let run = attempt.clone();
         let root = self.root();
         let hook = changes.and_then(|c| Some((c, self.hook.read().clone()?)));
-        let (events, id) = (self.events.clone(), self.id.clone());
-        let completion: Done<T> = Box::new(move |r: Result<T>| {
+        let completion = crate::drivers::completes_on_drop(move |r: Result<T>| {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
             let e = match r {
                 Ok(v) => return done(Ok(v)),
                 Err(e) => e,
             };
+            // Looked up only on an error: a request allocates no copy of them.
+            let (events, id) = (&self.events, &self.id);
             if e.kind == ErrorKind::Corrupt {
                 let mut data = json!({"device": id, "msg": e.msg});
                 if let Some(c) = e.corruption {
@@ -477,7 +478,6 @@ impl Device {
                 }
             }
         });
-        let completion = crate::drivers::completes_on_drop(completion);
         let Some(((offset, len), hook)) = hook else {
             return run(&root, completion);
         };

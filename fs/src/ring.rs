@@ -649,7 +649,7 @@ impl Running {
         let at = at as usize;
         let me = self.clone();
         q.entries[idx].lent.store(true, Ordering::Release);
-        let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
+        let done = completes_on_drop(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
             q.entries[idx].lent.store(false, Ordering::Release);
             let result = r.map(|buf| {
@@ -661,7 +661,7 @@ impl Running {
                 buf.len()
             });
             q.answer(idx, unique, result.map_err(|e| e.errno()))
-        }));
+        });
         // The engine answers it from this thread's ring where it can.
         dev.read_into(offset, into, done)
     }
@@ -675,12 +675,12 @@ impl Running {
         let len = data.len() as u32;
         let me = self.clone();
         q.entries[idx].lent.store(true, Ordering::Release);
-        let done = completes_on_drop(Box::new(move |r: blkfs_engine::Result<Buf>| {
+        let done = completes_on_drop(move |r: blkfs_engine::Result<Buf>| {
             let q = &me.q;
             q.entries[idx].lent.store(false, Ordering::Release);
             let result = r.map(|_| abi::write_out(q.payload(idx), len));
             q.answer(idx, unique, result.map_err(|e| e.errno()))
-        }));
+        });
         // SAFETY: `data` is this entry's payload, the daemon's and unchanged
         // until the entry is answered, which `done` does (lent meanwhile).
         let data = unsafe { Buf::borrowed(data.as_ptr().cast_mut(), data.len()) };
@@ -694,9 +694,9 @@ impl Running {
             Err(e) => return q.answer(idx, unique, Err(e.code())),
         };
         let me = self.clone();
-        dev.flush(completes_on_drop(Box::new(move |r| {
+        dev.flush(completes_on_drop(move |r| {
             me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
-        })));
+        }));
     }
 
     fn fallocate(
@@ -719,9 +719,9 @@ impl Running {
             offset,
             length,
             mode as i32,
-            completes_on_drop(Box::new(move |r| {
+            completes_on_drop(move |r| {
                 me.q.answer(idx, unique, r.map(|()| 0).map_err(|e| e.errno()))
-            })),
+            }),
         );
     }
 }

@@ -31,7 +31,7 @@ where
         let state = state.clone();
         start(
             i,
-            completes_on_drop(Box::new(move |r| {
+            completes_on_drop(move |r| {
                 let ready = {
                     let mut st = state.lock();
                     st.results[i] = Some(r);
@@ -41,7 +41,7 @@ where
                 if let Some((results, Some(finish))) = ready {
                     finish(results.into_iter().flatten().collect());
                 }
-            })),
+            }),
         );
     }
 }

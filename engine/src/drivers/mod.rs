@@ -266,9 +266,14 @@ pub enum Encryption {
 /// `done`, called with EIO if it is dropped uncalled (a bug below, e.g. a
 /// panicking worker), so the caller is answered and in-flight counts settle
 /// instead of a request hanging for good.
-pub fn completes_on_drop<T: Send + 'static>(done: Done<T>) -> Done<T> {
-    struct Guard<T: Send + 'static>(Option<Done<T>>);
-    impl<T: Send + 'static> Drop for Guard<T> {
+/// Takes the closure itself, so the two are one allocation.
+pub fn completes_on_drop<T, F>(done: F) -> Done<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Result<T>) + Send + 'static,
+{
+    struct Guard<T, F: FnOnce(Result<T>)>(Option<F>, std::marker::PhantomData<fn(T)>);
+    impl<T, F: FnOnce(Result<T>)> Drop for Guard<T, F> {
         fn drop(&mut self) {
             if let Some(done) = self.0.take() {
                 log::error!("a request was dropped without completion; failing it with EIO");
@@ -279,7 +284,7 @@ pub fn completes_on_drop<T: Send + 'static>(done: Done<T>) -> Done<T> {
             }
         }
     }
-    let mut guard = Guard(Some(done));
+    let mut guard = Guard(Some(done), std::marker::PhantomData);
     Box::new(move |r| {
         if let Some(done) = guard.0.take() {
             done(r)

@@ -22,20 +22,10 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--rounds N] [--runtime S] [--only chain|fill|trim] [--bin PATH]..." >&2; exit 2 ;;
     esac
 done
-if [ ${#bins[@]} -eq 0 ]; then
-    cargo build --release -q -p blkfs
-    bins=(target/release/blkfs)
-fi
+. scripts/bench-lib.sh
+bench_bins
 
-work=$(mktemp -d "$PWD/target/bench-alloc.XXXXXX")
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null
-    sleep 0.3
-    umount -l "$work/mnt" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir "$PWD/target/bench-alloc.XXXXXX"
 
 fio --name=fill --filename="$work/base.raw" --size=1G --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null

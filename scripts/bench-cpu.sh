@@ -28,19 +28,10 @@ done
 for tool in fio perf python3; do
     command -v "$tool" >/dev/null || { echo "bench-cpu: $tool is required" >&2; exit 1; }
 done
-if [ ${#bins[@]} -eq 0 ]; then
-    cargo build --release -q -p blkfs
-    bins=(target/release/blkfs)
-fi
+. scripts/bench-lib.sh
+bench_bins
 
-work=$(mktemp -d "$PWD/target/bench-cpu.XXXXXX")
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-    umount -l "$work/mnt" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir "$PWD/target/bench-cpu.XXXXXX"
 dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1024 status=none
 
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }

@@ -22,14 +22,8 @@ while [ $# -gt 0 ]; do
 done
 
 cargo build --release -q -p blkfs
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/blkfs-rss.XXXXXX")
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-    umount -l "$work/mnt" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/bench-lib.sh
+bench_workdir "${TMPDIR:-/var/tmp}/blkfs-rss.XXXXXX"
 
 qemu-img create -q -f qcow2 -o cluster_size=65536 "$work/a.qcow2" "$size"
 mkdir -p "$work/mnt"

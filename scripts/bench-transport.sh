@@ -24,19 +24,10 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--rounds N] [--runtime S] [--transports \"uring dev\"] [--bin PATH]..." >&2; exit 2 ;;
     esac
 done
-if [ ${#bins[@]} -eq 0 ]; then
-    cargo build --release -q -p blkfs
-    bins=(target/release/blkfs)
-fi
+. scripts/bench-lib.sh
+bench_bins
 
-work=$(mktemp -d "$PWD/target/bench-transport.XXXXXX")
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-    umount -l "$work/mnt" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir "$PWD/target/bench-transport.XXXXXX"
 dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1024 status=none
 
 fio_json() { # rw depth [bs]

@@ -237,9 +237,10 @@ impl Device {
             // On a thread with its own ring (a FUSE worker), a read whose
             // chain never blocks is answered from that ring. Decided on the
             // root this attempt runs on: a switch may change the chain.
-            let into = into.lock().take().filter(|b| in_place(root, b));
+            let never_blocks = reads_never_block(root);
+            let into = into.lock().take().filter(|b| never_blocks && aligned(b));
             let buf = into.unwrap_or_else(|| Buf::recycled(len));
-            if crate::io::has_local_ring() && reads_never_block(root) {
+            if never_blocks && crate::io::has_local_ring() {
                 crate::io::with_local_ring(|| root.read(offset, buf, d))
             } else {
                 root.read(offset, buf, d)
@@ -285,15 +286,11 @@ impl Device {
             }
             let unmap = dz == DetectZeroes::Unmap;
             let root = root.clone();
-            let zeroes = move || {
-                root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
-            };
             // A zero write may wait (a fallocate, its fallback's plain
             // writes): never on a thread that reaps its own ring.
-            if crate::io::has_local_ring() {
-                return crate::io::spawn_blocking(zeroes);
-            }
-            zeroes()
+            crate::io::off_local_ring(move || {
+                root.write_zeroes(offset, len, unmap, Box::new(move |r| d(r.map(|()| buf))))
+            })
         });
         let changes = Some((offset, len));
         self.submit(Kind::Write, changes, len, attempt, |_| Buf::zeroed(0), done);
@@ -483,12 +480,7 @@ impl Device {
         };
         // A job's hook may read or wait for metadata locks, whose holders
         // may wait for writes in flight on a thread's own ring: never there.
-        if crate::io::has_local_ring() {
-            return crate::io::spawn_blocking(move || {
-                Self::hooked(hook, offset, len, root, run, completion)
-            });
-        }
-        Self::hooked(hook, offset, len, root, run, completion)
+        crate::io::off_local_ring(move || Self::hooked(hook, offset, len, root, run, completion))
     }
 
     /// Runs a write through a block job's hook: `before` it, then `after`.
@@ -762,7 +754,11 @@ impl Kept {
 /// buffer itself (page-aligned, as O_DIRECT needs): the chain hands a buffer
 /// back only once every I/O on it has ended and never changes write data.
 fn in_place(root: &Node, buf: &Buf) -> bool {
-    reads_never_block(root) && (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
+    reads_never_block(root) && aligned(buf)
+}
+
+fn aligned(buf: &Buf) -> bool {
+    (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
 }
 
 /// As [`reads_never_block`] for writes: raw and qcow2 nodes down to a file

@@ -289,6 +289,16 @@ pub(crate) fn send_job(tx: &crossbeam_channel::Sender<Job>, job: Job) {
     }
 }
 
+/// Runs `job` here, or on a thread that may wait when this one reaps its
+/// own ring ([`has_local_ring`]): for work that may wait for a lock whose
+/// holder waits for I/O in flight on that ring.
+pub fn off_local_ring(job: impl FnOnce() + Send + 'static) {
+    if has_local_ring() {
+        return spawn_blocking(job);
+    }
+    job()
+}
+
 /// Runs a slow-path job (metadata allocation, copy-on-write) on a worker
 /// thread, so FUSE reader threads never wait for it.
 pub fn spawn_blocking(job: impl FnOnce() + Send + 'static) {

@@ -21,6 +21,7 @@
 
 use crate::fuse::Export;
 use crate::fuse_abi::{self as abi, Op};
+use blkfs_engine::device::{Device, Direct};
 use blkfs_engine::drivers::completes_on_drop;
 use blkfs_engine::io::uring::{Reaped, Slots};
 use blkfs_engine::io::{Buf, IoDone, IoReq, LocalRing, OpKind};
@@ -47,6 +48,8 @@ const COMMIT_AND_FETCH: u32 = 2;
 const WAKE: u64 = u64::MAX;
 /// Tag of the disk requests a worker runs on its own ring.
 const DISK: u64 = 1 << 62;
+/// Tag of the transfers a worker submits for an entry itself ([`Direct`]).
+const DIRECT: u64 = 1 << 61;
 
 /// Queues created when the kernel offered the transport at INIT; they
 /// start serving once the session's /dev/fuse descriptor is known.
@@ -338,12 +341,32 @@ struct Running {
     export: Arc<Export>,
 }
 
-/// The disk requests a worker submits on its own ring (reads of raw files):
-/// they complete on the worker, which answers at once, with no other
-/// thread woken.
+/// A read or write that arrived in entry `idx`.
+struct Io {
+    idx: usize,
+    unique: u64,
+    ino: u64,
+    offset: u64,
+    /// It may be a transfer of the worker's own ([`Device::direct`]).
+    direct: bool,
+}
+
+/// The disk requests a worker submits on its own ring: they complete on
+/// the worker, which answers at once, with no other thread woken.
 struct LocalDisk {
     run: Arc<Running>,
+    /// The engine's requests, each with its completion.
     slots: RefCell<Slots>,
+    /// By entry: the transfer of the entry's request in flight, where the
+    /// device maps it straight onto its file ([`Device::direct`]).
+    flights: RefCell<Vec<Option<Flight>>>,
+    flying: Cell<usize>,
+}
+
+struct Flight {
+    dev: Arc<Device>,
+    io: Direct,
+    unique: u64,
 }
 
 impl LocalRing for LocalDisk {
@@ -357,15 +380,76 @@ impl LocalRing for LocalDisk {
         // Writes wait for the batch's one enter: they are CPU-bound, and
         // an enter each cost them 11%.
         if read {
-            if let Err(e) = self.run.q.ring.submit() {
-                // The loop's next enter submits it, or reports the error.
-                log::debug!("FUSE worker {}: io_uring_enter: {e}", self.run.q.id);
-            }
+            self.enter_now();
         }
     }
 }
 
 impl LocalDisk {
+    fn in_flight(&self) -> usize {
+        self.slots.borrow().in_flight() + self.flying.get()
+    }
+
+    /// Submits entry `idx`'s transfer to or from its payload.
+    fn start(&self, idx: usize, unique: u64, dev: Arc<Device>, io: Direct) {
+        let q = &self.run.q;
+        let fd = types::Fd(io.extent.fd.as_raw_fd());
+        let (at, len, pos) = (
+            q.payload(idx).as_mut_ptr(),
+            io.len() as u32,
+            io.extent.offset,
+        );
+        let write = io.is_write();
+        let sqe = if write {
+            opcode::Write::new(fd, at, len).offset(pos).build()
+        } else {
+            opcode::Read::new(fd, at, len).offset(pos).build()
+        };
+        q.entries[idx].lent.store(true, Ordering::Release);
+        self.flights.borrow_mut()[idx] = Some(Flight { dev, io, unique });
+        self.flying.set(self.flying.get() + 1);
+        q.push(&Entry128::from(sqe.user_data(DIRECT | idx as u64)));
+        if !write {
+            self.enter_now();
+        }
+    }
+
+    /// Answers entry `idx` once its transfer ended with `res`; one that
+    /// failed or fell short is served again through the engine.
+    fn land(&self, idx: usize, res: i32) {
+        let Some(f) = self
+            .flights
+            .borrow_mut()
+            .get_mut(idx)
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        self.flying.set(self.flying.get() - 1);
+        let q = &self.run.q;
+        q.entries[idx].lent.store(false, Ordering::Release);
+        let (len, write) = (f.io.len(), f.io.is_write());
+        let moved = usize::try_from(res).is_ok_and(|n| n == len);
+        f.dev.finish(f.io, moved);
+        if !moved {
+            return self.run.serve(self, idx, false);
+        }
+        let n = if write {
+            abi::write_out(q.payload(idx), len as u32)
+        } else {
+            len
+        };
+        q.answer(idx, f.unique, Ok(n))
+    }
+
+    /// Sends what is queued to the disk now rather than after the batch.
+    fn enter_now(&self) {
+        if let Err(e) = self.run.q.ring.submit() {
+            // The loop's next enter submits it, or reports the error.
+            log::debug!("FUSE worker {}: io_uring_enter: {e}", self.run.q.id);
+        }
+    }
+
     /// Queues (the rest of) slot `idx`'s request on the worker's ring.
     fn send(&self, idx: usize) {
         let sqe = self.slots.borrow_mut().entry(idx);
@@ -391,12 +475,14 @@ impl Running {
     fn run(self: Arc<Self>, started: crossbeam_channel::Sender<io::Result<()>>) {
         let q = &self.q;
         SERVING.set(q as *const Worker as usize);
+        let n = q.entries.len();
         let disk = Rc::new(LocalDisk {
             run: self.clone(),
             slots: RefCell::default(),
+            flights: RefCell::new((0..n).map(|_| None).collect()),
+            flying: Cell::new(0),
         });
         blkfs_engine::io::install_local_ring(disk.clone());
-        let n = q.entries.len();
         for idx in 0..n {
             q.push(&q.cmd(REGISTER, idx, 0));
         }
@@ -406,7 +492,7 @@ impl Running {
         let mut dead = 0;
         let mut ready = Vec::with_capacity(2 * n);
         // Disk requests still in flight hold buffers the ring writes into.
-        while dead < n || disk.slots.borrow().in_flight() > 0 {
+        while dead < n || disk.in_flight() > 0 {
             q.flush_overflow();
             match q.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -453,7 +539,8 @@ impl Running {
         if tag == WAKE || tag & DISK != 0 {
             return;
         }
-        let idx = tag as usize;
+        // A direct transfer's entry is the daemon's once its completion came.
+        let idx = (tag & !DIRECT) as usize;
         let Some(entry) = q.entries.get(idx) else {
             return;
         };
@@ -479,12 +566,16 @@ impl Running {
             disk.reap((tag & !DISK) as usize, res);
             return 0;
         }
+        if tag & DIRECT != 0 {
+            disk.land((tag & !DIRECT) as usize, res);
+            return 0;
+        }
         let idx = tag as usize;
         let registered = q.entries[idx].registered.load(Ordering::Relaxed);
         match -res {
             0 => {
                 q.entries[idx].registered.store(true, Ordering::Relaxed);
-                self.serve(idx);
+                self.serve(disk, idx, true);
                 0
             }
             // A REGISTER before the INIT reply was processed.
@@ -505,8 +596,10 @@ impl Running {
         }
     }
 
-    /// Serves the request that just arrived in entry `idx`.
-    fn serve(self: &Arc<Self>, idx: usize) {
+    /// Serves the request that just arrived in entry `idx`; `direct`: a
+    /// read or write may be one transfer of the worker's own
+    /// ([`Device::direct`]), rather than through the engine.
+    fn serve(self: &Arc<Self>, disk: &LocalDisk, idx: usize, direct: bool) {
         let q = &self.q;
         let hdr = q.header(idx);
         let Some(h) = abi::in_header(hdr) else {
@@ -559,8 +652,26 @@ impl Running {
                     0,
                 ),
             }),
-            Op::Read { offset, size } => return self.read(idx, h.unique, ino, offset, size),
-            Op::Write { offset, data } => return self.write(idx, h.unique, ino, offset, data),
+            Op::Read { offset, size } => {
+                let io = Io {
+                    idx,
+                    unique: h.unique,
+                    ino,
+                    offset,
+                    direct,
+                };
+                return self.read(disk, io, size);
+            }
+            Op::Write { offset, data } => {
+                let io = Io {
+                    idx,
+                    unique: h.unique,
+                    ino,
+                    offset,
+                    direct,
+                };
+                return self.write(disk, io, data);
+            }
             Op::Fsync => {
                 let unique = h.unique;
                 return self.elsewhere(idx, unique, move |me| me.fsync(idx, unique, ino));
@@ -644,7 +755,14 @@ impl Running {
         });
     }
 
-    fn read(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, size: u32) {
+    fn read(self: &Arc<Self>, disk: &LocalDisk, io: Io, size: u32) {
+        let Io {
+            idx,
+            unique,
+            ino,
+            offset,
+            direct,
+        } = io;
         let q = &self.q;
         let dev = match self.export.device(ino) {
             Ok(d) => d,
@@ -652,6 +770,12 @@ impl Running {
         };
         let payload = q.payload(idx);
         let size = (size as usize).min(payload.len());
+        if let Some(io) = direct
+            .then(|| dev.direct(false, offset, &payload[..size]))
+            .flatten()
+        {
+            return disk.start(idx, unique, dev, io);
+        }
         let at = payload.as_mut_ptr();
         // SAFETY: the entry is the daemon's until it is answered, and it is
         // answered by `done` (lent meanwhile: not by a panic's EIO), which
@@ -678,12 +802,22 @@ impl Running {
         dev.read_into(offset, into, done)
     }
 
-    fn write(self: &Arc<Self>, idx: usize, unique: u64, ino: u64, offset: u64, data: &[u8]) {
+    fn write(self: &Arc<Self>, disk: &LocalDisk, io: Io, data: &[u8]) {
+        let Io {
+            idx,
+            unique,
+            ino,
+            offset,
+            direct,
+        } = io;
         let q = &self.q;
         let dev = match self.export.device(ino) {
             Ok(d) => d,
             Err(e) => return q.answer(idx, unique, Err(e.code())),
         };
+        if let Some(io) = direct.then(|| dev.direct(true, offset, data)).flatten() {
+            return disk.start(idx, unique, dev, io);
+        }
         let len = data.len() as u32;
         let me = self.clone();
         q.entries[idx].lent.store(true, Ordering::Release);

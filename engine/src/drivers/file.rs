@@ -9,7 +9,7 @@
 //! descriptor at open, per `locking` (default `auto`); the locks go with the
 //! descriptor when the node closes.
 
-use super::{Done, Driver, Status};
+use super::{Done, Driver, Extent, Status};
 use crate::error::{Error, Result};
 use crate::graph::NodeOptions;
 use crate::io::{self, Backend, Buf, IoReq, OpKind};
@@ -324,6 +324,37 @@ impl Driver for FileDriver {
 
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>) {
         self.io.write_with(offset, buf, false, done)
+    }
+
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<Extent> {
+        let io = &self.io;
+        // The caller's io_uring stands for this file's own rings, not its threads.
+        if io.backend.name() != "native" || (io.direct && !io.aligned(offset, len)) {
+            return None;
+        }
+        if !write {
+            return Some(Extent {
+                fd: io.fd.clone(),
+                offset,
+                _shared: None,
+            });
+        }
+        if self.read_only {
+            return None;
+        }
+        // As `write_with` on a ring's own thread: a read-modify-write under
+        // way is waited for elsewhere, never here.
+        let shared = if io.direct {
+            Some(io.rmw.try_read_arc()?)
+        } else {
+            None
+        };
+        io.size.fetch_max(offset + len, Ordering::Relaxed);
+        Some(Extent {
+            fd: io.fd.clone(),
+            offset,
+            _shared: shared,
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {

@@ -53,6 +53,17 @@ pub fn has_backing_file(format: &str) -> bool {
 
 pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
 
+/// Where a request's bytes lie in the one file that holds them, for a
+/// caller that submits the transfer on an io_uring of its own
+/// ([`Driver::direct_extent`]).
+pub struct Extent {
+    pub fd: Arc<std::os::fd::OwnedFd>,
+    pub offset: u64,
+    /// An O_DIRECT write holds its file's read-modify-write lock shared
+    /// until it ends, as [`Driver::write`] does.
+    pub(crate) _shared: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
+}
+
 /// What one layer knows about a range starting at the queried offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -102,6 +113,14 @@ pub trait Driver: Send + Sync {
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>);
     /// Writes `buf` at `offset`; hands the buffer back for reuse.
     fn write(&self, offset: u64, buf: Buf, done: Done<Buf>);
+    /// Where `len` bytes at `offset` lie when reading (or writing) them is
+    /// one plain transfer on one file, with nothing for the chain to do
+    /// before or after it, and the file's `aio=native`; None sends the
+    /// request through [`Driver::read`] / [`Driver::write`]. A write's
+    /// extent counts as the write under way (the file grows to hold it).
+    fn direct_extent(&self, _offset: u64, _len: u64, _write: bool) -> Option<Extent> {
+        None
+    }
     /// Makes the range read as zeroes, deallocating it when `unmap` allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>);
     /// A hint that the range is no longer used; it may read back as anything.

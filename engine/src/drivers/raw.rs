@@ -1,6 +1,6 @@
 //! The `raw` format: guest offsets are file offsets.
 
-use super::{Done, Driver, Status};
+use super::{Done, Driver, Extent, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
@@ -68,6 +68,13 @@ impl Driver for RawDriver {
             }
         }
         self.file.write(offset, buf, done)
+    }
+
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<Extent> {
+        if write && self.probed && offset < PROBED {
+            return None;
+        }
+        self.file.driver.direct_extent(offset, len, write)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {

@@ -3,6 +3,10 @@
 //! the gate (held while the device is stopped or quiesced), zero detection,
 //! the root node; a failure then meets the device's error policy.
 
+mod direct;
+
+pub use direct::Direct;
+
 use crate::drivers::Done;
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::Node;
@@ -758,7 +762,12 @@ fn in_place(root: &Node, buf: &Buf) -> bool {
 }
 
 fn aligned(buf: &Buf) -> bool {
-    (buf.as_ptr() as usize).is_multiple_of(crate::io::buf::ALIGN)
+    aligned_ptr(buf.as_ptr())
+}
+
+/// Memory that O_DIRECT may transfer to or from.
+fn aligned_ptr(at: *const u8) -> bool {
+    (at as usize).is_multiple_of(crate::io::buf::ALIGN)
 }
 
 /// As [`reads_never_block`] for writes: raw and qcow2 nodes down to a file

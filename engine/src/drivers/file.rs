@@ -332,29 +332,25 @@ impl Driver for FileDriver {
         if io.backend.name() != "native" || (io.direct && !io.aligned(offset, len)) {
             return None;
         }
+        let mut extent = Extent {
+            fd: io.fd.clone(),
+            offset,
+            rmw: None,
+            ticket: None,
+        };
         if !write {
-            return Some(Extent {
-                fd: io.fd.clone(),
-                offset,
-                _shared: None,
-            });
+            return Some(extent);
         }
         if self.read_only {
             return None;
         }
         // As `write_with` on a ring's own thread: a read-modify-write under
         // way is waited for elsewhere, never here.
-        let shared = if io.direct {
-            Some(io.rmw.try_read_arc()?)
-        } else {
-            None
-        };
+        if io.direct {
+            extent.rmw = Some(io.rmw.try_read_arc()?);
+        }
         io.size.fetch_max(offset + len, Ordering::Relaxed);
-        Some(Extent {
-            fd: io.fd.clone(),
-            offset,
-            _shared: shared,
-        })
+        Some(extent)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {

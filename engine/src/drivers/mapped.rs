@@ -237,6 +237,7 @@ pub struct Mapped {
 }
 
 type Segment = segments::Segment<Block>;
+type Segments = segments::Segments<Block>;
 
 /// Most bytes one block status answer covers, block by block.
 const STATUS_SPAN: u64 = 1 << 20;
@@ -252,7 +253,7 @@ impl Mapped {
         }
     }
 
-    fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+    fn plan(&self, offset: u64, len: usize) -> Result<Segments> {
         segments::plan(offset, len, self.layout.block_size(), usize::MAX, |b| {
             self.layout.lookup(b)
         })

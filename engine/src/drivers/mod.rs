@@ -59,9 +59,12 @@ pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
 pub struct Extent {
     pub fd: Arc<std::os::fd::OwnedFd>,
     pub offset: u64,
-    /// An O_DIRECT write holds its file's read-modify-write lock shared
-    /// until it ends, as [`Driver::write`] does.
-    pub(crate) _shared: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
+    /// Held until the transfer ends, as [`Driver::write`] and
+    /// [`Driver::read`] hold them: an O_DIRECT write's share of its file's
+    /// read-modify-write lock,
+    pub(crate) rmw: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
+    /// and a qcow2 request's ticket (its clusters are not reused meanwhile).
+    pub(crate) ticket: Option<qcow2::meta::IoTicket>,
 }
 
 /// What one layer knows about a range starting at the queried offset.

@@ -228,6 +228,7 @@ pub struct QcowDriver {
 }
 
 type Segment = segments::Segment<Mapping>;
+type Segments = segments::Segments<Mapping>;
 
 impl QcowDriver {
     pub fn open(file: Arc<Node>, header: Header, backing: Option<Arc<Node>>) -> Result<Self> {
@@ -300,7 +301,7 @@ impl QcowDriver {
 
     /// The segments of `offset..offset+len`; contiguous data clusters and
     /// unallocated runs are merged.
-    fn plan(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+    fn plan(&self, offset: u64, len: usize) -> Result<Segments> {
         let mut meta = self.meta.lock();
         segments::plan(offset, len, self.cs, usize::MAX, |c| {
             self.lookup(&mut meta, c).map(|m| (m, 1))

@@ -3,6 +3,10 @@
 
 use super::Status;
 use crate::error::{Error, Result};
+use smallvec::SmallVec;
+
+/// A plan: most requests are one segment, held inline (no allocation).
+pub(crate) type Segments<M> = SmallVec<[Segment<M>; 1]>;
 
 /// What planning needs to know about a format's mapping of one guest cluster.
 pub(crate) trait ClusterMapping: Copy {
@@ -29,7 +33,7 @@ pub(crate) fn block_status<M: ClusterMapping>(
     len: u64,
     has_backing: bool,
     hide_offset: bool,
-    plan_first: impl FnOnce(u64) -> Result<Vec<Segment<M>>>,
+    plan_first: impl FnOnce(u64) -> Result<Segments<M>>,
 ) -> Result<Status> {
     let len = super::status_len(offset, len, size)?;
     let seg = *plan_first(len)?
@@ -67,8 +71,8 @@ pub(crate) fn plan<M: ClusterMapping>(
     cluster_size: u64,
     max: usize,
     mut lookup: impl FnMut(u64) -> Result<(M, u64)>,
-) -> Result<Vec<Segment<M>>> {
-    let mut segs: Vec<Segment<M>> = Vec::new();
+) -> Result<Segments<M>> {
+    let mut segs = Segments::<M>::new();
     let mut at = 0usize;
     while at < len {
         let guest = offset + at as u64;

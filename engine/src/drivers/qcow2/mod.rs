@@ -30,7 +30,7 @@ use super::aes_legacy::{self, Cipher, Key};
 use super::deflate;
 use super::join::Join;
 use super::segments;
-use super::{wait, Done, Driver, Encryption, Status};
+use super::{wait, Done, Driver, Encryption, Extent, Status};
 use crate::error::{Error, Result};
 use crate::graph::Node;
 use crate::io::Buf;
@@ -76,6 +76,7 @@ pub struct Qcow2Driver {
 }
 
 type Segment = segments::Segment<Mapping>;
+type Segments = segments::Segments<Mapping>;
 
 /// Reads and validates the header of the image in `file`.
 pub fn read_header(file: &Node) -> Result<Header> {
@@ -227,22 +228,27 @@ impl Qcow2Driver {
         offset: u64,
         len: usize,
         write: bool,
-    ) -> Result<Option<(Vec<Segment>, IoTicket)>> {
+    ) -> Result<Option<(Segments, IoTicket)>> {
         if crate::io::on_local_ring() {
-            let Some(meta) = self.meta.try_lock_for(LOCAL_LOCK_WAIT) else {
-                return Ok(None);
-            };
-            let first = offset / self.cs;
-            let end = (offset + len as u64).div_ceil(self.cs);
-            if !meta.cached(first, end - first) {
-                return Ok(None);
-            }
-            return Ok(self.plan_locked(meta, offset, len, write).ok());
+            return Ok(self.plan_at_once(offset, len, write));
         }
         let meta = self.meta.lock();
         self.plan_locked(meta, offset, len, write)
             .map(Some)
             .map_err(|e| self.signal_corruption(e))
+    }
+
+    /// The plan, where it needs no wait: the metadata lock taken at once
+    /// (within [`LOCAL_LOCK_WAIT`]), the range's L2 slices cached and no
+    /// corruption found (that is recorded by a plan that may wait).
+    fn plan_at_once(&self, offset: u64, len: usize, write: bool) -> Option<(Segments, IoTicket)> {
+        let meta = self.meta.try_lock_for(LOCAL_LOCK_WAIT)?;
+        let first = offset / self.cs;
+        let end = (offset + len as u64).div_ceil(self.cs);
+        if !meta.cached(first, end - first) {
+            return None;
+        }
+        self.plan_locked(meta, offset, len, write).ok()
     }
 
     fn plan_locked(
@@ -251,7 +257,7 @@ impl Qcow2Driver {
         offset: u64,
         len: usize,
         write: bool,
-    ) -> Result<(Vec<Segment>, IoTicket)> {
+    ) -> Result<(Segments, IoTicket)> {
         let r = segments::plan(offset, len, self.cs, usize::MAX, |c| meta.lookup_run(c)).and_then(
             |segs| {
                 if let (
@@ -274,7 +280,7 @@ impl Qcow2Driver {
     /// The segments of `offset..offset+len`, adjacent clusters merged when
     /// they map alike (and contiguously, for data); stops once `max`
     /// segments are complete.
-    fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Vec<Segment>> {
+    fn plan_upto(&self, offset: u64, len: usize, max: usize) -> Result<Segments> {
         let mut meta = self.meta.lock();
         segments::plan(offset, len, self.cs, max, |c| meta.lookup_run(c))
     }
@@ -734,6 +740,28 @@ impl Driver for Arc<Qcow2Driver> {
 
     fn size(&self) -> u64 {
         self.virtual_size()
+    }
+
+    /// A range within one run of allocated clusters (owned, for a write) of
+    /// an unencrypted image, as `read` and `write` send it to the file.
+    fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<Extent> {
+        if self.key.is_encrypted() || (write && self.refuse_if_corrupt().is_err()) {
+            return None;
+        }
+        let (segs, ticket) = self.plan_at_once(offset, len as usize, write)?;
+        let [Segment {
+            map: Mapping::Data { host, copied },
+            ..
+        }] = segs[..]
+        else {
+            return None;
+        };
+        if write && !copied {
+            return None;
+        }
+        let mut extent = self.file.driver.direct_extent(host, len, write)?;
+        extent.ticket = Some(ticket);
+        Some(extent)
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {

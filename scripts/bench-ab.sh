@@ -5,12 +5,15 @@
 # of each side and their ratio printed. Sharing the daemon and the time
 # window makes the comparison far less noisy than two bench.sh runs.
 #
-#   scripts/bench-ab.sh [--rounds N] [--runtime SECONDS] [--format raw|qcow2]
+#   scripts/bench-ab.sh [--rounds N] [--runtime SECONDS] [--format F]
 #                       [--format-a F] [--format-b F] OPTS_A OPTS_B
 #
+# F: raw, qcow2, or chainN (the data in a raw base below N empty qcow2
+# overlays: reads go N layers deep, writes allocate with copy-on-write).
 # --format-a/--format-b give one side its own format (the same data), so
-# e.g. `--format-a raw --format-b qcow2 "" ""` measures qcow2 against raw
-# through blkfs in one time window.
+# e.g. `--format-a raw --format-b qcow2 "" ""` measures qcow2 against raw,
+# and `--format-a qcow2 --format-b chain1 "" ""` a chain against a fully
+# allocated image, through blkfs in one time window.
 #
 # OPTS_*: extra dotted options of the device (e.g. overlap-check=none), or
 # "" for the defaults. fio: libaio, direct=1, randread and randwrite.
@@ -54,10 +57,27 @@ trap cleanup EXIT
 
 fio --name=fill --filename="$work/d.raw" --size=1G --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --refill_buffers >/dev/null
-qemu-img convert -f raw -O "$format_a" "$work/d.raw" "$work/a.img"
-qemu-img convert -f raw -O "$format_b" "$work/d.raw" "$work/b.img"
+image() { # format path: the data of d.raw in that format
+    case $1 in
+        chain*)
+            local prev=$2.base.raw prevfmt=raw
+            qemu-img convert -f raw -O raw "$work/d.raw" "$prev"
+            for i in $(seq "${1#chain}"); do
+                qemu-img create -q -f qcow2 -b "$prev" -F "$prevfmt" "$2.$i" 1G
+                prev=$2.$i prevfmt=qcow2
+            done
+            mv "$prev" "$2" ;;
+        *) qemu-img convert -f raw -O "$1" "$work/d.raw" "$2" ;;
+    esac
+}
+image "$format_a" "$work/a.img"
+image "$format_b" "$work/b.img"
 rm -f "$work/d.raw"
-dev() { echo "driver=$2,id=$1,cache.direct=on,file.driver=file,file.filename=$work/$1.img,file.aio=native$3"; }
+dev() {
+    local drv=$2
+    case $drv in chain*) drv=qcow2 ;; esac
+    echo "driver=$drv,id=$1,cache.direct=on,file.driver=file,file.filename=$work/$1.img,file.aio=native$3"
+}
 target/release/blkfs --mount "$work/mnt" --qmp "$work/blkfs.sock" --threads 2 \
     --blockdev "$(dev a "$format_a" "$opts_a")" --blockdev "$(dev b "$format_b" "$opts_b")" &
 pid=$!

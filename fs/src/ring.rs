@@ -9,7 +9,9 @@
 //! any ring, so each worker thread here owns a ring with entries on every
 //! queue: a single busy caller (one fio job) keeps all workers busy, not
 //! only the one of its CPU. A worker registers its entries, decodes
-//! requests, starts the engine I/O and submits every answer. Completions that finish on other
+//! requests, starts the engine I/O and submits every answer. A read or
+//! write that the device maps straight onto its file is the worker's own
+//! transfer on its ring ([`Device::direct`]), with no engine completion. Completions that finish on other
 //! threads only push their answer under the ring's lock and wake the queue
 //! thread through an eventfd: the SQE that fetches the next request must be
 //! submitted by a thread that lives as long as the ring, because the kernel

@@ -1,5 +1,5 @@
 //! Reads and writes that the device's chain maps onto one range of one
-//! file ([`crate::drivers::Driver::direct_extent`]), for a thread that submits
+//! file ([`crate::graph::Node::direct_extent`]), for a thread that submits
 //! the transfer on an io_uring of its own (a FUSE worker). None of the
 //! device's policies has anything to do for them, so they run with no
 //! completion closure, no allocation and one clock read at each end. Any
@@ -8,17 +8,14 @@
 
 use super::Device;
 use crate::drivers::Extent;
-use crate::graph::Node;
 use crate::options::DetectZeroes;
 use crate::stats::Op;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// A request from [`Device::direct`], in flight until [`Device::finish`].
 pub struct Direct {
     pub extent: Extent,
-    root: Arc<Node>,
     offset: u64,
     len: u64,
     write: bool,
@@ -75,8 +72,7 @@ impl Device {
             return None;
         }
         Some(Direct {
-            extent: root.driver.direct_extent(offset, len, write)?,
-            root,
+            extent: root.direct_extent(offset, len, write)?,
             offset,
             len,
             write,
@@ -86,16 +82,15 @@ impl Device {
 
     /// Ends a [`Device::direct`] request whose transfer has ended; `moved`:
     /// it moved every byte, and is accounted as [`Device::read`] accounts
-    /// (the device, its root and the root's file). Otherwise the caller
+    /// (the device and every node on its way). Otherwise the caller
     /// runs the request again through [`Device::read`] or [`Device::write`].
     pub fn finish(&self, d: Direct, moved: bool) {
         if moved {
             let op = if d.write { Op::Write } else { Op::Read };
             let ns = d.start.elapsed().as_nanos() as u64;
             self.stats.record(op, d.offset, d.len, ns);
-            d.root.stats.record(op, d.offset, d.len, ns);
-            if let Some(file) = d.root.driver.file_child() {
-                file.stats.record(op, d.extent.offset, d.len, ns);
+            for (stats, offset) in &d.extent.path {
+                stats.record(op, *offset, d.len, ns);
             }
         }
         // The write's lock goes before the request leaves the flight count.

@@ -332,12 +332,7 @@ impl Driver for FileDriver {
         if io.backend.name() != "native" || (io.direct && !io.aligned(offset, len)) {
             return None;
         }
-        let mut extent = Extent {
-            fd: io.fd.clone(),
-            offset,
-            rmw: None,
-            ticket: None,
-        };
+        let mut extent = Extent::new(io.fd.clone(), offset);
         if !write {
             return Some(extent);
         }

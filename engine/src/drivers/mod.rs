@@ -55,16 +55,31 @@ pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
 
 /// Where a request's bytes lie in the one file that holds them, for a
 /// caller that submits the transfer on an io_uring of its own
-/// ([`Driver::direct_extent`]).
+/// ([`Node::direct_extent`]).
 pub struct Extent {
     pub fd: Arc<std::os::fd::OwnedFd>,
     pub offset: u64,
+    /// The nodes the request passes, with its offset in each, to account
+    /// it in each as [`Node::read`] and [`Node::write`] do.
+    pub(crate) path: smallvec::SmallVec<[(Arc<crate::stats::Stats>, u64); 4]>,
     /// Held until the transfer ends, as [`Driver::write`] and
     /// [`Driver::read`] hold them: an O_DIRECT write's share of its file's
     /// read-modify-write lock,
     pub(crate) rmw: Option<parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>>,
     /// and a qcow2 request's ticket (its clusters are not reused meanwhile).
     pub(crate) ticket: Option<qcow2::meta::IoTicket>,
+}
+
+impl Extent {
+    pub(crate) fn new(fd: Arc<std::os::fd::OwnedFd>, offset: u64) -> Extent {
+        Extent {
+            fd,
+            offset,
+            path: Default::default(),
+            rmw: None,
+            ticket: None,
+        }
+    }
 }
 
 /// What one layer knows about a range starting at the queried offset.
@@ -121,6 +136,7 @@ pub trait Driver: Send + Sync {
     /// before or after it, and the file's `aio=native`; None sends the
     /// request through [`Driver::read`] / [`Driver::write`]. A write's
     /// extent counts as the write under way (the file grows to hold it).
+    /// Drivers ask their children through [`Node::direct_extent`].
     fn direct_extent(&self, _offset: u64, _len: u64, _write: bool) -> Option<Extent> {
         None
     }

@@ -74,7 +74,7 @@ impl Driver for RawDriver {
         if write && self.probed && offset < PROBED {
             return None;
         }
-        self.file.driver.direct_extent(offset, len, write)
+        self.file.direct_extent(offset, len, write)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, done: Done<()>) {

@@ -127,6 +127,16 @@ impl Node {
         );
     }
 
+    /// [`Driver::direct_extent`], with this node on the extent's path.
+    pub fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<drivers::Extent> {
+        if write && self.opts.read_only {
+            return None;
+        }
+        let mut extent = self.driver.direct_extent(offset, len, write)?;
+        extent.path.push((self.stats.clone(), offset));
+        Some(extent)
+    }
+
     /// Writes `buf` to stable storage before `done` runs: in one request
     /// where the driver can (`RWF_DSYNC`), else a write and a flush.
     pub fn write_fua(self: &Arc<Self>, offset: u64, buf: Buf, done: Done<Buf>) {

@@ -743,25 +743,32 @@ impl Driver for Arc<Qcow2Driver> {
     }
 
     /// A range within one run of allocated clusters (owned, for a write) of
-    /// an unencrypted image, as `read` and `write` send it to the file.
+    /// an unencrypted image, as `read` and `write` send it to the file, or
+    /// a read of unallocated clusters within the backing file's size.
     fn direct_extent(&self, offset: u64, len: u64, write: bool) -> Option<Extent> {
         if self.key.is_encrypted() || (write && self.refuse_if_corrupt().is_err()) {
             return None;
         }
         let (segs, ticket) = self.plan_at_once(offset, len as usize, write)?;
-        let [Segment {
-            map: Mapping::Data { host, copied },
-            ..
-        }] = segs[..]
-        else {
+        let [seg] = segs[..] else {
             return None;
         };
-        if write && !copied {
-            return None;
+        match seg.map {
+            Mapping::Data { host, copied } if copied || !write => {
+                let mut extent = self.file.direct_extent(host, len, write)?;
+                extent.ticket = Some(ticket);
+                Some(extent)
+            }
+            // No host cluster of this image to keep: no ticket.
+            Mapping::Unallocated if !write => {
+                let backing = self.backing.get()?;
+                if offset + len > backing.size() {
+                    return None;
+                }
+                backing.direct_extent(offset, len, false)
+            }
+            _ => None,
         }
-        let mut extent = self.file.driver.direct_extent(host, len, write)?;
-        extent.ticket = Some(ticket);
-        Some(extent)
     }
 
     fn read(&self, offset: u64, buf: Buf, done: Done<Buf>) {

@@ -11,9 +11,9 @@
 //! only the one of its CPU. A worker registers its entries, decodes
 //! requests, starts the engine I/O and submits every answer. A read or
 //! write that the device maps straight onto its file is the worker's own
-//! transfer on its ring ([`Device::direct`]), with no engine completion. Completions that finish on other
-//! threads only push their answer under the ring's lock and wake the queue
-//! thread through an eventfd: the SQE that fetches the next request must be
+//! transfer on its ring ([`Device::direct`]), with no engine completion.
+//! Completions that finish on other threads only push their answer under
+//! the ring's lock and wake the queue thread through an eventfd: the SQE that fetches the next request must be
 //! submitted by a thread that lives as long as the ring, because the kernel
 //! copies the next request in that thread's context.
 //!
@@ -343,16 +343,6 @@ struct Running {
     export: Arc<Export>,
 }
 
-/// A read or write that arrived in entry `idx`.
-struct Io {
-    idx: usize,
-    unique: u64,
-    ino: u64,
-    offset: u64,
-    /// It may be a transfer of the worker's own ([`Device::direct`]).
-    direct: bool,
-}
-
 /// The disk requests a worker submits on its own ring: they complete on
 /// the worker, which answers at once, with no other thread woken.
 struct LocalDisk {
@@ -392,7 +382,8 @@ impl LocalDisk {
         self.slots.borrow().in_flight() + self.flying.get()
     }
 
-    /// Submits entry `idx`'s transfer to or from its payload.
+    /// Submits entry `idx`'s transfer to or from its payload, which stays
+    /// lent until [`LocalDisk::land`]; the flight keeps the file open.
     fn start(&self, idx: usize, unique: u64, dev: Arc<Device>, io: Direct) {
         let q = &self.run.q;
         let fd = types::Fd(io.extent.fd.as_raw_fd());
@@ -434,7 +425,7 @@ impl LocalDisk {
         let moved = usize::try_from(res).is_ok_and(|n| n == len);
         f.dev.finish(f.io, moved);
         if !moved {
-            return self.run.serve(self, idx, false);
+            return self.run.serve(idx, None);
         }
         let n = if write {
             abi::write_out(q.payload(idx), len as u32)
@@ -577,7 +568,7 @@ impl Running {
         match -res {
             0 => {
                 q.entries[idx].registered.store(true, Ordering::Relaxed);
-                self.serve(disk, idx, true);
+                self.serve(idx, Some(disk));
                 0
             }
             // A REGISTER before the INIT reply was processed.
@@ -598,10 +589,10 @@ impl Running {
         }
     }
 
-    /// Serves the request that just arrived in entry `idx`; `direct`: a
-    /// read or write may be one transfer of the worker's own
-    /// ([`Device::direct`]), rather than through the engine.
-    fn serve(self: &Arc<Self>, disk: &LocalDisk, idx: usize, direct: bool) {
+    /// Serves the request that just arrived in entry `idx`. `own`: the
+    /// worker's ring, where a read or write may be a transfer of the
+    /// worker's own ([`Device::direct`]); None sends it through the engine.
+    fn serve(self: &Arc<Self>, idx: usize, own: Option<&LocalDisk>) {
         let q = &self.q;
         let hdr = q.header(idx);
         let Some(h) = abi::in_header(hdr) else {
@@ -654,26 +645,8 @@ impl Running {
                     0,
                 ),
             }),
-            Op::Read { offset, size } => {
-                let io = Io {
-                    idx,
-                    unique: h.unique,
-                    ino,
-                    offset,
-                    direct,
-                };
-                return self.read(disk, io, size);
-            }
-            Op::Write { offset, data } => {
-                let io = Io {
-                    idx,
-                    unique: h.unique,
-                    ino,
-                    offset,
-                    direct,
-                };
-                return self.write(disk, io, data);
-            }
+            Op::Read { offset, size } => return self.read(own, idx, h.unique, ino, offset, size),
+            Op::Write { offset, data } => return self.write(own, idx, h.unique, ino, offset, data),
             Op::Fsync => {
                 let unique = h.unique;
                 return self.elsewhere(idx, unique, move |me| me.fsync(idx, unique, ino));
@@ -757,14 +730,15 @@ impl Running {
         });
     }
 
-    fn read(self: &Arc<Self>, disk: &LocalDisk, io: Io, size: u32) {
-        let Io {
-            idx,
-            unique,
-            ino,
-            offset,
-            direct,
-        } = io;
+    fn read(
+        self: &Arc<Self>,
+        own: Option<&LocalDisk>,
+        idx: usize,
+        unique: u64,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) {
         let q = &self.q;
         let dev = match self.export.device(ino) {
             Ok(d) => d,
@@ -772,11 +746,10 @@ impl Running {
         };
         let payload = q.payload(idx);
         let size = (size as usize).min(payload.len());
-        if let Some(io) = direct
-            .then(|| dev.direct(false, offset, &payload[..size]))
-            .flatten()
-        {
-            return disk.start(idx, unique, dev, io);
+        if let Some(own) = own {
+            if let Some(io) = dev.direct(false, offset, &payload[..size]) {
+                return own.start(idx, unique, dev, io);
+            }
         }
         let at = payload.as_mut_ptr();
         // SAFETY: the entry is the daemon's until it is answered, and it is
@@ -804,21 +777,24 @@ impl Running {
         dev.read_into(offset, into, done)
     }
 
-    fn write(self: &Arc<Self>, disk: &LocalDisk, io: Io, data: &[u8]) {
-        let Io {
-            idx,
-            unique,
-            ino,
-            offset,
-            direct,
-        } = io;
+    fn write(
+        self: &Arc<Self>,
+        own: Option<&LocalDisk>,
+        idx: usize,
+        unique: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) {
         let q = &self.q;
         let dev = match self.export.device(ino) {
             Ok(d) => d,
             Err(e) => return q.answer(idx, unique, Err(e.code())),
         };
-        if let Some(io) = direct.then(|| dev.direct(true, offset, data)).flatten() {
-            return disk.start(idx, unique, dev, io);
+        if let Some(own) = own {
+            if let Some(io) = dev.direct(true, offset, data) {
+                return own.start(idx, unique, dev, io);
+            }
         }
         let len = data.len() as u32;
         let me = self.clone();

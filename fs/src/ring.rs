@@ -389,7 +389,7 @@ impl LocalDisk {
         let fd = types::Fd(io.extent.fd.as_raw_fd());
         let (at, len, pos) = (
             q.payload(idx).as_mut_ptr(),
-            io.len() as u32,
+            io.bytes() as u32,
             io.extent.offset,
         );
         let write = io.is_write();
@@ -421,7 +421,7 @@ impl LocalDisk {
         self.flying.set(self.flying.get() - 1);
         let q = &self.run.q;
         q.entries[idx].lent.store(false, Ordering::Release);
-        let (len, write) = (f.io.len(), f.io.is_write());
+        let (len, write) = (f.io.bytes(), f.io.is_write());
         let moved = usize::try_from(res).is_ok_and(|n| n == len);
         f.dev.finish(f.io, moved);
         if !moved {

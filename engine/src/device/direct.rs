@@ -23,12 +23,9 @@ pub struct Direct {
 }
 
 impl Direct {
-    pub fn len(&self) -> usize {
+    /// Bytes to transfer (never 0).
+    pub fn bytes(&self) -> usize {
         self.len as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn is_write(&self) -> bool {

@@ -410,21 +410,16 @@ impl Device {
     }
 
     fn attempt<T: Send + 'static>(self: Arc<Self>, req: Request<T>) {
-        let Request {
-            kind,
-            changes,
-            bytes,
-            attempt,
-            ignored,
-            done,
-        } = req;
-        let run = attempt.clone();
+        let run = req.attempt.clone();
         let root = self.root();
-        let hook = changes.and_then(|c| Some((c, self.hook.read().clone()?)));
+        let hook = req
+            .changes
+            .and_then(|c| Some((c, self.hook.read().clone()?)));
+        // The request stays whole for a retry (the error policy's stop).
         let completion = crate::drivers::completes_on_drop(move |r: Result<T>| {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
             let e = match r {
-                Ok(v) => return done(Ok(v)),
+                Ok(v) => return (req.done)(Ok(v)),
                 Err(e) => e,
             };
             // Looked up only on an error: a request allocates no copy of them.
@@ -438,13 +433,13 @@ impl Device {
                 }
                 events.emit("BLOCK_IMAGE_CORRUPTED", data);
             }
-            let (policy, op) = match kind {
+            let (policy, op) = match req.kind {
                 Kind::Read => (self.rerror, "read"),
                 Kind::Write => (self.werror, "write"),
-                Kind::Other => return done(Err(e)),
+                Kind::Other => return (req.done)(Err(e)),
             };
             let Some(mut action) = errors::action(policy, &e) else {
-                return done(Err(e));
+                return (req.done)(Err(e));
             };
             if action == Action::Stop && self.gate.lock().closing {
                 action = Action::Report;
@@ -457,22 +452,14 @@ impl Device {
                 Action::Report => {
                     self.io_status
                         .store(IoStatus::of(&e) as u8, Ordering::Relaxed);
-                    done(Err(e))
+                    (req.done)(Err(e))
                 }
-                Action::Ignore => done(Ok(ignored(bytes))),
+                Action::Ignore => (req.done)(Ok((req.ignored)(req.bytes))),
                 Action::Stop => {
                     self.io_status
                         .store(IoStatus::of(&e) as u8, Ordering::Relaxed);
                     log::warn!("device '{id}' stopped after a {op} error: {e}");
                     let dev = self.clone();
-                    let req = Request {
-                        kind,
-                        changes,
-                        bytes,
-                        attempt,
-                        ignored,
-                        done,
-                    };
                     if let Some(req) = self.stop(Box::new(Queued { dev, req })) {
                         req.fail(e);
                     }
